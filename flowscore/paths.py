@@ -1,0 +1,388 @@
+r"""Gaussian probability paths :math:`x = \alpha_t\,x_{data} + \beta_t\,\varepsilon`, t = 0 noise, t = 1 data.
+
+One class per schedule; every path exposes the same interface:
+
+>>> path = get_path("linear")
+>>> x = path.sample(x_data, t, noise)                    # alpha_t * x_data + beta_t * noise
+>>> path.conditional_velocity(x, x_data, t)              # u_t(x | x_data)
+>>> path.conditional_score(x, x_data, t)                 # grad_x log N(x; alpha_t x_data, beta_t^2 I)
+>>> path.convert(value, x, t, "velocity", "score")       # see flowscore.conversions
+
+Shapes: ``x``, ``x_data``, ``noise`` are ``(B, *dims)``; ``t`` is ``(B,)`` (or 0-dim, or a Python float) and
+broadcasts over the trailing dims. ``alpha(t)`` and friends return tensors shaped like ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import _validate
+from .conversions import KINDS, conversion_coefficients, convert
+
+Schedule = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class GaussianPath:
+    r"""Base class: a path defined by :math:`\alpha_t, \beta_t` and their time derivatives.
+
+    Subclasses implement ``_alpha``, ``_beta``, ``_d_alpha``, ``_d_beta`` on a float tensor ``t`` already
+    checked to lie in [0, 1]. The conditional density is :math:`p_t(x|x_{data}) = N(\alpha_t x_{data},
+    \beta_t^2 I)`; the prior (the law of ``x`` at t = 0 when ``alpha_0 = 0``) is :math:`N(0, \beta_0^2 I)`.
+    """
+
+    name: str = "custom"
+
+    # -- schedule, implemented by subclasses ---------------------------------------------------------
+    def _alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _beta(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _d_beta(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options; ``get_path(self.name, **self.options())`` rebuilds the path."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description (stored in checkpoints)."""
+        return {"name": self.name, **self.options()}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    # -- public schedule -------------------------------------------------------------------------------
+    def alpha(self, t: torch.Tensor | float) -> torch.Tensor:
+        """:math:`\\alpha_t`, shaped like ``t``."""
+        return self._alpha(_validate.time(t))
+
+    def beta(self, t: torch.Tensor | float) -> torch.Tensor:
+        """:math:`\\beta_t`, shaped like ``t``."""
+        return self._beta(_validate.time(t))
+
+    def d_alpha(self, t: torch.Tensor | float) -> torch.Tensor:
+        """:math:`d\\alpha_t/dt`, shaped like ``t``."""
+        return self._d_alpha(_validate.time(t))
+
+    def d_beta(self, t: torch.Tensor | float) -> torch.Tensor:
+        """:math:`d\\beta_t/dt`, shaped like ``t``."""
+        return self._d_beta(_validate.time(t))
+
+    def schedule(self, t: torch.Tensor) -> Schedule:
+        """``(alpha, beta, d_alpha, d_beta)`` at an already-checked tensor ``t``."""
+        return self._alpha(t), self._beta(t), self._d_alpha(t), self._d_beta(t)
+
+    def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
+        """:math:`\\log(\\alpha_t^2/\\beta_t^2)`; -inf where alpha = 0, +inf where beta = 0."""
+        t = _validate.time(t)
+        return 2 * (torch.log(self._alpha(t)) - torch.log(self._beta(t)))
+
+    # -- the prior at t = 0 ----------------------------------------------------------------------------
+    @property
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, prior_std^2 I) that samplers start from at t = 0."""
+        return float(self._beta(torch.tensor(0.0, dtype=torch.float64)))
+
+    def sample_prior(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Draws from the prior N(0, prior_std^2 I)."""
+        return self.prior_std * torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` log-density of the prior N(0, prior_std^2 I) at ``x`` (``(B, *dims)``)."""
+        x = _validate.batch(x, "x")
+        d = x[0].numel()
+        s = self.prior_std
+        sq = x.flatten(1).pow(2).sum(1)
+        return -0.5 * sq / s**2 - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
+
+    # -- samples and conditional targets --------------------------------------------------------------
+    def _batch_and_time(self, x: torch.Tensor, t: torch.Tensor | float, name: str = "x"):
+        x = _validate.batch(x, name)
+        t = _validate.time(t, like=x)
+        return x, t
+
+    def _pair(self, a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> torch.Tensor:
+        b = _validate.tensor(b, name_b)
+        _validate.same_shape(a, b, name_a, name_b)
+        _validate.same_kind(a, b, name_a, name_b)
+        return b
+
+    def sample(self, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+        """``x = alpha_t * x_data + beta_t * noise``, shaped ``(B, *dims)``."""
+        x_data, t = self._batch_and_time(x_data, t, "x_data")
+        noise = self._pair(x_data, noise, "x_data", "noise")
+        alpha, beta = self._alpha(t), self._beta(t)
+        return _validate.expand(alpha, x_data) * x_data + _validate.expand(beta, x_data) * noise
+
+    def target(self, kind: str, x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The conditional target of ``kind`` at ``x = sample(x_data, t, noise)``, formed without division.
+
+        velocity ``alpha' x_data + beta' noise``; noise ``noise``; data ``x_data``; score ``-noise / beta``
+        (the only one that divides: singular where beta = 0, i.e. at t = 1 on ``linear``, ``vp``,
+        ``vp-linear``, where it raises ``ValueError``).
+        """
+        _validate.choice(kind, KINDS, "kind")
+        x_data, t = self._batch_and_time(x_data, t, "x_data")
+        noise = self._pair(x_data, noise, "x_data", "noise")
+        if kind == "data":
+            return x_data
+        if kind == "noise":
+            return noise
+        if kind == "velocity":
+            return _validate.expand(self._d_alpha(t), x_data) * x_data + _validate.expand(
+                self._d_beta(t), x_data
+            ) * noise
+        c_noise, _ = conversion_coefficients(self, t, "noise", "score")
+        return _validate.expand(c_noise, x_data) * noise
+
+    def conditional_velocity(
+        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r"""Conditional velocity :math:`u_t(x|x_{data}) = \alpha'_t x_{data} + \beta'_t \varepsilon`.
+
+        Without ``noise`` it is computed from ``x`` as
+        :math:`(\beta'_t/\beta_t)\,x + (\alpha'_t - \alpha_t\beta'_t/\beta_t)\,x_{data}`, which is singular where
+        beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): there it raises ``ValueError``. Pass the
+        ``noise`` that produced ``x`` to get the division-free form, finite on all of [0, 1].
+        """
+        if noise is not None:
+            return self.target("velocity", x_data, noise, t)
+        x, t = self._batch_and_time(x, t)
+        x_data = self._pair(x, x_data, "x", "x_data")
+        return convert(self, x_data, x, t, "data", "velocity")
+
+    def conditional_score(self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        r"""Conditional score :math:`\nabla_x \log p_t(x|x_{data}) = -(x - \alpha_t x_{data})/\beta_t^2`.
+
+        Singular where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): ``ValueError`` there.
+        """
+        x, t = self._batch_and_time(x, t)
+        x_data = self._pair(x, x_data, "x", "x_data")
+        return convert(self, x_data, x, t, "data", "score")
+
+    def conditional_log_prob(self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """``(B,)`` log N(x; alpha_t x_data, beta_t^2 I); requires beta_t > 0."""
+        x, t = self._batch_and_time(x, t)
+        x_data = self._pair(x, x_data, "x", "x_data")
+        alpha, beta = _validate.expand(self._alpha(t), x), _validate.expand(self._beta(t), x)
+        d = x[0].numel()
+        sq = ((x - alpha * x_data) / beta).flatten(1).pow(2).sum(1)
+        log_beta = torch.log(beta).flatten()
+        log_beta = log_beta if log_beta.numel() == x.shape[0] else log_beta.expand(x.shape[0])
+        return -0.5 * sq - d * log_beta - 0.5 * d * math.log(2 * math.pi)
+
+    def convert(
+        self, value: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float, src: str, dst: str
+    ) -> torch.Tensor:
+        """Map ``value`` (kind ``src``) to kind ``dst``; see :func:`flowscore.conversions.convert`."""
+        return convert(self, value, x, t, src, dst)
+
+
+class LinearPath(GaussianPath):
+    """``"linear"``: alpha = t, beta = 1 - t (conditional optimal transport, rectified flow).
+
+    Not variance preserving: alpha^2 + beta^2 = t^2 + (1 - t)^2. Velocity target ``x_data - noise``.
+    """
+
+    name = "linear"
+
+    def _alpha(self, t):
+        return t.clone()
+
+    def _beta(self, t):
+        return 1 - t
+
+    def _d_alpha(self, t):
+        return torch.ones_like(t)
+
+    def _d_beta(self, t):
+        return -torch.ones_like(t)
+
+
+class CosinePath(GaussianPath):
+    """``"vp"``: alpha = sin(pi t / 2), beta = cos(pi t / 2) (variance preserving, cosine schedule).
+
+    beta is evaluated as sin(pi (1 - t) / 2) so that it is exactly 0 at t = 1 in floating point.
+    """
+
+    name = "vp"
+
+    def _alpha(self, t):
+        return torch.sin(0.5 * math.pi * t)
+
+    def _beta(self, t):
+        return torch.sin(0.5 * math.pi * (1 - t))
+
+    def _d_alpha(self, t):
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1 - t))
+
+    def _d_beta(self, t):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+
+class VPLinearPath(GaussianPath):
+    r"""``"vp-linear"``: the DDPM / score-SDE schedule in flowscore's time direction.
+
+    With ``s = 1 - t`` and :math:`T(t) = s\,\beta_{min} + s^2(\beta_{max} - \beta_{min})/2`:
+    ``alpha = exp(-T/2)``, ``beta = sqrt(1 - exp(-T))``, ``T' = -(beta_min + s (beta_max - beta_min))``,
+    ``alpha' = -T' alpha / 2``, ``beta' = T' exp(-T) / (2 beta)``.
+
+    Endpoints: alpha_0 = exp(-T(0)/2) (about 0.0066 with the defaults, not exactly 0), beta_1 = 0, and
+    ``beta'`` diverges like ``1/sqrt(1 - t)`` at t = 1. ``d_beta`` is therefore evaluated at
+    ``min(t, 1 - t_clamp)`` (default ``t_clamp = 1e-5``, as in score_sde), which keeps it finite on all of [0, 1].
+    """
+
+    name = "vp-linear"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_clamp: float = 1e-5):
+        if not 0 <= beta_min <= beta_max:
+            raise ValueError(f"vp-linear needs 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
+        if not 0 < t_clamp < 1:
+            raise ValueError(f"t_clamp must lie in (0, 1), got {t_clamp}")
+        self.beta_min, self.beta_max, self.t_clamp = float(beta_min), float(beta_max), float(t_clamp)
+
+    def options(self):
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max, "t_clamp": self.t_clamp}
+
+    def _big_t(self, t):
+        s = 1 - t
+        return s * self.beta_min + 0.5 * s * s * (self.beta_max - self.beta_min)
+
+    def _d_big_t(self, t):
+        return -(self.beta_min + (1 - t) * (self.beta_max - self.beta_min))
+
+    def _alpha(self, t):
+        return torch.exp(-0.5 * self._big_t(t))
+
+    def _beta(self, t):
+        return torch.sqrt(-torch.expm1(-self._big_t(t)))
+
+    def _d_alpha(self, t):
+        return -0.5 * self._d_big_t(t) * self._alpha(t)
+
+    def _d_beta(self, t):
+        t = t.clamp(max=1 - self.t_clamp)
+        big_t = self._big_t(t)
+        return 0.5 * self._d_big_t(t) * torch.exp(-big_t) / torch.sqrt(-torch.expm1(-big_t))
+
+
+class VEPath(GaussianPath):
+    """``"ve"``: variance exploding, alpha = 1, beta = sigma_max^(1-t) * sigma_min^t (geometric).
+
+    beta runs from ``sigma_max`` (default 80) at t = 0 to ``sigma_min`` (default 0.002) at t = 1. Two
+    differences from the other paths: beta_1 = sigma_min is not 0 (the path ends at the data blurred by
+    sigma_min), and the prior is N(0, sigma_max^2 I), an approximation of p_0 = p_data * N(0, sigma_max^2) that
+    is good when sigma_max is much larger than the data's scale.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"ve needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def options(self):
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def _alpha(self, t):
+        return torch.ones_like(t)
+
+    def _beta(self, t):
+        return self.sigma_max * (self.sigma_min / self.sigma_max) ** t
+
+    def _d_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def _d_beta(self, t):
+        return self._beta(t) * math.log(self.sigma_min / self.sigma_max)
+
+
+def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """Elementwise d fn / dt by autograd (``fn`` must act elementwise)."""
+    with torch.enable_grad():
+        tt = t.detach().clone().requires_grad_(True)
+        y = torch.as_tensor(fn(tt), dtype=t.dtype, device=t.device)
+        if not y.requires_grad:
+            return torch.zeros_like(t)
+        (grad,) = torch.autograd.grad(y.expand_as(tt).sum(), tt, allow_unused=True)
+    return torch.zeros_like(t) if grad is None else grad.detach()
+
+
+class CustomPath(GaussianPath):
+    """A path from user callables ``alpha(t)``, ``beta(t)`` acting elementwise on a tensor ``t``.
+
+    ``d_alpha``/``d_beta`` default to autograd of ``alpha``/``beta``. The callables should satisfy
+    ``beta >= 0``; for a generative path, ``alpha_0 = 0`` and ``beta_1 = 0`` (or small).
+    """
+
+    name = "custom"
+
+    def __init__(
+        self,
+        alpha: Callable[[torch.Tensor], torch.Tensor],
+        beta: Callable[[torch.Tensor], torch.Tensor],
+        d_alpha: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        d_beta: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        for name, fn in (("alpha", alpha), ("beta", beta), ("d_alpha", d_alpha), ("d_beta", d_beta)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"custom path: {name} must be callable, got {type(fn).__name__}")
+        self.alpha_fn, self.beta_fn, self.d_alpha_fn, self.d_beta_fn = alpha, beta, d_alpha, d_beta
+
+    def config(self):
+        raise ValueError("a custom path holds Python callables and cannot be stored in a checkpoint")
+
+    def _call(self, fn, t):
+        return torch.as_tensor(fn(t), dtype=t.dtype, device=t.device).expand_as(t).clone()
+
+    def _alpha(self, t):
+        return self._call(self.alpha_fn, t)
+
+    def _beta(self, t):
+        return self._call(self.beta_fn, t)
+
+    def _d_alpha(self, t):
+        return self._call(self.d_alpha_fn, t) if self.d_alpha_fn else _derivative(self.alpha_fn, t)
+
+    def _d_beta(self, t):
+        return self._call(self.d_beta_fn, t) if self.d_beta_fn else _derivative(self.beta_fn, t)
+
+
+PATHS: dict[str, type[GaussianPath]] = {
+    "linear": LinearPath,
+    "vp": CosinePath,
+    "vp-linear": VPLinearPath,
+    "ve": VEPath,
+    "custom": CustomPath,
+}
+
+
+def get_path(name: str, **options: Any) -> GaussianPath:
+    """A path by name: ``"linear"``, ``"vp"``, ``"vp-linear"``, ``"ve"`` or ``"custom"`` (with ``alpha=``,
+    ``beta=`` callables). ``options`` are the schedule constants, e.g. ``get_path("ve", sigma_max=50)``.
+    """
+    if isinstance(name, GaussianPath):
+        return name
+    _validate.choice(name, tuple(PATHS), "path")
+    try:
+        return PATHS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"bad options for path {name!r}: {err}") from None

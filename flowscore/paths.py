@@ -87,6 +87,18 @@ class GaussianPath:
         t = _validate.time(t)
         return 2 * (torch.log(self._alpha(t)) - torch.log(self._beta(t)))
 
+    def diffusion_sq(self, t: torch.Tensor | float) -> torch.Tensor:
+        r"""Squared diffusion coefficient :math:`g_t^2 = 2\beta_t^2(\alpha'_t/\alpha_t - \beta'_t/\beta_t)`.
+
+        This is the g of the forward (score-SDE) process whose marginals are this path, written in
+        flowscore's time: ``velocity = (alpha'/alpha) x + (g^2 / 2) score``. Computed as
+        ``2 beta (alpha' beta - alpha beta') / alpha``; infinite where alpha = 0 (t = 0 on ``linear`` and
+        ``vp``), where it raises ``ValueError``. Shaped like ``t``.
+        """
+        t = _validate.time(t)
+        c_score, _ = conversion_coefficients(self, t, "score", "velocity")
+        return 2 * c_score
+
     # -- the prior at t = 0 ----------------------------------------------------------------------------
     @property
     def prior_std(self) -> float:

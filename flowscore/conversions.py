@@ -40,9 +40,10 @@ score -> velocity     ``(alpha'/alpha) x + (beta^2 alpha'/alpha - beta beta') s`
 
 ``det_v`` is 1 on ``"linear"``, pi/2 on ``"vp"``, positive on ``"vp-linear"`` and ``-beta'`` on ``"ve"``: the
 velocity is the best-conditioned parameterization. The endpoints of the paths make some directions
-singular: alpha = 0 at t = 0 (``linear``, ``vp``), beta = 0 at t = 1 (``linear``, ``vp``, ``vp-linear``). There the
-coefficients are infinite and :func:`convert` raises ``ValueError`` naming the direction and the time,
-never returning NaN or Inf. Stay inside ``[eps, 1 - eps]`` (the losses and samplers do, and say so).
+singular: alpha = 0 at t = 0 (``linear``, ``vp``), beta = 0 at t = 1 (``linear``, ``vp``, ``vp-linear``).
+There the coefficients are infinite and :func:`convert` raises ``ValueError`` naming the direction and the
+time, never returning NaN or Inf. A custom path can add singular points (alpha = t^2 also has det_v = 0 at
+t = 0). Stay inside ``[eps, 1 - eps]`` (the losses and samplers do, and say so).
 """
 
 from __future__ import annotations

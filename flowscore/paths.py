@@ -143,7 +143,9 @@ class GaussianPath:
         alpha, beta = self._alpha(t), self._beta(t)
         return _validate.expand(alpha, x_data) * x_data + _validate.expand(beta, x_data) * noise
 
-    def target(self, kind: str, x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def target(
+        self, kind: str, x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float
+    ) -> torch.Tensor:
         """The conditional target of ``kind`` at ``x = sample(x_data, t, noise)``, formed without division.
 
         velocity ``alpha' x_data + beta' noise``; noise ``noise``; data ``x_data``; score ``-noise / beta``
@@ -158,20 +160,25 @@ class GaussianPath:
         if kind == "noise":
             return noise
         if kind == "velocity":
-            return _validate.expand(self._d_alpha(t), x_data) * x_data + _validate.expand(
-                self._d_beta(t), x_data
-            ) * noise
+            return (
+                _validate.expand(self._d_alpha(t), x_data) * x_data
+                + _validate.expand(self._d_beta(t), x_data) * noise
+            )
         c_noise, _ = conversion_coefficients(self, t, "noise", "score")
         return _validate.expand(c_noise, x_data) * noise
 
     def conditional_velocity(
-        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        x_data: torch.Tensor,
+        t: torch.Tensor | float,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Conditional velocity :math:`u_t(x|x_{data}) = \alpha'_t x_{data} + \beta'_t \varepsilon`.
 
         Without ``noise`` it is computed from ``x`` as
-        :math:`(\beta'_t/\beta_t)\,x + (\alpha'_t - \alpha_t\beta'_t/\beta_t)\,x_{data}`, which is singular where
-        beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): there it raises ``ValueError``. Pass the
+        :math:`(\beta'_t/\beta_t)\,x + (\alpha'_t - \alpha_t\beta'_t/\beta_t)\,x_{data}`, which is singular
+        where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): there it raises ``ValueError``. Pass the
         ``noise`` that produced ``x`` to get the division-free form, finite on all of [0, 1].
         """
         if noise is not None:
@@ -180,7 +187,9 @@ class GaussianPath:
         x_data = self._pair(x, x_data, "x", "x_data")
         return convert(self, x_data, x, t, "data", "velocity")
 
-    def conditional_score(self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def conditional_score(
+        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
+    ) -> torch.Tensor:
         r"""Conditional score :math:`\nabla_x \log p_t(x|x_{data}) = -(x - \alpha_t x_{data})/\beta_t^2`.
 
         Singular where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): ``ValueError`` there.
@@ -189,11 +198,21 @@ class GaussianPath:
         x_data = self._pair(x, x_data, "x", "x_data")
         return convert(self, x_data, x, t, "data", "score")
 
-    def conditional_log_prob(self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """``(B,)`` log N(x; alpha_t x_data, beta_t^2 I); requires beta_t > 0."""
+    def conditional_log_prob(
+        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
+    ) -> torch.Tensor:
+        """``(B,)`` log N(x; alpha_t x_data, beta_t^2 I).
+
+        Needs beta_t > 0: where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``) the density is a Dirac
+        and this raises ``ValueError`` instead of returning NaN.
+        """
         x, t = self._batch_and_time(x, t)
         x_data = self._pair(x, x_data, "x", "x_data")
-        alpha, beta = _validate.expand(self._alpha(t), x), _validate.expand(self._beta(t), x)
+        beta_t = self._beta(t)
+        if _validate.value_checks_enabled() and bool((beta_t <= 0).any()):
+            t_bad = t[beta_t <= 0].flatten()[0].item()
+            raise ValueError(f"conditional_log_prob needs beta_t > 0 (t < 1); beta_t = 0 at t = {t_bad:g}")
+        alpha, beta = _validate.expand(self._alpha(t), x), _validate.expand(beta_t, x)
         d = x[0].numel()
         sq = ((x - alpha * x_data) / beta).flatten(1).pow(2).sum(1)
         log_beta = torch.log(beta).flatten()
@@ -258,7 +277,8 @@ class VPLinearPath(GaussianPath):
 
     Endpoints: alpha_0 = exp(-T(0)/2) (about 0.0066 with the defaults, not exactly 0), beta_1 = 0, and
     ``beta'`` diverges like ``1/sqrt(1 - t)`` at t = 1. ``d_beta`` is therefore evaluated at
-    ``min(t, 1 - t_clamp)`` (default ``t_clamp = 1e-5``, as in score_sde), which keeps it finite on all of [0, 1].
+    ``min(t, 1 - t_clamp)`` (default ``t_clamp = 1e-5``, as in score_sde), which keeps it finite on all of
+    [0, 1].
     """
 
     name = "vp-linear"
@@ -300,8 +320,8 @@ class VEPath(GaussianPath):
 
     beta runs from ``sigma_max`` (default 80) at t = 0 to ``sigma_min`` (default 0.002) at t = 1. Two
     differences from the other paths: beta_1 = sigma_min is not 0 (the path ends at the data blurred by
-    sigma_min), and the prior is N(0, sigma_max^2 I), an approximation of p_0 = p_data * N(0, sigma_max^2) that
-    is good when sigma_max is much larger than the data's scale.
+    sigma_min), and the prior is N(0, sigma_max^2 I), an approximation of p_0 = p_data * N(0, sigma_max^2)
+    that is good when sigma_max is much larger than the data's scale.
     """
 
     name = "ve"

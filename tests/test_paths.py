@@ -1,0 +1,312 @@
+"""Gaussian paths against independent ground truth: closed-form schedules, autograd, finite differences,
+torch.distributions, and sampling statistics. All in float64 unless a test says otherwise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    EDGE_TIMES,
+    PATH_NAMES,
+    REFERENCE,
+    VE_SIGMA_MAX,
+    VE_SIGMA_MIN,
+    VP_LINEAR_BETA_MAX,
+    VP_LINEAR_BETA_MIN,
+    VP_LINEAR_T_CLAMP,
+    bcast,
+    check_finite_or_value_error,
+    make_path,
+    reference_schedule,
+    reference_targets,
+    rel_err,
+    zero_quantities,
+)
+
+from flowscore import KINDS, get_path
+
+F64 = torch.float64
+
+
+def interior_grid(name: str, n: int = 41) -> torch.Tensor:
+    """Times in (0, 1); on vp-linear stop before the documented d_beta clamp at 1 - t_clamp."""
+    upper = 1 - 2 * VP_LINEAR_T_CLAMP if name == "vp-linear" else 0.995
+    return torch.linspace(0.005, upper, n, dtype=F64)
+
+
+def batch_for(
+    t: torch.Tensor, dims: tuple[int, ...] = (3, 2), seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (t.shape[0], *dims)
+    return torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape, generator=gen, dtype=F64)
+
+
+# -- the schedules
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_schedule_matches_closed_form(name: str) -> None:
+    path = make_path(name)
+    t = torch.linspace(0, 1, 101, dtype=F64)
+    alpha_fn, beta_fn = REFERENCE[name]
+    torch.testing.assert_close(path.alpha(t), alpha_fn(t), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(path.beta(t), beta_fn(t), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["linear", "vp", "custom"])
+def test_generative_endpoints_are_exact(name: str) -> None:
+    path = make_path(name)
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    assert path.alpha(ends).tolist() == [0.0, 1.0]
+    assert path.beta(ends).tolist() == [1.0, 0.0]
+
+
+def test_vp_linear_and_ve_endpoints() -> None:
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    big_t0 = VP_LINEAR_BETA_MIN + 0.5 * (VP_LINEAR_BETA_MAX - VP_LINEAR_BETA_MIN)
+    vpl = make_path("vp-linear")
+    torch.testing.assert_close(vpl.alpha(ends), torch.tensor([math.exp(-big_t0 / 2), 1.0], dtype=F64))
+    assert vpl.beta(ends)[1].item() == 0.0
+    torch.testing.assert_close(
+        make_path("ve").beta(ends), torch.tensor([VE_SIGMA_MAX, VE_SIGMA_MIN], dtype=F64)
+    )
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_derivatives_match_autograd_and_finite_differences(name: str) -> None:
+    path = make_path(name)
+    t = interior_grid(name)
+    _, _, d_alpha, d_beta = reference_schedule(name, t)
+    torch.testing.assert_close(path.d_alpha(t), d_alpha, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(path.d_beta(t), d_beta, rtol=1e-9, atol=1e-12)  # reference lacks expm1
+    t, h = t[t < 0.999], 1e-6  # central differences lose accuracy where beta' blows up (vp-linear at t -> 1)
+    fd_alpha = (path.alpha(t + h) - path.alpha(t - h)) / (2 * h)
+    fd_beta = (path.beta(t + h) - path.beta(t - h)) / (2 * h)
+    torch.testing.assert_close(path.d_alpha(t), fd_alpha, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(path.d_beta(t), fd_beta, rtol=1e-6, atol=1e-7)
+
+
+def test_vp_linear_d_beta_clamp_is_documented_behaviour() -> None:
+    """d_beta diverges like 1/sqrt(1 - t) at t = 1; flowscore evaluates it at min(t, 1 - t_clamp)."""
+    path = make_path("vp-linear")
+    t_c = torch.tensor([1 - VP_LINEAR_T_CLAMP], dtype=F64)
+    late = torch.tensor([1 - VP_LINEAR_T_CLAMP / 2, 1 - 1e-9, 1.0], dtype=F64)
+    d_beta = path.d_beta(late)
+    assert torch.isfinite(d_beta).all()
+    torch.testing.assert_close(d_beta, path.d_beta(t_c).expand(3))
+    torch.testing.assert_close(path.d_beta(t_c), reference_schedule("vp-linear", t_c)[3], rtol=1e-9, atol=0)
+
+
+def test_vp_is_variance_preserving_and_linear_is_not() -> None:
+    """The seed calls alpha = t, beta = 1 - t the "VP path": it is the linear (CondOT) path."""
+    t = torch.linspace(0, 1, 21, dtype=F64)
+    for name in ("vp", "vp-linear"):
+        path = make_path(name)
+        torch.testing.assert_close(path.alpha(t) ** 2 + path.beta(t) ** 2, torch.ones_like(t))
+    linear = make_path("linear")
+    assert (linear.alpha(t) ** 2 + linear.beta(t) ** 2 - 1).abs().max() > 0.49  # = 0.5 at t = 1/2
+
+
+# -- conditional score, velocity, log-density
+def reference_log_density(x: torch.Tensor, x_data: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+    """(B,) log N(x; alpha x_data, beta^2 I), written out."""
+    d = x[0].numel()
+    sq = ((x - bcast(alpha, x) * x_data) ** 2).flatten(1).sum(1)
+    return -0.5 * sq / beta**2 - d * torch.log(beta) - 0.5 * d * math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_conditional_score_is_autograd_of_log_density(name: str) -> None:
+    path = make_path(name)
+    t = interior_grid(name)
+    x_data, noise = batch_for(t)
+    alpha, beta, _, _ = reference_schedule(name, t)
+    x = (bcast(alpha, x_data) * x_data + bcast(beta, x_data) * noise).requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference_log_density(x, x_data, alpha, beta).sum(), x)
+    x = x.detach()
+    for i in range(t.shape[0]):  # row by row: the relative error must hold at every t, not only on average
+        assert rel_err(path.conditional_score(x, x_data, t)[i], expected[i]) < 1e-10
+    torch.testing.assert_close(path.target("score", x_data, noise, t), expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_conditional_log_prob_matches_torch_normal(name: str) -> None:
+    path = make_path(name)
+    t = interior_grid(name, 9)
+    x_data, noise = batch_for(t, dims=(4,))
+    alpha, beta, _, _ = reference_schedule(name, t)
+    x = bcast(alpha, x_data) * x_data + bcast(beta, x_data) * noise
+    normal = torch.distributions.Normal(bcast(alpha, x_data) * x_data, bcast(beta, x_data))
+    torch.testing.assert_close(path.conditional_log_prob(x, x_data, t), normal.log_prob(x).sum(1))
+
+
+def time_derivative_by_autograd(fn, t: torch.Tensor) -> torch.Tensor:
+    """d fn(t)[b, ...] / d t[b] for a map whose row b depends on t[b] only (one backward per component)."""
+    tt = t.detach().clone().requires_grad_(True)
+    out = fn(tt)
+    flat = out.flatten(1)
+    columns = [torch.autograd.grad(flat[:, j].sum(), tt, retain_graph=True)[0] for j in range(flat.shape[1])]
+    return torch.stack(columns, 1).reshape(out.shape)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+@pytest.mark.parametrize("with_noise", [False, True], ids=["from-x", "noise-kw"])
+def test_conditional_velocity_is_time_derivative_of_sample(name: str, with_noise: bool) -> None:
+    """u(x|x_data) = d/dt path.sample(x_data, t, noise) at fixed (x_data, noise): autograd and central FD."""
+    path = make_path(name)
+    t = interior_grid(name)
+    x_data, noise = batch_for(t)
+    x = path.sample(x_data, t, noise)
+    velocity = path.conditional_velocity(x, x_data, t, noise=noise if with_noise else None)
+    by_autograd = time_derivative_by_autograd(lambda tt: path.sample(x_data, tt, noise), t)
+    torch.testing.assert_close(velocity, by_autograd, rtol=1e-10, atol=1e-10)
+    keep, h = t < 0.999, 1e-6  # central differences lose accuracy where beta' blows up (vp-linear at t -> 1)
+    t, x_data, noise = t[keep], x_data[keep], noise[keep]
+    by_fd = (path.sample(x_data, t + h, noise) - path.sample(x_data, t - h, noise)) / (2 * h)
+    torch.testing.assert_close(velocity[keep], by_fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_velocity_keyword_form_is_finite_at_the_data_end(name: str) -> None:
+    """With ``noise=`` the velocity is division-free: finite at t = 1, = alpha' x_data + beta' noise."""
+    path = make_path(name)
+    t = torch.ones(4, dtype=F64)
+    x_data, noise = batch_for(t)
+    x = path.sample(x_data, t, noise)
+    velocity = path.conditional_velocity(x, x_data, t, noise=noise)
+    expected = bcast(path.d_alpha(t), x) * x_data + bcast(path.d_beta(t), x) * noise
+    torch.testing.assert_close(velocity, expected)
+    if name == "linear":
+        torch.testing.assert_close(velocity, x_data - noise)
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_matches_reference(name: str, kind: str) -> None:
+    path = make_path(name)
+    t = interior_grid(name, 17)
+    x_data, noise = batch_for(t, dims=(2, 3))
+    expected = reference_targets(name, x_data, noise, t)
+    torch.testing.assert_close(path.sample(x_data, t, noise), expected["x"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(path.target(kind, x_data, noise, t), expected[kind], rtol=1e-10, atol=1e-12)
+
+
+# -- singular points: finite or the documented ValueError
+PATH_METHOD_DENOMINATORS = {
+    "conditional_velocity": {"beta"},  # from x: divides by beta
+    "conditional_velocity_noise_kw": set(),
+    "conditional_score": {"beta"},
+    "conditional_log_prob": {"beta"},
+    "target_velocity": set(),
+    "target_noise": set(),
+    "target_data": set(),
+    "target_score": {"beta"},
+    "diffusion_sq": {"alpha"},
+    "alpha": set(),
+    "beta": set(),
+    "d_alpha": set(),
+    "d_beta": set(),
+}
+
+
+def call_path_method(path, method: str, x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    x = x_data + noise  # any point: the singularities depend on t only
+    if method == "conditional_velocity_noise_kw":
+        return path.conditional_velocity(x, x_data, t, noise=noise)
+    if method.startswith("target_"):
+        return path.target(method.removeprefix("target_"), x_data, noise, t)
+    if method.startswith("conditional_"):
+        return getattr(path, method)(x, x_data, t)
+    return getattr(path, method)(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("t_value", EDGE_TIMES)
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_path_methods_finite_or_documented_error(name: str, t_value: float, dtype: torch.dtype) -> None:
+    path = make_path(name)
+    gen = torch.Generator().manual_seed(1)
+    x_data, noise = (
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+    )
+    zeros = zero_quantities(name, t_value)
+    for t in (torch.full((3,), t_value, dtype=dtype), t_value):  # (B,) tensor and Python float
+        for method, denominators in PATH_METHOD_DENOMINATORS.items():
+            check_finite_or_value_error(
+                lambda method=method, t=t: call_path_method(path, method, x_data, noise, t),
+                expect_error=bool(zeros & denominators),
+            )
+
+
+# -- the SDE coefficient
+def reference_diffusion_sq(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Closed forms of g^2 = 2 beta^2 (alpha'/alpha - beta'/beta), derived by hand per path."""
+    if name == "linear":
+        return 2 * (1 - t) / t
+    if name == "vp":
+        return math.pi / torch.tan(math.pi * t / 2)
+    if name == "vp-linear":  # g^2 = the DDPM rate b(t) = beta_min + (1 - t)(beta_max - beta_min)
+        return VP_LINEAR_BETA_MIN + (1 - t) * (VP_LINEAR_BETA_MAX - VP_LINEAR_BETA_MIN)
+    if name == "ve":
+        return 2 * REFERENCE["ve"][1](t) ** 2 * math.log(VE_SIGMA_MAX / VE_SIGMA_MIN)
+    return 2 * (1 - t) * (2 - t) / t  # custom alpha = t^2, beta = 1 - t
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_diffusion_sq_closed_form_and_velocity_score_relation(name: str) -> None:
+    """g^2 matches its closed form, and velocity = (alpha'/alpha) x + g^2/2 score on conditional targets."""
+    path = make_path(name)
+    t = interior_grid(name)
+    g_sq = path.diffusion_sq(t)
+    torch.testing.assert_close(g_sq, reference_diffusion_sq(name, t), rtol=1e-10, atol=1e-12)
+    x_data, noise = batch_for(t)
+    target = reference_targets(name, x_data, noise, t)
+    alpha, _, d_alpha, _ = reference_schedule(name, t)
+    rebuilt = bcast(d_alpha / alpha, x_data) * target["x"] + bcast(g_sq / 2, x_data) * target["score"]
+    torch.testing.assert_close(rebuilt, target["velocity"], rtol=1e-9, atol=1e-9)
+
+
+# -- the prior
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_prior_std_is_beta_at_noise_end(name: str) -> None:
+    path = make_path(name)
+    assert path.prior_std == pytest.approx(float(REFERENCE[name][1](torch.tensor(0.0, dtype=F64))), rel=1e-14)
+
+
+@pytest.mark.parametrize("name", ["linear", "vp-linear", "ve"])
+def test_prior_log_prob_matches_torch_normal(name: str) -> None:
+    path = make_path(name)
+    x = 3 * torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    expected = (
+        torch.distributions.Normal(torch.zeros((), dtype=F64), path.prior_std).log_prob(x).flatten(1).sum(1)
+    )
+    torch.testing.assert_close(path.prior_log_prob(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "ve"])
+def test_sample_prior_has_the_prior_std(name: str) -> None:
+    """Sample mean and std within 5 standard errors of 0 and prior_std (n = 200k, fixed seed)."""
+    path = make_path(name)
+    n = 200_000
+    draws = path.sample_prior((n // 2, 2), generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert draws.shape == (n // 2, 2) and draws.dtype == F64
+    std = path.prior_std
+    assert abs(draws.mean().item()) < 5 * std / math.sqrt(n)
+    assert abs(draws.std().item() - std) < 5 * std / math.sqrt(2 * n)
+
+
+def test_log_snr_closed_form_on_vp() -> None:
+    t = interior_grid("vp", 11)
+    torch.testing.assert_close(make_path("vp").log_snr(t), 2 * torch.log(torch.tan(math.pi * t / 2)))
+
+
+def test_custom_path_derivatives_by_autograd_of_user_callables() -> None:
+    """The custom path's derivatives equal the hand derivatives 2t and -1 (and user-given ones are used)."""
+    t = interior_grid("custom", 7)
+    path = make_path("custom")
+    torch.testing.assert_close(path.d_alpha(t), 2 * t)
+    torch.testing.assert_close(path.d_beta(t), -torch.ones_like(t))
+    explicit = get_path("custom", alpha=lambda s: s**2, beta=lambda s: 1 - s, d_alpha=lambda s: 3 * s)
+    torch.testing.assert_close(explicit.d_alpha(t), 3 * t)

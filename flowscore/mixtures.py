@@ -1,0 +1,155 @@
+r"""Isotropic Gaussian mixtures: a data distribution whose marginals on every Gaussian path are closed form.
+
+With :math:`p_{data} = \sum_k w_k N(m_k, s_k^2 I)` and :math:`x = \alpha_t x_{data} + \beta_t \varepsilon`,
+component k becomes :math:`N(\alpha_t m_k, v_k I)` with :math:`v_k = \alpha_t^2 s_k^2 + \beta_t^2`, and with
+the responsibilities :math:`r_k(x) \propto w_k N(x; \alpha_t m_k, v_k I)`:
+
+.. math::
+    E[x_{data}|x] = \sum_k r_k \big(m_k + \alpha_t s_k^2 (x - \alpha_t m_k) / v_k\big), \qquad
+    E[\varepsilon|x] = \sum_k r_k\, \beta_t (x - \alpha_t m_k) / v_k,
+
+    u_t(x) = \alpha'_t E[x_{data}|x] + \beta'_t E[\varepsilon|x], \qquad
+    \nabla_x \log p_t(x) = -\sum_k r_k (x - \alpha_t m_k) / v_k.
+
+No formula divides by alpha_t or beta_t, so every field is finite on all of [0, 1] when all s_k > 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate
+from .marginals import Marginal, flat_batch, per_row
+from .paths import GaussianPath, get_path
+
+
+def _component_log_probs(x: torch.Tensor, centers: torch.Tensor, var: torch.Tensor, log_w: torch.Tensor):
+    """``(B, K)`` ``log w_k + log N(x; centers_k, var_k I)`` and ``(B, K, D)`` residuals ``x - centers_k``.
+
+    ``x`` is ``(B, D)``, ``centers`` ``(K, D)`` or ``(B, K, D)``, ``var`` ``(K,)`` or ``(B, K)`` (> 0).
+    """
+    d = x.shape[1]
+    residual = x.unsqueeze(1) - centers
+    log_n = -0.5 * residual.pow(2).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var)
+    return log_w + log_n, residual
+
+
+class GaussianMixture:
+    r"""The mixture :math:`\sum_k w_k N(m_k, s_k^2 I)` of isotropic Gaussians.
+
+    Args:
+        means: ``(K, *dims)`` component means (e.g. ``(K, D)``), finite floats.
+        stds: ``(K,)`` component standard deviations, all > 0.
+        weights: ``(K,)`` non-negative, summing to 1 (within 1e-5); default uniform.
+
+    ``stds`` and ``weights`` are converted to the dtype and device of ``means``.
+    """
+
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor | None = None):
+        means = _validate.batch(means, "means")
+        _validate.finite(means, "means")
+        k = means.shape[0]
+        stds = self._vector(stds, "stds", k, means)
+        if not bool((stds > 0).all()):
+            raise ValueError("stds must all be > 0 (a zero std is a point mass: use EmpiricalMarginal)")
+        if weights is None:
+            weights = torch.full((k,), 1.0 / k, dtype=means.dtype, device=means.device)
+        weights = self._vector(weights, "weights", k, means)
+        if bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-5:
+            raise ValueError(f"weights must be non-negative and sum to 1, got sum {float(weights.sum()):g}")
+        self.means, self.stds, self.weights = means, stds, weights / weights.sum()
+        self.point_shape = means.shape[1:]
+        self._flat_means = means.reshape(k, -1)
+        self._log_w = torch.log(self.weights)
+
+    @staticmethod
+    def _vector(v: object, name: str, k: int, like: torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(v, dtype=like.dtype, device=like.device) if not isinstance(v, torch.Tensor) else v
+        v = _validate.tensor(v, name).to(device=like.device, dtype=like.dtype)
+        if v.shape != (k,):
+            raise ValueError(f"{name} must be shaped (K,) = ({k},) like the means, got {tuple(v.shape)}")
+        return _validate.finite(v, name)
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={len(self)}, point_shape={tuple(self.point_shape)})"
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws, shaped ``(n, *dims)``: ``k ~ Categorical(weights)``, ``x = m_k + s_k * N(0, I)``."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(
+            (n, self._flat_means.shape[1]),
+            generator=generator,
+            dtype=self.means.dtype,
+            device=self.means.device,
+        )
+        flat = self._flat_means[k] + self.stds[k].unsqueeze(1) * noise
+        return flat.reshape((n,) + tuple(self.point_shape))
+
+    def log_prob_data(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` :math:`\\log \\sum_k w_k N(x; m_k, s_k^2 I)` at ``x`` (``(B, *dims)``)."""
+        flat = flat_batch(_validate.tensor(x, "x"), self.point_shape)
+        _validate.same_kind(self.means, x, "means", "x")
+        logits, _ = _component_log_probs(flat, self._flat_means, self.stds.pow(2), self._log_w)
+        return torch.logsumexp(logits, 1)
+
+    def marginal(self, path: GaussianPath | str) -> MixtureMarginal:
+        """The closed-form marginal of this mixture on ``path`` (same methods as ``EmpiricalMarginal``)."""
+        return MixtureMarginal(self, path)
+
+
+class MixtureMarginal(Marginal):
+    """Closed-form marginal fields of a :class:`GaussianMixture` on a Gaussian path.
+
+    Methods ``posterior_mean``, ``noise``, ``velocity``, ``score``, ``field``, ``log_prob`` as in
+    :class:`~flowscore.marginals.EmpiricalMarginal`, from the formulas of the module docstring: finite on
+    all of [0, 1] (no division by alpha_t or beta_t; the variances v_k >= alpha_t^2 s_k^2 + beta_t^2 > 0).
+    Queries ``x`` must share the dtype and device of the mixture's means.
+    """
+
+    def __init__(self, mixture: GaussianMixture, path: GaussianPath | str):
+        if not isinstance(mixture, GaussianMixture):
+            raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
+        self.mixture = mixture
+        self.path = get_path(path) if isinstance(path, str) else path
+        if not isinstance(self.path, GaussianPath):
+            raise ValueError(f"path must be a GaussianPath or a path name, got {type(path).__name__}")
+        self.point_shape = mixture.point_shape
+        self.dtype, self.device = mixture.means.dtype, mixture.means.device
+
+    def __repr__(self) -> str:
+        return f"MixtureMarginal({self.mixture!r}, path={self.path!r})"
+
+    def _components(self, x: torch.Tensor, t: torch.Tensor):
+        """Schedule ``(alpha, beta, d_alpha, d_beta)`` as ``(B, 1)``, responsibilities ``r`` ``(B, K)``,
+        ``z = (x - alpha m_k) / v_k`` ``(B, K, D)`` and the ``(B, K)`` log-joint
+        ``log w_k N(x; alpha m_k, v_k I)``."""
+        b = x.shape[0]
+        alpha, beta, d_alpha, d_beta = (per_row(v, b) for v in self.path.schedule(t))
+        mix = self.mixture
+        var = alpha.pow(2) * mix.stds.pow(2) + beta.pow(2)  # (B, K)
+        centers = alpha.unsqueeze(2) * mix._flat_means  # (B, K, D)
+        logits, residual = _component_log_probs(x, centers, var, mix._log_w)
+        resp = torch.softmax(logits, 1)
+        return (alpha, beta, d_alpha, d_beta), resp, residual / var.unsqueeze(2), logits
+
+    def _flat_field(self, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        (alpha, beta, d_alpha, d_beta), resp, z = self._components(x, t)[:3]
+        weighted_z = torch.einsum("bk,bkd->bd", resp, z)  # sum_k r_k (x - alpha m_k) / v_k
+        if kind == "score":
+            return -weighted_z
+        noise = beta * weighted_z
+        if kind == "noise":
+            return noise
+        s2 = self.mixture.stds.pow(2)
+        data = resp @ self.mixture._flat_means + alpha * torch.einsum("bk,bkd->bd", resp * s2, z)
+        return data if kind == "data" else d_alpha * data + d_beta * noise
+
+    def _flat_log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self._components(x, t)[3], 1)

@@ -22,6 +22,16 @@ VE_SIGMA_MIN, VE_SIGMA_MAX = 0.002, 80.0
 EDGE_TIMES = (0.0, 1e-7, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-7, 1.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread per test: the suite runs as ``pytest -n 2`` on 2 cores, and two workers with two
+    OpenMP threads each oversubscribe the machine (measured: 10x slower). Restored after each test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _vp_linear_integral(t: torch.Tensor) -> torch.Tensor:
     """T(t) = int_t^1 b(r) dr for the DDPM rate b(r) = beta_min + (1 - r)(beta_max - beta_min)."""
     s = 1 - t

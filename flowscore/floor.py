@@ -1,0 +1,227 @@
+r"""The loss floor: the lowest value the conditional losses (CFM, DSM) can reach.
+
+For the velocity (``objective="flow"``) or score (``"score"``) regression target :math:`T`,
+
+.. math::  L_{cond}(\theta) = L_{marg}(\theta) + C,\qquad
+           C = E_{t,\,x_{data},\,\varepsilon}\ \lambda(t)\,\lVert T(x|x_{data}) - T(x)\rVert^2 \ \ge 0,
+
+where :math:`T(x|x_{data})` is the conditional target (``path.target``) and
+:math:`T(x) = E[T(x|x_{data})|x]` the exact marginal field. A perfect model reaches ``L_marg = 0``, so ``C``
+is what it reaches on CFM/DSM. :func:`loss_floor` estimates ``C`` by Monte Carlo with the exact marginal of
+the data set (the data set itself is the distribution), overall and per bin of t, with standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _validate
+from .losses import TimeSampler, Weighting, draw, loss_weight, marginal_target, squared_error
+from .marginals import EmpiricalMarginal
+from .paths import GaussianPath, get_path
+
+FLOOR_OBJECTIVES = {"flow": "velocity", "score": "score"}
+
+
+@dataclass(frozen=True)
+class LossFloor:
+    """Monte Carlo estimate of the loss floor ``C``.
+
+    ``value`` +- ``standard_error`` is the overall mean over ``n_samples`` draws of ``(t, x_data, noise)``;
+    ``per_bin[k]`` is the mean of the draws whose t lies in ``[bin_edges[k], bin_edges[k + 1])`` (the last bin
+    closed), i.e. ``E[. | t in bin k]``, from ``bin_counts[k]`` draws. Hence
+    ``sum_k bin_counts[k] * per_bin[k] / n_samples == value``. An empty bin has ``per_bin`` and standard
+    error 0 (and count 0).
+    """
+
+    value: float
+    standard_error: float
+    bin_edges: list[float]
+    per_bin: list[float]
+    per_bin_standard_error: list[float]
+    bin_counts: list[int]
+    n_samples: int
+    objective: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of all fields."""
+        return asdict(self)
+
+
+def floor_terms(
+    marginal: Any,
+    x_data: torch.Tensor,
+    kind: str,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    weighting: str | Weighting | None = None,
+    time_sampler: str | TimeSampler = "uniform",
+    t_eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(t, c)``, both ``(B,)``: times and :math:`\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2` per draw.
+
+    ``kind`` is "velocity" or "score"; ``t``/``noise`` are drawn as in the losses when None.
+    """
+    path = marginal.path
+    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
+    conditional = path.target(kind, x_data, noise, t)
+    exact = marginal_target(marginal, kind, x, t)
+    return t, loss_weight(path, t, kind, weighting) * squared_error(conditional, exact)
+
+
+def draw_data(marginal: Any, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws of ``x_data`` from the distribution behind ``marginal``.
+
+    An ``EmpiricalMarginal`` (anything with a ``.data`` tensor) is sampled uniformly with replacement; a
+    mixture marginal must offer ``sample_data(n, generator=)`` or a ``.mixture`` with
+    ``sample(n, generator=)``.
+    """
+    data = getattr(marginal, "data", None)
+    if isinstance(data, torch.Tensor):
+        idx = torch.randint(
+            0, data.shape[0], (n,), generator=generator, device=generator.device if generator else "cpu"
+        )
+        return data[idx.to(data.device)]
+    if hasattr(marginal, "sample_data"):
+        return marginal.sample_data(n, generator=generator)
+    mixture = getattr(marginal, "mixture", None)
+    if mixture is not None and hasattr(mixture, "sample"):
+        return mixture.sample(n, generator=generator).to(marginal.dtype)
+    raise ValueError(
+        f"cannot draw data from {type(marginal).__name__}: expected a .data tensor, a "
+        "sample_data(n, generator) method or a .mixture with sample(n, generator)"
+    )
+
+
+def as_marginal(data: Any, path: GaussianPath | str | None, chunk_size: int | None = None) -> Any:
+    """``data`` as an exact marginal on ``path``: a tensor becomes an ``EmpiricalMarginal`` (float64); a
+    marginal (with ``.path``, ``.velocity``, ``.score``) is used as is and must live on ``path`` if given."""
+    if isinstance(data, torch.Tensor):
+        if path is None:
+            raise ValueError("path is required when data is a tensor")
+        data = _validate.batch(data, "data")
+        return EmpiricalMarginal(data.double(), get_path(path), chunk_size=chunk_size)
+    if not all(hasattr(data, a) for a in ("path", "velocity", "score")):
+        raise ValueError(f"data must be a tensor (N, *dims) or a marginal, got {type(data).__name__}")
+    if path is not None:
+        path = get_path(path)
+        same = path is data.path or (type(path) is type(data.path) and path.options() == data.path.options())
+        if not same or path.name == "custom" and path is not data.path:
+            raise ValueError(f"path {path!r} differs from the marginal's path {data.path!r}")
+    return data
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _mean_and_error(values: torch.Tensor) -> tuple[float, float]:
+    """Sample mean and its standard error ``std / sqrt(n)`` (0 for fewer than two values)."""
+    n = values.numel()
+    if n == 0:
+        return 0.0, 0.0
+    se = values.std().item() / math.sqrt(n) if n > 1 else 0.0
+    return values.mean().item(), se
+
+
+def summarize(t: torch.Tensor, c: torch.Tensor, n_bins: int, objective: str) -> LossFloor:
+    """A :class:`LossFloor` from per-draw times ``t`` and floor terms ``c``, both ``(n,)``; bins on [0, 1]."""
+    t, c = t.double().cpu(), c.double().cpu()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    which = torch.bucketize(t, edges[1:-1], right=True)  # bin k holds edges[k] <= t < edges[k + 1]
+    per_bin = [_mean_and_error(c[which == k]) for k in range(n_bins)]
+    value, se = _mean_and_error(c)
+    return LossFloor(
+        value=value,
+        standard_error=se,
+        bin_edges=edges.tolist(),
+        per_bin=[m for m, _ in per_bin],
+        per_bin_standard_error=[s for _, s in per_bin],
+        bin_counts=torch.bincount(which, minlength=n_bins).tolist(),
+        n_samples=c.numel(),
+        objective=objective,
+    )
+
+
+def loss_floor(
+    data: Any,
+    path: GaussianPath | str | None = None,
+    objective: str = "flow",
+    *,
+    n_samples: int = 100_000,
+    n_bins: int = 10,
+    weighting: str | Weighting | None = None,
+    time_sampler: str | TimeSampler = "uniform",
+    t_eps: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 8192,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> LossFloor:
+    r"""Monte Carlo estimate of the loss floor :math:`C = E\,\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2`.
+
+    Args:
+        data: ``(N, *dims)`` tensor (its empirical distribution is the data distribution; computed in
+            float64), or an exact marginal (``EmpiricalMarginal`` or a mixture marginal).
+        path: the Gaussian path (instance or name); optional when ``data`` is a marginal.
+        objective: ``"flow"`` (velocity target: the floor of CFM) or ``"score"`` (score target: of DSM).
+        n_samples: number of draws of ``(t, x_data, noise)``; the standard error falls as ``1/sqrt(n)``.
+        n_bins: equal-width bins of t on [0, 1] for ``per_bin``.
+        weighting, time_sampler, t_eps: as in :func:`flowscore.losses.cfm` (t in ``[t_eps, 1 - t_eps]``).
+            The score floor grows like ``1/beta_t^2`` near t = 1 until the posterior collapses on one data
+            point; a larger ``t_eps`` (e.g. 0.02) keeps its variance moderate.
+        seed: seed of the draws (reproducible).
+        batch_size: draws per batch (memory ``batch_size x chunk``).
+        chunk_size: data points per chunk of the marginal (tensor ``data`` only).
+        progress: show a tqdm bar (only if the run lasts more than about a second).
+
+    Returns:
+        :class:`LossFloor` with the overall value, per-bin values and their standard errors.
+    """
+    _validate.choice(objective, tuple(FLOOR_OBJECTIVES), "objective")
+    _positive_int(n_samples, "n_samples")
+    _positive_int(n_bins, "n_bins")
+    _positive_int(batch_size, "batch_size")
+    marginal = as_marginal(data, path, chunk_size)
+    kind = FLOOR_OBJECTIVES[objective]
+    generator = torch.Generator().manual_seed(seed)
+    ts, cs = [], []
+    bar = tqdm(
+        total=n_samples, desc=f"loss floor ({objective})", delay=1.0, disable=not progress, leave=False
+    )
+    with bar, torch.no_grad():
+        for start in range(0, n_samples, batch_size):
+            x_data = draw_data(marginal, min(batch_size, n_samples - start), generator)
+            t, c = floor_terms(
+                marginal,
+                x_data,
+                kind,
+                weighting=weighting,
+                time_sampler=time_sampler,
+                t_eps=t_eps,
+                generator=generator,
+            )
+            ts.append(t)
+            cs.append(c)
+            bar.update(x_data.shape[0])
+    return summarize(torch.cat(ts), torch.cat(cs), n_bins, objective)
+
+
+__all__ = [
+    "FLOOR_OBJECTIVES",
+    "LossFloor",
+    "as_marginal",
+    "draw_data",
+    "floor_terms",
+    "loss_floor",
+    "summarize",
+]

@@ -230,32 +230,23 @@ def _as_marginal(marginal: object) -> Marginal:
     return marginal  # type: ignore[return-value]
 
 
-# -- the generic loss and the four objectives ------------------------------------------------------------
-def _regression_loss(
-    objective: str,
+def regress(
     model: Model,
-    x_data: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
     path: GaussianPath,
-    marginal: Marginal | None,
-    t: torch.Tensor | float | None,
-    noise: torch.Tensor | None,
     prediction: str,
+    kind: str,
+    target: torch.Tensor,
     weighting: str | Weighting | None,
-    time_sampler: str | TimeSampler,
-    t_eps: float,
-    generator: torch.Generator | None,
     reduction: str,
 ) -> torch.Tensor:
-    kind = OBJECTIVES[objective]
-    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    if marginal is None:
-        target = path.target(kind, x_data, noise, t)
-    else:
-        target = marginal_target(marginal, kind, x, t)
+    """The common last step: ``reduce(lambda(t) * ||convert(model(x, t)) - target||^2)`` in space ``kind``."""
     pred = predict(model, x, t, path, prediction, kind)
     return reduce(loss_weight(path, t, kind, weighting) * squared_error(pred, target), reduction)
 
 
+# -- the four objectives ----------------------------------------------------------------------------
 def cfm(
     model: Model,
     x_data: torch.Tensor,
@@ -288,21 +279,10 @@ def cfm(
         generator: torch generator for the drawn ``t`` and ``noise``.
         reduction: "mean" (scalar, default), "sum" (scalar) or "none" (``(B,)`` per-sample losses).
     """
-    return _regression_loss(
-        "cfm",
-        model,
-        x_data,
-        _as_path(path),
-        None,
-        t,
-        noise,
-        prediction,
-        weighting,
-        time_sampler,
-        t_eps,
-        generator,
-        reduction,
-    )
+    path = _as_path(path)
+    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
+    target = path.target("velocity", x_data, noise, t)  # alpha' x_data + beta' noise
+    return regress(model, x, t, path, prediction, "velocity", target, weighting, reduction)
 
 
 def fm(
@@ -326,21 +306,10 @@ def fm(
     arguments are those of :func:`cfm`. Same expected gradient as :func:`cfm`; lower by the loss floor.
     """
     marginal = _as_marginal(marginal)
-    return _regression_loss(
-        "fm",
-        model,
-        x_data,
-        marginal.path,
-        marginal,
-        t,
-        noise,
-        prediction,
-        weighting,
-        time_sampler,
-        t_eps,
-        generator,
-        reduction,
-    )
+    path = marginal.path
+    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
+    target = marginal_target(marginal, "velocity", x, t)  # u_t(x), exact
+    return regress(model, x, t, path, prediction, "velocity", target, weighting, reduction)
 
 
 def dsm(
@@ -362,21 +331,10 @@ def dsm(
 
     With ``weighting="noise"`` this is the DDPM noise MSE :math:`\lVert\hat\varepsilon - \varepsilon\rVert^2`.
     """
-    return _regression_loss(
-        "dsm",
-        model,
-        x_data,
-        _as_path(path),
-        None,
-        t,
-        noise,
-        prediction,
-        weighting,
-        time_sampler,
-        t_eps,
-        generator,
-        reduction,
-    )
+    path = _as_path(path)
+    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
+    target = path.target("score", x_data, noise, t)  # -noise / beta
+    return regress(model, x, t, path, prediction, "score", target, weighting, reduction)
 
 
 def sm(
@@ -399,21 +357,10 @@ def sm(
     Same expected gradient as :func:`dsm`; lower by the loss floor.
     """
     marginal = _as_marginal(marginal)
-    return _regression_loss(
-        "sm",
-        model,
-        x_data,
-        marginal.path,
-        marginal,
-        t,
-        noise,
-        prediction,
-        weighting,
-        time_sampler,
-        t_eps,
-        generator,
-        reduction,
-    )
+    path = marginal.path
+    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
+    target = marginal_target(marginal, "score", x, t)  # grad log p_t(x), exact
+    return regress(model, x, t, path, prediction, "score", target, weighting, reduction)
 
 
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cfm": cfm, "fm": fm, "dsm": dsm, "sm": sm}
@@ -451,6 +398,7 @@ __all__ = [
     "predict",
     "prepare_time",
     "reduce",
+    "regress",
     "sample_time",
     "sm",
     "squared_error",

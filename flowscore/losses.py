@@ -242,8 +242,10 @@ def regress(
     reduction: str,
 ) -> torch.Tensor:
     """The common last step: ``reduce(lambda(t) * ||convert(model(x, t)) - target||^2)`` in space ``kind``."""
-    pred = predict(model, x, t, path, prediction, kind)
-    return reduce(loss_weight(path, t, kind, weighting) * squared_error(pred, target), reduction)
+    per_sample = squared_error(predict(model, x, t, path, prediction, kind), target)
+    if weighting is not None:
+        per_sample = loss_weight(path, t, kind, weighting) * per_sample
+    return reduce(per_sample, reduction)
 
 
 # -- the four objectives ----------------------------------------------------------------------------

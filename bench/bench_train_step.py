@@ -1,0 +1,138 @@
+"""One CFM training step vs the bare network step, and vs torchcfm / Meta flow_matching, same MLP and batch.
+
+Each variant does: form (x, t, target) -> forward -> loss -> backward (zero_grad included, no optimizer
+step). ``bare`` regresses on a precomputed (x, t, target) with the same squared error; ``flowscore`` calls
+``flowscore.losses.cfm`` (times, noise and target drawn inside) under ``flowscore.validation(False)``;
+``torchcfm`` uses ``ConditionalFlowMatcher(sigma=0)``; ``flow_matching`` uses
+``AffineProbPath(CondOTScheduler())``.
+Variants are interleaved in rounds and the median per-step time is reported, to resist machine load.
+
+Run: ``python bench/bench_train_step.py [--rounds 7 --steps 50 --threads 1]``; writes
+``bench/results/train_step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flowscore import get_path, validation
+from flowscore.data import Normalizer, load
+from flowscore.losses import cfm
+from flowscore.models import MLP
+
+BATCH = 512
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).flatten(1).pow(2).sum(1).mean()
+
+
+def make_variants(model: MLP, data: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    path = get_path("linear")
+    batch = data[:BATCH]
+    t0, noise0 = torch.rand(BATCH, generator=gen), torch.randn(batch.shape, generator=gen)
+    x0 = path.sample(batch, t0, noise0)
+    target0 = path.target("velocity", batch, noise0, t0)
+
+    def bare() -> torch.Tensor:
+        return mse(model(x0, t0), target0)
+
+    def flowscore_step() -> torch.Tensor:
+        with validation(False):
+            return cfm(model, batch, path, generator=gen)
+
+    variants = {"bare network (precomputed x, t, target)": bare, "flowscore cfm": flowscore_step}
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+
+        matcher = ConditionalFlowMatcher(sigma=0.0)
+
+        def torchcfm_step() -> torch.Tensor:
+            noise = torch.randn(batch.shape, generator=gen)
+            t, xt, ut = matcher.sample_location_and_conditional_flow(noise, batch)  # x0 = noise, x1 = data
+            return mse(model(xt, t), ut)
+
+        variants["torchcfm ConditionalFlowMatcher"] = torchcfm_step
+    except ImportError:
+        pass
+    try:
+        from flow_matching.path import AffineProbPath
+        from flow_matching.path.scheduler import CondOTScheduler
+
+        meta_path = AffineProbPath(CondOTScheduler())
+
+        def meta_step() -> torch.Tensor:
+            noise = torch.randn(batch.shape, generator=gen)
+            t = torch.rand(BATCH, generator=gen)
+            sample = meta_path.sample(x_0=noise, x_1=batch, t=t)
+            return mse(model(sample.x_t, sample.t), sample.dx_t)
+
+        variants["flow_matching AffineProbPath(CondOT)"] = meta_step
+    except ImportError:
+        pass
+    return variants
+
+
+def time_steps(step: Callable[[], torch.Tensor], model: MLP, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        model.zero_grad(set_to_none=True)
+        step().backward()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    raw = load("moons")
+    data = Normalizer.fit(raw).encode(raw)
+    model = MLP(2, width=256, depth=4)
+    variants = make_variants(model, data)
+    for step in variants.values():  # warm-up
+        time_steps(step, model, 10)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            times[name].append(time_steps(step, model, args.steps))
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    bare = medians["bare network (precomputed x, t, target)"]
+    lines = [
+        "# One training step: flowscore CFM vs the bare network and peer libraries",
+        "",
+        f"MLP(2, width=256, depth=4), batch {BATCH}, moons, float32 CPU, {args.threads} thread(s); "
+        f"median over {args.rounds} interleaved rounds of {args.steps} steps (forward + loss + backward).",
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"load average at the end {os.getloadavg()[0]:.1f}.",
+        "",
+        "| variant | ms / step | ratio to bare |",
+        "|---|---:|---:|",
+    ]
+    for name, value in medians.items():
+        lines.append(f"| {name} | {1e3 * value:.3f} | {value / bare:.3f} |")
+    lines += [
+        "",
+        "Goal: flowscore / bare <= 1.03. The ratio is the cost of drawing t and noise, forming x and the",
+        "target and the squared error, relative to a network step; other processes on the machine add noise.",
+    ]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

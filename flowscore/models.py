@@ -1,0 +1,209 @@
+"""Networks ``model(x, t)`` for flowscore: an MLP for vectors and a small UNet for images.
+
+Every model maps ``x`` ``(B, *dims)`` and ``t`` ``(B,)`` (t = 0 noise, t = 1 data) to a tensor shaped like
+``x``: a velocity, score, noise or data prediction, whichever the loss trains it for. Each model has a
+JSON-able ``config()``; :func:`model_from_config` rebuilds it, so a checkpoint needs no pickles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class SinusoidalEmbedding(nn.Module):
+    r"""``(B,)`` times to ``(B, dim)`` features :math:`[\sin(s t f_k), \cos(s t f_k)]`, ``dim`` even.
+
+    ``f_k = max_period^{-k / (dim/2)}``, ``k = 0 .. dim/2 - 1``, and ``s = 1000`` stretches t in [0, 1]
+    over the range the frequencies resolve.
+    """
+
+    def __init__(self, dim: int, max_period: float = 10_000.0, scale: float = 1000.0):
+        super().__init__()
+        if _positive_int(dim, "time_embedding") % 2:
+            raise ValueError(f"time_embedding must be even, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs * scale, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
+        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1).to(t.dtype)
+
+
+def _check_input(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` broadcast to ``(B,)`` (a 0-dim or float ``t`` is expanded)."""
+    x = _validate.batch(x, "x")
+    t = _validate.time(t, like=x)
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+class MLP(nn.Module):
+    """MLP on ``x`` ``(B, *dims)``, ``prod(dims) == dim``: [flatten(x), emb(t)] -> ``depth`` SiLU layers -> x.
+
+    ``depth`` hidden layers of ``width`` units; ``time_embedding`` sinusoidal features of t.
+    """
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 4, time_embedding: int = 64):
+        super().__init__()
+        self.dim = _positive_int(dim, "dim")
+        self.width = _positive_int(width, "width")
+        self.depth = _positive_int(depth, "depth")
+        self.time_embedding = time_embedding
+        self.embed = SinusoidalEmbedding(time_embedding)
+        layers: list[nn.Module] = []
+        fan_in = dim + time_embedding
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, width), nn.SiLU()]
+            fan_in = width
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "mlp", "dim": self.dim, "width": self.width, "depth": self.depth,
+                "time_embedding": self.time_embedding}  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(B, *dims), (B,) -> (B, *dims)``."""
+        t = _check_input(x, t)
+        if x[0].numel() != self.dim:
+            raise ValueError(
+                f"x has {x[0].numel()} features per point but the MLP was built for dim = {self.dim}"
+            )
+        h = torch.cat([x.flatten(1), self.embed(t)], dim=1)
+        return self.net(h).reshape(x.shape)
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time features added after the first conv, plus a skip connection."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class UNet(nn.Module):
+    """A small UNet for ``(B, channels, H, W)`` images, H and W padded up to a multiple of ``2**levels``.
+
+    ``levels`` down/up-samplings (1 for 8x8, 2 for 28x28 padded to 32x32); channels ``base * 2**level``;
+    one :class:`ResBlock` per level on the way down and up, two in the middle; GroupNorm; the time
+    embedding (sinusoidal -> 2-layer SiLU MLP) is added in every residual block. Output shaped like ``x``.
+    """
+
+    def __init__(self, channels: int = 1, base: int = 32, levels: int = 2, time_embedding: int = 128):
+        super().__init__()
+        self.channels = _positive_int(channels, "channels")
+        self.base = _positive_int(base, "base")
+        self.levels = _positive_int(levels, "levels")
+        self.time_embedding = _positive_int(time_embedding, "time_embedding")
+        t_dim = 4 * base
+        self.embed = nn.Sequential(
+            SinusoidalEmbedding(time_embedding),
+            nn.Linear(time_embedding, t_dim),
+            nn.SiLU(),
+            nn.Linear(t_dim, t_dim),
+        )
+        widths = [base * 2**i for i in range(levels + 1)]
+        self.stem = nn.Conv2d(channels, base, 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(widths[i], widths[i], t_dim) for i in range(levels))
+        self.downsample = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1) for i in range(levels))
+        self.mid = nn.ModuleList(
+            [ResBlock(widths[-1], widths[-1], t_dim), ResBlock(widths[-1], widths[-1], t_dim)]
+        )
+        self.upsample = nn.ModuleList(
+            nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(levels)
+        )
+        self.up = nn.ModuleList(ResBlock(2 * widths[i], widths[i], t_dim) for i in range(levels))
+        self.head = nn.Sequential(
+            nn.GroupNorm(_groups(base), base), nn.SiLU(), nn.Conv2d(base, channels, 3, padding=1)
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "unet", "channels": self.channels, "base": self.base, "levels": self.levels,
+                "time_embedding": self.time_embedding}  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W), (B,) -> (B, C, H, W)``."""
+        t = _check_input(x, t)
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be shaped (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        multiple = 2**self.levels
+        pad_h, pad_w = -height % multiple, -width % multiple
+        h = self.stem(F.pad(x, (0, pad_w, 0, pad_h)))
+        emb = self.embed(t)
+        skips = []
+        for block, down in zip(self.down, self.downsample, strict=True):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for i in reversed(range(self.levels)):
+            h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = self.up[i](torch.cat([h, skips[i]], dim=1), emb)
+        return self.head(h)[..., :height, :width]
+
+
+MODELS = ("auto", "mlp", "unet")
+
+
+def build_model(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: Any) -> nn.Module:
+    """A model for points of shape ``data_shape`` (``(D,)`` or ``(C, H, W)``).
+
+    ``kind``: ``"mlp"`` (any shape, flattened; opts ``width``, ``depth``, ``time_embedding``),
+    ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
+    or ``"auto"`` (MLP for vectors, UNet for images). Options set to ``None`` take their defaults.
+    """
+    _validate.choice(kind, MODELS, "model")
+    data_shape = tuple(data_shape)
+    if len(data_shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in data_shape):
+        raise ValueError(f"data_shape must be (D,) or (C, H, W) with positive sizes, got {data_shape}")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if kind == "auto":
+        kind = "unet" if len(data_shape) == 3 else "mlp"
+    try:
+        if kind == "mlp":
+            return MLP(math.prod(data_shape), **opts)
+        if len(data_shape) != 3:
+            raise ValueError(f"model 'unet' needs image data (C, H, W), got data shape {data_shape}")
+        opts.setdefault("levels", 1 if max(data_shape[1:]) <= 8 else 2)
+        return UNet(data_shape[0], **opts)
+    except TypeError as err:
+        raise ValueError(f"bad options for model {kind!r}: {err}") from None
+
+
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuilds a model from its ``config()`` (``{"kind": "mlp"|"unet", ...constructor options}``)."""
+    if not isinstance(config, dict) or config.get("kind") not in ("mlp", "unet"):
+        raise ValueError(f"model config must be a dict with kind 'mlp' or 'unet', got {config!r}")
+    opts = {k: v for k, v in config.items() if k != "kind"}
+    try:
+        return (MLP if config["kind"] == "mlp" else UNet)(**opts)
+    except TypeError as err:
+        raise ValueError(f"bad model config {config!r}: {err}") from None

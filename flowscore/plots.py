@@ -1,0 +1,327 @@
+"""Figures: one function per figure, each taking NumPy arrays and a file name and writing one PNG.
+
+matplotlib is an optional dependency (``pip install flowscore[plot]``); it is imported lazily with the Agg
+backend, so importing this module never needs a display. Every file is written atomically (a temporary file
+in the same folder, then ``os.replace``): an interrupted plot never leaves a half-written PNG behind.
+
+Conventions: 2D point sets are ``(N, 2)`` arrays; a trajectory is ``(T, N, 2)`` (time-major, t = 0 noise
+first); images are ``(N, 1, H, W)`` or ``(N, 3, H, W)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_DATA_STYLE = {"s": 3, "alpha": 0.35, "color": "tab:gray", "linewidths": 0}
+_SAMPLE_STYLE = {"s": 3, "alpha": 0.6, "linewidths": 0}
+
+
+def atomic_write(file: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` on a temporary file in ``file``'s folder (created if needed), then ``os.replace``
+    it onto ``file`` with the usual permissions (umask applied). Returns ``file`` as a string."""
+    file = os.fspath(file)
+    folder = os.path.dirname(os.path.abspath(file))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(file)[1], dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return file
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` with the non-interactive Agg backend, or ``ValueError`` if it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plots need matplotlib; install it with `pip install flowscore[plot]`") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, file: str | os.PathLike) -> str:
+    """Write ``fig`` to ``file`` atomically (:func:`atomic_write`), close it and return the path."""
+    try:
+        return atomic_write(file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        _pyplot().close(fig)
+
+
+def _points(value: Any, name: str) -> np.ndarray:
+    """``value`` as a float ``(N, 2)`` array, or ``ValueError``."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must be 2D points shaped (N, 2), got shape {arr.shape}")
+    return arr
+
+
+def _limits(*sets: np.ndarray, pad: float = 0.15) -> tuple[float, float, float, float]:
+    """Common axis limits (x_lo, x_hi, y_lo, y_hi) covering the 0.5%..99.5% quantiles of all sets."""
+    allp = np.concatenate([s for s in sets if s.size], 0)
+    lo = np.quantile(allp, 0.005, axis=0)
+    hi = np.quantile(allp, 0.995, axis=0)
+    span = np.maximum(hi - lo, 1e-6)
+    lo, hi = lo - pad * span, hi + pad * span
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
+
+
+def _apply_limits(ax: Any, limits: tuple[float, float, float, float]) -> None:
+    ax.set_xlim(limits[0], limits[1])
+    ax.set_ylim(limits[2], limits[3])
+    ax.set_aspect("equal")
+
+
+def plot_paths(
+    t: np.ndarray, schedules: Mapping[str, Mapping[str, np.ndarray]], file: str | os.PathLike
+) -> str:
+    """Three panels: alpha_t, beta_t and log-SNR = log(alpha_t^2 / beta_t^2) against t, one line per path.
+
+    Args:
+        t: ``(T,)`` times in [0, 1] (t = 0 noise, t = 1 data).
+        schedules: ``{path name: {"alpha": (T,), "beta": (T,), "log_snr": (T,)}}``; non-finite log-SNR
+            values (at the endpoints) are left out of the plot.
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    t = np.asarray(t, dtype=np.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    titles = {
+        "alpha": r"$\alpha_t$ (data weight)",
+        "beta": r"$\beta_t$ (noise std, symlog scale)",
+        "log_snr": "log-SNR",
+    }
+    for ax, key in zip(axes, ("alpha", "beta", "log_snr"), strict=True):
+        for name, sched in schedules.items():
+            y = np.asarray(sched[key], dtype=np.float64)
+            ok = np.isfinite(y)
+            ax.plot(t[ok], y[ok], label=name)
+        ax.set_title(titles[key])
+        ax.set_xlabel("t   (0 = noise, 1 = data)")
+        ax.grid(alpha=0.3)
+    axes[2].set_ylabel(r"$\log(\alpha_t^2/\beta_t^2)$")
+    axes[1].set_yscale("symlog", linthresh=1e-2)  # ve spans 80 .. 0.002, the others reach 0 at t = 1
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle("Gaussian probability paths  x = alpha_t x_data + beta_t noise")
+    fig.tight_layout()
+    return _save(fig, file)
+
+
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average of ``y`` with a window of at most ``window`` points (same length as ``y``)."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, len(y) + 1)
+    start = np.maximum(idx - window, 0)
+    return (c[idx] - c[start]) / (idx - start)
+
+
+def plot_loss(
+    steps: np.ndarray,
+    losses: np.ndarray,
+    file: str | os.PathLike,
+    *,
+    floor: float | None = None,
+    floor_err: float | None = None,
+    objective: str = "loss",
+) -> str:
+    """Training loss against step with its moving average, and the loss floor as a horizontal band.
+
+    Args:
+        steps, losses: ``(S,)`` step numbers and batch losses.
+        floor: the lowest value the objective can reach (e.g. ``C = L_CFM - L_FM``); drawn as a line with a
+            band of +- ``floor_err`` (its Monte-Carlo standard error, if given).
+        objective: the objective's name, for the title and y label.
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    steps = np.asarray(steps, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64)
+    if steps.shape != losses.shape or steps.ndim != 1:
+        raise ValueError(
+            f"steps and losses must be (S,) arrays of one length, got {steps.shape}, {losses.shape}"
+        )
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    window = max(1, len(losses) // 50)
+    if window == 1:
+        ax.plot(steps, losses, color="tab:blue", lw=1.6, label="logged loss (window mean)")
+    else:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="logged loss (window mean)")
+        smooth = _moving_average(losses, window)
+        ax.plot(steps, smooth, color="tab:blue", lw=1.8, label=f"moving average of {window} points")
+    if floor is not None and np.isfinite(floor):
+        ax.axhline(floor, color="tab:red", lw=1.4, ls="--", label=f"loss floor = {floor:.4g}")
+        if floor_err is not None and np.isfinite(floor_err) and floor_err > 0:
+            band = (floor - floor_err, floor + floor_err)
+            ax.axhspan(*band, color="tab:red", alpha=0.15, label="floor +- std. err.")
+    finite = losses[np.isfinite(losses)]
+    if finite.size:
+        lo = min(float(np.quantile(finite, 0.01)), floor if floor is not None else np.inf)
+        hi = float(np.quantile(finite, 0.98))
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(objective)
+    ax.set_title(f"Training loss ({objective}) and its floor")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, file)
+
+
+def plot_samples(samples: Mapping[str, np.ndarray], data: np.ndarray, file: str | os.PathLike) -> str:
+    """Scatter plots of 2D samples next to the data: one panel for the data, one per sample set.
+
+    Args:
+        samples: ``{label: (N, 2)}``, e.g. ``{"ODE (rk4)": ..., "SDE": ...}``.
+        data: ``(M, 2)`` reference data (held-out), drawn in gray under every sample set.
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    data = _points(data, "data")
+    sets = {label: _points(s, f"samples[{label!r}]") for label, s in samples.items()}
+    limits = _limits(data, *sets.values())
+    panels = 1 + len(sets)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4.2), squeeze=False)
+    axes = axes[0]
+    axes[0].scatter(data[:, 0], data[:, 1], **{**_DATA_STYLE, "alpha": 0.6})
+    axes[0].set_title(f"data (n = {len(data)})")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for k, (ax, (label, pts)) in enumerate(zip(axes[1:], sets.items(), strict=True)):
+        color = colors[k % len(colors)]
+        ax.scatter(data[:, 0], data[:, 1], label="data", **_DATA_STYLE)
+        ax.scatter(pts[:, 0], pts[:, 1], color=color, label="samples", **_SAMPLE_STYLE)
+        ax.set_title(f"{label} (n = {len(pts)})")
+        ax.legend(loc="upper right", fontsize=8, markerscale=4)
+    for ax in axes:
+        _apply_limits(ax, limits)
+        ax.set_xlabel("x[0]")
+    axes[0].set_ylabel("x[1]")
+    fig.tight_layout()
+    return _save(fig, file)
+
+
+def plot_trajectories(
+    trajectory: np.ndarray,
+    file: str | os.PathLike,
+    *,
+    data: np.ndarray | None = None,
+    max_paths: int = 200,
+    title: str = "Sampling trajectories",
+) -> str:
+    """Paths of 2D samples from the prior (t = 0, black dots) to the data (t = 1, blue dots).
+
+    Args:
+        trajectory: ``(T, N, 2)``: the states at T times, t = 0 first. At most ``max_paths`` are drawn.
+        data: optional ``(M, 2)`` data drawn in gray behind the paths.
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    traj = np.asarray(trajectory, dtype=np.float64)
+    if traj.ndim != 3 or traj.shape[2] != 2:
+        raise ValueError(f"trajectory must be shaped (T, N, 2), got {traj.shape}")
+    traj = traj[:, :max_paths]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    sets = [traj.reshape(-1, 2)]
+    if data is not None:
+        data = _points(data, "data")
+        sets.append(data)
+        ax.scatter(data[:, 0], data[:, 1], label="data", **_DATA_STYLE)
+    ax.plot(traj[:, :, 0], traj[:, :, 1], color="tab:olive", alpha=0.35, lw=0.7)
+    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=6, color="black", label="t = 0 (prior)")
+    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=6, color="tab:blue", label="t = 1 (sample)")
+    _apply_limits(ax, _limits(*sets))
+    ax.set_title(f"{title} ({traj.shape[1]} paths, {traj.shape[0]} states)")
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.legend(loc="upper right", fontsize=8, markerscale=2)
+    fig.tight_layout()
+    return _save(fig, file)
+
+
+def plot_field(
+    times: Sequence[float],
+    grid_x: np.ndarray,
+    grid_y: np.ndarray,
+    field: np.ndarray,
+    file: str | os.PathLike,
+    *,
+    data: np.ndarray | None = None,
+    label: str = "learned velocity",
+) -> str:
+    """Stream plots of a 2D vector field at several times, coloured by speed.
+
+    Args:
+        times: ``K`` times in [0, 1].
+        grid_x, grid_y: ``(W,)`` and ``(H,)`` increasing grid coordinates.
+        field: ``(K, H, W, 2)``: the field's components at ``(grid_x[j], grid_y[i])`` for each time.
+        data: optional ``(M, 2)`` data drawn in gray.
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    gx, gy = np.asarray(grid_x, dtype=np.float64), np.asarray(grid_y, dtype=np.float64)
+    u = np.asarray(field, dtype=np.float64)
+    if u.shape != (len(times), len(gy), len(gx), 2):
+        expected = (len(times), len(gy), len(gx), 2)
+        raise ValueError(f"field must be shaped (K, H, W, 2) = {expected}, got {u.shape}")
+    fig, axes = plt.subplots(
+        1, len(times), figsize=(4.2 * len(times), 4.0), squeeze=False, layout="constrained"
+    )
+    for ax, t, uk in zip(axes[0], times, u, strict=True):
+        speed = np.hypot(uk[..., 0], uk[..., 1])
+        if data is not None:
+            d = _points(data, "data")
+            ax.scatter(d[:, 0], d[:, 1], **_DATA_STYLE)
+        stream = ax.streamplot(
+            gx, gy, uk[..., 0], uk[..., 1], color=speed, cmap="viridis", density=0.9, linewidth=0.8
+        )
+        fig.colorbar(stream.lines, ax=ax, fraction=0.046, pad=0.04, label="speed")
+        ax.set_xlim(gx[0], gx[-1])
+        ax.set_ylim(gy[0], gy[-1])
+        ax.set_aspect("equal")
+        ax.set_title(f"t = {t:.2f}")
+        ax.set_xlabel("x[0]")
+    axes[0][0].set_ylabel("x[1]")
+    fig.suptitle(f"{label} field (t = 0 noise, t = 1 data)")
+    return _save(fig, file)
+
+
+def plot_image_grid(
+    images: np.ndarray, file: str | os.PathLike, *, ncols: int | None = None, title: str = ""
+) -> str:
+    """A grid of images ``(N, C, H, W)`` with C = 1 (gray) or 3 (RGB); values are min-max scaled per grid."""
+    plt = _pyplot()
+    img = np.asarray(images, dtype=np.float64)
+    if img.ndim != 4 or img.shape[1] not in (1, 3):
+        raise ValueError(f"images must be shaped (N, 1, H, W) or (N, 3, H, W), got {img.shape}")
+    n = img.shape[0]
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    lo, hi = np.nanmin(img), np.nanmax(img)
+    img = (img - lo) / max(hi - lo, 1e-12)
+    h, w = img.shape[2:]
+    canvas = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, img.shape[1]))
+    for k in range(n):
+        r, c = divmod(k, ncols)
+        top, left = 1 + r * (h + 1), 1 + c * (w + 1)
+        canvas[top : top + h, left : left + w] = img[k].transpose(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(0.6 * ncols + 1, 0.6 * nrows + 1))
+    if img.shape[1] == 1:
+        ax.imshow(canvas[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title or f"{n} samples")
+    fig.tight_layout()
+    return _save(fig, file)

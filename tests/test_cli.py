@@ -1,0 +1,302 @@
+"""The ``flowscore`` CLI end to end: train -> sample -> eval -> plot, resume, bad input, paths, entry points.
+
+Ground truth is independent of flowscore: W2 by POT's exact solver in float64 here, the path schedules from
+their closed forms, PNG files by their signature. One tiny run (a few hundred steps on 3,000 moons points)
+is trained once per module and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from flowscore import cli, demo
+from flowscore.training import load_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAIN_STEPS = 2000
+TOML = """
+[train]
+data = "moons"
+data_n = 6000
+n_holdout = 1000
+steps = 99999          # overridden by --steps on the command line
+batch_size = 256
+lr = 3e-3
+warmup = 50
+width = 128
+depth = 3
+checkpoint_every = 500
+log_every = 50
+"""
+
+
+def exact_w2(a: np.ndarray, b: np.ndarray) -> float:
+    """W2 between two equal-size point clouds by POT's exact EMD with squared Euclidean cost (float64)."""
+    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
+    cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    weights_a, weights_b = np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b))
+    return math.sqrt(ot.emd2(weights_a, weights_b, cost))
+
+
+def is_png(file: str) -> bool:
+    with open(file, "rb") as fh:
+        return fh.read(8) == PNG_SIGNATURE and os.path.getsize(file) > 5000
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny MLPs run many times faster without thread contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(workdir: str) -> str:
+    """A short training run through the CLI: TOML config + an explicit --steps that overrides it."""
+    config = os.path.join(workdir, "train.toml")
+    with open(config, "w") as fh:
+        fh.write(TOML)
+    out = os.path.join(workdir, "run")
+    code = cli.main(["train", "--config", config, "--steps", str(TRAIN_STEPS), "--out", out, "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_train_precedence_defaults_toml_flags(run_dir: str) -> None:
+    config = load_run(run_dir).config
+    assert config.steps == TRAIN_STEPS  # flag beats TOML
+    assert (config.batch_size, config.data_n, config.width) == (256, 6000, 128)  # TOML beats defaults
+    assert config.objective == "cfm" and config.path == "linear"  # defaults
+
+
+def test_sample_is_far_closer_to_the_data_than_the_prior(run_dir: str, workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "samples.npy")
+    code, stdout, _ = run_cli(capsys, "sample", "--run", run_dir, "--n", "1000", "--sampler", "heun",
+                              "--steps", "40", "--out", out, "--seed", "1")  # fmt: skip
+    assert code == 0 and "wrote" in stdout
+    samples = np.load(out)
+    assert samples.shape == (1000, 2) and np.isfinite(samples).all()
+    held = load_run(run_dir).held_out.double().numpy()
+    # the prior pushed to data space by the normalizer: a Gaussian with the data's mean and std
+    rng = np.random.default_rng(0)
+    prior = held.mean(0) + held.std(0) * rng.standard_normal((1000, 2))
+    w2_model, w2_prior = exact_w2(samples, held), exact_w2(prior, held)
+    w2_floor = exact_w2(held[:500], held[500:])  # two data halves: what a perfect sampler reaches, roughly
+    print(f"W2 model {w2_model:.3f}, prior {w2_prior:.3f}, data halves {w2_floor:.3f}")
+    assert w2_model < 0.5 * w2_prior, (w2_model, w2_prior)
+
+
+def test_resume_continues_to_the_new_total(run_dir: str, workdir: str, capsys) -> None:
+    copy = os.path.join(workdir, "resumed")
+    shutil.copytree(run_dir, copy)
+    code, stdout, err = run_cli(capsys, "train", "--out", copy, "--resume", "--steps", str(TRAIN_STEPS + 100),
+                                "--no-progress")  # fmt: skip
+    assert code == 0, err
+    run = load_run(copy)
+    assert run.step == TRAIN_STEPS + 100
+    assert run.log[-1]["step"] == TRAIN_STEPS + 100
+    # the resumed model moved on from the stored one
+    before, after = load_run(run_dir).model, run.model
+    x, t = torch.zeros(4, 2), torch.full((4,), 0.5)
+    assert not torch.equal(before(x, t), after(x, t))
+
+
+def test_eval_json_has_the_documented_keys_and_the_true_floor(run_dir: str, workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "eval.json")
+    code, stdout, err = run_cli(capsys, "eval", "--run", run_dir, "--n", "300", "--json", out)
+    assert code == 0, err
+    assert "W2" in stdout and "floor" in stdout
+    with open(out) as fh:
+        result = json.load(fh)
+    assert tuple(result) == demo.EVAL_KEYS
+    numbers = {k: v for k, v in result.items() if k != "ode_sampler"}
+    assert all(math.isfinite(v) for v in numbers.values()), numbers
+    assert result["n"] == 300
+    held = load_run(run_dir).held_out.double().numpy()
+    half = len(held) // 2
+    assert result["w2_floor"] == pytest.approx(exact_w2(held[half : half + 300], held[:300]), rel=1e-6)
+    assert result["w2_ratio_ode"] == pytest.approx(result["w2_ode"] / result["w2_floor"])
+    assert result["w2_ode"] < 3 * result["w2_floor"] and result["w2_sde"] < 3 * result["w2_floor"]
+
+
+def test_plot_writes_its_pngs(run_dir: str, workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "plots")
+    code, stdout, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "300")
+    assert code == 0, err
+    names = sorted(os.listdir(out))
+    assert names == ["field.png", "loss.png", "samples.png", "trajectories.png"]
+    assert all(is_png(os.path.join(out, n)) for n in names)
+
+
+def test_paths_table_matches_closed_forms_and_writes_a_png(workdir: str, capsys) -> None:
+    png = os.path.join(workdir, "paths.png")
+    code, stdout, _ = run_cli(capsys, "paths", "--plot", png)
+    assert code == 0 and is_png(png)
+    rows = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 7 and fields[0] in ("linear", "vp", "vp-linear", "ve"):
+            rows[(fields[0], float(fields[1]))] = [float(v) for v in fields[2:]]
+    assert len(rows) == 4 * 5
+    for t in (0.25, 0.5, 0.75):
+        c, s = math.cos(math.pi * t / 2), math.sin(math.pi * t / 2)
+        expected = {
+            "linear": [t, 1 - t, 1, -1, t**2 / (1 - t) ** 2],
+            "vp": [s, c, math.pi / 2 * c, -math.pi / 2 * s, (s / c) ** 2],
+            "ve": [1, 80 * (0.002 / 80) ** t, 0, 80 * (0.002 / 80) ** t * math.log(0.002 / 80), None],
+        }
+        for name, values in expected.items():
+            for got, want in zip(rows[(name, t)], values, strict=True):
+                if want is not None:
+                    assert got == pytest.approx(want, rel=1e-3, abs=1e-4), (name, t)
+    assert math.isinf(rows[("linear", 1.0)][4])  # SNR = alpha^2 / beta^2 with beta_1 = 0
+
+
+# -- bad input: one line on stderr, exit 2, nothing created --------------------------------------------------
+def _bad_inputs(workdir: str, run_dir: str) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, the path that must not be created)."""
+    nan = os.path.join(workdir, "nan.npy")
+    np.save(nan, np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 1.0]]))
+    flat = os.path.join(workdir, "flat.npy")
+    np.save(flat, np.arange(10.0))
+    corrupt = os.path.join(workdir, "corrupt")
+    os.makedirs(corrupt, exist_ok=True)
+    with open(os.path.join(corrupt, "run.safetensors"), "wb") as fh:
+        fh.write(b"not a safetensors file")
+    new = os.path.join(workdir, "never")
+    out_npy = os.path.join(workdir, "never.npy")
+    return {
+        "nan-data": (["train", "--data", nan, "--out", new], new),
+        "wrong-shape": (["train", "--data", flat, "--out", new], new),
+        "missing-file": (["train", "--data", os.path.join(workdir, "missing.npy"), "--out", new], new),
+        "unknown-data": (["train", "--data", "nonsense", "--out", new], new),
+        "unknown-option": (["train", "--data", "moons", "--out", new, "--bogus", "1"], new),
+        "unknown-objective": (["train", "--data", "moons", "--out", new, "--objective", "xyz"], new),
+        "bad-steps": (["train", "--data", "moons", "--out", new, "--steps", "-3"], new),
+        "no-data": (["train", "--out", new], new),
+        "resume-missing": (["train", "--data", "moons", "--out", new, "--resume"], new),
+        "missing-run": (["sample", "--run", new, "--out", out_npy], out_npy),
+        "corrupt-run": (["sample", "--run", corrupt, "--out", out_npy], out_npy),
+        "corrupt-eval": (
+            ["eval", "--run", corrupt, "--json", out_npy[:-4] + ".json"],
+            out_npy[:-4] + ".json",
+        ),
+        "unknown-sampler": (["sample", "--run", run_dir, "--sampler", "leapfrog", "--out", out_npy], out_npy),
+        "bad-out-suffix": (
+            ["sample", "--run", run_dir, "--out", out_npy[:-4] + ".txt"],
+            out_npy[:-4] + ".txt",
+        ),
+        "unknown-command": (["fly"], new),
+    }
+
+
+BAD = (
+    "nan-data", "wrong-shape", "missing-file", "unknown-data", "unknown-option", "unknown-objective",
+    "bad-steps", "no-data", "resume-missing", "missing-run", "corrupt-run", "corrupt-eval", "unknown-sampler",
+    "bad-out-suffix", "unknown-command",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_creates_nothing(case: str, run_dir: str, workdir: str, capsys) -> None:
+    argv, must_not_exist = _bad_inputs(workdir, run_dir)[case]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flowscore: error: ") and "; " in lines[0]
+    assert "Traceback" not in err + stdout
+    assert not os.path.exists(must_not_exist)
+
+
+def test_existing_out_without_resume_is_refused_and_untouched(run_dir: str, capsys) -> None:
+    before = {n: os.path.getmtime(os.path.join(run_dir, n)) for n in os.listdir(run_dir)}
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", run_dir)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err
+    assert {n: os.path.getmtime(os.path.join(run_dir, n)) for n in os.listdir(run_dir)} == before
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_run(workdir: str, capsys, monkeypatch) -> None:
+    from flowscore import training
+
+    def interrupted(self, resume=False):
+        os.makedirs(self.run_dir, exist_ok=True)  # the trainer had created the folder, no checkpoint yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "train", interrupted)
+    out = os.path.join(workdir, "interrupted")
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", out)
+    assert code == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_subprocess_error_has_no_traceback(workdir: str) -> None:
+    out = os.path.join(workdir, "never2.npy")
+    argv = [sys.executable, "-m", "flowscore", "sample", "--run", os.path.join(workdir, "nope"), "--out", out]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not os.path.exists(out)
+
+
+def test_python_m_equals_console_script() -> None:
+    script = shutil.which("flowscore") or os.path.join(os.path.dirname(sys.executable), "flowscore")
+    if not os.path.exists(script):
+        pytest.skip("the console script is not installed (pip install -e .)")
+    by_module = subprocess.run([sys.executable, "-m", "flowscore", "paths"], capture_output=True, text=True)
+    by_script = subprocess.run([script, "paths"], capture_output=True, text=True)
+    assert by_module.returncode == by_script.returncode == 0
+    assert by_module.stdout == by_script.stdout and "vp-linear" in by_module.stdout
+
+
+def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "demo")
+    argv = ["demo", "--out", out, "--steps", "200", "--n", "200", "--no-progress"]
+    code, first, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "W2" in first and "floor" in first
+    code, second, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "replacing the earlier demo" in second
+    with open(os.path.join(out, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    ode, held = (
+        np.load(os.path.join(out, "samples_ode.npy")),
+        load_run(os.path.join(out, "run")).held_out.numpy(),
+    )
+    half = len(held) // 2
+    assert metrics["w2_ode"] == pytest.approx(exact_w2(ode[:200], held[:200]), rel=1e-5)
+    assert metrics["w2_floor"] == pytest.approx(exact_w2(held[half : half + 200], held[:200]), rel=1e-5)
+    assert all(
+        is_png(os.path.join(out, n)) for n in ("loss.png", "samples.png", "trajectories.png", "field.png")
+    )
+    other = os.path.join(workdir, "not-a-demo")
+    os.makedirs(other)
+    with open(os.path.join(other, "keep.txt"), "w") as fh:
+        fh.write("mine")
+    code, _, err = run_cli(capsys, "demo", "--out", other, "--steps", "10")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert os.listdir(other) == ["keep.txt"]

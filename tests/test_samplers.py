@@ -1,0 +1,351 @@
+"""Samplers against closed forms: Gaussian data N(m, s^2 I) has a linear velocity field on every path.
+
+Ground truth, written here from the reference schedules of ``conftest`` (not from flowscore's formulas):
+x_t = alpha_t m + sigma_t z with sigma_t^2 = alpha_t^2 s^2 + beta_t^2 and z = x_0 / beta_0, so the ODE map is
+x_t = alpha_t m + (sigma_t / beta_0) x_0 and
+the velocity u_t(x) = alpha'_t m + (sigma'_t / sigma_t)(x - alpha_t m).
+The derivatives of the reference schedules come from autograd, so the fields enable grad inside the samplers.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from conftest import bcast, make_path, reference_schedule
+
+from flowscore.mixtures import GaussianMixture
+from flowscore.samplers import (
+    EVALS_PER_STEP,
+    as_field,
+    diffusion_schedule,
+    final_step,
+    sample,
+    sample_ode,
+    sample_sde,
+)
+
+F64 = torch.float64
+
+
+class GaussianData:
+    """Closed-form fields of N(mean, std^2 I) data on the reference schedule ``name``."""
+
+    def __init__(self, name: str, mean: torch.Tensor, std: float):
+        self.name, self.mean, self.std = name, mean.to(F64), std
+
+    def _moments(self, t: torch.Tensor, x: torch.Tensor):
+        with torch.enable_grad():  # the samplers run under no_grad; the reference derivatives use autograd
+            coefficients = reference_schedule(self.name, t)
+        alpha, beta, d_alpha, d_beta = (bcast(c, x) for c in coefficients)
+        var = alpha**2 * self.std**2 + beta**2
+        return alpha, beta, d_alpha, d_beta, var
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, beta, d_alpha, d_beta, var = self._moments(t, x)
+        d_log_sigma = (alpha * d_alpha * self.std**2 + beta * d_beta) / var
+        return d_alpha * self.mean + d_log_sigma * (x - alpha * self.mean)
+
+    def field(self, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, beta, _, _, var = self._moments(t, x)
+        resid = x - alpha * self.mean
+        if kind == "velocity":
+            return self.velocity(x, t)
+        if kind == "score":
+            return -resid / var
+        if kind == "noise":
+            return beta * resid / var
+        return self.mean + alpha * self.std**2 * resid / var  # data: E[x_data | x]
+
+    def model(self, kind: str):
+        return lambda x, t: self.field(kind, x, t)
+
+    def ode_map(self, x0: torch.Tensor, t: float) -> torch.Tensor:
+        tt = torch.full((x0.shape[0],), t, dtype=F64)
+        alpha, beta, _, _, var = self._moments(tt, x0)
+        beta0 = reference_schedule(self.name, torch.zeros(1, dtype=F64))[1]
+        return alpha * self.mean + var.sqrt() * x0 / beta0
+
+
+def _prior(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# -- ODE: transport map and convergence order ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["linear", "vp"])
+def test_ode_matches_closed_form_transport(name):
+    gauss = GaussianData(name, torch.tensor([1.0]), 0.5)
+    x0 = _prior(200, 1)
+    exact = gauss.ode_map(x0, 1.0)
+    assert torch.allclose(exact, 1.0 + 0.5 * x0)  # x_1 = m + s x_0 on both paths (beta_0 = 1)
+    times = torch.linspace(0, 1, 65, dtype=F64)
+    x1, traj = sample_ode(gauss.velocity, x0, times, "rk4", return_trajectory=True)
+    assert (x1 - exact).abs().max() < 1e-6
+    assert torch.equal(traj[0], x0) and torch.equal(traj[-1], x1)
+    assert (traj[32] - gauss.ode_map(x0, 0.5)).abs().max() < 1e-6  # the state at t = 1/2 too
+    pytest.importorskip("torchdiffeq")
+    x1 = sample_ode(gauss.velocity, x0, [0.0, 1.0], "dopri5", rtol=1e-9, atol=1e-9)
+    assert (x1 - exact).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_convergence_order(method, order):
+    # vp with s = 2 shows the textbook orders; on linear the midpoint rule happens to reach order 3
+    gauss = GaussianData("vp", torch.tensor([1.0]), 2.0)
+    x0 = _prior(50, 1)
+    exact = gauss.ode_map(x0, 1.0)
+    errors = [
+        float(
+            (sample_ode(gauss.velocity, x0, torch.linspace(0, 1, n + 1, dtype=F64), method) - exact)
+            .abs()
+            .max()
+        )
+        for n in (16, 32, 64)
+    ]
+    observed = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert abs(observed[-1] - order) < 0.25, (errors, observed)
+    linear = GaussianData("linear", torch.tensor([1.0]), 2.0)
+    exact_linear = linear.ode_map(x0, 1.0)
+    err = [
+        float(
+            (sample_ode(linear.velocity, x0, torch.linspace(0, 1, n + 1, dtype=F64), method) - exact_linear)
+            .abs()
+            .max()
+        )
+        for n in (32, 64)
+    ]
+    assert math.log2(err[0] / err[1]) > order - 0.25
+
+
+# -- sample(): every prediction with every sampler reproduces the data ---------------------------------------
+CASES = [
+    ("velocity", "euler", {}),
+    ("velocity", "rk4", {}),
+    ("velocity", "dopri5", {}),
+    ("velocity", "sde", {}),
+    ("velocity", "sde", {"diffusion": "score-sde"}),
+    ("velocity", "sde", {"diffusion": 2.0}),
+    ("noise", "rk4", {}),
+    ("score", "heun", {}),
+    ("data", "midpoint", {}),
+    ("noise", "sde", {}),
+    ("score", "sde", {"diffusion": lambda t: 0.3 * torch.ones_like(t)}),
+]
+
+
+@pytest.mark.parametrize("name", ["linear", "vp"])
+@pytest.mark.parametrize("prediction,sampler,extra", CASES)
+def test_sample_reproduces_gaussian(name, prediction, sampler, extra):
+    if sampler == "dopri5":
+        pytest.importorskip("torchdiffeq")
+    mean = torch.tensor([1.0, -0.5], dtype=F64)
+    gauss = GaussianData(name, mean, 0.5)
+    n = 4000
+    out = sample(
+        gauss.model(prediction),
+        make_path(name),
+        n,
+        prediction=prediction,
+        sampler=sampler,
+        steps=100,
+        shape=(2,),
+        dtype=F64,
+        generator=torch.Generator().manual_seed(1),
+        **extra,
+    )
+    assert out.shape == (n, 2) and torch.isfinite(out).all()
+    se_mean = 0.5 / math.sqrt(n)
+    assert (out.mean(0) - mean).abs().max() < 4 * se_mean + 0.005
+    var_ratio = out.var(0) / 0.25
+    # 4 standard errors of a variance (sqrt(2/n)) plus a discretization allowance of 2 % (Euler, EM)
+    assert (var_ratio - 1).abs().max() < 4 * math.sqrt(2 / n) + 0.02, var_ratio
+
+
+def test_ode_samples_are_the_closed_form_map_of_the_prior_draws():
+    gauss = GaussianData("linear", torch.tensor([0.3, 0.7]), 0.8)
+    out = sample(
+        gauss.model("noise"),
+        "linear",
+        64,
+        prediction="noise",
+        sampler="rk4",
+        steps=200,
+        dtype=F64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    # the noise model starts at t_eps = 1e-3 (velocity singular at t = 0): a bias of order t_eps
+    assert (out - gauss.ode_map(x0, 1.0)).abs().max() < 3e-3
+    exact_start = sample(
+        gauss.model("velocity"),
+        "linear",
+        64,
+        sampler="rk4",
+        steps=50,
+        dtype=F64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert (exact_start - gauss.ode_map(x0, 1.0)).abs().max() < 1e-6
+
+
+# -- the SDE's pieces ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["linear", "vp", "ve"])
+def test_final_step_to_one_is_the_posterior_mean(name):
+    gauss = GaussianData(name, torch.tensor([1.0, 2.0]), 0.7)
+    path = make_path(name)
+    x = 3 * _prior(16, 2)
+    t = torch.full((16,), 0.97, dtype=F64)
+    one = torch.tensor(1.0, dtype=F64)
+    jumped = final_step(path, gauss.velocity, x, t, one)
+    data_hat, noise_hat = gauss.field("data", x, t), gauss.field("noise", x, t)
+    alpha1, beta1 = (float(c) for c in reference_schedule(name, one.reshape(1))[:2])
+    assert torch.allclose(jumped, alpha1 * data_hat + beta1 * noise_hat, atol=1e-10)
+
+
+def test_default_diffusion_formula():
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    assert torch.allclose(diffusion_schedule("linear")(t), 1 - t)  # beta (alpha' beta - alpha beta') = 1 - t
+    cos = torch.cos(math.pi * t / 2)
+    assert torch.allclose(diffusion_schedule("vp")(t), math.pi / 2 * cos)
+    assert torch.allclose(diffusion_schedule("linear", 3.0)(t), 3 * (1 - t))
+    inner = t[1:]  # score-sde: 2 beta (alpha' beta - alpha beta') / alpha = 2 (1 - t) / t on linear
+    assert torch.allclose(diffusion_schedule("linear", "score-sde")(inner), 2 * (1 - inner) / inner)
+    with pytest.raises(ValueError, match="diffusion"):
+        diffusion_schedule("linear", -1.0)
+    with pytest.raises(ValueError, match="diffusion"):
+        diffusion_schedule("linear", "nope")
+
+
+def test_sde_without_noise_is_euler_on_the_ode():
+    gauss = GaussianData("linear", torch.tensor([1.0]), 0.5)
+    x0 = _prior(100, 1)
+    times = torch.linspace(0, 1, 201, dtype=F64)
+    sde = sample_sde(gauss.velocity, gauss.model("score"), x0, times, path="linear", diffusion=0.0)
+    # g = 0: Euler steps, then the final deterministic step (exact for a Gaussian posterior mean)
+    assert (sde - gauss.ode_map(x0, 1.0)).abs().max() < 2e-2
+    ode = sample_ode(gauss.velocity, x0, times[:-1], "euler")
+    expected = final_step(make_path("linear"), gauss.velocity, ode, times[-2].expand(100), times[-1])
+    assert torch.allclose(sde, expected)
+
+
+def test_model_calls_per_step():
+    gauss = GaussianData("linear", torch.tensor([0.0, 0.0]), 1.0)
+    calls = []
+
+    def model(x, t):
+        calls.append(t.shape)
+        return gauss.field("noise", x, t)
+
+    sample(model, "linear", 8, prediction="noise", sampler="sde", steps=10, dtype=F64)
+    assert len(calls) == 10 and all(s == (8,) for s in calls)  # velocity and score share one call
+    calls.clear()
+    sample(model, "linear", 8, prediction="noise", sampler="rk4", steps=10, dtype=F64)
+    assert len(calls) == 10 * EVALS_PER_STEP["rk4"]
+
+
+def test_as_field_converts_through_the_path():
+    gauss = GaussianData("vp", torch.tensor([0.5, -1.0]), 0.6)
+    x = _prior(32, 2)
+    t = torch.rand(32, generator=torch.Generator().manual_seed(4), dtype=F64) * 0.9 + 0.05
+    for src in ("noise", "score", "data", "velocity"):
+        for dst in ("velocity", "score", "noise", "data"):
+            got = as_field(gauss.model(src), "vp", src, dst)(x, t)
+            assert torch.allclose(got, gauss.field(dst, x, t), atol=1e-9), (src, dst)
+    scalar_t = as_field(gauss.model("noise"), "vp", "noise", "velocity")(x, 0.5)
+    assert torch.allclose(scalar_t, gauss.velocity(x, torch.full((32,), 0.5, dtype=F64)))
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_error(monkeypatch):
+    gauss = GaussianData("linear", torch.tensor([0.0]), 1.0)
+    x0 = _prior(4, 1)
+    with pytest.raises(ValueError, match="increasing"):
+        sample_ode(gauss.velocity, x0, [0.0, 0.5, 0.4], "euler")
+    with pytest.raises(ValueError, match="method"):
+        sample_ode(gauss.velocity, x0, [0.0, 1.0], "rk45")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sample_ode(gauss.velocity, x0, [0.0, 1.5], "euler")
+    with pytest.raises(ValueError, match="sampler"):
+        sample(gauss.velocity, "linear", 4, sampler="ddim", shape=(1,))
+    with pytest.raises(ValueError, match="steps"):
+        sample(gauss.velocity, "linear", 4, steps=0, shape=(1,))
+    with pytest.raises(ValueError, match="prediction"):
+        sample(gauss.velocity, "linear", 4, prediction="eps", shape=(1,))
+    with pytest.raises(ValueError, match="singular"):  # a noise model at t = 0 on linear
+        sample_ode(as_field(gauss.model("noise"), "linear", "noise"), x0, [0.0, 1.0], "euler")
+    monkeypatch.setitem(sys.modules, "torchdiffeq", None)
+    with pytest.raises(ValueError, match="torchdiffeq"):
+        sample_ode(gauss.velocity, x0, [0.0, 1.0], "dopri5")
+
+
+# -- a Gaussian mixture's exact marginal field as the model --------------------------------------------------
+def _mixture(scale: float = 1.0) -> GaussianMixture:
+    means = torch.tensor([[-1.5, 0.0], [1.0, 1.0], [0.5, -1.2]], dtype=F64)
+    return GaussianMixture(
+        means, scale * torch.tensor([0.3, 0.2, 0.4], dtype=F64), torch.tensor([0.3, 0.3, 0.4])
+    )
+
+
+def _log_density(x: torch.Tensor, mixture) -> torch.Tensor:
+    """float64 brute force log sum_k w_k N(x; m_k, s_k^2 I), written here."""
+    d = x.shape[1]
+    sq = ((x[:, None, :] - mixture.means[None]) ** 2).sum(-1)
+    var = mixture.stds**2
+    log_n = -0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
+    return torch.logsumexp(torch.log(mixture.weights) + log_n, 1)
+
+
+# W2 and MMD between a few thousand 2D samples are too noisy to tell a 25 % error in the mode widths from
+# sampling noise (measured: W2 of exact samples to fresh data 0.09-0.35 against floors 0.11-0.19 at n = 1000),
+# so the distribution check is the mean log-density of the samples under the data density, E[log p(x)], whose
+# standard error is sd(log p) / sqrt(n) ~ 0.017 nats at n = 4000, and the fraction of samples per mode.
+@pytest.mark.parametrize("name", ["linear", "vp"])
+@pytest.mark.parametrize(
+    "prediction,sampler,steps",
+    [
+        ("velocity", "rk4", 40),
+        ("velocity", "dopri5", 2),
+        ("velocity", "sde", 100),
+        ("noise", "rk4", 40),
+        ("score", "sde", 100),
+    ],
+)
+def test_mixture_field_reproduces_the_mixture(name, prediction, sampler, steps):
+    if sampler == "dopri5":
+        pytest.importorskip("torchdiffeq")
+    mixture, n = _mixture(), 4000
+    gen = torch.Generator().manual_seed(7)
+    reference = _log_density(mixture.sample(100_000, gen), mixture)
+    tolerance = 4 * float(reference.std()) / math.sqrt(n) + 0.03  # 4 SE + discretization allowance
+
+    def draw(mix):
+        marginal = mix.marginal(name)
+        model = lambda x, t: marginal.field(prediction, x, t)  # noqa: E731
+        return sample(
+            model, name, n, prediction=prediction, sampler=sampler, steps=steps, dtype=F64, generator=gen
+        )
+
+    out = draw(mixture)
+    assert abs(float(_log_density(out, mixture).mean() - reference.mean())) < tolerance
+    modes = torch.cdist(out, mixture.means).argmin(1)
+    fractions = torch.bincount(modes, minlength=3).double() / n
+    assert (fractions - mixture.weights).abs().max() < 4 * math.sqrt(0.25 / n) + 0.01
+    wrong = draw(_mixture(scale=1.25))  # the field of a mixture with 25 % wider modes must fail the check
+    assert abs(float(_log_density(wrong, mixture).mean() - reference.mean())) > 3 * tolerance
+
+
+def test_dopri5_never_leaves_the_time_interval():
+    pytest.importorskip("torchdiffeq")
+    velocity = _mixture().marginal("linear").velocity
+    seen = []
+
+    def field(x, t):
+        seen.append(t)
+        return velocity(x, t)
+
+    x0 = _prior(200, 2)
+    sample_ode(field, x0, [0.0, 1.0], "dopri5", rtol=1e-6, atol=1e-6)
+    times = torch.cat(seen)
+    assert float(times.min()) >= 0.0 and float(times.max()) <= 1.0  # no adaptive overshoot past t = 1

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from flowscore import data, demo
+from flowscore import _io, data, demo
 from flowscore.metrics import w2
 from flowscore.training import TrainConfig, Trainer, load_run
 
@@ -85,7 +85,7 @@ def main() -> None:
             print(f"{name}: floor {r['floor']:.4f}  ODE {r['ratio_ode']:.3f}  SDE {r['ratio_sde']:.3f}  "
                   f"(train {r['train_s']:.0f} s, sample {r['sample_s']:.0f} s)", flush=True)  # fmt: skip
     text = report(results, args.n)
-    demo.save_text(args.out, text)
+    _io.save_text(args.out, text)
     print(text)
 
 

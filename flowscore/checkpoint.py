@@ -11,14 +11,14 @@ it reads the file with ``safetensors`` and the state with ``json``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+
+from . import _io
 
 _META_KEY = "flowscore"
 
@@ -33,39 +33,13 @@ def _tensor_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write_bytes(file: str | Path, payload: bytes) -> None:
-    """Writes ``payload`` to ``file`` atomically (tmp file in the same dir, flush, fsync, ``os.replace``)."""
-    file = Path(file)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(file.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(file: str | Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """Atomically writes ``tensors`` and the JSON-able ``state`` into the single safetensors ``file``."""
     try:
         meta = json.dumps(state, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"checkpoint state must be JSON-serialisable without NaN/Inf: {err}") from None
-    atomic_write_bytes(file, save(_tensor_dict(tensors), metadata={_META_KEY: meta}))
+    _io.write_bytes(file, save(_tensor_dict(tensors), metadata={_META_KEY: meta}))
 
 
 def _read_metadata(file: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from . import demo
+from . import _io, demo
 from .data import TOYS
 from .paths import PATHS, get_path
 from .samplers import SAMPLERS
@@ -294,7 +294,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"the {args.sampler} sampler produced NaN or Inf",
             "use more --steps, or another --sampler (e.g. heun or rk4)",
         )
-    demo.save_npy(args.out, x)
+    _io.save_npy(args.out, x)
     print(
         f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({args.sampler}, data space)"
     )
@@ -321,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = demo.evaluate_run(run, n=args.n, seed=args.seed)
     print(demo.format_eval(result))
     if args.json:
-        demo.save_json(args.json, result)
+        _io.save_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

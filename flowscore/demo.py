@@ -11,7 +11,6 @@ independent held-out halves of the same size (what a perfect sampler would reach
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,44 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plots import atomic_write
+from ._io import save_json, save_npy
 
 ODE_SAMPLER = "rk4"
 ODE_STEPS = 100
 SDE_STEPS = 500
 FIELD_TIMES = (0.1, 0.5, 0.9, 0.99)
 DEMO_MARKER = ".flowscore-demo"
-
-
-def save_npy(file: str, array: np.ndarray) -> None:
-    """Write ``array`` to ``file`` (``.npy``) atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-    atomic_write(file, write)
-
-
-def save_text(file: str, text: str) -> None:
-    """Write ``text`` to ``file`` atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    atomic_write(file, write)
-
-
-def save_json(file: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``file`` atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-
-    atomic_write(file, write)
 
 
 def _generator(seed: int) -> torch.Generator:

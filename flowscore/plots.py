@@ -11,34 +11,15 @@ first); images are ``(N, 1, H, W)`` or ``(N, 3, H, W)``.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import _io
+
 _DATA_STYLE = {"s": 3, "alpha": 0.35, "color": "tab:gray", "linewidths": 0}
 _SAMPLE_STYLE = {"s": 3, "alpha": 0.6, "linewidths": 0}
-
-
-def atomic_write(file: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Run ``write(tmp)`` on a temporary file in ``file``'s folder (created if needed), then ``os.replace``
-    it onto ``file`` with the usual permissions (umask applied). Returns ``file`` as a string."""
-    file = os.fspath(file)
-    folder = os.path.dirname(os.path.abspath(file))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(file)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return file
 
 
 def _pyplot() -> Any:
@@ -56,7 +37,9 @@ def _pyplot() -> Any:
 def _save(fig: Any, file: str | os.PathLike) -> str:
     """Write ``fig`` to ``file`` atomically (:func:`atomic_write`), close it and return the path."""
     try:
-        return atomic_write(file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        with _io.atomic_path(file) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        return os.fspath(file)
     finally:
         _pyplot().close(fig)
 

@@ -35,7 +35,7 @@ import tomllib
 import torch
 from torch import nn
 
-from . import _validate, checkpoint
+from . import _io, _validate, checkpoint
 from . import data as datasets
 from .conversions import KINDS
 from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS, objective_loss, sample_time
@@ -380,7 +380,7 @@ def _truncate_log(file: Path, step: int) -> None:
     writer = csv.DictWriter(buffer, LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    checkpoint.atomic_write_bytes(file, buffer.getvalue().encode())
+    _io.write_bytes(file, buffer.getvalue().encode())
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ class Trainer:
         }
         checkpoint.save_checkpoint(self.run_dir / RUN_FILE, tensors, state)
         text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        checkpoint.atomic_write_bytes(self.run_dir / "config.json", text.encode())
+        _io.write_bytes(self.run_dir / "config.json", text.encode())
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _validate
+from . import _io, _validate
 from .data import TOYS, toy
 from .floor import FLOOR_OBJECTIVES, LossFloor, draw_data, loss_floor
 from .losses import cfm, dsm, fm, sample_time, sm
@@ -321,26 +320,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary path beside ``target``; on success ``os.replace`` it onto ``target``, on error
-    delete it, so that ``target`` is never left half-written."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(result: dict[str, Any], target: str | os.PathLike[str]) -> None:
     """Write exactly the ``JSON_KEYS`` of ``result`` to ``target`` (atomically)."""
-    with atomic_path(target) as tmp, open(tmp, "w") as fh:
+    with _io.atomic_path(target) as tmp, open(tmp, "w") as fh:
         json.dump({key: result[key] for key in JSON_KEYS}, fh, indent=2)
         fh.write("\n")
 
@@ -370,7 +352,7 @@ def write_plot(result: dict[str, Any], target: str | os.PathLike[str]) -> None:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     try:
-        with atomic_path(target) as tmp:
+        with _io.atomic_path(target) as tmp:
             fig.savefig(tmp, format=Path(target).suffix.lstrip(".") or "png", dpi=110)
     finally:
         plt.close(fig)

@@ -1,0 +1,60 @@
+"""Atomic file output: every file flowscore writes appears whole or not at all.
+
+The content goes to a temporary file beside the target (same folder, so the rename cannot cross file
+systems), is flushed and fsynced, gets the usual permissions (umask applied; ``mkstemp`` would leave 0600),
+then ``os.replace`` moves it onto the target. On any error, Ctrl-C included, the temporary file is removed
+and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary path beside ``target`` (its folder is created if needed); when the block ends
+    without error, the file written there replaces ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(file: str | os.PathLike[str], payload: bytes) -> None:
+    with atomic_path(file) as tmp, open(tmp, "wb") as handle:
+        handle.write(payload)
+
+
+def save_text(file: str | os.PathLike[str], text: str) -> None:
+    write_bytes(file, text.encode())
+
+
+def save_json(file: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as indented JSON."""
+    save_text(file, json.dumps(obj, indent=2) + "\n")
+
+
+def save_npy(file: str | os.PathLike[str], array: np.ndarray) -> None:
+    with atomic_path(file) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)

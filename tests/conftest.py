@@ -22,10 +22,10 @@ VE_SIGMA_MIN, VE_SIGMA_MAX = 0.002, 80.0
 EDGE_TIMES = (0.0, 1e-7, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-7, 1.0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """One intra-op thread per test: the suite runs as ``pytest -n 2`` on 2 cores, and two workers with two
-    OpenMP threads each oversubscribe the machine (measured: 10x slower). Restored after each test."""
+    """One intra-op thread in every test process: the suite runs as ``pytest -n 2`` on 2 cores, and two
+    workers with two OpenMP threads each oversubscribe the machine (measured: up to 10x slower)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

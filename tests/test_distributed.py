@@ -43,12 +43,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(TrainConfig.from_dict(CONFIG), tmp_path / "single", progress=False).train()
-    finally:
-        torch.set_num_threads(previous)
+    Trainer(TrainConfig.from_dict(CONFIG), tmp_path / "single", progress=False).train()
 
     ddp, _ = checkpoint.load_checkpoint(ddp_dir / CHECKPOINT_FILE)
     single, _ = checkpoint.load_checkpoint(tmp_path / "single" / CHECKPOINT_FILE)

@@ -14,16 +14,6 @@ from flowscore.floor import LossFloor, floor_terms, loss_floor
 from flowscore.marginals import EmpiricalMarginal
 from flowscore.mixtures import GaussianMixture
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread is fastest, and oversubscribed shared cores slow them badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 DATA_1D = np.array([-1.0, 0.5, 2.0])
 
 SCHEDULES = {  # alpha, beta, alpha', beta' (numpy), independent of flowscore.paths

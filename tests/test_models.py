@@ -13,14 +13,6 @@ from flowscore.losses import cfm
 from flowscore.models import MLP, SinusoidalEmbedding, UNet, build_model, model_from_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_sinusoidal_embedding_closed_form():
     emb = SinusoidalEmbedding(8)
     t = torch.tensor([0.0, 0.3, 1.0])

@@ -13,16 +13,6 @@ from flowscore.floor import loss_floor
 from flowscore.marginals import EmpiricalMarginal
 from flowscore.verify import _MLP, DEFAULT_T_EPS, compare_gradients
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread is fastest, and oversubscribed shared cores slow them badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 N_BATCHES, BATCH = 60, 1024
 
 

@@ -38,15 +38,6 @@ TINY = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine OpenMP's spinning makes 2 threads ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny(**changes) -> TrainConfig:
     return TrainConfig.from_dict({**TINY, "steps": 150, **changes})
 

@@ -1,10 +1,18 @@
 """flowscore: training objectives of flow-matching and diffusion models on Gaussian probability paths.
 
-Time runs from t = 0 (noise) to t = 1 (data); ``x = alpha_t * x_data + beta_t * noise``.
+Time runs from t = 0 (noise) to t = 1 (data); ``x = alpha_t * x_data + beta_t * noise``. The modules follow
+the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> ``losses``/``floor`` ->
+``training`` -> ``samplers``/``likelihood``/``metrics``; ``cli`` puts them on the command line.
 """
 
+from . import data, losses
 from ._validate import validation
 from .conversions import KINDS, conversion_coefficients, convert
+from .floor import LossFloor, loss_floor
+from .likelihood import log_likelihood
+from .marginals import EmpiricalMarginal
+from .metrics import mmd, w2
+from .mixtures import GaussianMixture
 from .paths import (
     PATHS,
     CosinePath,
@@ -15,6 +23,7 @@ from .paths import (
     VPLinearPath,
     get_path,
 )
+from .samplers import sample, sample_ode, sample_sde
 
 __version__ = "0.1.0"
 
@@ -23,12 +32,24 @@ __all__ = [
     "PATHS",
     "CosinePath",
     "CustomPath",
+    "EmpiricalMarginal",
+    "GaussianMixture",
     "GaussianPath",
     "LinearPath",
+    "LossFloor",
     "VEPath",
     "VPLinearPath",
     "conversion_coefficients",
     "convert",
+    "data",
     "get_path",
+    "log_likelihood",
+    "loss_floor",
+    "losses",
+    "mmd",
+    "sample",
+    "sample_ode",
+    "sample_sde",
     "validation",
+    "w2",
 ]

@@ -190,19 +190,13 @@ TRAIN_FLAGS = {  # flag dest -> TrainConfig field
 
 
 def _toml_values(file: str) -> dict[str, Any]:
-    """The TrainConfig fields in a TOML file (top level or a ``[train]`` table), not yet validated."""
-    import tomllib
+    """The TrainConfig fields in a ``--config`` TOML file, not yet validated."""
+    from .training import TrainConfig
 
-    if not os.path.isfile(file):
-        raise CLIError(f"--config {file!r} does not exist", "pass a TOML file of TrainConfig fields")
     try:
-        with open(file, "rb") as handle:
-            values = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as err:
-        raise CLIError(f"--config {file!r} is not valid TOML ({_one_line(err)})", "fix the file") from None
-    if set(values) == {"train"} and isinstance(values["train"], dict):
-        values = values["train"]
-    return values
+        return TrainConfig.read_toml(file)
+    except ValueError as err:
+        raise CLIError(f"--config: {_one_line(err)}", "pass a TOML file of TrainConfig fields") from None
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:

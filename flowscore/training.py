@@ -113,6 +113,11 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, file: str | Path) -> TrainConfig:
         """A config from a TOML file of field values (top level, or a ``[train]`` table)."""
+        return cls.from_dict(cls.read_toml(file))
+
+    @staticmethod
+    def read_toml(file: str | Path) -> dict[str, Any]:
+        """The field values in a TOML file (top level, or a ``[train]`` table), not yet validated."""
         try:
             with open(file, "rb") as handle:
                 values = tomllib.load(handle)
@@ -122,7 +127,7 @@ class TrainConfig:
             raise ValueError(f"config file {str(file)!r} is not valid TOML: {err}") from None
         if set(values) == {"train"} and isinstance(values["train"], dict):
             values = values["train"]
-        return cls.from_dict(values)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

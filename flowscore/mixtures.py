@@ -43,11 +43,21 @@ class GaussianMixture:
         means: ``(K, *dims)`` component means (e.g. ``(K, D)``), finite floats.
         stds: ``(K,)`` component standard deviations, all > 0.
         weights: ``(K,)`` non-negative, summing to 1 (within 1e-5); default uniform.
+        path: optional default path for the marginal methods below.
 
-    ``stds`` and ``weights`` are converted to the dtype and device of ``means``.
+    ``stds`` and ``weights`` are converted to the dtype and device of ``means``. The closed-form marginals
+    on a path: ``gm.marginal(path)`` (an object like ``EmpiricalMarginal``), or directly
+    ``gm.posterior_mean(x, t, path)``, ``gm.velocity``, ``gm.score``, ``gm.noise``, ``gm.log_prob`` (``path``
+    may be omitted when given here).
     """
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        means: torch.Tensor,
+        stds: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        path: GaussianPath | str | None = None,
+    ):
         means = _validate.batch(means, "means")
         _validate.finite(means, "means")
         k = means.shape[0]
@@ -63,6 +73,7 @@ class GaussianMixture:
         self.point_shape = means.shape[1:]
         self._flat_means = means.reshape(k, -1)
         self._log_w = torch.log(self.weights)
+        self.path = None if path is None else get_path(path)
 
     @staticmethod
     def _vector(v: object, name: str, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -99,9 +110,33 @@ class GaussianMixture:
         logits, _ = _component_log_probs(flat, self._flat_means, self.stds.pow(2), self._log_w)
         return torch.logsumexp(logits, 1)
 
-    def marginal(self, path: GaussianPath | str) -> MixtureMarginal:
+    def marginal(self, path: GaussianPath | str | None = None) -> MixtureMarginal:
         """The closed-form marginal of this mixture on ``path`` (same methods as ``EmpiricalMarginal``)."""
+        if path is None:
+            if self.path is None:
+                raise ValueError("no path: pass path=, or give GaussianMixture(..., path=NAME)")
+            path = self.path
         return MixtureMarginal(self, path)
+
+    def posterior_mean(self, x: torch.Tensor, t: torch.Tensor | float, path=None) -> torch.Tensor:
+        """E[x_data | x_t = x] on ``path``; see :class:`MixtureMarginal`."""
+        return self.marginal(path).posterior_mean(x, t)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor | float, path=None) -> torch.Tensor:
+        """The marginal velocity u_t(x) on ``path``."""
+        return self.marginal(path).velocity(x, t)
+
+    def score(self, x: torch.Tensor, t: torch.Tensor | float, path=None) -> torch.Tensor:
+        """The marginal score grad_x log p_t(x) on ``path``."""
+        return self.marginal(path).score(x, t)
+
+    def noise(self, x: torch.Tensor, t: torch.Tensor | float, path=None) -> torch.Tensor:
+        """E[noise | x_t = x] on ``path``."""
+        return self.marginal(path).noise(x, t)
+
+    def log_prob(self, x: torch.Tensor, t: torch.Tensor | float, path=None) -> torch.Tensor:
+        """``(B,)`` log p_t(x) on ``path`` (``log_prob_data`` is the data density itself)."""
+        return self.marginal(path).log_prob(x, t)
 
 
 class MixtureMarginal(Marginal):

@@ -189,3 +189,17 @@ def test_bad_inputs():
         m.velocity(torch.zeros(4, 2), 0.5)
     with pytest.raises(ValueError, match="kind"):
         m.field("flow", torch.zeros(4, 3), 0.5)
+
+
+def test_mixture_methods_are_its_marginal_on_the_given_or_default_path():
+    means = torch.tensor([[-1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    stds = torch.tensor([0.3, 0.5], dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.full((5,), 0.4, dtype=torch.float64)
+    gm = GaussianMixture(means, stds, path="vp")
+    m = GaussianMixture(means, stds).marginal("vp")
+    for name in ("posterior_mean", "velocity", "score", "noise", "log_prob"):
+        assert torch.equal(getattr(gm, name)(x, t), getattr(m, name)(x, t))
+        assert torch.equal(getattr(GaussianMixture(means, stds), name)(x, t, "vp"), getattr(m, name)(x, t))
+    with pytest.raises(ValueError, match="path"):
+        GaussianMixture(means, stds).velocity(x, t)

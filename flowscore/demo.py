@@ -250,6 +250,15 @@ def _plot_limits(points: np.ndarray) -> tuple[float, float, float, float]:
     return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
 
 
+def image_range(run: Any) -> tuple[float, float] | None:
+    """The pixel range ``(lo, hi)`` of an image run's training data: the image normalizer maps it to [-1, 1],
+    so ``lo, hi = shift -/+ scale``; None when the normalizer is not one scalar shift and scale."""
+    shift, scale = run.normalizer.shift, run.normalizer.scale
+    if shift.numel() != 1 or scale.numel() != 1:
+        return None
+    return float(shift - scale), float(shift + scale)
+
+
 def plot_run(
     run: Any, out_dir: str, *, n: int = 2000, seed: int = 0, samples: EvalSamples | None = None
 ) -> list[str]:
@@ -257,7 +266,8 @@ def plot_run(
 
     Always ``loss.png`` (with the loss floor as a band) when the run has a log. 2D data: ``samples.png``
     (ODE and SDE samples vs held-out data), ``trajectories.png`` (ODE paths from the prior) and ``field.png``
-    (the learned velocity at a few t). Images: ``samples_grid.png``.
+    (the learned velocity at a few t). Images: ``samples_grid.png`` (64 ODE and 64 SDE samples side by side,
+    gray levels over the training data's pixel range).
     """
     from . import plots
 
@@ -272,10 +282,10 @@ def plot_run(
         )
     shape = tuple(run.data_shape)
     if len(shape) == 3:
-        grid = sample_run(run, 64, sampler=ODE_SAMPLER, seed=seed) if samples is None else samples.ode[:64]
-        files.append(
-            plots.plot_image_grid(grid, os.path.join(out_dir, "samples_grid.png"), title="ODE samples")
-        )
+        samples = draw_samples(run, 64, seed=seed) if samples is None else samples
+        grids = {f"ODE ({samples.ode_sampler})": samples.ode[:64], "SDE (Euler-Maruyama)": samples.sde[:64]}
+        file = os.path.join(out_dir, "samples_grid.png")
+        files.append(plots.plot_image_grid(grids, file, value_range=image_range(run)))
         return files
     if shape != (2,):
         return files

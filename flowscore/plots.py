@@ -280,31 +280,65 @@ def plot_field(
     return _save(fig, file)
 
 
-def plot_image_grid(
-    images: np.ndarray, file: str | os.PathLike, *, ncols: int | None = None, title: str = ""
-) -> str:
-    """A grid of images ``(N, C, H, W)`` with C = 1 (gray) or 3 (RGB); values are min-max scaled per grid."""
-    plt = _pyplot()
+def image_grid(
+    images: np.ndarray, *, ncols: int | None = None, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Tiles images ``(N, C, H, W)`` into one ``(rows (H + 1) + 1, ncols (W + 1) + 1, C)`` array in [0, 1].
+
+    Image ``k`` fills rows ``1 + r (H + 1) ..`` and columns ``1 + c (W + 1) ..``, ``r, c = divmod(k, ncols)``
+    (``ncols`` default ``ceil(sqrt(N))``), on a background of 1 (white) with a 1-pixel border. Values map
+    ``value_range = (lo, hi)`` to [0, 1] and are clipped (default: the min and max of ``images``).
+    """
     img = np.asarray(images, dtype=np.float64)
-    if img.ndim != 4 or img.shape[1] not in (1, 3):
-        raise ValueError(f"images must be shaped (N, 1, H, W) or (N, 3, H, W), got {img.shape}")
-    n = img.shape[0]
+    if img.ndim != 4 or img.shape[1] not in (1, 3) or img.shape[0] == 0:
+        raise ValueError(f"images must be shaped (N, 1, H, W) or (N, 3, H, W) with N >= 1, got {img.shape}")
+    if ncols is not None and (not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols must be a positive integer or None, got {ncols!r}")
+    lo, hi = (np.nanmin(img), np.nanmax(img)) if value_range is None else map(float, value_range)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi >= lo):
+        raise ValueError(f"value_range must be finite (lo, hi) with lo <= hi, got {(lo, hi)}")
+    img = np.clip((img - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    n, channels, h, w = img.shape
     ncols = ncols or int(np.ceil(np.sqrt(n)))
     nrows = int(np.ceil(n / ncols))
-    lo, hi = np.nanmin(img), np.nanmax(img)
-    img = (img - lo) / max(hi - lo, 1e-12)
-    h, w = img.shape[2:]
-    canvas = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, img.shape[1]))
+    canvas = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, channels))
     for k in range(n):
         r, c = divmod(k, ncols)
         top, left = 1 + r * (h + 1), 1 + c * (w + 1)
         canvas[top : top + h, left : left + w] = img[k].transpose(1, 2, 0)
-    fig, ax = plt.subplots(figsize=(0.6 * ncols + 1, 0.6 * nrows + 1))
-    if img.shape[1] == 1:
-        ax.imshow(canvas[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(canvas, interpolation="nearest")
-    ax.axis("off")
-    ax.set_title(title or f"{n} samples")
+    return canvas
+
+
+def plot_image_grid(
+    images: np.ndarray | Mapping[str, np.ndarray],
+    file: str | os.PathLike,
+    *,
+    ncols: int | None = None,
+    title: str = "",
+    value_range: tuple[float, float] | None = None,
+) -> str:
+    """One grid of images ``(N, C, H, W)`` (C = 1 gray, 3 RGB), or one titled grid per entry of a mapping.
+
+    Pixels map ``value_range`` (e.g. the data's ``(0, 16)``) to black..white, clipped; ``None``: the min and
+    max over all the images shown. Grids of a mapping sit side by side and share ``value_range``.
+    """
+    plt = _pyplot()
+    sets = dict(images) if isinstance(images, Mapping) else {title: images}
+    if not sets:
+        raise ValueError("images must be an array or a non-empty mapping of arrays")
+    arrays = [np.asarray(v, dtype=np.float64) for v in sets.values()]
+    if value_range is None and all(a.size for a in arrays):
+        value_range = (min(np.nanmin(a) for a in arrays), max(np.nanmax(a) for a in arrays))
+    grids = [image_grid(a, ncols=ncols, value_range=value_range) for a in arrays]
+    rows = max(g.shape[0] for g in grids) / 9
+    cols = sum(g.shape[1] for g in grids) / 9
+    fig, axes = plt.subplots(1, len(grids), figsize=(0.6 * cols + len(grids), 0.6 * rows + 1), squeeze=False)
+    for ax, grid, (name, array) in zip(axes[0], grids, sets.items(), strict=True):
+        if grid.shape[2] == 1:
+            ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(grid, interpolation="nearest")
+        ax.axis("off")
+        ax.set_title(name or f"{len(array)} samples")
     fig.tight_layout()
     return _save(fig, file)

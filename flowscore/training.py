@@ -51,6 +51,14 @@ FLOOR_MAX_SIZE = 1_000_000
 """The loss floor is computed when (training points) x (dims per point) is at most this."""
 FLOOR_WORK = 4e8
 """Monte Carlo draws of the floor: ``clamp(FLOOR_WORK / (N * D), 2000, 20000)`` (cost ~ draws x N x D)."""
+VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
+"""Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data)."""
+IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200},
+    "mnist": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500},
+}
+"""Per image set, the values of the fields left None. digits: ~4 min on 1 CPU core, then recognisable digits
+(``bench/results/digits.md``). mnist: a starting point, not tuned (~0.7 s per step on 1 CPU core)."""
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
 """Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
 
@@ -58,6 +66,9 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; the defaults train a good model on a 2D toy in ~1-2 min.
+
+    ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None take per-data defaults
+    (:data:`IMAGE_DEFAULTS` for ``"digits"`` and ``"mnist"``, :data:`VECTOR_DEFAULTS` otherwise).
 
     ``data``: a toy name, ``"digits"``, ``"mnist"`` or a ``.npy``/``.npz`` file (see
     :func:`flowscore.data.load`), ``data_n`` points of it (toys: default 20,000). ``weighting="auto"``:
@@ -75,12 +86,12 @@ class TrainConfig:
     path_options: dict[str, Any] = field(default_factory=dict)
     objective: str = "cfm"
     prediction: str = "velocity"
-    steps: int = 10_000
-    batch_size: int = 512
-    lr: float = 2e-3
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
-    warmup: int = 500
+    warmup: int | None = None
     ema_decay: float = 0.999
     grad_clip: float | None = 1.0
     seed: int = 0
@@ -97,7 +108,16 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        self.fill_defaults()
         self.validate()
+
+    def fill_defaults(self) -> None:
+        """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None: ``IMAGE_DEFAULTS[data]`` for the
+        named image sets, else ``VECTOR_DEFAULTS`` (a stored config therefore always holds numbers)."""
+        defaults = IMAGE_DEFAULTS.get(self.data, VECTOR_DEFAULTS) if isinstance(self.data, str) else {}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -299,7 +299,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if x.ndim == 2 and x.shape[1] == 2:
             plots.plot_samples({f"{args.sampler} samples": x}, held[: max(2000, len(x))], args.plot)
         elif x.ndim == 4:
-            plots.plot_image_grid(x[:64], args.plot, title=f"{args.sampler} samples")
+            plots.plot_image_grid(
+                x[:64], args.plot, title=f"{args.sampler} samples", value_range=demo.image_range(run)
+            )
         else:
             raise CLIError(
                 f"--plot needs 2D points or images, got samples of shape {x.shape[1:]}", "drop --plot"

@@ -9,6 +9,7 @@ Time convention: t = 0 noise, t = 1 data, ``x = alpha_t * x_data + beta_t * nois
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import pytest
@@ -142,3 +143,21 @@ def check_finite_or_value_error(fn: Callable[[], torch.Tensor], expect_error: bo
     else:
         out = fn()
         assert torch.isfinite(out).all(), out
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(file: str, min_bytes: int = 2000) -> bool:
+    """A PNG file with some content (a blank figure is a few hundred bytes)."""
+    with open(file, "rb") as fh:
+        return fh.read(8) == PNG_SIGNATURE and os.path.getsize(file) > min_bytes
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """``flowscore ARGV`` in process: (exit code, stdout, stderr)."""
+    from flowscore import cli
+
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -18,11 +18,11 @@ import numpy as np
 import ot
 import pytest
 import torch
+from conftest import is_png, run_cli
 
 from flowscore import cli, demo
 from flowscore.training import load_run
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_STEPS = 2000
 TOML = """
 [train]
@@ -46,17 +46,6 @@ def exact_w2(a: np.ndarray, b: np.ndarray) -> float:
     cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
     weights_a, weights_b = np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b))
     return math.sqrt(ot.emd2(weights_a, weights_b, cost))
-
-
-def is_png(file: str) -> bool:
-    with open(file, "rb") as fh:
-        return fh.read(8) == PNG_SIGNATURE and os.path.getsize(file) > 5000
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +128,13 @@ def test_plot_writes_its_pngs(run_dir: str, workdir: str, capsys) -> None:
     assert code == 0, err
     names = sorted(os.listdir(out))
     assert names == ["field.png", "loss.png", "samples.png", "trajectories.png"]
-    assert all(is_png(os.path.join(out, n)) for n in names)
+    assert all(is_png(os.path.join(out, n), 5000) for n in names)
 
 
 def test_paths_table_matches_closed_forms_and_writes_a_png(workdir: str, capsys) -> None:
     png = os.path.join(workdir, "paths.png")
     code, stdout, _ = run_cli(capsys, "paths", "--plot", png)
-    assert code == 0 and is_png(png)
+    assert code == 0 and is_png(png, 5000)
     rows = {}
     for line in stdout.splitlines():
         fields = line.split()
@@ -281,9 +270,8 @@ def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, ca
     half = len(held) // 2
     assert metrics["w2_ode"] == pytest.approx(exact_w2(ode[:200], held[:200]), rel=1e-5)
     assert metrics["w2_floor"] == pytest.approx(exact_w2(held[half : half + 200], held[:200]), rel=1e-5)
-    assert all(
-        is_png(os.path.join(out, n)) for n in ("loss.png", "samples.png", "trajectories.png", "field.png")
-    )
+    figures = ("loss.png", "samples.png", "trajectories.png", "field.png")
+    assert all(is_png(os.path.join(out, n), 5000) for n in figures)
     other = os.path.join(workdir, "not-a-demo")
     os.makedirs(other)
     with open(os.path.join(other, "keep.txt"), "w") as fh:

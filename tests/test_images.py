@@ -15,6 +15,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+from conftest import is_png, run_cli
 from sklearn.datasets import load_digits
 
 from flowscore import cli, demo
@@ -22,7 +23,6 @@ from flowscore.models import UNet
 from flowscore.plots import image_grid
 from flowscore.training import TrainConfig, load_run
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_STEPS = 40
 TOML = f"""
 [train]
@@ -40,17 +40,6 @@ PIXEL_LO, PIXEL_HI = 0.0, 16.0  # scikit-learn's digits: integer gray levels 0..
 
 def digits_images() -> np.ndarray:
     return load_digits().images.reshape(-1, 1, 8, 8).astype(np.float64)
-
-
-def is_png(file: str) -> bool:
-    with open(file, "rb") as fh:
-        return fh.read(8) == PNG_SIGNATURE and os.path.getsize(file) > 2000
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

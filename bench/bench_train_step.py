@@ -41,7 +41,7 @@ def make_variants(model: MLP, data: torch.Tensor) -> dict[str, Callable[[], torc
     batch = data[:BATCH]
     t0, noise0 = torch.rand(BATCH, generator=gen), torch.randn(batch.shape, generator=gen)
     x0 = path.sample(batch, t0, noise0)
-    target0 = path.target("velocity", batch, noise0, t0)
+    target0 = path.target(batch, t0, noise0, "velocity")
 
     def bare() -> torch.Tensor:
         return mse(model(x0, t0), target0)

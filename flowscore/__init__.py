@@ -7,7 +7,7 @@ the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> 
 
 from . import data, losses
 from ._validate import validation
-from .conversions import KINDS, conversion_coefficients, convert
+from .conversions import KINDS, Schedule, conversion_coefficients, convert
 from .floor import LossFloor, loss_floor
 from .likelihood import log_likelihood
 from .marginals import EmpiricalMarginal
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KINDS",
     "PATHS",
+    "Schedule",
     "CosinePath",
     "CustomPath",
     "EmpiricalMarginal",

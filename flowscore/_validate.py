@@ -1,18 +1,22 @@
 """Input checks shared by every public function.
 
-Every check raises ``ValueError`` naming the argument and what was expected. The checks that need to
-read tensor values (``t`` in [0, 1], finiteness) cost a device sync on CUDA; :func:`validation` turns them
-off inside hot loops (the trainer and the samplers call the public API with already-checked inputs).
+The one home of flowscore's validators: every public function checks its arguments with these, and each
+raises ``ValueError`` naming the argument and what was expected. The checks that need to read tensor values
+(``t`` in [0, 1], finiteness) cost a device sync on CUDA; :func:`validation` turns them off inside hot loops
+(the trainer and the samplers call the public API with already-checked inputs). The switch is a
+``ContextVar``, so it is local to a thread or an asyncio task.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 
-_VALUE_CHECKS = True
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("flowscore_value_checks", default=True)
 
 
 @contextlib.contextmanager
@@ -21,17 +25,62 @@ def validation(enabled: bool) -> Iterator[None]:
 
     Shape, dtype and device checks always run: they are free.
     """
-    global _VALUE_CHECKS
-    previous = _VALUE_CHECKS
-    _VALUE_CHECKS = enabled
+    token = _VALUE_CHECKS.set(bool(enabled))
     try:
         yield
     finally:
-        _VALUE_CHECKS = previous
+        _VALUE_CHECKS.reset(token)
 
 
 def value_checks_enabled() -> bool:
-    return _VALUE_CHECKS
+    """Whether value checks are on (see :func:`validation`)."""
+    return _VALUE_CHECKS.get()
+
+
+# -- Python scalars ------------------------------------------------------------------------------------------
+def integer(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (never a bool) within ``[minimum, maximum]``, or ``ValueError``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bounds = (
+            f" >= {minimum}"
+            if maximum is None
+            else f" in [{minimum}, {maximum}]"
+            if minimum is not None
+            else ""
+        )
+        raise ValueError(f"{name} must be an integer{bounds}, got {value!r}")
+    return int(value)
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int >= 1``, or ``ValueError``."""
+    return integer(value, name, minimum=1)
+
+
+def number(
+    value: object,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite ``float`` in the interval ``low .. high`` (open ends as flagged)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def t_eps(value: object, name: str = "t_eps", *, allow_zero: bool = True) -> float:
+    """The one rule for ``t_eps`` (times are kept in ``[t_eps, 1 - t_eps]``): a number in [0, 0.5), or in
+    (0, 0.5) with ``allow_zero=False`` (where an endpoint must be avoided, e.g. the samplers)."""
+    return number(value, name, 0.0, 0.5, low_open=not allow_zero, high_open=True)
 
 
 def tensor(value: object, name: str) -> torch.Tensor:
@@ -44,7 +93,8 @@ def tensor(value: object, name: str) -> torch.Tensor:
 
 
 def finite(value: torch.Tensor, name: str) -> torch.Tensor:
-    if _VALUE_CHECKS and not bool(torch.isfinite(value).all()):
+    """``value`` itself; ``ValueError`` if it holds NaN or Inf (a value check)."""
+    if value_checks_enabled() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return value
 
@@ -94,7 +144,7 @@ def time(t: object, like: torch.Tensor | None = None, name: str = "t") -> torch.
                     f"got shape {tuple(t.shape)}"
                 )
             same_kind(like, t, "x", name)
-    if _VALUE_CHECKS and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+    if value_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
         bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()
         raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {bad}")
     return t
@@ -108,6 +158,7 @@ def expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def choice(value: str, options: tuple[str, ...] | list[str], name: str) -> str:
-    if value not in options:
+    """``value`` if it is one of ``options``, else ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, options))}")
     return value

@@ -1,6 +1,6 @@
 r"""The loss floor: the lowest value the conditional losses (CFM, DSM) can reach.
 
-For the velocity (``objective="flow"``) or score (``"score"``) regression target :math:`T`,
+For the velocity (``objective="cfm"``) or score (``"dsm"``) regression target :math:`T`,
 
 .. math::  L_{cond}(\theta) = L_{marg}(\theta) + C,\qquad
            C = E_{t,\,x_{data},\,\varepsilon}\ \lambda(t)\,\lVert T(x|x_{data}) - T(x)\rVert^2 \ \ge 0,
@@ -21,11 +21,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _validate
-from .losses import TimeSampler, Weighting, draw, loss_weight, marginal_target, squared_error
+from .losses import (
+    OBJECTIVES,
+    TimeSampler,
+    Weighting,
+    draw,
+    loss_weight,
+    marginal_target,
+    objective_name,
+    squared_error,
+)
 from .marginals import EmpiricalMarginal
 from .paths import GaussianPath, get_path
 
-FLOOR_OBJECTIVES = {"flow": "velocity", "score": "score"}
+FLOOR_OBJECTIVES = ("cfm", "dsm")
+"""The conditional objectives that have a floor (``"flow"`` and ``"score"`` are accepted as aliases)."""
+FLOOR_BATCH_ELEMENTS = 1 << 22
+"""At most this many numbers (draws x dims) per batch of draws, whatever ``batch_size`` says: bounds the
+memory of high-dimensional data (the marginal itself streams over the data in chunks)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ def floor_terms(
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
+    dim_reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(t, c)``, both ``(B,)``: times and :math:`\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2` per draw.
 
@@ -71,9 +85,10 @@ def floor_terms(
     """
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    conditional = path.target(kind, x_data, noise, t)
+    conditional = path.target(x_data, t, noise, kind)
     exact = marginal_target(marginal, kind, x, t)
-    return t, loss_weight(path, t, kind, weighting) * squared_error(conditional, exact)
+    weight = loss_weight(path, t, kind, weighting, time_sampler=time_sampler, t_eps=t_eps)
+    return t, weight * squared_error(conditional, exact, dim_reduction)
 
 
 def draw_data(marginal: Any, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,12 +133,6 @@ def as_marginal(data: Any, path: GaussianPath | str | None, chunk_size: int | No
     return data
 
 
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _mean_and_error(values: torch.Tensor) -> tuple[float, float]:
     """Sample mean and its standard error ``std / sqrt(n)`` (0 for fewer than two values)."""
     n = values.numel()
@@ -155,7 +164,7 @@ def summarize(t: torch.Tensor, c: torch.Tensor, n_bins: int, objective: str) -> 
 def loss_floor(
     data: Any,
     path: GaussianPath | str | None = None,
-    objective: str = "flow",
+    objective: str = "cfm",
     *,
     n_samples: int = 100_000,
     n_bins: int = 10,
@@ -166,6 +175,7 @@ def loss_floor(
     batch_size: int = 8192,
     chunk_size: int | None = None,
     progress: bool = True,
+    dim_reduction: str = "sum",
 ) -> LossFloor:
     r"""Monte Carlo estimate of the loss floor :math:`C = E\,\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2`.
 
@@ -173,26 +183,31 @@ def loss_floor(
         data: ``(N, *dims)`` tensor (its empirical distribution is the data distribution; computed in
             float64), or an exact marginal (``EmpiricalMarginal`` or a mixture marginal).
         path: the Gaussian path (instance or name); optional when ``data`` is a marginal.
-        objective: ``"flow"`` (velocity target: the floor of CFM) or ``"score"`` (score target: of DSM).
+        objective: ``"cfm"`` (velocity target: the floor of CFM; alias ``"flow"``) or ``"dsm"`` (score
+            target: the floor of DSM; alias ``"score"``).
         n_samples: number of draws of ``(t, x_data, noise)``; the standard error falls as ``1/sqrt(n)``.
         n_bins: equal-width bins of t on [0, 1] for ``per_bin``.
         weighting, time_sampler, t_eps: as in :func:`flowscore.losses.cfm` (t in ``[t_eps, 1 - t_eps]``).
             The score floor grows like ``1/beta_t^2`` near t = 1 until the posterior collapses on one data
             point; a larger ``t_eps`` (e.g. 0.02) keeps its variance moderate.
         seed: seed of the draws (reproducible).
-        batch_size: draws per batch (memory ``batch_size x chunk``).
+        batch_size: draws per batch, capped so that a batch holds at most ``FLOOR_BATCH_ELEMENTS`` numbers
+            (memory ``batch x chunk`` for the marginal, ``batch x dims`` for the draws).
         chunk_size: data points per chunk of the marginal (tensor ``data`` only).
         progress: show a tqdm bar (only if the run lasts more than about a second).
+        dim_reduction: ``"sum"`` (squared norm, as the losses by default) or ``"mean"`` over the dims.
 
     Returns:
         :class:`LossFloor` with the overall value, per-bin values and their standard errors.
     """
-    _validate.choice(objective, tuple(FLOOR_OBJECTIVES), "objective")
-    _positive_int(n_samples, "n_samples")
-    _positive_int(n_bins, "n_bins")
-    _positive_int(batch_size, "batch_size")
+    objective = objective_name(objective, FLOOR_OBJECTIVES)
+    _validate.positive_int(n_samples, "n_samples")
+    _validate.positive_int(n_bins, "n_bins")
+    _validate.positive_int(batch_size, "batch_size")
     marginal = as_marginal(data, path, chunk_size)
-    kind = FLOOR_OBJECTIVES[objective]
+    kind = OBJECTIVES[objective]
+    dims = math.prod(getattr(marginal, "point_shape", ()))
+    batch_size = max(1, min(batch_size, FLOOR_BATCH_ELEMENTS // dims))
     generator = torch.Generator().manual_seed(seed)
     ts, cs = [], []
     bar = tqdm(
@@ -209,6 +224,7 @@ def loss_floor(
                 time_sampler=time_sampler,
                 t_eps=t_eps,
                 generator=generator,
+                dim_reduction=dim_reduction,
             )
             ts.append(t)
             cs.append(c)

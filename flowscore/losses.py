@@ -10,10 +10,18 @@ objective  space       target at ``x = path.sample(x_data, t, noise)``
 =========  ==========  ===========================================================================
 
 Each loss is :math:`E_{t, x_{data}, \varepsilon}\, \lambda(t) \lVert f_\theta(x, t) - \text{target}\rVert^2`,
-the squared norm summed over the dims of a sample and averaged over the batch. The model ``model(x, t)``
-may predict any of the four kinds (``prediction=``); its output is mapped into the objective's space with
-``path.convert``. The theorems: ``grad L_FM = grad L_CFM`` and ``grad L_SM = grad L_DSM``; the losses
-differ by the constant loss floor (:mod:`flowscore.floor`).
+the squared norm summed over the dims of a sample (the theory's norm; ``dim_reduction="mean"`` averages
+over them instead, as torchcfm and Meta flow_matching do) and averaged over the batch. The model
+``model(x, t)`` (or ``model(x, t, y)`` with class labels ``y``) may predict any of the four kinds
+(``prediction=``); its output is mapped into the objective's space with ``path.convert``.
+
+Summing over the D dims of a sample makes the loss, and its gradient, D times the per-dim mean. With
+Adam(W) that scale does not change the updates (Adam divides it out), so learning rates carry over between
+the two reductions; a gradient-norm clip does not: ``clip`` under ``"sum"`` acts like ``clip / D`` under
+``"mean"``, and plain SGD needs a learning rate D times smaller.
+
+The theorems: ``grad L_FM = grad L_CFM`` and ``grad L_SM = grad L_DSM``; the losses differ by the constant
+loss floor (:mod:`flowscore.floor`).
 
 Times. With ``t=None`` times are drawn by ``time_sampler`` inside ``[t_eps, 1 - t_eps]``; a given ``t`` is
 clamped into the same interval. This keeps every conversion and every weighting finite: the score target
@@ -24,24 +32,37 @@ clamped into the same interval. This keeps every conversion and every weighting 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from . import _validate
+from .conditioning import Model, call_model, check_labels
 from .conversions import KINDS
 from .paths import GaussianPath, get_path
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TimeSampler = Callable[[int, "torch.Generator | None"], torch.Tensor]
 Weighting = Callable[[torch.Tensor], torch.Tensor]
 
 OBJECTIVES: dict[str, str] = {"cfm": "velocity", "fm": "velocity", "dsm": "score", "sm": "score"}
 """Each objective and the space (kind) its regression is done in."""
+OBJECTIVE_ALIASES: dict[str, str] = {"flow": "cfm", "score": "dsm"}
+"""Older names still accepted where a conditional objective is meant (``loss_floor``, ``verify``)."""
 WEIGHTINGS = ("noise", "likelihood")
 TIME_SAMPLERS = ("uniform", "logit-normal")
 REDUCTIONS = ("mean", "sum", "none")
+DIM_REDUCTIONS = ("sum", "mean")
+
+
+def objective_name(objective: str, allowed: tuple[str, ...] = tuple(OBJECTIVES)) -> str:
+    """The canonical objective name (``cfm``, ``fm``, ``dsm``, ``sm``) of ``objective``, aliases resolved."""
+    name = OBJECTIVE_ALIASES.get(objective, objective) if isinstance(objective, str) else objective
+    if name not in allowed:
+        aliases = [a for a, c in OBJECTIVE_ALIASES.items() if c in allowed]
+        _validate.choice(objective, (*allowed, *aliases), "objective")
+    return name
 
 
 class Marginal(Protocol):
@@ -55,22 +76,26 @@ class Marginal(Protocol):
 
 
 # -- shared pieces: times, weights, predictions ------------------------------------------------------------
-def _check_t_eps(t_eps: float) -> float:
-    if isinstance(t_eps, bool) or not isinstance(t_eps, (int, float)) or not 0 <= t_eps < 0.5:
-        raise ValueError(f"t_eps must be a number in [0, 0.5), got {t_eps!r}")
-    return float(t_eps)
-
-
 def logit_normal(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
-    """A time sampler ``(n, generator) -> sigmoid(N(mean, std^2))`` (SD3's logit-normal), shaped ``(n,)``."""
-    if not std > 0:
-        raise ValueError(f"std must be positive, got {std!r}")
+    """A time sampler ``(n, generator) -> sigmoid(N(mean, std^2))`` (SD3's logit-normal), shaped ``(n,)``.
+
+    The sampler carries its density on (0, 1) as ``sampler.density(u)``, which the likelihood weighting
+    needs (:func:`loss_weight`).
+    """
+    mean = _validate.number(mean, "mean")
+    std = _validate.number(std, "std", 0.0, low_open=True)
 
     def sampler(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device = generator.device if generator is not None else "cpu"
         z = torch.randn(n, generator=generator, dtype=torch.float64, device=device)
         return torch.sigmoid(mean + std * z)
 
+    def density(u: torch.Tensor) -> torch.Tensor:
+        u = u.clamp(1e-12, 1 - 1e-12)
+        z = (torch.log(u) - torch.log1p(-u) - mean) / std
+        return torch.exp(-0.5 * z**2) / (std * math.sqrt(2 * math.pi) * u * (1 - u))
+
+    sampler.density = density  # type: ignore[attr-defined]
     return sampler
 
 
@@ -89,7 +114,7 @@ def sample_time(
     ``t_eps + (1 - 2 t_eps) sigmoid(z)``, ``z ~ N(0, 1)`` (use :func:`logit_normal` for another mean/std).
     A callable ``(n, generator) -> t`` is used as is and its times are clamped into ``[t_eps, 1 - t_eps]``.
     """
-    t_eps = _check_t_eps(t_eps)
+    t_eps = _validate.t_eps(t_eps)
     dtype = dtype or torch.get_default_dtype()
     gen_device = generator.device if generator is not None else "cpu"
     if callable(time_sampler):
@@ -103,6 +128,28 @@ def sample_time(
     else:
         u = logit_normal()(n, generator)
     return (t_eps + (1 - 2 * t_eps) * u).to(dtype=dtype, device=device)
+
+
+def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: float) -> torch.Tensor:
+    """``(B,)`` ratio ``p_uniform(t) / p(t)`` of the uniform law on ``[t_eps, 1 - t_eps]`` to the sampler's.
+
+    Multiplying a loss term by it makes the average over the sampler's times estimate the same integral over
+    t as uniform times (importance weighting). 1 for ``"uniform"``; ``"logit-normal"`` and samplers made by
+    :func:`logit_normal` know their density; any other callable raises ``ValueError``.
+    """
+    if time_sampler == "uniform":
+        return torch.ones_like(t)
+    if time_sampler == "logit-normal":
+        time_sampler = logit_normal()
+    density = getattr(time_sampler, "density", None)
+    if not callable(density):
+        raise ValueError(
+            "weighting='likelihood' needs a time sampler whose density is known ('uniform', 'logit-normal' "
+            "or flowscore.losses.logit_normal(mean, std)), since it divides by that density to stay a bound; "
+            "use one of those, or pass your own weighting callable"
+        )
+    u = ((t - t_eps) / (1 - 2 * t_eps)).double()
+    return (1 / density(u)).to(t.dtype)
 
 
 def prepare_time(t: torch.Tensor | float, x_data: torch.Tensor, t_eps: float) -> torch.Tensor:
@@ -124,7 +171,7 @@ def draw(
     """The training triple ``(t, noise, x)``: ``t`` ``(B,)``, ``noise`` and ``x = alpha x_data + beta noise``
     shaped like ``x_data``. Missing ``t``/``noise`` are drawn (``t`` by ``time_sampler``, noise N(0, I))."""
     x_data = _validate.batch(x_data, "x_data")
-    t_eps = _check_t_eps(t_eps)
+    t_eps = _validate.t_eps(t_eps)
     if t is None:
         t = sample_time(
             x_data.shape[0],
@@ -142,19 +189,31 @@ def draw(
 
 
 def loss_weight(
-    path: GaussianPath, t: torch.Tensor, kind: str, weighting: str | Weighting | None = None
+    path: GaussianPath,
+    t: torch.Tensor,
+    kind: str,
+    weighting: str | Weighting | None = None,
+    *,
+    time_sampler: str | TimeSampler = "uniform",
+    t_eps: float = 1e-3,
 ) -> torch.Tensor:
     r"""``(B,)`` weights :math:`\lambda(t)` for a regression in the space ``kind`` ("velocity" or "score").
 
     * ``None``: 1.
-    * ``"noise"``: :math:`\beta_t^2`. In score space this turns the loss into the noise MSE
-      :math:`\lVert\hat\varepsilon - \varepsilon\rVert^2` (since :math:`\varepsilon = -\beta_t s`); velocity
-      space uses the same factor, so that ``"noise"`` means one thing for every objective.
-    * ``"likelihood"``: score space :math:`g_t^2` (``path.diffusion_sq``), which makes the score loss the
-      KL bound of score-SDE. Velocity space :math:`4/g_t^2`: on a Gaussian path
-      :math:`v - u = (g_t^2/2)(s - \nabla\log p_t)` at the same ``x``, so
-      :math:`g_t^2\lVert s - \nabla\log p_t\rVert^2 = (4/g_t^2)\lVert v - u\rVert^2`.
-      ``g_t^2`` is infinite where alpha = 0 and 0 where beta = 0: ``ValueError`` there (keep ``t_eps > 0``).
+    * ``"noise"``: the weight that turns the regression into the noise-prediction error
+      :math:`\lVert\hat\varepsilon - \varepsilon\rVert^2`, per sample, in either space: the square of the
+      ``kind -> noise`` conversion coefficient. Score space :math:`\beta_t^2` (since
+      :math:`\varepsilon = -\beta_t s`); velocity space :math:`\alpha_t^2/(\alpha'_t\beta_t -
+      \alpha_t\beta'_t)^2` (``t^2`` on ``linear``), since :math:`\varepsilon = (\alpha' x - \alpha u)/
+      (\alpha'\beta - \alpha\beta')`. So ``"noise"`` means the same number for cfm, fm, dsm and sm.
+    * ``"likelihood"``: score space :math:`g_t^2` (``path.diffusion_sq``): with uniform times, DSM/SM so
+      weighted is (up to a constant) the bound of Song et al. (2021) on the negative log-likelihood of the
+      reverse score-SDE with :math:`g^2 = ` ``path.diffusion_sq`` (``sample_sde(diffusion="score-sde")``).
+      Velocity space :math:`4/g_t^2`: on a Gaussian path :math:`v - u = (g_t^2/2)(s - \nabla\log p_t)` at
+      the same ``x``, so :math:`g_t^2\lVert s - \nabla\log p_t\rVert^2 = (4/g_t^2)\lVert v - u\rVert^2`.
+      With a non-uniform ``time_sampler`` the weight is multiplied by :func:`time_density_ratio` so that it
+      stays that bound (a sampler of unknown density is refused). ``g_t^2`` is infinite where alpha = 0 and
+      0 where beta = 0: ``ValueError`` there (keep ``t_eps > 0``).
     * a callable ``lambda(t)`` returning a tensor shaped like ``t``.
     """
     _validate.choice(kind, ("velocity", "score"), "kind")
@@ -169,36 +228,41 @@ def loss_weight(
         return _validate.finite(weight.expand_as(t), "weighting(t)")
     _validate.choice(weighting, WEIGHTINGS, "weighting")
     if weighting == "noise":
-        return path.beta(t) ** 2
+        c_value, _ = path.coefficients(t, kind, "noise")
+        return c_value**2
     g_sq = path.diffusion_sq(t)
+    ratio = time_density_ratio(t, time_sampler, t_eps)
     if kind == "score":
-        return g_sq
+        return g_sq * ratio
     if _validate.value_checks_enabled() and bool((g_sq <= 0).any()):
         t_bad = t.expand_as(g_sq)[g_sq <= 0].flatten()[0].item()
         raise ValueError(
             f"likelihood weighting 4/g^2 in velocity space is infinite on path {path.name!r} at "
             f"t = {t_bad:g} (g^2 = 0 where beta = 0); use t_eps > 0"
         )
-    return 4 / g_sq
+    return 4 / g_sq * ratio
 
 
 def predict(
-    model: Model, x: torch.Tensor, t: torch.Tensor, path: GaussianPath, prediction: str, kind: str
+    model: Model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    path: GaussianPath,
+    prediction: str,
+    kind: str,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``model(x, t)`` (a prediction of kind ``prediction``) converted to ``kind`` with ``path.convert``."""
+    """``model(x, t[, y])``, a prediction of kind ``prediction``, converted to ``kind``."""
     _validate.choice(prediction, KINDS, "prediction")
-    if not callable(model):
-        raise ValueError(f"model must be a callable model(x, t), got {type(model).__name__}")
-    out = model(x, t)
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model(x, t) must return a tensor shaped like x {tuple(x.shape)}, got {shape}")
-    return path.convert(out, x, t, prediction, kind)
+    return path.convert(call_model(model, x, t, y), x, t, prediction, kind)
 
 
-def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` squared norm ``||prediction - target||^2`` summed over all dims but the first."""
-    return (prediction - target).flatten(1).pow(2).sum(1)
+def squared_error(prediction: torch.Tensor, target: torch.Tensor, dim_reduction: str = "sum") -> torch.Tensor:
+    """``(B,)`` squared norm ``||prediction - target||^2`` over all dims but the first (``"sum"``), or the
+    mean square over them (``"mean"``)."""
+    _validate.choice(dim_reduction, DIM_REDUCTIONS, "dim_reduction")
+    sq = (prediction - target).flatten(1).pow(2)
+    return sq.sum(1) if dim_reduction == "sum" else sq.mean(1)
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -234,17 +298,21 @@ def regress(
     model: Model,
     x: torch.Tensor,
     t: torch.Tensor,
+    y: torch.Tensor | None,
     path: GaussianPath,
     prediction: str,
     kind: str,
     target: torch.Tensor,
-    weighting: str | Weighting | None,
-    reduction: str,
+    weight: torch.Tensor,
+    reduction: str = "mean",
+    dim_reduction: str = "sum",
 ) -> torch.Tensor:
-    """The common last step: ``reduce(lambda(t) * ||convert(model(x, t)) - target||^2)`` in space ``kind``."""
-    per_sample = squared_error(predict(model, x, t, path, prediction, kind), target)
-    if weighting is not None:
-        per_sample = loss_weight(path, t, kind, weighting) * per_sample
+    """The last step: ``reduce(weight * ||convert(model(x, t[, y])) - target||^2)`` in space ``kind``."""
+    if y is not None:
+        y = check_labels(y, x.shape[0])
+    per_sample = weight * squared_error(
+        predict(model, x, t, path, prediction, kind, y), target, dim_reduction
+    )
     return reduce(per_sample, reduction)
 
 
@@ -256,35 +324,41 @@ def cfm(
     t: torch.Tensor | float | None = None,
     noise: torch.Tensor | None = None,
     *,
+    y: torch.Tensor | None = None,
     prediction: str = "velocity",
     weighting: str | Weighting | None = None,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    dim_reduction: str = "sum",
 ) -> torch.Tensor:
     r"""Conditional flow matching: :math:`\lambda(t)\lVert v_\theta(x, t) - (\alpha'_t x_{data} +
     \beta'_t \varepsilon)\rVert^2` at ``x = path.sample(x_data, t, noise)``, summed over dims, mean over B.
 
     Args:
-        model: callable ``model(x, t)`` -> ``(B, *dims)`` prediction of kind ``prediction``.
+        model: callable ``model(x, t)`` (or ``model(x, t, y)``) -> ``(B, *dims)`` prediction of kind
+            ``prediction``.
         x_data: ``(B, *dims)`` data batch.
         path: a ``GaussianPath`` or a path name.
         t: ``(B,)``, 0-dim or float times in [0, 1], clamped into ``[t_eps, 1 - t_eps]``; drawn by
             ``time_sampler`` when None.
         noise: ``(B, *dims)`` standard normal noise; drawn when None (with ``generator``).
+        y: ``(B,)`` integer class labels passed to the model as ``model(x, t, y)`` (-1: no label).
         prediction: what the model predicts: "velocity", "score", "noise" or "data".
         weighting: None, "noise", "likelihood" or a callable ``lambda(t)``; see :func:`loss_weight`.
         time_sampler: "uniform", "logit-normal" or a callable ``(n, generator) -> t``
             (:func:`sample_time`).
         t_eps: times are kept in ``[t_eps, 1 - t_eps]`` (see the module docstring).
         generator: torch generator for the drawn ``t`` and ``noise``.
-        reduction: "mean" (scalar, default), "sum" (scalar) or "none" (``(B,)`` per-sample losses).
+        reduction: over the batch: "mean" (scalar, default), "sum" (scalar) or "none" (``(B,)``).
+        dim_reduction: over the dims of a sample: "sum" (the squared norm, default) or "mean".
     """
     path = _as_path(path)
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = path.target("velocity", x_data, noise, t)  # alpha' x_data + beta' noise
-    return regress(model, x, t, path, prediction, "velocity", target, weighting, reduction)
+    target = path.target(x_data, t, noise, "velocity")  # alpha' x_data + beta' noise
+    weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
+    return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
 
 
 def fm(
@@ -294,12 +368,14 @@ def fm(
     t: torch.Tensor | float | None = None,
     noise: torch.Tensor | None = None,
     *,
+    y: torch.Tensor | None = None,
     prediction: str = "velocity",
     weighting: str | Weighting | None = None,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    dim_reduction: str = "sum",
 ) -> torch.Tensor:
     r"""Flow matching: :math:`\lambda(t)\lVert v_\theta(x, t) - u_t(x)\rVert^2` with the exact marginal
     velocity ``marginal.velocity(x, t)`` at ``x = marginal.path.sample(x_data, t, noise)``.
@@ -311,7 +387,8 @@ def fm(
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
     target = marginal_target(marginal, "velocity", x, t)  # u_t(x), exact
-    return regress(model, x, t, path, prediction, "velocity", target, weighting, reduction)
+    weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
+    return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
 
 
 def dsm(
@@ -321,12 +398,14 @@ def dsm(
     t: torch.Tensor | float | None = None,
     noise: torch.Tensor | None = None,
     *,
+    y: torch.Tensor | None = None,
     prediction: str = "score",
     weighting: str | Weighting | None = None,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    dim_reduction: str = "sum",
 ) -> torch.Tensor:
     r"""Denoising score matching: :math:`\lambda(t)\lVert s_\theta(x, t) + \varepsilon/\beta_t\rVert^2` at
     ``x = path.sample(x_data, t, noise)``. Arguments as in :func:`cfm`; the default prediction is "score".
@@ -335,8 +414,9 @@ def dsm(
     """
     path = _as_path(path)
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = path.target("score", x_data, noise, t)  # -noise / beta
-    return regress(model, x, t, path, prediction, "score", target, weighting, reduction)
+    target = path.target(x_data, t, noise, "score")  # -noise / beta
+    weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
+    return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
 
 
 def sm(
@@ -346,12 +426,14 @@ def sm(
     t: torch.Tensor | float | None = None,
     noise: torch.Tensor | None = None,
     *,
+    y: torch.Tensor | None = None,
     prediction: str = "score",
     weighting: str | Weighting | None = None,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    dim_reduction: str = "sum",
 ) -> torch.Tensor:
     r"""Score matching: :math:`\lambda(t)\lVert s_\theta(x, t) - \nabla_x\log p_t(x)\rVert^2` with the exact
     marginal score ``marginal.score(x, t)``. Arguments as in :func:`fm`; the default prediction is "score".
@@ -362,7 +444,8 @@ def sm(
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
     target = marginal_target(marginal, "score", x, t)  # grad log p_t(x), exact
-    return regress(model, x, t, path, prediction, "score", target, weighting, reduction)
+    weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
+    return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
 
 
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cfm": cfm, "fm": fm, "dsm": dsm, "sm": sm}
@@ -385,7 +468,9 @@ def objective_loss(
 
 
 __all__ = [
+    "DIM_REDUCTIONS",
     "OBJECTIVES",
+    "OBJECTIVE_ALIASES",
     "REDUCTIONS",
     "TIME_SAMPLERS",
     "WEIGHTINGS",
@@ -397,6 +482,7 @@ __all__ = [
     "loss_weight",
     "marginal_target",
     "objective_loss",
+    "objective_name",
     "predict",
     "prepare_time",
     "reduce",
@@ -404,4 +490,5 @@ __all__ = [
     "sample_time",
     "sm",
     "squared_error",
+    "time_density_ratio",
 ]

@@ -166,16 +166,18 @@ class MixtureMarginal(Marginal):
         ``z = (x - alpha m_k) / v_k`` ``(B, K, D)`` and the ``(B, K)`` log-joint
         ``log w_k N(x; alpha m_k, v_k I)``."""
         b = x.shape[0]
-        alpha, beta, d_alpha, d_beta = (per_row(v, b) for v in self.path.schedule(t))
+        schedule = self.path.schedule(t).map(lambda v: per_row(v, b))
+        alpha, beta, d_alpha, d_beta = schedule
         mix = self.mixture
         var = alpha.pow(2) * mix.stds.pow(2) + beta.pow(2)  # (B, K)
         centers = alpha.unsqueeze(2) * mix._flat_means  # (B, K, D)
         logits, residual = _component_log_probs(x, centers, var, mix._log_w)
         resp = torch.softmax(logits, 1)
-        return (alpha, beta, d_alpha, d_beta), resp, residual / var.unsqueeze(2), logits
+        return schedule, resp, residual / var.unsqueeze(2), logits
 
     def _flat_field(self, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        (alpha, beta, d_alpha, d_beta), resp, z = self._components(x, t)[:3]
+        schedule, resp, z = self._components(x, t)[:3]
+        alpha, beta, d_alpha, _ = schedule
         weighted_z = torch.einsum("bk,bkd->bd", resp, z)  # sum_k r_k (x - alpha m_k) / v_k
         if kind == "score":
             return -weighted_z
@@ -184,7 +186,8 @@ class MixtureMarginal(Marginal):
             return noise
         s2 = self.mixture.stds.pow(2)
         data = resp @ self.mixture._flat_means + alpha * torch.einsum("bk,bkd->bd", resp * s2, z)
-        return data if kind == "data" else d_alpha * data + d_beta * noise
+        # u = alpha' E[x_data|x] + beta' E[noise|x]; beta' beta in closed form (finite at t = 1)
+        return data if kind == "data" else d_alpha * data + schedule.beta_d_beta * weighted_z
 
     def _flat_log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self._components(x, t)[3], 1)

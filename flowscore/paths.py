@@ -7,6 +7,7 @@ One class per schedule; every path exposes the same interface:
 >>> path.conditional_velocity(x, x_data, t)              # u_t(x | x_data)
 >>> path.conditional_score(x, x_data, t)                 # grad_x log N(x; alpha_t x_data, beta_t^2 I)
 >>> path.convert(value, x, t, "velocity", "score")       # see flowscore.conversions
+>>> path.schedule(t)                                     # Schedule(alpha, beta, d_alpha, d_beta)
 
 Shapes: ``x``, ``x_data``, ``noise`` are ``(B, *dims)``; ``t`` is ``(B,)`` (or 0-dim, or a Python float) and
 broadcasts over the trailing dims. ``alpha(t)`` and friends return tensors shaped like ``t``.
@@ -20,17 +21,16 @@ from typing import Any
 
 import torch
 
-from . import _validate
-from .conversions import KINDS, conversion_coefficients, convert
-
-Schedule = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+from . import _validate, conversions
+from .conversions import KINDS, Schedule
 
 
 class GaussianPath:
     r"""Base class: a path defined by :math:`\alpha_t, \beta_t` and their time derivatives.
 
     Subclasses implement ``_alpha``, ``_beta``, ``_d_alpha``, ``_d_beta`` on a float tensor ``t`` already
-    checked to lie in [0, 1]. The conditional density is :math:`p_t(x|x_{data}) = N(\alpha_t x_{data},
+    checked to lie in [0, 1] (and ``_beta_d_beta`` where ``beta * beta'`` needs a closed form). The
+    conditional density is :math:`p_t(x|x_{data}) = N(\alpha_t x_{data},
     \beta_t^2 I)`; the prior (the law of ``x`` at t = 0 when ``alpha_0 = 0``) is :math:`N(0, \beta_0^2 I)`.
     """
 
@@ -48,6 +48,11 @@ class GaussianPath:
 
     def _d_beta(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _beta_d_beta(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Closed form of ``beta * beta'`` where the product is finite but ``beta'`` is not; None: the
+        plain product is exact."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The constructor options; ``get_path(self.name, **self.options())`` rebuilds the path."""
@@ -78,9 +83,28 @@ class GaussianPath:
         """:math:`d\\beta_t/dt`, shaped like ``t``."""
         return self._d_beta(_validate.time(t))
 
-    def schedule(self, t: torch.Tensor) -> Schedule:
-        """``(alpha, beta, d_alpha, d_beta)`` at an already-checked tensor ``t``."""
-        return self._alpha(t), self._beta(t), self._d_alpha(t), self._d_beta(t)
+    def schedule(self, t: torch.Tensor | float) -> Schedule:
+        """The named tuple ``Schedule(alpha, beta, d_alpha, d_beta)`` at ``t``, each shaped like ``t``.
+
+        ``schedule(t).beta_d_beta`` is the product ``beta * beta'`` from its closed form (finite where
+        ``beta'`` alone diverges). Pure functions of a schedule: :mod:`flowscore.conversions`.
+        """
+        return self._schedule(_validate.time(t))
+
+    def _schedule(self, t: torch.Tensor) -> Schedule:
+        """:meth:`schedule` at an already-checked tensor ``t``."""
+        return Schedule(
+            self._alpha(t), self._beta(t), self._d_alpha(t), self._d_beta(t), self._beta_d_beta(t)
+        )
+
+    def coefficients(self, t: torch.Tensor | float, src: str, dst: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_value, c_x)`` shaped like ``t`` with ``dst = c_value * value + c_x * x`` (see
+        :func:`flowscore.conversions.conversion_coefficients`); ``ValueError`` where singular."""
+        t = _validate.time(t)
+        schedule = self._schedule(t)
+        c_value, c_x = conversions.conversion_coefficients(schedule, src, dst)
+        conversions.check_coefficients(c_value, c_x, schedule, src, dst, f" on path {self.name!r}", t)
+        return c_value, c_x
 
     def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
         """:math:`\\log(\\alpha_t^2/\\beta_t^2)`; -inf where alpha = 0, +inf where beta = 0."""
@@ -92,11 +116,11 @@ class GaussianPath:
 
         This is the g of the forward (score-SDE) process whose marginals are this path, written in
         flowscore's time: ``velocity = (alpha'/alpha) x + (g^2 / 2) score``. Computed as
-        ``2 beta (alpha' beta - alpha beta') / alpha``; infinite where alpha = 0 (t = 0 on ``linear`` and
+        ``2 (alpha' beta^2 - alpha beta beta') / alpha`` with the closed-form ``beta beta'``, so its limit at
+        t = 1 is exact (``beta_min`` on ``vp-linear``); infinite where alpha = 0 (t = 0 on ``linear`` and
         ``vp``), where it raises ``ValueError``. Shaped like ``t``.
         """
-        t = _validate.time(t)
-        c_score, _ = conversion_coefficients(self, t, "score", "velocity")
+        c_score, _ = self.coefficients(t, "score", "velocity")
         return 2 * c_score
 
     # -- the prior at t = 0 ----------------------------------------------------------------------------
@@ -144,13 +168,14 @@ class GaussianPath:
         return _validate.expand(alpha, x_data) * x_data + _validate.expand(beta, x_data) * noise
 
     def target(
-        self, kind: str, x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float
+        self, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor, kind: str = "velocity"
     ) -> torch.Tensor:
         """The conditional target of ``kind`` at ``x = sample(x_data, t, noise)``, formed without division.
 
         velocity ``alpha' x_data + beta' noise``; noise ``noise``; data ``x_data``; score ``-noise / beta``
         (the only one that divides: singular where beta = 0, i.e. at t = 1 on ``linear``, ``vp``,
-        ``vp-linear``, where it raises ``ValueError``).
+        ``vp-linear``, where it raises ``ValueError``). On ``vp-linear`` beta' diverges at t = 1: the
+        velocity target uses its documented clamp there.
         """
         _validate.choice(kind, KINDS, "kind")
         x_data, t = self._batch_and_time(x_data, t, "x_data")
@@ -164,7 +189,7 @@ class GaussianPath:
                 _validate.expand(self._d_alpha(t), x_data) * x_data
                 + _validate.expand(self._d_beta(t), x_data) * noise
             )
-        c_noise, _ = conversion_coefficients(self, t, "noise", "score")
+        c_noise, _ = self.coefficients(t, "noise", "score")
         return _validate.expand(c_noise, x_data) * noise
 
     def conditional_velocity(
@@ -182,10 +207,10 @@ class GaussianPath:
         ``noise`` that produced ``x`` to get the division-free form, finite on all of [0, 1].
         """
         if noise is not None:
-            return self.target("velocity", x_data, noise, t)
+            return self.target(x_data, t, noise, "velocity")
         x, t = self._batch_and_time(x, t)
         x_data = self._pair(x, x_data, "x", "x_data")
-        return convert(self, x_data, x, t, "data", "velocity")
+        return self.convert(x_data, x, t, "data", "velocity")
 
     def conditional_score(
         self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
@@ -196,7 +221,7 @@ class GaussianPath:
         """
         x, t = self._batch_and_time(x, t)
         x_data = self._pair(x, x_data, "x", "x_data")
-        return convert(self, x_data, x, t, "data", "score")
+        return self.convert(x_data, x, t, "data", "score")
 
     def conditional_log_prob(
         self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
@@ -222,8 +247,21 @@ class GaussianPath:
     def convert(
         self, value: torch.Tensor, x: torch.Tensor, t: torch.Tensor | float, src: str, dst: str
     ) -> torch.Tensor:
-        """Map ``value`` (kind ``src``) to kind ``dst``; see :func:`flowscore.conversions.convert`."""
-        return convert(self, value, x, t, src, dst)
+        """Map ``value`` (kind ``src``) at ``(x, t)`` to kind ``dst`` (:func:`flowscore.conversions.convert`).
+
+        ``x``, ``value``: ``(B, *dims)``; ``t``: float, 0-dim or ``(B,)``. ``ValueError`` at a time where
+        the direction is singular (naming the path and t); never NaN or Inf for finite inputs.
+        """
+        x = _validate.batch(x, "x")
+        value = _validate.tensor(value, "value")
+        _validate.same_shape(x, value, "x", "value")
+        _validate.same_kind(x, value, "x", "value")
+        t = _validate.time(t, like=x)
+        if src == dst:
+            _validate.choice(src, KINDS, "src")
+            return value
+        c_value, c_x = self.coefficients(t, src, dst)
+        return _validate.expand(c_value, x) * value + _validate.expand(c_x, x) * x
 
 
 class LinearPath(GaussianPath):
@@ -276,19 +314,23 @@ class VPLinearPath(GaussianPath):
     ``alpha' = -T' alpha / 2``, ``beta' = T' exp(-T) / (2 beta)``.
 
     Endpoints: alpha_0 = exp(-T(0)/2) (about 0.0066 with the defaults, not exactly 0), beta_1 = 0, and
-    ``beta'`` diverges like ``1/sqrt(1 - t)`` at t = 1. ``d_beta`` is therefore evaluated at
+    ``beta'`` diverges like ``1/sqrt(1 - t)`` at t = 1. ``d_beta`` alone is therefore evaluated at
     ``min(t, 1 - t_clamp)`` (default ``t_clamp = 1e-5``, as in score_sde), which keeps it finite on all of
-    [0, 1].
+    [0, 1]; it enters only the conditional velocity target and the ``velocity -> data/noise`` and
+    ``noise -> velocity`` conversions. Every product ``beta * beta'`` (the diffusion coefficient, the
+    ``score <-> velocity`` conversions, the marginal velocity of a mixture) uses the exact closed form
+    ``beta beta' = exp(-T) T' / 2``, whose limit at t = 1 is ``-beta_min / 2``.
     """
 
     name = "vp-linear"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_clamp: float = 1e-5):
-        if not 0 <= beta_min <= beta_max:
+        beta_min = _validate.number(beta_min, "beta_min", 0.0)
+        beta_max = _validate.number(beta_max, "beta_max", 0.0)
+        if not beta_min <= beta_max:
             raise ValueError(f"vp-linear needs 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
-        if not 0 < t_clamp < 1:
-            raise ValueError(f"t_clamp must lie in (0, 1), got {t_clamp}")
-        self.beta_min, self.beta_max, self.t_clamp = float(beta_min), float(beta_max), float(t_clamp)
+        t_clamp = _validate.number(t_clamp, "t_clamp", 0.0, 1.0, low_open=True, high_open=True)
+        self.beta_min, self.beta_max, self.t_clamp = beta_min, beta_max, t_clamp
 
     def options(self):
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "t_clamp": self.t_clamp}
@@ -314,6 +356,9 @@ class VPLinearPath(GaussianPath):
         big_t = self._big_t(t)
         return 0.5 * self._d_big_t(t) * torch.exp(-big_t) / torch.sqrt(-torch.expm1(-big_t))
 
+    def _beta_d_beta(self, t):
+        return 0.5 * self._d_big_t(t) * torch.exp(-self._big_t(t))
+
 
 class VEPath(GaussianPath):
     """``"ve"``: variance exploding, alpha = 1, beta = sigma_max^(1-t) * sigma_min^t (geometric).
@@ -327,9 +372,11 @@ class VEPath(GaussianPath):
     name = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        if not 0 < sigma_min < sigma_max:
+        sigma_min = _validate.number(sigma_min, "sigma_min", 0.0, low_open=True)
+        sigma_max = _validate.number(sigma_max, "sigma_max", 0.0, low_open=True)
+        if not sigma_min < sigma_max:
             raise ValueError(f"ve needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def options(self):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
@@ -379,6 +426,15 @@ class CustomPath(GaussianPath):
                 raise ValueError(f"custom path: {name} must be callable, got {type(fn).__name__}")
         self.alpha_fn, self.beta_fn, self.d_alpha_fn, self.d_beta_fn = alpha, beta, d_alpha, d_beta
 
+    def callables(self) -> dict[str, Any]:
+        """The constructor's callables; ``CustomPath(**path.callables())`` rebuilds the path."""
+        return {
+            "alpha": self.alpha_fn,
+            "beta": self.beta_fn,
+            "d_alpha": self.d_alpha_fn,
+            "d_beta": self.d_beta_fn,
+        }
+
     def config(self):
         raise ValueError("a custom path holds Python callables and cannot be stored in a checkpoint")
 
@@ -407,14 +463,22 @@ PATHS: dict[str, type[GaussianPath]] = {
 }
 
 
-def get_path(name: str, **options: Any) -> GaussianPath:
+def get_path(name: str | GaussianPath, **options: Any) -> GaussianPath:
     """A path by name: ``"linear"``, ``"vp"``, ``"vp-linear"``, ``"ve"`` or ``"custom"`` (with ``alpha=``,
     ``beta=`` callables). ``options`` are the schedule constants, e.g. ``get_path("ve", sigma_max=50)``.
+
+    Given a path instance, returns it unchanged when there are no ``options``, else a new path of the same
+    kind with those options applied over its own (an unknown option raises ``ValueError``).
     """
     if isinstance(name, GaussianPath):
-        return name
-    _validate.choice(name, tuple(PATHS), "path")
+        if not options:
+            return name
+        base = name.callables() if isinstance(name, CustomPath) else name.options()
+        cls, options, name = type(name), {**base, **options}, name.name
+    else:
+        _validate.choice(name, tuple(PATHS), "path")
+        cls = PATHS[name]
     try:
-        return PATHS[name](**options)
+        return cls(**options)
     except TypeError as err:
         raise ValueError(f"bad options for path {name!r}: {err}") from None

@@ -239,8 +239,7 @@ def diffusion_schedule(
             return path.diffusion_sq
 
         def bounded(t: torch.Tensor) -> torch.Tensor:
-            alpha, beta, d_alpha, d_beta = path.schedule(t)
-            return beta * (d_alpha * beta - alpha * d_beta)
+            return path.schedule(t).beta_det_v  # beta (alpha' beta - alpha beta'), closed-form product
 
         return bounded
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float)) or diffusion < 0:
@@ -328,7 +327,10 @@ def _finite_at(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...] | torch.Ten
 
 def conversions_finite_at(path: GaussianPath, prediction: str, kinds: Sequence[str], t: float) -> bool:
     """Whether converting ``prediction`` to every kind in ``kinds`` is finite at time ``t`` on ``path``."""
-    return all(_finite_at(lambda tt, k=k: conversion_coefficients(path, tt, prediction, k), t) for k in kinds)
+    return all(
+        _finite_at(lambda tt, k=k: conversion_coefficients(path.schedule(tt), prediction, k), t)
+        for k in kinds
+    )
 
 
 def _grid(path, prediction, sampler, steps, t_eps, diffusion, dtype, device) -> tuple[torch.Tensor, bool]:

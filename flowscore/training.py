@@ -377,9 +377,8 @@ def _loss_floor(
     except ImportError:
         return None
     n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
-    objective = "flow" if OBJECTIVES[config.objective] == "velocity" else "score"
     floor = loss_floor(
-        train.cpu(), path, objective, n_samples=n_samples, weighting=config.resolved_weighting(),
+        train.cpu(), path, config.objective, n_samples=n_samples, weighting=config.resolved_weighting(),
         time_sampler=config.time_sampler, t_eps=config.t_eps, seed=config.seed,
         progress=progress,
     )  # fmt: skip

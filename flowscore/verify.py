@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import _io, _validate
 from .data import TOYS, toy
-from .floor import FLOOR_OBJECTIVES, LossFloor, draw_data, loss_floor
+from .floor import LossFloor, draw_data, loss_floor
 from .losses import cfm, dsm, fm, sample_time, sm
 from .marginals import EmpiricalMarginal
 
@@ -142,7 +142,7 @@ def compare_gradients(
     ``data`` (a marginal with ``.data``, default ``marginal``). Giving a ``data`` from another distribution,
     or a marginal with a wrong field, is a negative control: the difference is then significant.
     """
-    _validate.choice(objective, tuple(FLOOR_OBJECTIVES), "objective")
+    _validate.choice(objective, ("flow", "score"), "objective")
     conditional_loss, marginal_loss, prediction = _PAIRS[objective]
     t_eps = DEFAULT_T_EPS[objective] if t_eps is None else t_eps
     data = marginal if data is None else data
@@ -243,7 +243,7 @@ def _run_verify(
     dtype: torch.dtype,
     progress: bool,
 ) -> dict[str, Any]:
-    _validate.choice(objective, tuple(FLOOR_OBJECTIVES), "objective")
+    _validate.choice(objective, ("flow", "score"), "objective")
     for value, name in ((n_batches, "n_batches"), (batch_size, "batch_size"), (n_data, "n_data")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
@@ -364,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--data", default="moons", help=f"toy name ({', '.join(TOYS)}) or an .npy file (N, D)"
     )
     parser.add_argument("--path", default="linear", help="Gaussian path: linear, vp, vp-linear, ve")
-    parser.add_argument("--objective", choices=tuple(FLOOR_OBJECTIVES), default="flow")
+    parser.add_argument("--objective", choices=("flow", "score"), default="flow")
     parser.add_argument("--n-batches", type=int, default=250, help="independent batches (default 250)")
     parser.add_argument("--batch-size", type=int, default=2048, help="draws per batch (default 2048)")
     parser.add_argument("--n-data", type=int, default=2000, help="points of a toy data set (default 2000)")

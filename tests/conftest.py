@@ -66,8 +66,9 @@ def make_path(name: str) -> GaussianPath:
 
 def autograd_derivative(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     """Elementwise d fn / dt by autograd (``fn`` acts elementwise on ``t``)."""
-    tt = t.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad((fn(tt) + 0 * tt).sum(), tt)  # + 0 * t: a constant fn has derivative 0
+    with torch.enable_grad():
+        tt = t.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((fn(tt) + 0 * tt).sum(), tt)  # + 0 * t: a constant fn has derivative 0
     return grad.detach()
 
 
@@ -102,19 +103,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def zero_quantities(name: str, t: float) -> set[str]:
-    """Which denominators vanish at ``t`` on a path (from the closed forms): "alpha", "beta", "det".
+    """Which denominators vanish at ``t`` on a path (from the closed forms): "alpha", "beta", "det",
+    "beta_det".
 
-    "det" is alpha' beta - alpha beta', the determinant of the velocity parameterization. Only the endpoints
-    t = 0 (alpha = 0 on linear, vp, custom; custom also has alpha' = 0 there) and t = 1 (beta = 0 on all but
-    ve) are singular.
+    "det" is alpha' beta - alpha beta', the determinant of the velocity parameterization, and "beta_det" is
+    beta * det = alpha' beta^2 - alpha beta beta'. Only the endpoints t = 0 (alpha = 0 on linear, vp,
+    custom; custom also has alpha' = 0, so det = 0, there) and t = 1 (beta = 0 on all but ve) are singular.
+    On vp-linear beta' diverges like 1/sqrt(1 - t) while beta beta' -> -beta_min / 2, so beta * det ->
+    beta_min / 2 at t = 1: not a zero.
     """
     zeros = set()
     if t == 0.0 and name in ("linear", "vp", "custom"):
         zeros.add("alpha")
     if t == 0.0 and name == "custom":
-        zeros.add("det")
+        zeros |= {"det", "beta_det"}
     if t == 1.0 and name != "ve":
         zeros.add("beta")
+    if t == 1.0 and name in ("linear", "vp", "custom"):
+        zeros.add("beta_det")
     return zeros
 
 
@@ -128,7 +134,7 @@ DIRECTION_DENOMINATORS: dict[tuple[str, str], set[str]] = {
     ("noise", "score"): {"beta"},
     ("velocity", "data"): {"det"},
     ("velocity", "noise"): {"det"},
-    ("velocity", "score"): {"det", "beta"},
+    ("velocity", "score"): {"beta_det"},
     ("score", "data"): {"alpha"},
     ("score", "noise"): set(),
     ("score", "velocity"): {"alpha"},

@@ -25,7 +25,7 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowscore import KINDS, conversion_coefficients, convert
+from flowscore import KINDS, convert
 
 F64 = torch.float64
 DIRECTIONS = list(itertools.product(KINDS, KINDS))
@@ -55,7 +55,9 @@ def test_conversion_maps_targets(name: str, src: str, dst: str) -> None:
     out = path.convert(target[src], target["x"], t, src, dst)
     for i in range(t.shape[0]):
         assert rel_err(out[i], target[dst][i]) < 1e-9, (t[i].item(), rel_err(out[i], target[dst][i]))
-    torch.testing.assert_close(convert(path, target[src], target["x"], t, src, dst), out, rtol=0, atol=0)
+    torch.testing.assert_close(
+        convert(target[src], target["x"], path.schedule(t), src, dst), out, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("name", PATH_NAMES)
@@ -153,11 +155,11 @@ def test_corrected_readme_formulas_hold(name: str) -> None:
     torch.testing.assert_close(velocity, target["velocity"], rtol=1e-9, atol=1e-9)
     # flowscore's coefficients are these formulas' coefficients
     alpha, beta, d_alpha, d_beta = schedule
-    c_u, c_x = conversion_coefficients(make_path(name), t, "velocity", "score")
+    c_u, c_x = make_path(name).coefficients(t, "velocity", "score")
     det = beta * (d_alpha * beta - alpha * d_beta)
     torch.testing.assert_close(c_u, alpha / det, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(c_x, -d_alpha / det, rtol=1e-9, atol=1e-12)
-    c_s, c_x = conversion_coefficients(make_path(name), t, "score", "velocity")
+    c_s, c_x = make_path(name).coefficients(t, "score", "velocity")
     torch.testing.assert_close(c_s, beta**2 * d_alpha / alpha - beta * d_beta, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(c_x, d_alpha / alpha, rtol=1e-9, atol=1e-12)
 
@@ -239,7 +241,7 @@ def test_conversions_finite_or_documented_error(name: str, t_value: float, dtype
             )
         check_finite_or_value_error(  # the coefficients alone, as losses and samplers use them
             lambda src=src, dst=dst: torch.stack(
-                conversion_coefficients(path, torch.full((3,), t_value, dtype=dtype), src, dst)
+                path.coefficients(torch.full((3,), t_value, dtype=dtype), src, dst)
             ),
             expect_error=bool(zeros & denominators),
         )
@@ -269,8 +271,6 @@ def test_velocity_determinant_values() -> None:
     for name, det in (("linear", 1.0), ("vp", math.pi / 2)):
         alpha, beta, d_alpha, d_beta = reference_schedule(name, t)
         torch.testing.assert_close(d_alpha * beta - alpha * d_beta, torch.full_like(t, det))
-        c_u, c_x = conversion_coefficients(
-            make_path(name), t, "velocity", "data"
-        )  # D = (beta u - beta' x)/det
+        c_u, c_x = make_path(name).coefficients(t, "velocity", "data")  # D = (beta u - beta' x)/det
         torch.testing.assert_close(c_u, beta / det)
         torch.testing.assert_close(c_x, -d_beta / det)

@@ -112,6 +112,10 @@ def test_accepts_a_marginal_reproducible_and_serialisable():
     b = loss_floor(data, "linear", "flow", n_samples=2000, seed=3, progress=False)
     assert isinstance(a, LossFloor)
     assert a.value == pytest.approx(b.value, rel=1e-12)
+    c = loss_floor(data, "linear", "cfm", n_samples=2000, seed=3, progress=False)  # "flow" is an alias
+    assert c.value == b.value and c.objective == "cfm"
+    with pytest.raises(ValueError, match="objective"):
+        loss_floor(data, "linear", "fm", n_samples=10, progress=False)
     assert json.loads(json.dumps(a.to_dict()))["n_samples"] == 2000
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import make_path, reference_schedule
 from scipy import stats
 
 from flowscore import get_path
@@ -51,10 +53,12 @@ class LinearModel:
 
 
 class BruteMarginal:
-    """Exact marginal of the empirical distribution of ``data``, by a float64 posterior over all points."""
+    """Exact marginal of the empirical distribution of ``data``, by a float64 posterior over all points
+    (the schedule written out in conftest, derivatives by autograd)."""
 
     def __init__(self, data: torch.Tensor, name: str):
-        self.data, self.path, self.sched = data, get_path(name), SCHEDULES[name]
+        self.data, self.path = data, make_path(name)
+        self.sched = lambda t: reference_schedule(name, t)
 
     def _posterior(self, x, t):
         a, b, da, db = (v[:, None, None] for v in self.sched(t))
@@ -146,18 +150,71 @@ def test_noise_prediction_is_converted_like_the_hand_conversion(name, batch):
     assert torch.allclose(got, dsm(score_model, x_data, name, t, noise), rtol=1e-10)
 
 
-def test_noise_weighting_makes_dsm_the_noise_mse(batch):
+@pytest.mark.parametrize("name", ["linear", "vp", "vp-linear", "ve", "custom"])
+def test_noise_weighting_is_the_noise_error_per_sample_for_all_four_objectives(name, batch):
+    """weighting="noise" makes every objective the per-sample noise error ||noise_hat - noise_target||^2,
+    whatever its space: the conditional noise for cfm/dsm, the posterior mean E[noise | x] for fm/sm."""
     x_data, noise, t = batch
+    path = make_path(name)
     eps_model = LinearModel(3, seed=4)
-    x, *_ = hand_sample("vp", x_data, noise, t)
-    want = ((eps_model(x, t) - noise) ** 2).sum(1).mean()
-    got = dsm(eps_model, x_data, "vp", t, noise, prediction="noise", weighting="noise")
-    assert torch.allclose(got, want, rtol=1e-10)
-    # in velocity space the same beta^2 factor
-    got_v = cfm(eps_model, x_data, "linear", t, noise, prediction="velocity", weighting="noise")
-    x, a, b, da, db = hand_sample("linear", x_data, noise, t)
-    want_v = (b[:, 0] ** 2 * ((eps_model(x, t) - (x_data - noise)) ** 2).sum(1)).mean()
-    assert torch.allclose(got_v, want_v, rtol=1e-10)
+    a, b, _, _ = (col(v) for v in reference_schedule(name, t))
+    x = a * x_data + b * noise
+    marginal = BruteMarginal(torch.randn(7, 3, generator=torch.Generator().manual_seed(5), dtype=DT), name)
+    marginal_noise = -b * marginal.score(x, t)  # E[noise | x] = -beta grad log p_t(x)
+    want_cond = ((eps_model(x, t) - noise) ** 2).sum(1)
+    want_marg = ((eps_model(x, t) - marginal_noise) ** 2).sum(1)
+    kw = dict(prediction="noise", weighting="noise", reduction="none")
+    for loss, target, want in ((cfm, path, want_cond), (dsm, path, want_cond)):
+        torch.testing.assert_close(
+            loss(eps_model, x_data, target, t, noise, **kw), want, rtol=1e-8, atol=1e-10
+        )
+    marginal.path = path
+    for loss in (fm, sm):
+        torch.testing.assert_close(
+            loss(eps_model, x_data, marginal, t, noise, **kw), want_marg, rtol=1e-8, atol=1e-10
+        )
+    # a velocity model on the linear path: the weight is alpha^2 / det_v^2 = t^2 (det_v = 1), not beta^2
+    if name == "linear":
+        per = cfm(eps_model, x_data, path, t, noise, weighting="noise", reduction="none")
+        want = t**2 * ((eps_model(x, t) - (x_data - noise)) ** 2).sum(1)
+        torch.testing.assert_close(per, want, rtol=1e-10, atol=0)
+
+
+def test_likelihood_weighting_divides_by_the_time_density():
+    """With logit-normal times the weight is g^2 p_uniform(t)/p(t) (scipy's densities), so the average
+    over logit-normal draws estimates the same integral as uniform draws; an unknown density is refused."""
+    path, eps = get_path("vp"), 0.01
+    t = torch.tensor([0.05, 0.3, 0.5, 0.9], dtype=DT)
+    u = ((t - eps) / (1 - 2 * eps)).numpy()
+    ratio = torch.from_numpy(u * (1 - u) / stats.norm.pdf(np.log(u / (1 - u))))  # p_U / p_logit-normal
+    got = loss_weight(path, t, "score", "likelihood", time_sampler="logit-normal", t_eps=eps)
+    torch.testing.assert_close(got, path.diffusion_sq(t) * ratio, rtol=1e-10, atol=0)
+    lognormal = logit_normal(0.5, 0.8)
+    z = (np.log(u / (1 - u)) - 0.5) / 0.8
+    ratio = torch.from_numpy(0.8 * u * (1 - u) / stats.norm.pdf(z))
+    got = loss_weight(path, t, "velocity", "likelihood", time_sampler=lognormal, t_eps=eps)
+    torch.testing.assert_close(got, 4 / path.diffusion_sq(t) * ratio, rtol=1e-10, atol=0)
+    g = torch.Generator().manual_seed(0)
+    t_u = sample_time(200_000, time_sampler="uniform", t_eps=eps, generator=g, dtype=DT)
+    t_ln = sample_time(200_000, time_sampler="logit-normal", t_eps=eps, generator=g, dtype=DT)
+    w_u = loss_weight(path, t_u, "score", "likelihood", t_eps=eps) * torch.cos(t_u)
+    w_ln = loss_weight(path, t_ln, "score", "likelihood", time_sampler="logit-normal", t_eps=eps) * torch.cos(
+        t_ln
+    )
+    se = math.hypot(w_u.std() / math.sqrt(w_u.numel()), w_ln.std() / math.sqrt(w_ln.numel()))
+    assert abs(w_u.mean() - w_ln.mean()) < 4 * se
+    with pytest.raises(ValueError, match="density"):
+        loss_weight(path, t, "score", "likelihood", time_sampler=lambda n, gen: torch.rand(n), t_eps=eps)
+
+
+def test_dim_reduction_mean_is_the_sum_over_dims_divided_by_d(batch):
+    x_data, noise, t = batch
+    model = LinearModel(3)
+    summed = dsm(model, x_data, "vp", t, noise, reduction="none")
+    averaged = dsm(model, x_data, "vp", t, noise, reduction="none", dim_reduction="mean")
+    torch.testing.assert_close(averaged, summed / 3, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="dim_reduction"):
+        cfm(model, x_data, "vp", t, noise, dim_reduction="max")
 
 
 def test_likelihood_weighting_matches_hand_g2_and_is_the_same_in_both_spaces(batch):
@@ -242,6 +299,10 @@ def test_loss_weight_values():
     t = torch.tensor([0.2, 0.5, 0.8], dtype=DT)
     beta = torch.cos(math.pi * t / 2)
     assert torch.allclose(loss_weight(path, t, "score", "noise"), beta**2)
+    # velocity space: alpha^2 / det_v^2 with det_v = pi / 2 on vp
+    assert torch.allclose(
+        loss_weight(path, t, "velocity", "noise"), (torch.sin(math.pi * t / 2) * 2 / math.pi) ** 2
+    )
     assert torch.allclose(loss_weight(path, t, "velocity", "likelihood"), 4 / path.diffusion_sq(t))
     assert torch.equal(loss_weight(path, t, "score", None), torch.ones(3, dtype=DT))
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import reference_schedule
 
 from flowscore.marginals import EmpiricalMarginal
 from flowscore.paths import get_path
@@ -35,7 +36,7 @@ DATA = clustered(N, DIM, 0)
 def brute_force(data: torch.Tensor, x: torch.Tensor, t: float, path) -> dict[str, torch.Tensor]:
     """All marginal quantities in float64 from the full (B, N) logit matrix, written from the definitions."""
     xs, xd = x.double(), data.double()
-    a, b, da, db = (float(v) for v in path.schedule(torch.tensor(t, dtype=torch.float64)))
+    a, b, da, db = (float(v) for v in reference_schedule(path.name, torch.tensor([t], dtype=torch.float64)))
     logits = -((xs[:, None] - a * xd[None]) ** 2).sum(-1) / (2 * b * b)  # log N(x; a x_i, b^2) + const
     w = torch.softmax(logits, 1)
     cond_noise = (xs[:, None] - a * xd[None]) / b  # (B, N, D): noise given x and x_i

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import reference_schedule
 from scipy import integrate, stats
 
 from flowscore.marginals import EmpiricalMarginal
@@ -29,7 +30,7 @@ def mixture_1d(dtype=torch.float64) -> GaussianMixture:
 
 def quadrature_1d(x: float, t: float, path) -> dict[str, float]:
     """Posterior expectations over x_data by numerical integration of p_data(x_data) N(x; a x_data, b^2)."""
-    a, b, da, db = (float(v) for v in path.schedule(torch.tensor(t, dtype=torch.float64)))
+    a, b, da, db = (float(v) for v in reference_schedule(path.name, torch.tensor([t], dtype=torch.float64)))
 
     def p_data(z):
         return sum(

@@ -25,7 +25,7 @@ from conftest import (
     zero_quantities,
 )
 
-from flowscore import KINDS, get_path
+from flowscore import KINDS, GaussianMixture, get_path
 
 F64 = torch.float64
 
@@ -98,6 +98,72 @@ def test_vp_linear_d_beta_clamp_is_documented_behaviour() -> None:
     torch.testing.assert_close(path.d_beta(t_c), reference_schedule("vp-linear", t_c)[3], rtol=1e-9, atol=0)
 
 
+def test_vp_linear_products_keep_their_exact_limits_at_the_data_end() -> None:
+    """beta beta' = exp(-T) T' / 2 -> -beta_min / 2 at t = 1 although beta' alone diverges: the schedule's
+    closed-form product, g^2 -> beta_min, and a mixture's marginal velocity all reach their exact limits."""
+    path = make_path("vp-linear")
+    t = torch.tensor([1 - 1e-3, 1 - 1e-6, 1 - 1e-9, 1.0], dtype=F64)
+    big_t = VP_LINEAR_BETA_MIN * (1 - t) + 0.5 * (VP_LINEAR_BETA_MAX - VP_LINEAR_BETA_MIN) * (1 - t) ** 2
+    rate = VP_LINEAR_BETA_MIN + (1 - t) * (VP_LINEAR_BETA_MAX - VP_LINEAR_BETA_MIN)  # -T'
+    torch.testing.assert_close(
+        path.schedule(t).beta_d_beta, -0.5 * rate * torch.exp(-big_t), rtol=1e-12, atol=0
+    )
+    # g^2 = 2 beta (alpha' beta - alpha beta') / alpha = 2 (alpha' beta^2 - alpha beta beta') / alpha
+    alpha, beta = torch.exp(-big_t / 2), torch.sqrt(-torch.expm1(-big_t))
+    want_g2 = 2 * (0.5 * rate * alpha * beta**2 + alpha * 0.5 * rate * torch.exp(-big_t)) / alpha
+    torch.testing.assert_close(path.diffusion_sq(t), want_g2, rtol=1e-10, atol=0)
+    assert abs(path.diffusion_sq(1.0).item() - VP_LINEAR_BETA_MIN) < 1e-7  # float32 scalar
+    # the marginal velocity of a mixture at t = 1: alpha' x + beta beta' grad log p_data(x) (alpha = 1)
+    means, stds = torch.tensor([[1.0, 0.0], [-1.0, 0.5]], dtype=F64), torch.tensor([0.5, 0.4], dtype=F64)
+    mixture = GaussianMixture(means, stds)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    log_w = -((x[:, None] - means) ** 2).sum(-1) / (2 * stds**2) - 2 * torch.log(stds)
+    resp = torch.softmax(log_w, 1)
+    score = -(resp[..., None] * (x[:, None] - means) / stds[:, None] ** 2).sum(1)
+    want = 0.5 * VP_LINEAR_BETA_MIN * x - 0.5 * VP_LINEAR_BETA_MIN * score
+    torch.testing.assert_close(mixture.velocity(x, 1.0, path), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mixture.velocity(x, 1 - 1e-9, path), want, rtol=1e-6, atol=1e-8)
+
+
+def test_schedule_is_a_named_tuple_of_the_four_functions() -> None:
+    path = make_path("vp")
+    t = torch.tensor([0.1, 0.7], dtype=F64)
+    s = path.schedule(t)
+    assert isinstance(s, tuple) and s._fields == ("alpha", "beta", "d_alpha", "d_beta")
+    alpha, beta, d_alpha, d_beta = reference_schedule("vp", t)
+    for got, want in ((s.alpha, alpha), (s.beta, beta), (s.d_alpha, d_alpha), (s.d_beta, d_beta)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="t must lie"):
+        path.schedule(1.5)
+
+
+def test_get_path_applies_or_refuses_options_on_an_instance() -> None:
+    ve = get_path("ve", sigma_max=50.0)
+    assert get_path(ve) is ve
+    other = get_path(ve, sigma_min=0.01)
+    assert other.sigma_min == 0.01 and other.sigma_max == 50.0 and ve.sigma_min == 0.002
+    with pytest.raises(ValueError, match="bad options"):
+        get_path(ve, beta_min=0.2)
+    custom = get_path("custom", alpha=lambda t: t, beta=lambda t: 1 - t)
+    squared = get_path(custom, alpha=lambda t: t**2)
+    torch.testing.assert_close(squared.alpha(torch.tensor([0.5])), torch.tensor([0.25]))
+    torch.testing.assert_close(squared.beta(torch.tensor([0.5])), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sigma_max": math.inf},
+        {"sigma_min": math.nan},
+        {"sigma_min": 0.0},
+        {"sigma_min": 5.0, "sigma_max": 1.0},
+    ],
+)
+def test_ve_refuses_non_finite_or_unordered_sigmas(options) -> None:
+    with pytest.raises(ValueError, match="sigma"):
+        get_path("ve", **options)
+
+
 def test_vp_is_variance_preserving_and_linear_is_not() -> None:
     """The seed calls alpha = t, beta = 1 - t the "VP path": it is the linear (CondOT) path."""
     t = torch.linspace(0, 1, 21, dtype=F64)
@@ -127,7 +193,7 @@ def test_conditional_score_is_autograd_of_log_density(name: str) -> None:
     x = x.detach()
     for i in range(t.shape[0]):  # row by row: the relative error must hold at every t, not only on average
         assert rel_err(path.conditional_score(x, x_data, t)[i], expected[i]) < 1e-10
-    torch.testing.assert_close(path.target("score", x_data, noise, t), expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(path.target(x_data, t, noise, "score"), expected, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("name", PATH_NAMES)
@@ -189,7 +255,7 @@ def test_target_matches_reference(name: str, kind: str) -> None:
     x_data, noise = batch_for(t, dims=(2, 3))
     expected = reference_targets(name, x_data, noise, t)
     torch.testing.assert_close(path.sample(x_data, t, noise), expected["x"], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(path.target(kind, x_data, noise, t), expected[kind], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(path.target(x_data, t, noise, kind), expected[kind], rtol=1e-10, atol=1e-12)
 
 
 # -- singular points: finite or the documented ValueError
@@ -215,7 +281,7 @@ def call_path_method(path, method: str, x_data: torch.Tensor, noise: torch.Tenso
     if method == "conditional_velocity_noise_kw":
         return path.conditional_velocity(x, x_data, t, noise=noise)
     if method.startswith("target_"):
-        return path.target(method.removeprefix("target_"), x_data, noise, t)
+        return path.target(x_data, t, noise, method.removeprefix("target_"))
     if method.startswith("conditional_"):
         return getattr(path, method)(x, x_data, t)
     return getattr(path, method)(t)

@@ -46,7 +46,7 @@ def test_same_sample_and_velocity_target(name: str) -> None:
     peer_sample = peer.sample(noise, x_data, t)  # positional: (source = noise, target = data, t)
     torch.testing.assert_close(path.sample(x_data, t, noise), peer_sample.x_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
-        path.target("velocity", x_data, noise, t), peer_sample.dx_t, rtol=1e-10, atol=1e-10
+        path.target(x_data, t, noise, "velocity"), peer_sample.dx_t, rtol=1e-10, atol=1e-10
     )
     x = peer_sample.x_t
     torch.testing.assert_close(

@@ -47,7 +47,7 @@ BAD_INPUTS = {
     "t bool": (_sample(t=True), r"\bt\b.*bool"),
     "t float64 vs float32": (_sample(t=GOOD_T.double()), r"\bt\b.*dtype"),
     "t on meta device": (_sample(t=torch.empty(3, device="meta")), r"\bt\b.*meta"),
-    "target kind": (lambda p, xd, nz: p.target("eps", xd, nz, GOOD_T), "kind.*'eps'"),
+    "target kind": (lambda p, xd, nz: p.target(xd, GOOD_T, nz, "eps"), "kind.*'eps'"),
     "convert src": (lambda p, xd, nz: p.convert(nz, xd, GOOD_T, "epsilon", "score"), "src.*'epsilon'"),
     "convert dst": (lambda p, xd, nz: p.convert(nz, xd, GOOD_T, "score", "x0"), "dst.*'x0'"),
     "convert value shape": (lambda p, xd, nz: p.convert(nz[:2], xd, GOOD_T, "noise", "data"), "value"),
@@ -82,7 +82,7 @@ def test_good_input_passes() -> None:
     assert torch.isfinite(path.sample(x_data, 0.5, noise)).all()
     assert torch.isfinite(path.sample(x_data, torch.tensor(0.5), noise)).all()
     for kind in KINDS:
-        assert torch.isfinite(path.target(kind, x_data, noise, GOOD_T)).all()
+        assert torch.isfinite(path.target(x_data, GOOD_T, noise, kind)).all()
 
 
 def test_validation_switch_turns_off_value_checks_only() -> None:

@@ -1,0 +1,50 @@
+"""How flowscore calls a model: ``model(x, t)``, or ``model(x, t, y)`` when there are class labels.
+
+Labels ``y`` are integer class indices shaped ``(B,)``; ``-1`` means "no label" (the unconditional branch of
+classifier-free guidance). Every loss, sampler and likelihood calls the model through :func:`call_model`, so
+the check of what a model returns lives in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import _validate
+
+Model = Callable[..., torch.Tensor]
+"""``model(x, t) -> (B, *dims)`` or ``model(x, t, y) -> (B, *dims)``."""
+
+
+def check_labels(y: object, batch: int, name: str = "y") -> torch.Tensor:
+    """``y`` as an integer tensor ``(B,)`` with values >= -1, or ``ValueError``."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(
+            f"{name} must be an integer tensor of class labels shaped ({batch},), got {type(y).__name__}"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class labels (-1 = no label), got dtype {y.dtype}")
+    if y.shape != (batch,):
+        raise ValueError(f"{name} must be shaped ({batch},) like the batch, got {tuple(y.shape)}")
+    if _validate.value_checks_enabled() and y.numel() and int(y.min()) < -1:
+        raise ValueError(f"{name} holds {int(y.min())}; class labels are 0..K-1, and -1 means no label")
+    return y
+
+
+def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(x, t)`` (or ``model(x, t, y)`` when ``y`` is given), checked to be a tensor shaped like ``x``.
+
+    ``x``: ``(B, *dims)``; ``t``: ``(B,)``; ``y``: ``(B,)`` integer labels or None. A wrong shape (which
+    would broadcast silently) raises ``ValueError``; so does NaN or Inf while value checks are on.
+    """
+    if not callable(model):
+        raise ValueError(
+            f"model must be callable as model(x, t) or model(x, t, y), got {type(model).__name__}"
+        )
+    out = model(x, t) if y is None else model(x, t, y)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        call = "model(x, t)" if y is None else "model(x, t, y)"
+        raise ValueError(f"{call} must return a tensor shaped like x {tuple(x.shape)}, got {got}")
+    return _validate.finite(out, "the model's output")

@@ -48,3 +48,33 @@ def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor |
         call = "model(x, t)" if y is None else "model(x, t, y)"
         raise ValueError(f"{call} must return a tensor shaped like x {tuple(x.shape)}, got {got}")
     return _validate.finite(out, "the model's output")
+
+
+def guided_model(model: Model, y: torch.Tensor | None, guidance: float = 0.0) -> Callable:
+    """The unconditional-looking model ``(x, t) -> prediction`` of ``model`` with the labels ``y`` fixed.
+
+    With ``guidance`` w != 0 it is classifier-free guidance, ``(1 + w) f(x, t, y) - w f(x, t, -1)``, computed
+    in ONE batched model call on ``[x, x]`` with labels ``[y, -1]``. Every conversion between velocity, score,
+    noise and data is affine in the prediction with the same coefficient on ``x``, so guiding any one of them
+    gives the same guided field in every space. ``y`` is ``(B,)`` integer labels (-1: no label), or None for
+    an unconditional model (then ``guidance`` must be 0).
+    """
+    w = _validate.number(guidance, "guidance")
+    if y is None:
+        if w != 0:
+            raise ValueError(
+                "guidance needs class labels y (classifier-free guidance mixes f(x, t, y) and f(x, t, -1))"
+            )
+        return lambda x, t: call_model(model, x, t)
+
+    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = check_labels(y, x.shape[0])
+        if w == 0:
+            return call_model(model, x, t, labels)
+        both = call_model(
+            model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)])
+        )
+        conditional, unconditional = both.chunk(2)
+        return (1 + w) * conditional - w * unconditional
+
+    return field

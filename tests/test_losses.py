@@ -188,12 +188,13 @@ def test_likelihood_weighting_divides_by_the_time_density():
     u = ((t - eps) / (1 - 2 * eps)).numpy()
     ratio = torch.from_numpy(u * (1 - u) / stats.norm.pdf(np.log(u / (1 - u))))  # p_U / p_logit-normal
     got = loss_weight(path, t, "score", "likelihood", time_sampler="logit-normal", t_eps=eps)
-    torch.testing.assert_close(got, path.diffusion_sq(t) * ratio, rtol=1e-10, atol=0)
+    vp_g2 = math.pi / torch.tan(math.pi * t / 2)  # 2 beta (alpha' beta - alpha beta') / alpha on vp
+    torch.testing.assert_close(got, vp_g2 * ratio, rtol=1e-10, atol=0)
     lognormal = logit_normal(0.5, 0.8)
     z = (np.log(u / (1 - u)) - 0.5) / 0.8
     ratio = torch.from_numpy(0.8 * u * (1 - u) / stats.norm.pdf(z))
     got = loss_weight(path, t, "velocity", "likelihood", time_sampler=lognormal, t_eps=eps)
-    torch.testing.assert_close(got, 4 / path.diffusion_sq(t) * ratio, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got, 4 / vp_g2 * ratio, rtol=1e-10, atol=0)
     g = torch.Generator().manual_seed(0)
     t_u = sample_time(200_000, time_sampler="uniform", t_eps=eps, generator=g, dtype=DT)
     t_ln = sample_time(200_000, time_sampler="logit-normal", t_eps=eps, generator=g, dtype=DT)
@@ -303,7 +304,8 @@ def test_loss_weight_values():
     assert torch.allclose(
         loss_weight(path, t, "velocity", "noise"), (torch.sin(math.pi * t / 2) * 2 / math.pi) ** 2
     )
-    assert torch.allclose(loss_weight(path, t, "velocity", "likelihood"), 4 / path.diffusion_sq(t))
+    vp_g2 = math.pi / torch.tan(math.pi * t / 2)  # 2 beta (alpha' beta - alpha beta') / alpha on vp
+    assert torch.allclose(loss_weight(path, t, "velocity", "likelihood"), 4 / vp_g2)
     assert torch.equal(loss_weight(path, t, "score", None), torch.ones(3, dtype=DT))
 
 

@@ -1,6 +1,6 @@
 """Digits (scikit-learn 8x8, 1797 images): train with the default image settings, sample, check the samples.
 
-Trains ``TrainConfig(data="digits")`` (the defaults of ``training.IMAGE_DEFAULTS["digits"]``, overridable by
+Trains ``TrainConfig(data="digits")`` (the defaults of ``config.IMAGE_DEFAULTS["digits"]``, overridable by
 ``--steps`` / ``--width`` / ``--batch-size`` / ``--lr``), then draws ``--n`` samples by ODE (rk4, 100 steps)
 and by SDE (Euler-Maruyama, 500 steps) and measures, in data units (gray levels 0..16):
 
@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowscore import _io, data, demo, plots
+from flowscore import _io, data, plots, workflows
+from flowscore.samplers import DEFAULT_ODE_STEPS as ODE_STEPS
+from flowscore.samplers import DEFAULT_SDE_STEPS as SDE_STEPS
 from flowscore.training import TrainConfig, Trainer, load_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -153,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         run, train_s = train(overrides, os.path.join(work, "run"))
     start = time.perf_counter()
-    samples = demo.draw_samples(run, args.n, seed=1)
+    samples = workflows.draw_samples(run, args.n, seed=1)
     sample_s = time.perf_counter() - start
     x_train, y_train, x_held, y_held = real_split(run)
     with warnings.catch_warnings():  # `probability` is deprecated from scikit-learn 1.9 (removal: 1.11)
@@ -162,8 +164,8 @@ def main() -> None:
     acc = float(classifier.score(x_held, y_held))
     ode, sde = (s.reshape(len(s), -1).astype(np.float64) for s in (samples.ode, samples.sde))
     rows = [
-        describe(f"ODE ({samples.ode_sampler}, {demo.ODE_STEPS} steps)", ode, classifier, x_train),
-        describe(f"SDE (Euler-Maruyama, {demo.SDE_STEPS} steps)", sde, classifier, x_train),
+        describe(f"ODE ({samples.ode_sampler}, {ODE_STEPS} steps)", ode, classifier, x_train),
+        describe(f"SDE (Euler-Maruyama, {SDE_STEPS} steps)", sde, classifier, x_train),
         describe("held-out real digits", x_held, classifier, x_train),
         describe("baseline: Gaussian pixels", gaussian_pixels(x_train, args.n), classifier, x_train),
     ]
@@ -173,7 +175,7 @@ def main() -> None:
         "SDE (Euler-Maruyama)": samples.sde[:64],
         "held-out real digits": run.held_out.numpy()[:64],
     }
-    plots.plot_image_grid(grids, os.path.join(args.out, "digits.png"), value_range=demo.image_range(run))
+    plots.plot_image_grid(grids, os.path.join(args.out, "digits.png"), value_range=workflows.image_range(run))
     text = report(args, run, train_s, sample_s, rows, acc)
     _io.write_bytes(os.path.join(args.out, "digits.md"), text.encode())
     print(text)

@@ -23,8 +23,11 @@ import time
 import numpy as np
 import torch
 
-from flowscore import _io, data, demo
+from flowscore import _io, data, workflows
 from flowscore.metrics import w2
+from flowscore.samplers import DEFAULT_ODE_SAMPLER as ODE_SAMPLER
+from flowscore.samplers import DEFAULT_ODE_STEPS as ODE_STEPS
+from flowscore.samplers import DEFAULT_SDE_STEPS as SDE_STEPS
 from flowscore.training import TrainConfig, Trainer, load_run
 
 TOYS = ("moons", "8gaussians", "checkerboard")
@@ -40,7 +43,7 @@ def measure(name: str, n: int, work: str, pairs: int) -> dict[str, float]:
     train_s = time.perf_counter() - start
     run = load_run(os.path.join(work, name))
     start = time.perf_counter()
-    samples = demo.draw_samples(run, n, seed=1)
+    samples = workflows.draw_samples(run, n, seed=1)
     sample_s = time.perf_counter() - start
     # pairs of independent fresh draws (seeds unused in training); not halves of one draw: toys are ordered
     floors, odes, sdes = [], [], []
@@ -63,8 +66,8 @@ def report(results: dict[str, dict[str, float]], n: int, pairs: int) -> str:
         "",
         f"`python bench/bench_quality.py --n {n}` on {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Each toy: `TrainConfig(data=name)` "
-        f"(defaults), then {n} samples by ODE ({demo.ODE_SAMPLER}, {demo.ODE_STEPS} steps) and SDE "
-        f"(Euler-Maruyama, {demo.SDE_STEPS} steps). (A_k, B_k): {pairs} pairs of fresh independent draws of "
+        f"(defaults), then {n} samples by ODE ({ODE_SAMPLER}, {ODE_STEPS} steps) and SDE "
+        f"(Euler-Maruyama, {SDE_STEPS} steps). (A_k, B_k): {pairs} pairs of fresh independent draws of "
         f"{n} points of the toy. Floor = mean_k W2(B_k, A_k) (its range over the pairs in brackets); "
         f"ratio = mean_k W2(samples, A_k) / floor; goal <= {GOAL}.",
         "",

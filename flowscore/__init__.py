@@ -2,11 +2,13 @@
 
 Time runs from t = 0 (noise) to t = 1 (data); ``x = alpha_t * x_data + beta_t * noise``. The modules follow
 the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> ``losses``/``floor`` ->
-``training`` -> ``samplers``/``likelihood``/``metrics``; ``cli`` puts them on the command line.
+``config``/``runs``/``training`` -> ``samplers``/``likelihood``/``metrics`` -> ``workflows`` (sample, eval,
+plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
 from . import data, losses
 from ._validate import validation
+from .config import TrainConfig
 from .conversions import KINDS, Schedule, conversion_coefficients, convert
 from .floor import LossFloor, loss_floor
 from .likelihood import log_likelihood
@@ -23,14 +25,19 @@ from .paths import (
     VPLinearPath,
     get_path,
 )
+from .runs import Run, load_run
 from .samplers import sample, sample_ode, sample_sde
+from .training import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
     "PATHS",
+    "Run",
     "Schedule",
+    "TrainConfig",
+    "Trainer",
     "CosinePath",
     "CustomPath",
     "EmpiricalMarginal",
@@ -44,6 +51,7 @@ __all__ = [
     "convert",
     "data",
     "get_path",
+    "load_run",
     "log_likelihood",
     "loss_floor",
     "losses",

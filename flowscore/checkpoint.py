@@ -72,6 +72,27 @@ def load_checkpoint(file: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, state
 
 
+def read_state(file: str | Path) -> dict[str, Any]:
+    """The JSON ``state`` of a checkpoint, read from the file's header alone (no tensor is loaded).
+
+    Raises ``ValueError`` like :func:`load_checkpoint`.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(
+            f"checkpoint {str(file)!r} does not exist; check the run directory or start a new run"
+        )
+    try:
+        state = json.loads(_read_metadata(file)[_META_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(file)!r} has a malformed state; start a new run")
+    return state
+
+
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{prefix + "." + name: tensor}``."""
     return {f"{prefix}.{name}": value for name, value in tensors.items()}

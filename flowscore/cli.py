@@ -1,32 +1,39 @@
 """The ``flowscore`` command line: ``paths``, ``verify``, ``train``, ``sample``, ``eval``, ``plot``, ``demo``.
 
-``flowscore --help`` and ``flowscore COMMAND --help`` list the flags. ``python -m flowscore`` is the same
-program. Errors in the input (a missing file, NaN in the data, an unknown sampler, an existing ``--out``
-without ``--resume``, ...) print exactly one line ``flowscore: error: <what is wrong>; <how to fix>`` on
-stderr and exit with status 2; nothing is created before the input is checked, and every output file is
-written atomically (a temporary file, then ``os.replace``). Ctrl-C prints one line and exits with 130.
+``flowscore --help`` and ``flowscore COMMAND --help`` list the flags; ``flowscore --version`` the version.
+``python -m flowscore`` is the same program. ``flowscore train`` has one flag per field of
+:class:`flowscore.config.TrainConfig`, generated from the dataclass (its types, defaults and help text).
+
+Exit status and messages: errors in the input (a missing file, NaN in the data, an unknown sampler, an
+existing ``--out`` without ``--resume``, a run folder another process is writing, a job that cannot fit in
+memory, ...) print exactly one line ``flowscore: error: <what is wrong>; <how to fix>`` on stderr and exit
+with status 2; nothing is created before the input is checked, and every output file is written atomically
+(a temporary file, then ``os.replace``). A failure while working (a full disk, a diverging training) prints
+one line naming the cause and what was kept, and exits with status 1. Ctrl-C prints one line and exits
+with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from . import _io, demo
+from . import __version__, _io, config, runs, workflows
 from .data import TOYS
 from .paths import PATHS, get_path
-from .samplers import SAMPLERS
+from .samplers import DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS, SAMPLERS
 
-OBJECTIVES = ("cfm", "dsm", "fm", "sm")
-PREDICTIONS = ("velocity", "score", "noise", "data")
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -72,34 +79,59 @@ def _check_output_file(file: str, suffix: str, flag: str) -> str:
     return file
 
 
-def _positive(value: str) -> int:
+def _integer(value: str, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` written as ``12``, ``1e8`` or ``1_000`` (a float form must be whole)."""
+    text = value.strip().replace("_", "")
     try:
-        number = int(value)
+        number = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        try:
+            as_float = float(text)
+        except ValueError:
+            as_float = math.nan
+        if not (math.isfinite(as_float) and as_float == int(as_float)):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}") from None
+        number = int(as_float)
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
     return number
 
 
-def _positive_float(value: str) -> float:
+def _positive(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _number(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
     return number
 
 
+def _check_free_space(file: str, size: float, flag: str) -> None:
+    """CLIError when the folder of ``file`` (or its nearest existing parent) has fewer than ``size`` bytes
+    free."""
+    parent = os.path.dirname(os.path.abspath(file))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if size > free:
+        raise CLIError(
+            f"{flag} {file!r} needs about {size / 2**20:.4g} MiB but {parent!r} has "
+            f"{free / 2**20:.4g} MiB free",
+            "free some space or write elsewhere",
+        )
+
+
 def load_run_or_fail(run_dir: str) -> Any:
-    """``flowscore.training.load_run(run_dir)``, turning a missing or corrupt run into a :class:`CLIError`."""
+    """``flowscore.runs.load_run(run_dir)``, turning a missing or corrupt run into a :class:`CLIError`."""
     if not os.path.isdir(run_dir):
         raise CLIError(f"run dir {run_dir!r} does not exist", "pass the --out folder of `flowscore train`")
-    from .training import load_run
-
     try:
-        return load_run(run_dir)
+        return runs.load_run(run_dir)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # any failure to read a run means the folder is not a usable run
@@ -176,69 +208,125 @@ def _add_verify(sub: Any) -> None:
 
 
 # -- train -------------------------------------------------------------------------------------------------
-TRAIN_FLAGS = {  # flag dest -> TrainConfig field
-    "data": "data",
-    "path": "path",
-    "objective": "objective",
-    "prediction": "prediction",
-    "steps": "steps",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "seed": "seed",
-    "checkpoint_every": "checkpoint_every",
-}
+def _default_text(name: str) -> str:
+    """The ``(default: ...)`` of a TrainConfig field, read from the dataclass and the per-data defaults."""
+    if name in config.PER_DATA_FIELDS:
+        parts = [f"{config.VECTOR_DEFAULTS[name]:g} (vectors)"]
+        parts += [f"{values[name]:g} ({data})" for data, values in config.IMAGE_DEFAULTS.items()]
+        return f"(default: per data set: {', '.join(parts)})"
+    value = config.field_default(name)
+    if value == "":
+        return "(required)"
+    if value is None:
+        return "(default: none)"
+    if isinstance(value, bool):
+        return f"(default: {str(value).lower()})"
+    if isinstance(value, dict):
+        return f"(default: {json.dumps(value)})"
+    return f"(default: {value})"
+
+
+def _field_parser(name: str, base: type, optional: bool) -> Callable[[str], Any]:
+    """The argparse ``type`` of a TrainConfig field: ints (also ``1e4``), floats, JSON dicts, choices, and
+    ``none`` for fields that accept None."""
+    choices = config.CHOICES.get(name)
+
+    def parse(value: str) -> Any:
+        if optional and value.strip().lower() == "none":
+            return None
+        if choices is not None:
+            if value not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"expected one of {', '.join(choices)}{', none' if optional else ''}; got {value!r}"
+                )
+            return value
+        if base is int:
+            return _integer(value, minimum=0)
+        if base is float:
+            return _number(value)
+        if base is dict:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"a\": 1}}', got {value!r}")
+            return parsed
+        return value
+
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`~flowscore.config.TrainConfig` (``--batch-size`` for ``batch_size``):
+    its type and allowed values from the dataclass, its help from ``config.FIELD_HELP`` and its default from
+    the dataclass. A flag left out does not override ``--config`` (argparse.SUPPRESS)."""
+    types = config.field_types()
+    for f in dataclasses.fields(config.TrainConfig):
+        base, optional = types[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{config.FIELD_HELP[f.name]} {_default_text(f.name)}"
+        if base is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                help=help_text,
+            )  # fmt: skip
+            continue
+        choices = config.CHOICES.get(f.name)
+        metavar = (
+            "{" + ",".join((*choices, "none") if optional else choices) + "}"
+            if choices
+            else {int: "N", float: "X", dict: "JSON", str: "TEXT"}.get(base, "VALUE")
+        )
+        parser.add_argument(
+            flag, dest=f.name, type=_field_parser(f.name, base, optional), default=argparse.SUPPRESS,
+            metavar=metavar, help=help_text,
+        )  # fmt: skip
 
 
 def _toml_values(file: str) -> dict[str, Any]:
     """The TrainConfig fields in a ``--config`` TOML file, not yet validated."""
-    from .training import TrainConfig
-
     try:
-        return TrainConfig.read_toml(file)
+        return config.TrainConfig.read_toml(file)
     except ValueError as err:
         raise CLIError(f"--config: {_one_line(err)}", "pass a TOML file of TrainConfig fields") from None
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields given explicitly on the command line."""
-    return {
-        field: getattr(args, dest) for dest, field in TRAIN_FLAGS.items() if getattr(args, dest) is not None
-    }
+    names = [f.name for f in dataclasses.fields(config.TrainConfig)]
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
-def train_config(args: argparse.Namespace) -> Any:
+def train_config(args: argparse.Namespace) -> config.TrainConfig:
     """The new run's ``TrainConfig``: defaults < ``--config`` TOML < explicit flags."""
-    from .training import TrainConfig
-
     values = _toml_values(args.config) if args.config else {}
     values.update(_flag_values(args))
     if not values.get("data"):
         raise CLIError("no data set given", "pass --data NAME (e.g. moons) or --data FILE.npy")
-    return TrainConfig.from_dict(values)
+    return config.TrainConfig.from_dict(values)
 
 
-def resume_config(args: argparse.Namespace) -> Any:
+def resume_config(args: argparse.Namespace) -> config.TrainConfig:
     """The stored config of the run in ``--out`` with the explicit flags (and ``--config``) applied.
 
-    The trainer refuses changes other than ``training.RESUMABLE_CHANGES`` (e.g. ``--steps``, a new total).
+    The trainer refuses changes other than ``config.RESUMABLE_CHANGES`` (e.g. ``--steps``, a new total).
     """
-    from .training import RUN_FILE, TrainConfig, Trainer
-
-    if not os.path.isfile(os.path.join(args.out, RUN_FILE)):
+    if not os.path.isfile(os.path.join(args.out, runs.RUN_FILE)):
         raise CLIError(
-            f"--resume given but {args.out!r} is not a flowscore run (no {RUN_FILE})",
+            f"--resume given but {args.out!r} is not a flowscore run (no {runs.RUN_FILE})",
             "pass the --out folder of an earlier `flowscore train`, or drop --resume",
         )
     try:
-        stored = Trainer.resume(args.out, progress=False).config.to_dict()
-    except Exception as err:  # an unreadable run file means the folder is not a usable run
+        stored = runs.stored_config(args.out).to_dict()
+    except ValueError as err:
         raise CLIError(
             f"run dir {args.out!r} is not a readable flowscore run ({_one_line(err)})",
             "start a new run with another --out",
         ) from None
     stored.update(_toml_values(args.config) if args.config else {})
     stored.update(_flag_values(args))
-    return TrainConfig.from_dict(stored)
+    return config.TrainConfig.from_dict(stored)
 
 
 def _check_train_out(run_dir: str, resume: bool) -> None:
@@ -253,23 +341,21 @@ def _check_train_out(run_dir: str, resume: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import CHECKPOINT_FILE, Trainer
+    from .training import Trainer
 
     run_dir = args.out
     _check_train_out(run_dir, args.resume)
-    config = resume_config(args) if args.resume else train_config(args)
-    created = not os.path.exists(run_dir)
+    cfg = resume_config(args) if args.resume else train_config(args)
     try:
-        result = Trainer(config, run_dir, progress=not args.no_progress).train(resume=args.resume)
+        result = Trainer(cfg, run_dir, progress=not args.no_progress).train(resume=args.resume)
     except KeyboardInterrupt:
-        if created and not os.path.isfile(os.path.join(run_dir, CHECKPOINT_FILE)):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise Interrupted("interrupted before the first checkpoint; the run was removed") from None
-        raise Interrupted(f"interrupted; continue with `flowscore train --out {run_dir} --resume`") from None
-    except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        step = runs.checkpoint_step(run_dir)
+        if step is None:
+            raise Interrupted("interrupted before the first checkpoint; nothing was kept") from None
+        raise Interrupted(
+            f"interrupted; the checkpoint of step {step} is kept; continue with "
+            f"`flowscore train --out {run_dir} --resume`"
+        ) from None
     floor = result.get("loss_floor")
     floor_text = "" if floor is None else f", loss floor {floor:.4g}"
     print(f"trained {run_dir}: step {result['step']}, loss (EMA) {result['loss_ema']:.4g}{floor_text}")
@@ -282,29 +368,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.plot:
         _check_output_file(args.plot, ".png", "--plot")
     run = load_run_or_fail(args.run)
-    x = demo.sample_run(run, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    if args.plot:
+        try:
+            workflows.plot_kind(run.data_shape)
+        except ValueError as err:
+            raise CLIError(f"--plot: {_one_line(err)}", "drop --plot") from None
+    workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=args.steps)
+    _check_free_space(args.out, args.n * 4 * math.prod(run.data_shape) + 4096, "--out")
+    sampler = args.sampler or DEFAULT_ODE_SAMPLER
+    x = workflows.sample_run(
+        run, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, threads=args.threads,
+        progress=not args.no_progress,
+    )  # fmt: skip
     if not np.isfinite(x).all():
         raise CLIError(
-            f"the {args.sampler} sampler produced NaN or Inf",
+            f"the {sampler} sampler produced NaN or Inf",
             "use more --steps, or another --sampler (e.g. heun or rk4)",
         )
     _io.save_npy(args.out, x)
-    print(
-        f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({args.sampler}, data space)"
-    )
+    print(f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({sampler}, data space)")
     if args.plot:
         from . import plots
 
         held = np.asarray(torch.as_tensor(run.held_out).float())
-        if x.ndim == 2 and x.shape[1] == 2:
-            plots.plot_samples({f"{args.sampler} samples": x}, held[: max(2000, len(x))], args.plot)
-        elif x.ndim == 4:
-            plots.plot_image_grid(
-                x[:64], args.plot, title=f"{args.sampler} samples", value_range=demo.image_range(run)
-            )
+        if workflows.plot_kind(run.data_shape) == "points":
+            plots.plot_samples({f"{sampler} samples": x}, held[: max(2000, len(x))], args.plot)
         else:
-            raise CLIError(
-                f"--plot needs 2D points or images, got samples of shape {x.shape[1:]}", "drop --plot"
+            plots.plot_image_grid(
+                x[:64], args.plot, title=f"{sampler} samples", value_range=workflows.image_range(run)
             )
         print(f"wrote {args.plot}")
     return 0
@@ -314,8 +405,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _check_output_file(args.json, ".json", "--json")
     run = load_run_or_fail(args.run)
-    result = demo.evaluate_run(run, n=args.n, seed=args.seed)
-    print(demo.format_eval(result))
+    result = workflows.evaluate_run(
+        run, n=args.n, seed=args.seed, likelihood=not args.no_likelihood, threads=args.threads
+    )
+    print(workflows.format_eval(result))
     if args.json:
         _io.save_json(args.json, result)
         print(f"wrote {args.json}")
@@ -327,33 +420,43 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CLIError(f"--out {out_dir!r} exists and is not a folder", "pass a folder for the PNGs")
     run = load_run_or_fail(args.run)
-    for file in demo.plot_run(run, out_dir, n=args.n, seed=args.seed):
+    for file in workflows.plot_run(run, out_dir, n=args.n, seed=args.seed, threads=args.threads):
         print(f"wrote {file}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    replace = demo.prepare_demo_dir(args.out)
-    if replace:
-        print(f"note: replacing the earlier demo in {args.out}/ (a demo overwrites its own folder)")
+    from . import demo
+
+    if demo.prepare_demo_dir(args.out):
+        print(f"note: replacing the earlier demo in {args.out}/ once the new one is complete")
     result = demo.run_demo(
-        args.out, data=args.data, steps=args.steps, seed=args.seed, n=args.n, progress=not args.no_progress
-    )
+        args.out, data=args.data, steps=args.steps, seed=args.seed, n=args.n, progress=not args.no_progress,
+        threads=args.threads,
+    )  # fmt: skip
     for file in result.files:
         print(f"wrote {file}")
     print()
-    print(demo.format_eval(result.metrics))
+    print(workflows.format_eval(result.metrics))
     print(f"run: {result.run_dir}   samples: {args.out}/samples_ode.npy, {args.out}/samples_sde.npy")
     return 0
 
 
 # -- registration ------------------------------------------------------------------------------------------
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=_positive, default=None,
+        help="torch CPU threads (default: chosen from the work, one for small models)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flowscore`` argument parser with all subcommands."""
     parser = _Parser(
         prog="flowscore",
         description="Flow matching and diffusion objectives on Gaussian paths (t = 0 noise, t = 1 data).",
     )
+    parser.add_argument("--version", action="version", version=f"flowscore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -364,16 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_verify(sub)
 
-    p = sub.add_parser("train", help="train a model (defaults train a good 2D model)")
-    p.add_argument("--data", help="a toy name (moons, 8gaussians, ...) or a file (.npy)")
-    p.add_argument("--path", choices=[n for n in PATHS if n != "custom"], help="Gaussian path")
-    p.add_argument("--objective", choices=OBJECTIVES, help="training objective")
-    p.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts")
-    p.add_argument("--steps", type=_positive, help="training steps (with --resume: the new total)")
-    p.add_argument("--batch-size", type=_positive)
-    p.add_argument("--lr", type=_positive_float, help="learning rate")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=_positive, help="steps between checkpoints")
+    p = sub.add_parser(
+        "train",
+        help="train a model (defaults train a good 2D model)",
+        description="Train a model into a run folder. Every TrainConfig field is a flag; a flag overrides "
+        "--config, which overrides the defaults.",
+    )
+    add_config_flags(p)
     p.add_argument("--config", metavar="FILE.toml", help="TrainConfig fields; explicit flags override it")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -382,63 +482,96 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples of a trained run (saved in data space)")
     p.add_argument("--run", required=True, metavar="RUN_DIR")
-    p.add_argument("--n", type=_positive, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="heun", help="ODE solver or sde (default heun)")
-    p.add_argument("--steps", type=_positive, help="solver steps (default 100 for ODEs, 500 for sde)")
+    p.add_argument("--n", type=_positive, default=1000, help="number of samples (default: 1000)")
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default=None,
+        help=f"ODE solver or sde (default: {DEFAULT_ODE_SAMPLER})",
+    )  # fmt: skip
+    p.add_argument(
+        "--steps", type=_positive, default=None,
+        help=f"solver steps (default: {DEFAULT_ODE_STEPS} for ODE solvers, {DEFAULT_SDE_STEPS} for sde)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.add_argument(
         "--plot", metavar="FILE.png", help="also plot the samples (2D: vs held-out data; images: grid)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="W2 and MMD to held-out data next to their floors, and held-out NLL")
     p.add_argument("--run", required=True, metavar="RUN_DIR")
     p.add_argument(
-        "--n", type=_positive, default=2000, help="points per set (capped at half the held-out data)"
-    )
+        "--n", type=_positive, default=2000,
+        help="points per set, for the samples, W2, MMD and the likelihood; capped at half the held-out data "
+        "(default: 2000)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="FILE.json", help="also write the numbers as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-likelihood", action="store_true", help="skip the held-out likelihood (bits/dim)")
+    p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "plot", help="PNGs of a run: loss and floor, samples, trajectories, field / image grid"
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR")
-    p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default RUN_DIR/plots)")
-    p.add_argument("--n", type=_positive, default=2000, help="2D samples per sampler to plot (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR/plots)")
+    p.add_argument("--n", type=_positive, default=2000, help="2D samples per sampler to plot (default: 2000)")
+    p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
+    _add_threads(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="train on a 2D toy, sample by ODE and SDE, plot, print W2 vs its floor")
     p.add_argument(
-        "--out", default="demo-out", metavar="DIR", help="demo folder (an earlier demo there is replaced)"
-    )
-    p.add_argument("--data", default="moons", choices=TOYS, help="2D toy data set (default moons)")
+        "--out", default="demo-out", metavar="DIR",
+        help="demo folder; an earlier demo there is replaced once the new one is complete "
+        "(default: demo-out)",
+    )  # fmt: skip
+    p.add_argument("--data", default="moons", choices=TOYS, help="2D toy data set (default: moons)")
     p.add_argument("--steps", type=_positive, help="training steps (default: the trainer's default)")
-    p.add_argument("--n", type=_positive, default=2000, help="samples per sampler for W2 (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_positive, default=2000, help="samples per sampler for W2 (default: 2000)")
+    p.add_argument("--seed", type=_integer_min0, default=0, help="seed of training and draws (default: 0)")
+    _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def _integer_min0(value: str) -> int:
+    return _integer(value, 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    from .training import TrainingFailed
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except CLIError as err:
         return _fail(str(err))
-    except (ValueError, OSError) as err:
-        return _fail(f"{_one_line(err)}; check the arguments (see `flowscore --help`)")
+    except TrainingFailed as err:
+        return _fail(str(err), EXIT_FAILED)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        cause = _one_line(err) or type(err).__name__
+        return _fail(f"out of memory ({cause}); try a smaller --n or --batch-size", EXIT_FAILED)
+    except ValueError as err:
+        message = _one_line(err)
+        fix = "" if "; " in message else "; check the arguments (see `flowscore --help`)"
+        return _fail(message + fix)
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else _one_line(err)
+        where = f" ({err.filename})" if err.filename else ""
+        return _fail(f"{cause}{where}; nothing was written there", EXIT_FAILED)
     except KeyboardInterrupt as err:
         note = _one_line(err) if isinstance(err, Interrupted) else "interrupted"
         print(f"flowscore: {note}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"flowscore: error: {_one_line(message)}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return code

@@ -10,6 +10,7 @@ scale the paths expect and back; :func:`split` holds out points for evaluation.
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -111,28 +112,60 @@ def _mnist() -> np.ndarray:
     return np.asarray(images).reshape(-1, 1, 28, 28)
 
 
+def _check_size(shape: tuple[int, ...], itemsize: int, stored: int | None, origin: str) -> None:
+    """Refuses an array header whose data the file cannot hold, or whose float32 copy cannot fit in memory."""
+    from ._resources import check_memory
+
+    count = math.prod(shape)
+    if stored is not None and count * itemsize > stored:
+        raise ValueError(
+            f"data {origin}: its header says shape {shape} ({count * itemsize} bytes) but the file holds "
+            f"{stored} bytes; the file is truncated or damaged"
+        )
+    what = f"data {origin} of shape {shape}"
+    check_memory(count * (4 + itemsize), "cpu", what, "load a smaller part of it")
+
+
+def _npz_member(file: Path, archive: zipfile.ZipFile, key: str, origin: str) -> np.ndarray:
+    """One array of an .npz, its header checked (against the member's size and free memory) before reading."""
+    info = archive.getinfo(key + ".npy")
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _fortran, dtype = read(handle)
+    _check_size(tuple(shape), dtype.itemsize, info.file_size, origin)
+    with np.load(file, allow_pickle=False) as npz:
+        return npz[key]
+
+
 def _read_array_file(file: Path) -> np.ndarray:
     if not file.is_file():
         raise ValueError(
             f"data {str(file)!r}: no such file; pass a toy name ({', '.join(TOYS)}), "
             f"{' or '.join(map(repr, IMAGE_SETS))}, or an existing .npy/.npz file"
         )
+    origin = repr(str(file))
     try:
         if file.suffix == ".npy":
-            return np.load(file, allow_pickle=False)
-        with np.load(file, allow_pickle=False) as archive:
-            keys = list(archive.keys())
+            array = np.load(file, allow_pickle=False, mmap_mode="r")  # the size is checked before reading
+            _check_size(array.shape, array.dtype.itemsize, None, origin)
+            return array
+        with zipfile.ZipFile(file) as archive:
+            keys = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
             key = next((k for k in ("data", "x") if k in keys), keys[0] if len(keys) == 1 else None)
             if key is None:
                 raise ValueError(
                     f"data {str(file)!r}: the .npz holds arrays {keys}; save a single array or name it 'data'"
                 )
-            return archive[key]
+            return _npz_member(file, archive, key, origin)
     except ValueError as err:
         if str(err).startswith("data "):
             raise
-        raise ValueError(f"data {str(file)!r}: cannot read it as a NumPy array file ({err})") from None
-    except (OSError, EOFError) as err:
+        raise ValueError(
+            f"data {str(file)!r}: cannot read it as a NumPy array file ({err}); check the file"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"data {str(file)!r}: cannot read it as a NumPy array file ({err})") from None
 
 

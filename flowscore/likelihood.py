@@ -129,27 +129,37 @@ def log_likelihood(
 
 
 def bits_per_dim(
-    log_likelihood: torch.Tensor, num_dims: int, *, num_levels: int = 256, data_range: float = 2.0
+    log_likelihood: torch.Tensor,
+    num_dims: int,
+    *,
+    num_levels: int = 256,
+    data_range: float = 2.0,
+    bin_width: float | None = None,
 ) -> torch.Tensor:
-    r"""Bits per dimension of discrete data from the continuous log-likelihood of its scaled version.
+    r"""Bits per dimension of discrete data from the continuous log-likelihood of its dequantised version.
 
-    Convention: integer data in ``{0, ..., num_levels - 1}`` is dequantised with uniform noise,
-    :math:`\tilde k = k + u`, :math:`u \sim U[0, 1)^D`, then mapped affinely onto an interval of length
-    ``data_range`` (``[-1, 1]``: ``x = 2\tilde k / 256 - 1``, ``data_range = 2``); ``log_likelihood`` (nats,
-    shaped ``(B,)``) is the model's density at ``x``. The change of variables adds
-    :math:`D \log(\mathrm{data\_range}/\mathrm{num\_levels})`, so
+    Uniform dequantisation: each discrete value owns a bin of width :math:`w` (in the units in which
+    ``log_likelihood`` is a density) and is spread uniformly over it, :math:`x = k + w u`. For the discrete
+    model :math:`P(k) = \int_{bin} p`, Jensen's inequality gives
+    :math:`\log P(k) \ge E_u \log p(x) + D \log w`, so
 
-    .. math:: \mathrm{bpd} = \big(-\log p(x)/D + \log(L/R)\big) / \log 2, \quad L = \mathrm{num\_levels},
-              R = \mathrm{data\_range},
+    .. math:: \mathrm{bpd} = -\big(\log p(x)/D + \log w\big) / \log 2
 
-    an upper bound on the discrete model's bits (the dequantisation bound). Uniform data on the interval gives
-    ``log2(num_levels)`` (8 for 256 levels). Returns ``(B,)``.
+    averaged over dequantised points is an upper bound on the discrete model's bits, and its expectation is
+    >= 0 (since P(k) <= 1). ``bin_width`` gives :math:`w`; by default ``w = data_range / num_levels``:
+    integer data in ``{0, ..., num_levels - 1}`` mapped affinely onto an interval of length ``data_range``
+    (``[-1, 1]`` for 8-bit images: 256 levels, range 2). A uniform density on the interval gives
+    ``log2(num_levels)`` (8 for 256 levels). ``log_likelihood``: ``(B,)`` nats; returns ``(B,)``.
     """
     ll = _validate.tensor(log_likelihood, "log_likelihood")
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
         raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-    if not data_range > 0:
-        raise ValueError(f"data_range must be positive, got {data_range!r}")
-    return (-ll / num_dims + math.log(num_levels / data_range)) / math.log(2)
+    if bin_width is None:
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+        if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+            raise ValueError(f"data_range must be a positive number, got {data_range!r}")
+        bin_width = data_range / num_levels
+    elif not (isinstance(bin_width, (int, float)) and math.isfinite(bin_width) and bin_width > 0):
+        raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
+    return -(ll / num_dims + math.log(bin_width)) / math.log(2)

@@ -7,6 +7,7 @@ JSON-able ``config()``; :func:`model_from_config` rebuilds it, so a checkpoint n
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -171,39 +172,157 @@ class UNet(nn.Module):
 
 
 MODELS = ("auto", "mlp", "unet")
+LIMITS: dict[str, int] = {
+    "dim": 2**24, "width": 2**16, "depth": 256, "channels": 4096, "base": 2**14, "levels": 8,
+    "time_embedding": 2**14,
+}  # fmt: skip
+"""Upper bounds of each size in a model config: sanity bounds checked before anything is built (a config read
+back from a file could otherwise ask for any amount of memory)."""
+_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding"), "unet": ("channels", "base", "levels",
+            "time_embedding")}  # fmt: skip
 
 
-def build_model(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: Any) -> nn.Module:
-    """A model for points of shape ``data_shape`` (``(D,)`` or ``(C, H, W)``).
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def model_config(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: Any) -> dict[str, Any]:
+    """The ``config()`` that :func:`build_model` gives for these arguments, without building anything.
 
     ``kind``: ``"mlp"`` (any shape, flattened; opts ``width``, ``depth``, ``time_embedding``),
     ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
-    or ``"auto"`` (MLP for vectors, UNet for images). Options set to ``None`` take their defaults.
+    or ``"auto"`` (MLP for vectors, UNet for images). Options set to ``None`` take their defaults. The
+    result is checked by :func:`check_config`.
     """
     _validate.choice(kind, MODELS, "model")
     data_shape = tuple(data_shape)
-    if len(data_shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in data_shape):
+    if len(data_shape) not in (1, 3) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data_shape
+    ):
         raise ValueError(f"data_shape must be (D,) or (C, H, W) with positive sizes, got {data_shape}")
     opts = {k: v for k, v in opts.items() if v is not None}
     if kind == "auto":
         kind = "unet" if len(data_shape) == 3 else "mlp"
-    try:
-        if kind == "mlp":
-            return MLP(math.prod(data_shape), **opts)
-        if len(data_shape) != 3:
-            raise ValueError(f"model 'unet' needs image data (C, H, W), got data shape {data_shape}")
-        opts.setdefault("levels", 1 if max(data_shape[1:]) <= 8 else 2)
-        return UNet(data_shape[0], **opts)
-    except TypeError as err:
-        raise ValueError(f"bad options for model {kind!r}: {err}") from None
+    if kind == "unet" and len(data_shape) != 3:
+        raise ValueError(f"model 'unet' needs image data (C, H, W), got data shape {data_shape}")
+    unknown = sorted(set(opts) - set(_OPTIONS[kind]) - {"dim", "channels"})
+    if unknown or {"dim", "channels"} & set(opts):
+        bad = unknown or sorted({"dim", "channels"} & set(opts))
+        raise ValueError(f"bad options for model {kind!r}: unexpected {', '.join(bad)}")
+    if kind == "mlp":
+        config = {"kind": "mlp", **_constructor_defaults(MLP), "dim": math.prod(data_shape), **opts}
+    else:
+        levels = 1 if max(data_shape[1:]) <= 8 else 2
+        config = {"kind": "unet", **_constructor_defaults(UNet), "levels": levels, **opts}
+        config["channels"] = data_shape[0]
+    return check_config(config)
+
+
+def check_config(config: object) -> dict[str, Any]:
+    """``config`` (a model's ``config()``) if it is well formed, within :data:`LIMITS`; ``ValueError`` else.
+
+    Cheap: nothing is built. Use :func:`parameter_count` to compare it with stored weights.
+    """
+    if not isinstance(config, dict) or config.get("kind") not in _OPTIONS:
+        raise ValueError(f"model config must be a dict with kind 'mlp' or 'unet', got {_short(config)}")
+    names = _OPTIONS[config["kind"]]
+    if set(config) != {"kind", *names}:
+        raise ValueError(
+            f"model config of kind {config['kind']!r} must have exactly the keys kind, {', '.join(names)}; "
+            f"got {', '.join(sorted(map(str, config)))}"
+        )
+    for name in names:
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[name]:
+            raise ValueError(
+                f"model config: {name} must be an integer in [1, {LIMITS[name]}], got {_short(value)}"
+            )
+    if config["time_embedding"] % 2:
+        raise ValueError(f"model config: time_embedding must be even, got {config['time_embedding']}")
+    return dict(config)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parameter_count(config: dict[str, Any]) -> int:
+    """The number of weights of the model ``model_from_config(config)`` (its state dict), computed from the
+    config alone (nothing is built)."""
+    c = check_config(config)
+
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + n_out
+
+    def conv(n_in: int, n_out: int, k: int = 3) -> int:
+        return n_in * n_out * k * k + n_out
+
+    if c["kind"] == "mlp":
+        dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
+        return linear(dim + te, width) + (depth - 1) * linear(width, width) + linear(width, dim)
+    channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
+    t_dim = 4 * base
+    widths = [base * 2**i for i in range(levels + 1)]
+
+    def resblock(n_in: int, n_out: int) -> int:
+        skip = conv(n_in, n_out, 1) if n_in != n_out else 0
+        return 2 * n_in + conv(n_in, n_out) + linear(t_dim, n_out) + 2 * n_out + conv(n_out, n_out) + skip
+
+    total = linear(te, t_dim) + linear(t_dim, t_dim) + conv(channels, base)
+    total += sum(resblock(widths[i], widths[i]) + conv(widths[i], widths[i + 1]) for i in range(levels))
+    total += 2 * resblock(widths[-1], widths[-1])
+    total += sum(conv(widths[i + 1], widths[i]) + resblock(2 * widths[i], widths[i]) for i in range(levels))
+    return total + 2 * base + conv(base, channels)
+
+
+def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[float, float]:
+    """``(flops, bytes)`` of one forward pass of ``model_from_config(config)`` per sample of ``data_shape``,
+    from the config alone: ``flops`` counts the multiply-adds of the linear and convolution layers twice,
+    ``bytes`` the float32 activations (about what a backward pass keeps alive)."""
+    c = check_config(config)
+    if c["kind"] == "mlp":
+        dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
+        macs = (dim + te) * width + (depth - 1) * width * width + width * dim
+        floats = 2 * te + dim + te + 2 * depth * width + dim
+        return 2.0 * macs, 4.0 * floats
+    channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
+    if len(data_shape) != 3:
+        raise ValueError(f"a UNet needs data_shape (C, H, W), got {tuple(data_shape)}")
+    multiple = 2**levels
+    height, width = (-(-size // multiple) * multiple for size in data_shape[1:])
+    area = [height * width // 4**i for i in range(levels + 1)]
+    widths = [base * 2**i for i in range(levels + 1)]
+    t_dim = 4 * base
+    macs, floats = te * t_dim + t_dim * t_dim, 2 * te + 3 * t_dim
+
+    def resblock(n_in: int, n_out: int, pixels: int) -> tuple[int, int]:
+        skip = n_in * n_out if n_in != n_out else 0
+        return (9 * n_in * n_out + 9 * n_out * n_out + skip) * pixels, (2 * n_in + 7 * n_out) * pixels
+
+    blocks = [resblock(widths[i], widths[i], area[i]) for i in range(levels)]
+    blocks += [resblock(widths[-1], widths[-1], area[-1])] * 2
+    blocks += [resblock(2 * widths[i], widths[i], area[i]) for i in range(levels)]
+    convs = [(channels, base, area[0]), (base, channels, area[0])]
+    convs += [(widths[i], widths[i + 1], area[i + 1]) for i in range(levels)]
+    convs += [(widths[i + 1], widths[i], area[i]) for i in range(levels)]
+    macs += sum(m for m, _ in blocks) + sum(9 * a * b * p for a, b, p in convs)
+    floats += sum(f for _, f in blocks) + sum(b * p for _, b, p in convs)
+    floats += sum(widths[i + 1] * area[i] + 2 * widths[i] * area[i] for i in range(levels))  # upsample, cat
+    floats += 3 * base * area[0]  # the head's norm and activation
+    return 2.0 * macs, 4.0 * floats
+
+
+def build_model(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: Any) -> nn.Module:
+    """A model for points of shape ``data_shape`` (``(D,)`` or ``(C, H, W)``): ``model_from_config`` of
+    :func:`model_config` (see there for ``kind`` and ``opts``)."""
+    return model_from_config(model_config(kind, data_shape, **opts))
 
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuilds a model from its ``config()`` (``{"kind": "mlp"|"unet", ...constructor options}``)."""
-    if not isinstance(config, dict) or config.get("kind") not in ("mlp", "unet"):
-        raise ValueError(f"model config must be a dict with kind 'mlp' or 'unet', got {config!r}")
+    """Rebuilds a model from its ``config()`` (``{"kind": "mlp"|"unet", ...constructor options}``), after
+    :func:`check_config`."""
+    config = check_config(config)
     opts = {k: v for k, v in config.items() if k != "kind"}
-    try:
-        return (MLP if config["kind"] == "mlp" else UNet)(**opts)
-    except TypeError as err:
-        raise ValueError(f"bad model config {config!r}: {err}") from None
+    return (MLP if config["kind"] == "mlp" else UNet)(**opts)

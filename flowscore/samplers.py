@@ -39,6 +39,17 @@ SAMPLERS = METHODS + ("sde",)
 DIFFUSIONS = ("bounded", "score-sde")
 # model evaluations per step of the fixed-grid methods
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+DEFAULT_ODE_SAMPLER = "rk4"
+"""The ODE solver of :func:`sample` (and of ``flowscore sample``, ``eval``, ``plot``) when none is named."""
+DEFAULT_ODE_STEPS = 100
+DEFAULT_SDE_STEPS = 1000
+"""Default steps: ``DEFAULT_SDE_STEPS`` for ``"sde"`` (Euler-Maruyama is first order), else
+``DEFAULT_ODE_STEPS`` (quality against steps: ``bench/RESULTS.md``)."""
+
+
+def default_steps(sampler: str) -> int:
+    """The default number of steps of ``sampler``: :data:`DEFAULT_SDE_STEPS` or :data:`DEFAULT_ODE_STEPS`."""
+    return DEFAULT_SDE_STEPS if sampler == "sde" else DEFAULT_ODE_STEPS
 
 
 # -- fields --------------------------------------------------------------------------------------------------
@@ -373,8 +384,8 @@ def sample(
     n: int,
     *,
     prediction: str = "velocity",
-    sampler: str = "euler",
-    steps: int = 100,
+    sampler: str | None = None,
+    steps: int | None = None,
     shape: tuple[int, ...] = (2,),
     t_eps: float = 1e-3,
     diffusion: Diffusion = None,
@@ -389,7 +400,8 @@ def sample(
 
     Steps: ``x = path.sample_prior((n, *shape))``; build a grid of ``steps`` intervals; run ``sampler``
     (``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"``, ``"dopri5"``: :func:`sample_ode` on the velocity;
-    ``"sde"``: :func:`sample_sde` on the velocity and score, ``diffusion`` as there). The model is called as
+    ``"sde"``: :func:`sample_sde` on the velocity and score, ``diffusion`` as there). ``sampler=None``:
+    :data:`DEFAULT_ODE_SAMPLER`; ``steps=None``: :func:`default_steps` of the sampler. The model is called as
     ``model(x, t)`` with ``t`` ``(n,)`` and converted by :func:`as_field` (one model call per field
     evaluation, also for the SDE). Runs under ``torch.no_grad()`` with the value checks off inside the loop.
 
@@ -403,6 +415,8 @@ def sample(
     """
     path = get_path(path)
     shape = tuple(shape)
+    sampler = DEFAULT_ODE_SAMPLER if sampler is None else sampler
+    steps = default_steps(sampler) if steps is None else steps
     _check_sample_args(n, steps, sampler, t_eps, shape)
     _validate.choice(prediction, KINDS, "prediction")
     dtype = dtype or torch.get_default_dtype()

@@ -1,18 +1,17 @@
-"""Training: :class:`TrainConfig`, :class:`Trainer` (checkpoints, exact resume, torchrun DDP), ``load_run``.
+"""Training: :class:`Trainer` (AdamW, warm-up, EMA, checkpoints, exact resume, torchrun DDP) and its loop.
 
-A run directory holds
-
-* ``run.safetensors``: written once; the config, model and path descriptions, data shape, the held-out
-  points (data space), the normalizer, a checksum of the training data and the loss floor;
-* ``checkpoint.safetensors``: rewritten atomically every ``checkpoint_every`` steps and at the end; model,
-  EMA, AdamW moments, RNG states and the step (see :mod:`flowscore.checkpoint`);
-* ``log.csv``: ``step, loss, loss_ema, lr, steps_per_s, loss_floor`` every ``log_every`` steps;
-* ``config.json``: the config, for people (never read back).
+The run folder it writes (and :func:`load_run`) is described in :mod:`flowscore.runs`; the settings in
+:mod:`flowscore.config` (both re-exported here).
 
 Each step draws its randomness (batch indices, times, noise) from one ``torch.Generator`` seeded by
 ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a crash ends with weights
 bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank draws the same global
 batch and trains on its slice; DDP averages the gradients, so the update equals the one-process update.
+
+Nothing is lost: every input is checked and the memory a step needs is estimated before the run folder is
+touched; once a checkpoint exists nothing removes the folder. A failure (a full disk, a diverging loss, any
+exception) raises :class:`TrainingFailed`, whose message names the cause and the checkpoint kept, which
+``resume`` continues. A failure before the first checkpoint removes only the files this process wrote.
 """
 
 from __future__ import annotations
@@ -22,205 +21,55 @@ import csv
 import dataclasses
 import gc
 import hashlib
-import io
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 
-from . import _io, _validate, checkpoint
+from . import _resources, _validate, checkpoint, losses, runs
 from . import data as datasets
-from .conversions import KINDS
-from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS, objective_loss, sample_time
-from .models import MODELS, build_model, model_from_config
+from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
+    IMAGE_DEFAULTS,
+    RESUMABLE_CHANGES,
+    VECTOR_DEFAULTS,
+    TrainConfig,
+)
+from .losses import OBJECTIVES, sample_time
+from .models import model_config, model_from_config, parameter_count
 from .paths import GaussianPath, get_path
+from .runs import (  # noqa: F401  (re-exported: the run folder format)
+    CHECKPOINT_FILE,
+    LOG_FIELDS,
+    LOG_FILE,
+    RUN_FILE,
+    Run,
+    RunInUse,
+    load_run,
+)
 
-RUN_FILE = "run.safetensors"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-LOG_FILE = "log.csv"
-LOG_FIELDS = ("step", "loss", "loss_ema", "lr", "steps_per_s", "loss_floor")
 LOSS_EMA_DECAY = 0.99
 FLOOR_MAX_SIZE = 1_000_000
 """The loss floor is computed when (training points) x (dims per point) is at most this."""
 FLOOR_WORK = 4e8
 """Monte Carlo draws of the floor: ``clamp(FLOOR_WORK / (N * D), 2000, 20000)`` (cost ~ draws x N x D)."""
-VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
-"""Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data)."""
-IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200},
-    "mnist": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500},
-}
-"""Per image set, the values of the fields left None. digits: ~4 min on 1 CPU core, then recognisable digits
-(``bench/results/digits.md``). mnist: a starting point, not tuned (~0.7 s per step on 1 CPU core)."""
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
-"""Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
+TRAINING_PASSES = 3.0
+"""Model passes per training step, for the memory and thread estimates: forward, and a backward of about
+twice its cost."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; the defaults train a good model on a 2D toy in ~1-2 min.
-
-    ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None take per-data defaults
-    (:data:`IMAGE_DEFAULTS` for ``"digits"`` and ``"mnist"``, :data:`VECTOR_DEFAULTS` otherwise).
-
-    ``data``: a toy name, ``"digits"``, ``"mnist"`` or a ``.npy``/``.npz`` file (see
-    :func:`flowscore.data.load`), ``data_n`` points of it (toys: default 20,000). ``weighting="auto"``:
-    None for cfm/fm, ``"noise"`` for dsm/sm. ``model="auto"``: MLP for vectors, UNet for images;
-    ``width``/``depth`` are the MLP's hidden units and layers, or the UNet's base channels and levels
-    (None: the model's defaults). ``n_holdout`` points are kept out of training (None: min(2000, N // 10)).
-    ``lr_schedule``: ``"cosine"`` (decay to 0 after warm-up) or ``"constant"``. ``loss_floor``: compute the
-    CFM/DSM loss floor of the training data (when N * D <= ``FLOOR_MAX_SIZE``) and log it next to the
-    loss. ``grad_clip`` None or 0 disables clipping. ``device``: "auto", "cpu" or "cuda[:N]".
-    """
-
-    data: str = ""
-    data_n: int | None = None
-    path: str = "linear"
-    path_options: dict[str, Any] = field(default_factory=dict)
-    objective: str = "cfm"
-    prediction: str = "velocity"
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.0
-    warmup: int | None = None
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 100
-    model: str = "auto"
-    width: int | None = None
-    depth: int | None = None
-    weighting: str | None = "auto"
-    time_sampler: str = "uniform"
-    t_eps: float = 1e-3
-    n_holdout: int | None = None
-    loss_floor: bool = True
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.fill_defaults()
-        self.validate()
-
-    def fill_defaults(self) -> None:
-        """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None: ``IMAGE_DEFAULTS[data]`` for the
-        named image sets, else ``VECTOR_DEFAULTS`` (a stored config therefore always holds numbers)."""
-        defaults = IMAGE_DEFAULTS.get(self.data, VECTOR_DEFAULTS) if isinstance(self.data, str) else {}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """A config from a dict of field values; an unknown key raises ``ValueError`` naming it."""
-        if not isinstance(values, dict):
-            raise ValueError(f"config must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    @classmethod
-    def from_toml(cls, file: str | Path) -> TrainConfig:
-        """A config from a TOML file of field values (top level, or a ``[train]`` table)."""
-        return cls.from_dict(cls.read_toml(file))
-
-    @staticmethod
-    def read_toml(file: str | Path) -> dict[str, Any]:
-        """The field values in a TOML file (top level, or a ``[train]`` table), not yet validated."""
-        try:
-            with open(file, "rb") as handle:
-                values = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ValueError(f"config file {str(file)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {str(file)!r} is not valid TOML: {err}") from None
-        if set(values) == {"train"} and isinstance(values["train"], dict):
-            values = values["train"]
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def resolved_weighting(self) -> str | None:
-        if self.weighting == "auto":
-            return "noise" if OBJECTIVES[self.objective] == "score" else None
-        return self.weighting
-
-    def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad field."""
-        if not isinstance(self.data, str) or not self.data:
-            raise ValueError("data must be a data set name or a .npy/.npz file path, e.g. data='moons'")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            _positive_int(getattr(self, name), name)
-        for name in ("data_n", "width", "depth"):
-            if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), name)
-        if self.n_holdout is not None:
-            _int(self.n_holdout, "n_holdout", minimum=0)
-        _int(self.warmup, "warmup", minimum=0)
-        if not isinstance(self.loss_floor, bool):
-            raise ValueError(f"loss_floor must be true or false, got {self.loss_floor!r}")
-        _int(self.seed, "seed", minimum=0)
-        _number(self.lr, "lr", low=0, low_open=True)
-        _number(self.weight_decay, "weight_decay", low=0)
-        _number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
-        _number(self.t_eps, "t_eps", low=0, high=0.5, high_open=True)
-        if self.grad_clip is not None:
-            _number(self.grad_clip, "grad_clip", low=0)
-        if not isinstance(self.path, str):
-            raise ValueError(f"path must be a path name, got {type(self.path).__name__}")
-        _validate.choice(self.path, ("linear", "vp", "vp-linear", "ve"), "path")
-        if not isinstance(self.path_options, dict):
-            raise ValueError(f"path_options must be a dict, got {type(self.path_options).__name__}")
-        get_path(self.path, **self.path_options)
-        _validate.choice(self.objective, tuple(OBJECTIVES), "objective")
-        _validate.choice(self.prediction, KINDS, "prediction")
-        _validate.choice(self.lr_schedule, ("cosine", "constant"), "lr_schedule")
-        _validate.choice(self.model, MODELS, "model")
-        if self.weighting is not None:
-            _validate.choice(self.weighting, ("auto", *WEIGHTINGS), "weighting")
-        _validate.choice(self.time_sampler, TIME_SAMPLERS, "time_sampler")
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu") or self.device.startswith("cuda")
-        ):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+class TrainingFailed(RuntimeError):
+    """Training stopped after it started writing: the message names the cause and what was kept."""
 
 
-def _int(value: object, name: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_int(value: object, name: str) -> int:
-    return _int(value, name, minimum=1)
-
-
-def _number(
-    value: object,
-    name: str,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+class _Diverged(Exception):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step} (loss {loss:.4g})")
+        self.step, self.loss = step, loss
 
 
 # -- learning rate and EMA ---------------------------------------------------------------------------------
@@ -281,6 +130,15 @@ class _Dist:
         torch.distributed.all_reduce(out)
         return out / self.world
 
+    def first_flagged(self, step: torch.Tensor) -> int:
+        """The smallest non-negative ``step`` over ranks (each rank's value is -1 when unset), or -1."""
+        if self.world == 1:
+            return int(step)
+        unset = torch.iinfo(torch.long).max
+        out = torch.where(step >= 0, step, unset)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN)
+        return -1 if int(out) == unset else int(out)
+
 
 def _init_distributed(device: torch.device) -> _Dist:
     """Joins the torchrun process group (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
@@ -295,14 +153,20 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of a config's ``device`` (``"auto"``: CUDA when available); ``ValueError`` if unusable."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -315,30 +179,49 @@ class _Prepared:
     path: GaussianPath
     model: nn.Module
     data_sha256: str
+    threads: int
 
 
 def _checksum(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _prepare(config: TrainConfig, device: torch.device) -> _Prepared:
+def step_memory(model_cfg: dict[str, Any], data_shape: tuple[int, ...], batch: int) -> float:
+    """Bytes one training step needs beyond the data: the weights five times (model, EMA, gradient, two
+    AdamW moments) and the activations of ``batch`` points for a forward and a backward pass."""
+    from .models import forward_cost
+
+    activations = forward_cost(model_cfg, data_shape)[1] * batch * TRAINING_PASSES
+    return 4.0 * 5 * parameter_count(model_cfg) + activations
+
+
+def _prepare(config: TrainConfig, device: torch.device, world: int = 1) -> _Prepared:
     """Loads and checks everything the run needs (raises ``ValueError`` before any file is written)."""
     raw = datasets.load(config.data, n=config.data_n, seed=config.seed)
     n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
     train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
     normalizer = datasets.Normalizer.fit(train)
     path = get_path(config.path, **config.path_options)
-    opts: dict[str, Any]
-    kind = config.model if config.model != "auto" else ("unet" if datasets.is_image(raw.shape[1:]) else "mlp")
-    opts = {"width": config.width, "depth": config.depth} if kind == "mlp" else {}
+    shape = tuple(raw.shape[1:])
+    kind = config.model if config.model != "auto" else ("unet" if datasets.is_image(shape) else "mlp")
+    opts = {"width": config.width, "depth": config.depth}
     if kind == "unet":
         opts = {"base": config.width, "levels": config.depth}
+    model_cfg = model_config(kind, shape, **opts)
+    batch = config.batch_size // world
+    needed = step_memory(model_cfg, shape, batch) + (train.numel() * 4 if device.type != "cpu" else 0)
+    _resources.check_memory(
+        needed, device, f"training with batch_size {config.batch_size} and this model",
+        "pass a smaller --batch-size (or --width/--depth)",
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(kind, tuple(raw.shape[1:]), **opts)
+        model = model_from_config(model_cfg)
+    threads = _resources.threads_for(config.threads, model_cfg, shape, batch, TRAINING_PASSES)
     prepared = _Prepared(
-        normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), _checksum(raw)
-    )
+        normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), _checksum(raw),
+        threads,
+    )  # fmt: skip
     _dry_run(config, prepared)
     return prepared
 
@@ -358,7 +241,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
     t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
     with torch.no_grad():
         target = _loss_target(config, prepared)
-        loss = objective_loss(
+        loss = losses.objective_loss(
             config.objective, prepared.model, x_data, target, t, torch.zeros_like(x_data),
             prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
         )  # fmt: skip
@@ -385,28 +268,6 @@ def _loss_floor(
     return floor.to_dict()
 
 
-# -- log.csv -----------------------------------------------------------------------------------------------
-def _read_log(file: Path) -> list[dict[str, Any]]:
-    if not file.is_file():
-        return []
-    with open(file, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [
-        {k: (None if v in ("", None) else (int(v) if k == "step" else float(v))) for k, v in r.items()}
-        for r in rows
-    ]
-
-
-def _truncate_log(file: Path, step: int) -> None:
-    """Keeps the header and the rows with ``step <= step`` (rows past the checkpoint are redone)."""
-    rows = [r for r in _read_log(file) if r["step"] <= step]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    _io.write_bytes(file, buffer.getvalue().encode())
-
-
 # -- the trainer -------------------------------------------------------------------------------------------
 class Trainer:
     """Trains ``config`` into ``run_dir``: AdamW, linear LR warm-up (+ cosine), grad clipping, EMA.
@@ -414,7 +275,10 @@ class Trainer:
     ``Trainer(config, run_dir).train()`` starts a run: every input is checked (and the data loaded) before
     ``run_dir`` is created, and a non-empty ``run_dir`` is refused. ``train(resume=True)`` continues from
     ``run_dir``'s checkpoint (or starts afresh when there is none); ``config`` may then be None (the stored
-    one is used) and only ``RESUMABLE_CHANGES`` fields may differ from the stored config.
+    one is used) and only ``RESUMABLE_CHANGES`` fields may differ from the stored config. A run folder that
+    another process is writing is refused (:class:`flowscore.runs.RunInUse`, a ``ValueError``).
+
+    Failures after the run started raise :class:`TrainingFailed` (see the module docstring).
     """
 
     def __init__(
@@ -433,26 +297,28 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | Path, *, steps: int | None = None, progress: bool = True) -> Trainer:
         """A trainer that continues ``run_dir`` with its stored config (``steps``: a new total)."""
-        config = _stored_config(Path(run_dir))
+        config = runs.stored_config(Path(run_dir))
         if steps is not None:
             config = dataclasses.replace(config, steps=steps)
         return cls(config, run_dir, progress)
 
     # -- set-up ------------------------------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The checkpoint to resume from (or None); refuses a non-empty run dir without ``resume``."""
+    def _check_run_dir(self, resume: bool) -> None:
+        """Refuses a run_dir that is a file, or a non-empty one without ``resume`` (reads only)."""
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
-        if not resume:
-            if d.exists() and any(d.iterdir()):
-                raise ValueError(
-                    f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
-                )
+        if not resume and d.is_dir() and any(p.name != runs.LOCK_FILE for p in d.iterdir()):
+            raise ValueError(
+                f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
+            )
+
+    def _restore(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The checkpoint to continue from, or None; refuses a changed config."""
+        d = self.run_dir
+        if not resume or not (d / CHECKPOINT_FILE).is_file():
             return None
-        if not (d / CHECKPOINT_FILE).is_file():
-            return None
-        stored = _stored_config(d)
+        stored = runs.stored_config(d)
         changed = [k for k, v in self.config.to_dict().items() if stored.to_dict()[k] != v]
         bad = [k for k in changed if k not in RESUMABLE_CHANGES]
         if bad:
@@ -462,35 +328,27 @@ class Trainer:
             )
         return checkpoint.load_checkpoint(d / CHECKPOINT_FILE)
 
-    def _write_run_file(self, prepared: _Prepared, floor: dict[str, Any] | None) -> None:
-        state = {
-            "format": 1, "config": self.config.to_dict(), "model": prepared.model.config(),
-            "path": prepared.path.config(), "data_shape": list(prepared.train.shape[1:]),
-            "n_train": prepared.train.shape[0], "data_sha256": prepared.data_sha256, "loss_floor": floor,
-        }  # fmt: skip
-        tensors = {
-            "held_out": prepared.held_out,
-            **checkpoint.prefixed("normalizer", prepared.normalizer.state_dict()),
-        }
-        checkpoint.save_checkpoint(self.run_dir / RUN_FILE, tensors, state)
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        _io.write_bytes(self.run_dir / "config.json", text.encode())
-
-    # -- the loop ----------------------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
-        """Runs (or continues) training to ``config.steps``; returns ``{"step", "loss", "loss_ema"}``."""
+        """Runs (or continues) training to ``config.steps``; returns its step, loss EMA and loss floor."""
         if self.config is None:
             if not resume:
                 raise ValueError(
                     "config is None: pass a TrainConfig, or resume=True to continue a stored run"
                 )
-            self.config = _stored_config(self.run_dir)
+            self.config = runs.stored_config(self.run_dir)
         config = self.config
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = _resolve_device(config.device, local_rank)
+        self._check_run_dir(resume)
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         dist = _init_distributed(device)
         try:
-            result = self._train(config, device, dist, resume)
+            if config.batch_size % dist.world:
+                raise ValueError(
+                    f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
+                )
+            prepared = _prepare(config, device, dist.world)
+            with _resources.using_threads(prepared.threads):
+                result = self._run(config, prepared, device, dist, resume)
             dist.barrier()  # no rank tears the group down while another still talks to it
             return result
         finally:
@@ -498,33 +356,111 @@ class Trainer:
                 gc.collect()  # free DDP's reducer (held in reference cycles) while gloo is still up
                 torch.distributed.destroy_process_group()
 
-    def _train(self, config: TrainConfig, device: torch.device, dist: _Dist, resume: bool) -> dict[str, Any]:
-        if config.batch_size % dist.world:
-            raise ValueError(
-                f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
-            )
-        prepared = _prepare(config, device)
-        restored = self._check_run_dir(resume)
-        if restored is not None:
-            _tensors, state = restored
-            run_state = checkpoint.load_checkpoint(self.run_dir / RUN_FILE)[1]
-            if run_state["data_sha256"] != prepared.data_sha256:
-                raise ValueError(
-                    f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
-                )
-            floor = run_state["loss_floor"]
-        else:
-            floor = _loss_floor(config, prepared.train, prepared.path, self.progress) if dist.main else None
-        dist.barrier()
+    def _run(
+        self, config: TrainConfig, prepared: _Prepared, device: torch.device, dist: _Dist, resume: bool
+    ) -> dict[str, Any]:
+        lock = runs.RunLock(self.run_dir)
+        created = False
         if dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if restored is None:
-                self._write_run_file(prepared, floor)
-        dist.barrier()
-        loop = _Loop(config, prepared, device, dist, self.run_dir, floor)
-        if restored is not None:
-            loop.load(*restored)
-        return loop.run(self.progress)
+            created = _make_dir(self.run_dir)
+            try:
+                lock.acquire()
+            except BaseException:
+                if created:
+                    _remove_own_files(self.run_dir, created)
+                raise
+        loop: _Loop | None = None
+        started = False
+        try:
+            if dist.main:
+                self._check_run_dir(resume)  # again, now that this process holds the folder
+            dist.barrier()
+            restored = self._restore(resume)
+            if restored is not None:
+                run_state = checkpoint.read_state(self.run_dir / RUN_FILE)
+                if run_state.get("data_sha256") != prepared.data_sha256:
+                    raise ValueError(
+                        f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
+                    )
+                floor = run_state.get("loss_floor")
+            else:
+                floor = None
+                if dist.main:
+                    floor = _loss_floor(config, prepared.train, prepared.path, self.progress)
+            loop = _Loop(config, prepared, device, dist, self.run_dir, floor)
+            if restored is not None:
+                loop.load(*restored)
+            if dist.main:
+                runs.remove_temporaries(self.run_dir)
+                started = True
+                if restored is None:
+                    loop.phase = f"writing {RUN_FILE}"
+                    runs.write_run_file(
+                        self.run_dir, config=config, model=prepared.model, path=prepared.path,
+                        held_out=prepared.held_out, normalizer=prepared.normalizer,
+                        n_train=prepared.train.shape[0], data_sha256=prepared.data_sha256, loss_floor=floor,
+                    )  # fmt: skip
+            dist.barrier()
+            return loop.run(self.progress)
+        except BaseException as err:
+            if dist.main:
+                self._fail(err, loop, created, started)
+            raise
+        finally:
+            lock.release()
+
+    def _fail(self, err: BaseException, loop: _Loop | None, created: bool, started: bool) -> None:
+        """After a failure: removes this process's own files when no checkpoint exists, and re-raises the
+        failure of a started run as :class:`TrainingFailed` naming the cause and the checkpoint kept (input
+        errors and Ctrl-C propagate as they are)."""
+        kept = runs.checkpoint_step(self.run_dir)
+        if kept is None and (started or created):
+            _remove_own_files(self.run_dir, created)
+        if not started or isinstance(err, KeyboardInterrupt):
+            return
+        if isinstance(err, _Diverged):
+            what = str(err)
+            fix = f"lower --lr (now {self.config.lr:g}) or set --grad-clip, and start a new run"
+        else:
+            if isinstance(err, OSError) and err.errno:
+                cause = os.strerror(err.errno).lower()
+            else:
+                cause = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            what = f"{cause} while {loop.phase if loop is not None else 'starting'}"
+            fix = f"fix that, then continue it (`flowscore train --out {self.run_dir} --resume`)"
+            if kept is None:
+                fix = "fix that and train again"
+        if kept is None:
+            raise TrainingFailed(
+                f"{what}; no checkpoint had been written, so the run was removed; {fix}"
+            ) from err
+        raise TrainingFailed(f"{what}; the checkpoint of step {kept} is kept; {fix}") from err
+
+
+def _make_dir(run_dir: Path) -> bool:
+    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _remove_own_files(run_dir: Path, created: bool) -> None:
+    """Deletes the files a training writes (and their temporaries) from ``run_dir``, then the folder itself
+    if this process created it and nothing else is in it. Never touches any other file."""
+    runs.remove_temporaries(run_dir)
+    for name in runs.RUN_FILES:
+        try:
+            (run_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
 
 
 class _Loop:
@@ -562,6 +498,10 @@ class _Loop:
         self.window_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.window_count = 0
         self.loss_ema: torch.Tensor | None = None
+        # the first step whose loss was not finite (-1: none yet) and that loss, kept on the device
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.phase = "starting"
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -602,15 +542,23 @@ class _Loop:
             self.window_count = int(state["window_count"])
             if state["loss_ema"] is not None:
                 self.loss_ema = torch.tensor(state["loss_ema"], dtype=torch.float64, device=self.device)
-        except (KeyError, RuntimeError, ValueError) as err:
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
             raise ValueError(
                 f"checkpoint in {str(self.run_dir)!r} does not match this run ({type(err).__name__}: {err}); "
                 "start a new run"
             ) from None
 
+    def check_finite(self) -> None:
+        """Raises :class:`_Diverged` if some loss so far was NaN or Inf (one device sync; a collective)."""
+        step = self.dist.first_flagged(self.bad_step)
+        if step >= 0:
+            raise _Diverged(step, float(self.bad_loss) if int(self.bad_step) == step else math.nan)
+
     def save(self) -> None:
+        self.check_finite()
         tensors, state = self.state()  # collective on every rank
         if self.dist.main:
+            self.phase = f"writing the checkpoint of step {self.step}"
             checkpoint.save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, state)
 
     # -- one update --------------------------------------------------------------------------------------
@@ -635,7 +583,7 @@ class _Loop:
             group["lr"] = lr
         x_data, t, noise = self.draw()
         with _validate.validation(False):
-            loss = objective_loss(
+            loss = losses.objective_loss(
                 config.objective, self.net, x_data, self.target, t, noise, prediction=config.prediction,
                 weighting=config.resolved_weighting(), t_eps=config.t_eps,
             )  # fmt: skip
@@ -650,6 +598,9 @@ class _Loop:
 
     def record(self, loss: torch.Tensor) -> None:
         loss = loss.double()
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, self.step, self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
         self.window_sum += loss
         self.window_count += 1
         if self.loss_ema is None:
@@ -658,6 +609,7 @@ class _Loop:
             self.loss_ema.mul_(LOSS_EMA_DECAY).add_(loss, alpha=1 - LOSS_EMA_DECAY)
 
     def log_row(self, steps_per_s: float) -> dict[str, Any]:
+        self.check_finite()
         window = self.dist.mean(self.window_sum).item() / max(self.window_count, 1)
         ema = self.dist.mean(self.loss_ema).item()
         self.window_sum.zero_()
@@ -672,7 +624,8 @@ class _Loop:
         config, main = self.config, self.dist.main
         log_file = self.run_dir / LOG_FILE
         if main:
-            _truncate_log(log_file, self.step)
+            self.phase = f"writing {LOG_FILE}"
+            runs.truncate_log(log_file, self.step)
         bar = None
         if main and progress:
             from tqdm.auto import tqdm
@@ -684,6 +637,7 @@ class _Loop:
         tick, tick_step = time.perf_counter(), self.step
         try:
             while self.step < config.steps:
+                self.phase = f"training step {self.step + 1}"
                 self.record(self.update())
                 if bar is not None:
                     bar.update(1)
@@ -692,6 +646,7 @@ class _Loop:
                     row = self.log_row((self.step - tick_step) / max(now - tick, 1e-9))
                     tick, tick_step = now, self.step
                     if writer is not None:
+                        self.phase = f"writing {LOG_FILE}"
                         writer.writerow(row)
                         handle.flush()
                     if bar is not None:
@@ -702,68 +657,9 @@ class _Loop:
             if bar is not None:
                 bar.close()
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:
+                    pass
         ema = None if self.loss_ema is None else self.dist.mean(self.loss_ema).item()
         return {"step": self.step, "loss_ema": ema, "loss_floor": self.floor_value}
-
-
-# -- reading a run -----------------------------------------------------------------------------------------
-def _stored_config(run_dir: Path) -> TrainConfig:
-    state = checkpoint.load_checkpoint(run_dir / RUN_FILE)[1]
-    return TrainConfig.from_dict(state["config"])
-
-
-@dataclass
-class Run:
-    """A trained run: ``model`` holds the EMA weights in eval mode on the CPU; ``held_out`` is in data space.
-
-    The model works in the normalizer's space: ``normalizer.decode(sample)`` maps its samples to data.
-    """
-
-    config: TrainConfig
-    path: GaussianPath
-    model: nn.Module
-    prediction: str
-    normalizer: datasets.Normalizer
-    held_out: torch.Tensor
-    data_shape: tuple[int, ...]
-    log: list[dict[str, Any]]
-    loss_floor: dict[str, Any] | None
-    step: int
-    run_dir: Path
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Reads a run directory written by :class:`Trainer` (no code is executed: safetensors + JSON + CSV)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).is_file():
-        raise ValueError(
-            f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE}); pass the run_dir of a training"
-        )
-    run_tensors, run_state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"run {str(run_dir)!r} has no checkpoint yet; resume its training first")
-    tensors, state = checkpoint.load_checkpoint(run_dir / CHECKPOINT_FILE)
-    model = model_from_config(run_state["model"])
-    try:
-        model.load_state_dict(checkpoint.unprefixed("ema", tensors))
-    except RuntimeError as err:
-        raise ValueError(
-            f"checkpoint of {str(run_dir)!r} does not fit its model ({err}); train again"
-        ) from None
-    config = TrainConfig.from_dict(run_state["config"])
-    return Run(
-        config=config,
-        path=get_path(
-            run_state["path"]["name"], **{k: v for k, v in run_state["path"].items() if k != "name"}
-        ),
-        model=model.eval().requires_grad_(False),
-        prediction=config.prediction,
-        normalizer=datasets.Normalizer.from_state_dict(checkpoint.unprefixed("normalizer", run_tensors)),
-        held_out=run_tensors["held_out"],
-        data_shape=tuple(run_state["data_shape"]),
-        log=_read_log(run_dir / LOG_FILE),
-        loss_floor=run_state["loss_floor"],
-        step=int(state["step"]),
-        run_dir=run_dir,
-    )

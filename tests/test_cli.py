@@ -20,8 +20,7 @@ import pytest
 import torch
 from conftest import is_png, run_cli
 
-from flowscore import cli, demo
-from flowscore.training import load_run
+from flowscore import checkpoint, cli, load_run, workflows
 
 TRAIN_STEPS = 2000
 TOML = """
@@ -111,8 +110,9 @@ def test_eval_json_has_the_documented_keys_and_the_true_floor(run_dir: str, work
     assert "W2" in stdout and "floor" in stdout
     with open(out) as fh:
         result = json.load(fh)
-    assert tuple(result) == demo.EVAL_KEYS
-    numbers = {k: v for k, v in result.items() if k != "ode_sampler"}
+    assert tuple(result) == workflows.EVAL_KEYS
+    assert result["dequantized"] is False  # moons: continuous data
+    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized")}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert result["n"] == 300
     held = load_run(run_dir).held_out.double().numpy()
@@ -220,16 +220,15 @@ def test_existing_out_without_resume_is_refused_and_untouched(run_dir: str, caps
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_run(workdir: str, capsys, monkeypatch) -> None:
-    from flowscore import training
-
-    def interrupted(self, resume=False):
-        os.makedirs(self.run_dir, exist_ok=True)  # the trainer had created the folder, no checkpoint yet
+    def interrupted(file, tensors, state):  # Ctrl-C while the first checkpoint is written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.Trainer, "train", interrupted)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", interrupted)
     out = os.path.join(workdir, "interrupted")
-    code, _, err = run_cli(capsys, "train", "--data", "moons", "--out", out)
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--data-n", "500", "--steps", "20",
+                           "--no-loss-floor", "--out", out, "--no-progress")  # fmt: skip
     assert code == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "nothing was kept" in err
     assert not os.path.exists(out)
 
 

@@ -17,18 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from flowscore import checkpoint
-from flowscore.training import (
-    CHECKPOINT_FILE,
-    LOG_FIELDS,
-    RUN_FILE,
-    TrainConfig,
-    Trainer,
-    ema_decay_at,
-    ema_update,
-    learning_rate,
-    load_run,
-)
+from flowscore import TrainConfig, Trainer, checkpoint, load_run
+from flowscore.runs import CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, LOG_FIELDS, LOG_FILE, RUN_FILE
+from flowscore.training import ema_decay_at, ema_update, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,25 +166,33 @@ def test_ema_update_matches_float64_recurrence():
         torch.testing.assert_close(e.double(), r, rtol=1e-5, atol=1e-6)
 
 
-def test_trained_ema_is_the_average_of_model_weights(tmp_path):
-    """Re-run the loop by hand (same draws) and rebuild the EMA from the per-step weights."""
-    config = tiny(steps=30, ema_decay=0.8)
-    Trainer(config, tmp_path / "r", progress=False).train()
-    from flowscore.training import _Dist, _Loop, _prepare
+def test_trained_ema_is_the_average_of_model_weights(tmp_path, monkeypatch):
+    """A checkpoint after every step records the model's weights; the final EMA must be the float64 EMA
+    recurrence over them (started from the EMA of the first checkpoint)."""
+    config = tiny(steps=30, ema_decay=0.8, checkpoint_every=1)
+    saved: list[dict[str, torch.Tensor]] = []
+    save = checkpoint.save_checkpoint
 
-    prepared = _prepare(config, torch.device("cpu"))
-    loop = _Loop(config, prepared, torch.device("cpu"), _Dist(), tmp_path, None)
-    ema = [p.detach().double().clone() for p in loop.model.parameters()]
-    for step in range(config.steps):
-        loop.update()
+    def recording_save(file, tensors, state):
+        if Path(file).name == CHECKPOINT_FILE:
+            saved.append({k: v.detach().double().clone() for k, v in tensors.items()})
+        save(file, tensors, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", recording_save)
+    Trainer(config, tmp_path / "r", progress=False).train()
+    assert len(saved) == config.steps
+    names = [k[len("model.") :] for k in saved[0] if k.startswith("model.")]
+    ema = {name: saved[0]["ema." + name] for name in names}
+    for step in range(1, config.steps):
         d = min(0.8, (1 + step) / (10 + step))
-        ema = [
-            d * e + (1 - d) * p.detach().double() for e, p in zip(ema, loop.model.parameters(), strict=True)
-        ]
+        ema = {name: d * ema[name] + (1 - d) * saved[step]["model." + name] for name in names}
     stored = weights(tmp_path / "r", "ema")
-    assert_same(weights(tmp_path / "r"), {k: v.detach() for k, v in loop.model.state_dict().items()})
-    for (name, _), e in zip(loop.model.named_parameters(), ema, strict=True):
-        torch.testing.assert_close(stored[name].double(), e, rtol=1e-5, atol=1e-6)
+    assert_same(weights(tmp_path / "r"), {k[len("model.") :]: v.float() for k, v in saved[-1].items()
+                                          if k.startswith("model.")})  # fmt: skip
+    for name in names:
+        torch.testing.assert_close(stored[name].double(), ema[name], rtol=1e-5, atol=1e-6)
+    # the weights moved: the recurrence is not a comparison of constants
+    assert not torch.equal(saved[0]["model." + names[0]], saved[-1]["model." + names[0]])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -324,5 +323,5 @@ def test_config_from_toml_and_to_dict(tmp_path):
 def test_run_files_exist(tmp_path):
     Trainer(tiny(steps=10), tmp_path / "r", progress=False).train()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(
-        [RUN_FILE, CHECKPOINT_FILE, "log.csv", "config.json"]
+        [RUN_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE, LOCK_FILE]
     )

@@ -1,0 +1,273 @@
+"""The training configuration: :class:`TrainConfig`, its per-data defaults, its validation and its help text.
+
+``TrainConfig`` is the one source of truth for a run's settings: ``flowscore train`` generates one flag per
+field from it (type, default and the help of :data:`FIELD_HELP`), a ``--config`` TOML file holds its fields,
+and every run folder stores it (``flowscore.runs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+
+from . import _validate
+from .conversions import KINDS
+from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS
+from .models import MODELS
+from .paths import get_path
+
+VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
+"""Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data)."""
+IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200},
+    "mnist": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500},
+}
+"""Per image set, the values of the fields left None (digits: see ``bench/results/digits.md``; mnist: a
+starting point, not tuned)."""
+PER_DATA_FIELDS = tuple(VECTOR_DEFAULTS)
+"""The fields whose default depends on the data set (None until :meth:`TrainConfig.fill_defaults`)."""
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "threads")
+"""Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
+PATH_NAMES = ("linear", "vp", "vp-linear", "ve")
+LR_SCHEDULES = ("cosine", "constant")
+MAX_BATCH_SIZE = 2**31 - 1
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "path": PATH_NAMES,
+    "objective": tuple(OBJECTIVES),
+    "prediction": tuple(KINDS),
+    "lr_schedule": LR_SCHEDULES,
+    "model": tuple(MODELS),
+    "weighting": ("auto", *WEIGHTINGS),
+    "time_sampler": tuple(TIME_SAMPLERS),
+}
+"""The allowed values of the string fields (``weighting`` also takes None: no weighting)."""
+
+FIELD_HELP: dict[str, str] = {
+    "data": "a 2D toy name (moons, 8gaussians, ...), digits, mnist, or a .npy/.npz file of shape (N, D) or "
+    "(N, C, H, W)",
+    "data_n": "points of the data set to use (toys: how many to draw; images and files: a random subset); "
+    "none: the whole set",
+    "path": "the Gaussian path x = alpha_t x_data + beta_t noise",
+    "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_max\": 50}' for ve",
+    "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
+    "prediction": "what the network predicts (converted to the objective's space by the path)",
+    "steps": "optimizer steps (with --resume: the new total)",
+    "batch_size": "points per step (split over torchrun processes)",
+    "lr": "peak learning rate of AdamW",
+    "lr_schedule": "after warm-up: cosine decay to 0, or constant",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "steps of linear learning-rate warm-up",
+    "ema_decay": "decay of the exponential moving average of the weights (the EMA is what is sampled)",
+    "grad_clip": "clip the gradient norm to this value; none or 0: no clipping",
+    "seed": "seed of the data split, the initialisation and every draw of the training",
+    "checkpoint_every": "steps between checkpoints (and one at the end)",
+    "log_every": "steps between rows of log.csv",
+    "model": "network: auto (MLP for vectors, UNet for images), mlp or unet",
+    "width": "MLP hidden units or UNet base channels; none: the model's default",
+    "depth": "MLP hidden layers or UNet levels; none: the model's default",
+    "weighting": "loss weighting lambda(t): auto (none for cfm/fm, noise for dsm/sm), noise, likelihood or "
+    "none",
+    "time_sampler": "distribution of the training times t",
+    "t_eps": "training times lie in [t_eps, 1 - t_eps]",
+    "n_holdout": "points kept out of training for eval; none: min(2000, N // 10)",
+    "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads; none: chosen from the work per step (one for small models)",
+}
+"""The help text of each field (also the ``--help`` of ``flowscore train``). No measured numbers here."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; the defaults train a good model on a 2D toy.
+
+    ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None take per-data defaults
+    (:data:`IMAGE_DEFAULTS` for ``"digits"`` and ``"mnist"``, :data:`VECTOR_DEFAULTS` otherwise). Each
+    field's meaning is in :data:`FIELD_HELP`; the allowed strings in :data:`CHOICES`.
+    """
+
+    data: str = ""
+    data_n: int | None = None
+    path: str = "linear"
+    path_options: dict[str, Any] = field(default_factory=dict)
+    objective: str = "cfm"
+    prediction: str = "velocity"
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    warmup: int | None = None
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    model: str = "auto"
+    width: int | None = None
+    depth: int | None = None
+    weighting: str | None = "auto"
+    time_sampler: str = "uniform"
+    t_eps: float = 1e-3
+    n_holdout: int | None = None
+    loss_floor: bool = True
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.fill_defaults()
+        self.validate()
+
+    def fill_defaults(self) -> None:
+        """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None: ``IMAGE_DEFAULTS[data]`` for the
+        named image sets, else ``VECTOR_DEFAULTS`` (a stored config therefore always holds numbers)."""
+        for name, value in per_data_defaults(self.data).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a dict of field values; an unknown key raises ``ValueError`` naming it."""
+        if not isinstance(values, dict):
+            raise ValueError(f"config must be a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known, key=str)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, file: str | Path) -> TrainConfig:
+        """A config from a TOML file of field values (top level, or a ``[train]`` table)."""
+        return cls.from_dict(cls.read_toml(file))
+
+    @staticmethod
+    def read_toml(file: str | Path) -> dict[str, Any]:
+        """The field values in a TOML file (top level, or a ``[train]`` table), not yet validated."""
+        try:
+            with open(file, "rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(file)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {str(file)!r} cannot be read ({err})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+        if set(values) == {"train"} and isinstance(values["train"], dict):
+            values = values["train"]
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_weighting(self) -> str | None:
+        if self.weighting == "auto":
+            return "noise" if OBJECTIVES[self.objective] == "score" else None
+        return self.weighting
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first bad field."""
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError("data must be a data set name or a .npy/.npz file path, e.g. data='moons'")
+        for name in ("steps", "checkpoint_every", "log_every"):
+            _int(getattr(self, name), name, minimum=1)
+        _int(self.batch_size, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
+        for name in ("data_n", "width", "depth", "threads"):
+            if getattr(self, name) is not None:
+                _int(getattr(self, name), name, minimum=1)
+        if self.n_holdout is not None:
+            _int(self.n_holdout, "n_holdout", minimum=0)
+        _int(self.warmup, "warmup", minimum=0)
+        if not isinstance(self.loss_floor, bool):
+            raise ValueError(f"loss_floor must be true or false, got {self.loss_floor!r}")
+        _int(self.seed, "seed", minimum=0)
+        _number(self.lr, "lr", low=0, low_open=True)
+        _number(self.weight_decay, "weight_decay", low=0)
+        _number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
+        _number(self.t_eps, "t_eps", low=0, high=0.5, high_open=True)
+        if self.grad_clip is not None:
+            _number(self.grad_clip, "grad_clip", low=0)
+        for name, options in CHOICES.items():
+            value = getattr(self, name)
+            if name == "weighting" and value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+            _validate.choice(value, options, name)
+        if not isinstance(self.path_options, dict):
+            raise ValueError(f"path_options must be a dict, got {type(self.path_options).__name__}")
+        get_path(self.path, **self.path_options)
+        check_device(self.device)
+
+
+def per_data_defaults(data: object) -> dict[str, Any]:
+    """The values of :data:`PER_DATA_FIELDS` for ``data``: ``IMAGE_DEFAULTS[data]`` or ``VECTOR_DEFAULTS``."""
+    return dict(IMAGE_DEFAULTS.get(data, VECTOR_DEFAULTS)) if isinstance(data, str) else {}
+
+
+def check_device(name: object) -> str:
+    """``name`` if it is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``ValueError`` otherwise."""
+    message = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+    if not isinstance(name, str):
+        raise ValueError(message)
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(message) from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(message)
+    return name
+
+
+def field_types() -> dict[str, tuple[type, bool]]:
+    """``{field: (base type, accepts None)}`` of :class:`TrainConfig`, read from its annotations."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        out[f.name] = (typing.get_origin(base) or base, optional)
+    return out
+
+
+def field_default(name: str) -> Any:
+    """The dataclass default of field ``name`` (``default_factory`` called)."""
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not ok or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _number(
+    value: object,
+    name: str,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)

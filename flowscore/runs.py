@@ -1,0 +1,384 @@
+"""The run folder: the files a training writes, the lock that admits one writer, and reading a run back.
+
+A run folder holds
+
+* ``run.safetensors``: written once; the config, model and path descriptions, data shape, the held-out
+  points (data space), the normalizer, a checksum of the training data and the loss floor;
+* ``checkpoint.safetensors``: rewritten atomically every ``checkpoint_every`` steps and at the end; model,
+  EMA, AdamW moments, RNG states and the step (see :mod:`flowscore.checkpoint`);
+* ``log.csv``: ``step, loss, loss_ema, lr, steps_per_s, loss_floor`` every ``log_every`` steps (the one file
+  that is appended to: a row cut short by a crash is skipped when read and dropped on resume);
+* ``config.json``: the config, for people (never read back);
+* ``lock``: the writer's lock (``fcntl.flock``, released when the process ends, however it ends): a second
+  writer is refused with one line and touches nothing. It holds the writer's process id, for that message.
+
+Reading a run never executes code (safetensors + JSON + CSV) and never trusts a description it reads: the
+model, path, data shape and normalizer in the JSON are checked against the stored tensors (shapes, counts,
+sane bounds) before anything is built, so a damaged or hostile file is refused quickly without allocating
+more than its own size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _io, checkpoint, models
+from . import data as datasets
+from .config import PATH_NAMES, TrainConfig
+from .paths import GaussianPath, get_path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+RUN_FILE = "run.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "log.csv"
+CONFIG_FILE = "config.json"
+LOCK_FILE = "lock"
+RUN_FILES = (RUN_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE, LOCK_FILE)
+"""Every file a training writes into its run folder."""
+LOG_FIELDS = ("step", "loss", "loss_ema", "lr", "steps_per_s", "loss_floor")
+RUN_FORMAT = 1
+
+
+class RunInUse(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """The exclusive writer's lock of a run folder (``run_dir/lock``, ``fcntl.flock``).
+
+    ``acquire()`` raises :class:`RunInUse` (one line, naming the holder's process id) when another process
+    holds it, and then changes nothing. The kernel releases the lock when the holder's process ends,
+    killed or not, so a stale lock file never blocks a later writer.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.file = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        if fcntl is None or self._fd is not None:
+            return self
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise RunInUse(
+                f"run {str(self.run_dir)!r} is being written by another process{who}; wait for it to end "
+                "or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Deletes the temporary files a killed writer left behind (``.checkpoint.safetensors.*.tmp`` and the
+    like, see :func:`flowscore._io.atomic_path`); returns them. Call it only while holding the lock."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in RUN_FILES:
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def checkpoint_step(run_dir: str | Path) -> int | None:
+    """The step of the run's checkpoint (read from its header only), or None when there is no readable one."""
+    file = Path(run_dir) / CHECKPOINT_FILE
+    if not file.is_file():
+        return None
+    try:
+        step = checkpoint.read_state(file).get("step")
+    except ValueError:
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+# -- log.csv -----------------------------------------------------------------------------------------------
+def read_log(file: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``log.csv`` as dicts of numbers (None for an empty cell).
+
+    Every complete row ends with a newline; a last row without one (a write cut short by a crash or a full
+    disk) is skipped, and so is any row that does not parse. A missing file gives ``[]``.
+    """
+    file = Path(file)
+    if not file.is_file():
+        return []
+    with open(file, encoding="utf-8", errors="replace", newline="") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        return []
+    for values in reader:
+        if len(values) != len(header):
+            continue
+        try:
+            rows.append({k: _log_value(k, v) for k, v in zip(header, values, strict=True)})
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r.get("step"), int)]
+
+
+def _log_value(key: str, value: str) -> int | float | None:
+    if value == "":
+        return None
+    return int(value) if key == "step" else float(value)
+
+
+def truncate_log(file: str | Path, step: int) -> None:
+    """Rewrites ``log.csv`` (atomically) with its header and the readable rows of ``step <= step`` (rows past
+    the checkpoint are redone on resume; a torn last row is dropped)."""
+    rows = [r for r in read_log(file) if r["step"] <= step]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    _io.write_bytes(file, buffer.getvalue().encode())
+
+
+# -- run.safetensors ---------------------------------------------------------------------------------------
+def write_run_file(
+    run_dir: str | Path,
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    path: GaussianPath,
+    held_out: torch.Tensor,
+    normalizer: datasets.Normalizer,
+    n_train: int,
+    data_sha256: str,
+    loss_floor: dict[str, Any] | None,
+) -> None:
+    """Writes ``run.safetensors`` and ``config.json`` (atomically)."""
+    run_dir = Path(run_dir)
+    state = {
+        "format": RUN_FORMAT, "config": config.to_dict(), "model": model.config(), "path": path.config(),
+        "data_shape": list(held_out.shape[1:]), "n_train": n_train, "data_sha256": data_sha256,
+        "loss_floor": loss_floor,
+    }  # fmt: skip
+    tensors = {"held_out": held_out, **checkpoint.prefixed("normalizer", normalizer.state_dict())}
+    checkpoint.save_checkpoint(run_dir / RUN_FILE, tensors, state)
+    _io.save_json(run_dir / CONFIG_FILE, config.to_dict())
+
+
+@dataclass
+class RunFile:
+    """The checked contents of ``run.safetensors``."""
+
+    config: TrainConfig
+    path: GaussianPath
+    model_config: dict[str, Any]
+    data_shape: tuple[int, ...]
+    n_train: int
+    data_sha256: str
+    loss_floor: dict[str, Any] | None
+    held_out: torch.Tensor
+    normalizer: datasets.Normalizer
+
+
+class _Damaged(ValueError):
+    pass
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Damaged(what)
+
+
+def _is_int(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def read_run_file(run_dir: str | Path) -> RunFile:
+    """``run.safetensors`` of ``run_dir``, every description checked against its tensors (``ValueError``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise ValueError(
+            f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE}); pass the run_dir of a training"
+        )
+    tensors, state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
+    try:
+        return _check_run_file(state, tensors)
+    except _Damaged as err:
+        raise ValueError(
+            f"{RUN_FILE} of {str(run_dir)!r} is damaged or was not written by flowscore ({err}); train again"
+        ) from None
+
+
+def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RunFile:
+    _require(state.get("format") == RUN_FORMAT, f"format {state.get('format')!r}, expected {RUN_FORMAT}")
+    try:
+        config = TrainConfig.from_dict(state.get("config"))
+    except ValueError as err:
+        raise _Damaged(f"config: {err}") from None
+    shape = state.get("data_shape")
+    _require(
+        isinstance(shape, list) and len(shape) in (1, 3) and all(_is_int(s, 1) for s in shape),
+        f"data_shape must be a list of 1 or 3 positive integers, got {models._short(shape)}",
+    )
+    shape = tuple(shape)
+    _require(math.prod(shape) <= models.LIMITS["dim"], f"data_shape {shape} is too large")
+    held_out = tensors.get("held_out")
+    _require(
+        isinstance(held_out, torch.Tensor)
+        and held_out.is_floating_point()
+        and held_out.dim() == 1 + len(shape),
+        "held_out must be a float tensor of shape (M, *data_shape)",
+    )
+    _require(tuple(held_out.shape[1:]) == shape, f"held_out has shape {tuple(held_out.shape)}, data {shape}")
+    norm = checkpoint.unprefixed("normalizer", tensors)
+    _require(set(norm) == {"shift", "scale"}, "the normalizer must hold shift and scale")
+    _require(
+        all(v.is_floating_point() and v.shape == norm["shift"].shape for v in norm.values()),
+        "the normalizer's shift and scale must be float tensors of one shape",
+    )
+    small = tuple(norm["shift"].shape)
+    aligned = zip(reversed(small), reversed(shape[len(shape) - len(small) :]), strict=True)
+    fits = len(small) <= len(shape) and all(s in (1, d) for s, d in aligned)
+    _require(fits, f"the normalizer's shape {tuple(norm['shift'].shape)} does not fit data of shape {shape}")
+    try:
+        normalizer = datasets.Normalizer.from_state_dict(norm)
+    except ValueError as err:
+        raise _Damaged(f"normalizer: {err}") from None
+    path_config = state.get("path")
+    _require(
+        isinstance(path_config, dict) and path_config.get("name") in PATH_NAMES,
+        f"path must be a dict naming one of {', '.join(PATH_NAMES)}",
+    )
+    try:
+        path = get_path(path_config["name"], **{k: v for k, v in path_config.items() if k != "name"})
+    except (ValueError, TypeError) as err:
+        raise _Damaged(f"path: {err}") from None
+    try:
+        model_config = models.check_config(state.get("model"))
+    except ValueError as err:
+        raise _Damaged(str(err)) from None
+    if model_config["kind"] == "mlp":
+        fits = model_config["dim"] == math.prod(shape)
+    else:
+        fits = len(shape) == 3 and model_config["channels"] == shape[0]
+    _require(fits, f"the model description {model_config} does not fit data of shape {shape}")
+    _require(_is_int(state.get("n_train"), 1), "n_train must be a positive integer")
+    _require(isinstance(state.get("data_sha256"), str), "data_sha256 must be a string")
+    floor = state.get("loss_floor")
+    _require(
+        floor is None or (isinstance(floor, dict) and isinstance(floor.get("value"), (int, float))),
+        "loss_floor must be null or a dict with a numeric value",
+    )
+    return RunFile(
+        config, path, model_config, shape, state["n_train"], state["data_sha256"], floor, held_out, normalizer
+    )
+
+
+def stored_config(run_dir: str | Path) -> TrainConfig:
+    """The config of the run in ``run_dir`` (read from the header of ``run.safetensors`` alone)."""
+    file = Path(run_dir) / RUN_FILE
+    if not file.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE})")
+    try:
+        return TrainConfig.from_dict(checkpoint.read_state(file).get("config"))
+    except ValueError as err:
+        raise ValueError(f"the config stored in {str(file)!r} is not valid ({err}); train again") from None
+
+
+# -- a trained run -----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A trained run: ``model`` holds the EMA weights in eval mode on the CPU; ``held_out`` is in data space.
+
+    The model works in the normalizer's space: ``normalizer.decode(sample)`` maps its samples to data.
+    """
+
+    config: TrainConfig
+    path: GaussianPath
+    model: nn.Module
+    prediction: str
+    normalizer: datasets.Normalizer
+    held_out: torch.Tensor
+    data_shape: tuple[int, ...]
+    log: list[dict[str, Any]]
+    loss_floor: dict[str, Any] | None
+    step: int
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Reads a run folder written by :class:`flowscore.training.Trainer` (no code is executed).
+
+    Every description is checked against the stored tensors before the model is built (the number of
+    weights its config asks for must equal the number stored), so a damaged or hostile folder raises
+    ``ValueError`` quickly and allocates no more than its files' size.
+    """
+    run_dir = Path(run_dir)
+    run_file = read_run_file(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"run {str(run_dir)!r} has no checkpoint yet; resume its training first")
+    tensors, state = checkpoint.load_checkpoint(run_dir / CHECKPOINT_FILE)
+    step = state.get("step")
+    if not _is_int(step):
+        raise ValueError(f"checkpoint of {str(run_dir)!r} has no valid step; train again")
+    ema = checkpoint.unprefixed("ema", tensors)
+    stored = sum(v.numel() for v in ema.values())
+    expected = models.parameter_count(run_file.model_config)
+    if stored != expected or not all(v.is_floating_point() for v in ema.values()):
+        raise ValueError(
+            f"checkpoint of {str(run_dir)!r} holds {stored} weights but its model description asks for "
+            f"{expected}; the run is damaged, train again"
+        )
+    model = models.model_from_config(run_file.model_config)
+    try:
+        model.load_state_dict(ema)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint of {str(run_dir)!r} does not fit its model ({' '.join(str(err).split())[:300]}); "
+            "train again"
+        ) from None
+    return Run(
+        config=run_file.config,
+        path=run_file.path,
+        model=model.eval().requires_grad_(False),
+        prediction=run_file.config.prediction,
+        normalizer=run_file.normalizer,
+        held_out=run_file.held_out,
+        data_shape=run_file.data_shape,
+        log=read_log(run_dir / LOG_FILE),
+        loss_floor=run_file.loss_floor,
+        step=step,
+        run_dir=run_dir,
+    )

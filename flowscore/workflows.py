@@ -1,0 +1,453 @@
+"""The workflows behind ``flowscore sample``, ``eval`` and ``plot``, on a trained run.
+
+A run (:func:`flowscore.runs.load_run`) holds the model, its path and prediction kind, the normalizer that
+maps data to the model's space and back, and held-out data. Everything here returns data-space values:
+samples are decoded with the normalizer before they are returned or saved. Each workflow checks what it can
+(the data shape it can plot, the memory its output needs) before it computes or writes anything, runs the
+model on the thread count of :func:`flowscore._resources.choose_threads` (or ``threads``), and samples in
+batches of :data:`SAMPLE_BATCH` points so that memory does not grow with ``n``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _resources
+from .samplers import DEFAULT_ODE_SAMPLER, EVALS_PER_STEP, default_steps
+
+SAMPLE_BATCH = 8192
+"""Points per batch of :func:`sample_run` (a batch of samples is independent of the others)."""
+FIELD_TIMES = (0.1, 0.5, 0.9, 0.99)
+EVAL_KEYS = (
+    "n",
+    "ode_sampler",
+    "w2_ode",
+    "w2_sde",
+    "w2_floor",
+    "w2_ratio_ode",
+    "w2_ratio_sde",
+    "mmd_ode",
+    "mmd_sde",
+    "mmd_floor",
+    "nll",
+    "bits_per_dim",
+    "dequantized",
+)
+"""The keys of :func:`evaluate_run`'s result, in order."""
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def plot_kind(data_shape: tuple[int, ...]) -> str:
+    """``"points"`` for 2D points, ``"images"`` for 1- or 3-channel images; ``ValueError`` otherwise."""
+    shape = tuple(data_shape)
+    if shape == (2,):
+        return "points"
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return "images"
+    raise ValueError(f"plots need 2D points or 1- or 3-channel images, but this run's data has shape {shape}")
+
+
+def _model_threads(run: Any, threads: int | None, batch: int, passes: float) -> int | None:
+    """The thread count for running the run's model on ``batch`` points ``passes`` times per step."""
+    if threads is not None:
+        return threads
+    config = getattr(run.model, "config", None)
+    if not callable(config):
+        return None
+    return _resources.threads_for(None, config(), tuple(run.data_shape), batch, passes)
+
+
+def _threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
+    return _resources.using_threads(count) if count is not None else contextlib.nullcontext()
+
+
+def _passes(sampler: str) -> float:
+    return float(EVALS_PER_STEP.get(sampler, 6 if sampler == "dopri5" else 1))
+
+
+def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
+                        trajectory: bool = False) -> None:  # fmt: skip
+    """``ValueError`` when ``n`` samples (and their trajectory) of the run cannot fit in memory."""
+    sampler = DEFAULT_ODE_SAMPLER if sampler is None else sampler
+    per_point = 4.0 * math.prod(run.data_shape)
+    needed = n * per_point * (1 + ((steps or default_steps(sampler)) + 2 if trajectory else 0))
+    config = getattr(run.model, "config", None)
+    if callable(config):
+        from .models import forward_cost
+
+        needed += min(n, SAMPLE_BATCH) * (forward_cost(config(), tuple(run.data_shape))[1] + 8 * per_point)
+    _resources.check_memory(needed, "cpu", f"sampling {n} points", "pass a smaller --n")
+
+
+def _batches(n: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
+    starts = range(0, n, SAMPLE_BATCH)
+    if progress and n > SAMPLE_BATCH:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True)
+    for start in starts:
+        yield start, min(n, start + SAMPLE_BATCH)
+
+
+# -- sampling ----------------------------------------------------------------------------------------------
+def sample_run(
+    run: Any,
+    n: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    trajectory: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``n`` samples of a run in data space, ``(n, *data_shape)`` float32.
+
+    ``sampler`` and ``steps`` None: the defaults of :func:`flowscore.samplers.sample`. The model's samples
+    are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from one
+    generator seeded by ``seed``. With ``trajectory=True`` also returns the decoded states
+    ``(T, n, *data_shape)`` from t = 0 (prior) to t = 1.
+    """
+    from .samplers import sample
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_sample_memory(run, n, sampler=sampler, steps=steps, trajectory=trajectory)
+    generator = _generator(seed)
+    shape = tuple(run.data_shape)
+    out = np.empty((n, *shape), dtype=np.float32)
+    paths = []
+    decode = run.normalizer.decode
+    count = _model_threads(run, threads, min(n, SAMPLE_BATCH), _passes(sampler or DEFAULT_ODE_SAMPLER))
+    with _threads(count):
+        for start, stop in _batches(n, progress, "sample"):
+            x = sample(
+                run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
+                shape=shape, generator=generator, return_trajectory=trajectory,
+            )  # fmt: skip
+            if trajectory:
+                x, states = x
+                paths.append(decode(states.detach()).float().numpy())
+            out[start:stop] = decode(x.detach()).float().numpy()
+    if trajectory:
+        return out, np.concatenate(paths, axis=1)
+    return out
+
+
+# -- evaluation --------------------------------------------------------------------------------------------
+def held_out_halves(run: Any, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves ``(a, b)`` of the run's held-out data (data space), each of ``min(n, M // 2)``."""
+    held = torch.as_tensor(run.held_out).float()
+    half = held.shape[0] // 2
+    if half < 2:
+        raise ValueError(
+            f"the run holds only {held.shape[0]} held-out points; train with more data (or a larger "
+            "n_holdout) so that eval has at least 4 held-out points"
+        )
+    m = half if n is None else min(n, half)
+    return held[:m], held[half : half + m]
+
+
+def is_discrete(x: torch.Tensor) -> bool:
+    """True when every value of ``x`` is an integer (pixel levels, counts): such data is dequantised."""
+    return bool((x == torch.round(x)).all())
+
+
+def data_log_likelihood(
+    run: Any,
+    x: torch.Tensor,
+    *,
+    dequantize: bool = False,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""``(B,)`` log-density of the run's model at data-space ``x`` (nats, float64).
+
+    :math:`\log p_{data}(x) = \log p_{model}(\mathrm{enc}(x)) + \log|\det \partial\,\mathrm{enc}/\partial x|`,
+    the normalizer being affine ``encode(x) = (x - shift) / scale``: the log-det is ``-sum(log scale)``
+    over every data dim. ``dequantize``: ``x`` holds integers, each the centre of a unit bin; the density is
+    taken at ``x + u``, ``u ~ U[-1/2, 1/2)^D`` drawn from ``generator`` (uniform dequantisation: its mean is a
+    lower bound on ``log P(x)`` of the discrete model, see :func:`flowscore.likelihood.bits_per_dim`).
+    ``steps``: of the likelihood ODE (default: :data:`flowscore.samplers.DEFAULT_ODE_STEPS`).
+    """
+    from .likelihood import log_likelihood
+    from .samplers import DEFAULT_ODE_STEPS
+
+    x = torch.as_tensor(x)
+    if dequantize:
+        x = x + torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5
+    z = run.normalizer.encode(x)
+    steps = steps or DEFAULT_ODE_STEPS
+    log_p = log_likelihood(
+        run.model, run.path, z, prediction=run.prediction, steps=steps, generator=generator
+    )
+    scale = run.normalizer.scale.to(torch.float64)
+    log_det = -torch.log(scale).expand(tuple(x.shape[1:])).sum()
+    return log_p.to(torch.float64) + log_det
+
+
+@dataclass
+class EvalSamples:
+    """Data-space samples drawn once and shared by :func:`evaluate_run`, :func:`plot_run` and the demo.
+
+    ``ode`` and ``sde`` are ``(n, *data_shape)``; ``trajectory`` is the ODE's ``(T, n, *data_shape)``.
+    """
+
+    ode: np.ndarray
+    sde: np.ndarray
+    trajectory: np.ndarray
+    ode_sampler: str
+
+
+def draw_samples(
+    run: Any, n: int, *, seed: int = 0, ode_sampler: str | None = None, threads: int | None = None
+) -> EvalSamples:
+    """``n`` ODE samples (with their trajectory) and ``n`` SDE samples of the run, in data space.
+
+    ``ode_sampler`` None: :data:`flowscore.samplers.DEFAULT_ODE_SAMPLER`; steps: the samplers' defaults.
+    """
+    ode_sampler = DEFAULT_ODE_SAMPLER if ode_sampler is None else ode_sampler
+    ode, trajectory = sample_run(run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads)
+    sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads)
+    return EvalSamples(ode, sde, trajectory, ode_sampler)
+
+
+def evaluate_run(
+    run: Any,
+    *,
+    n: int = 2000,
+    seed: int = 0,
+    samples: EvalSamples | None = None,
+    likelihood: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """W2 and MMD of ODE and SDE samples to held-out data, their floors, and the held-out likelihood.
+
+    ``n`` bounds every part: ``m = min(n, M // 2, metrics.MAX_W2_POINTS)`` points per set, ``M`` the
+    held-out points. Returns a JSON-able dict with the keys :data:`EVAL_KEYS`: ``n`` (= m), ``ode_sampler``,
+    ``w2_ode``, ``w2_sde`` (W2 between m samples and m held-out points), ``w2_floor`` (W2 between two
+    disjoint held-out halves of m points each: what a perfect sampler reaches with m points),
+    ``w2_ratio_ode``/``w2_ratio_sde`` (W2 / floor, 1 is perfect; None when the floor is 0, e.g. constant
+    data), ``mmd_ode``, ``mmd_sde``, ``mmd_floor`` (the same sets), ``nll`` (mean -log p in data space of the
+    m held-out points, nats, normalizer log-det included), ``bits_per_dim`` (``nll / (D log 2)``) and
+    ``dequantized``: True when the held-out data are integers (pixel levels), whose likelihood is then
+    taken with uniform dequantisation over unit bins, so that ``bits_per_dim`` is an upper bound on the
+    discrete model's bits (>= 0 in expectation). ``likelihood=False`` skips it (the three keys are None).
+    ``samples`` (from :func:`draw_samples`) are drawn if not given.
+    """
+    from .likelihood import bits_per_dim
+    from .metrics import MAX_W2_POINTS, mmd, w2
+
+    a, b = held_out_halves(run, min(n, MAX_W2_POINTS))
+    m = a.shape[0]
+    if samples is None:
+        samples = draw_samples(run, m, seed=seed, threads=threads)
+    ode = torch.from_numpy(samples.ode[:m]).flatten(1)
+    sde = torch.from_numpy(samples.sde[:m]).flatten(1)
+    if ode.shape[0] < m or sde.shape[0] < m:
+        raise ValueError(f"evaluate_run needs {m} samples per sampler, got {ode.shape[0]} and {sde.shape[0]}")
+    nll = bpd = dequantized = None
+    if likelihood:
+        dequantized = is_discrete(a)
+        count = _model_threads(run, threads, m, 8.0)
+        with _threads(count):
+            ll = data_log_likelihood(run, a, dequantize=dequantized, generator=_generator(seed + 2))
+        dims = math.prod(tuple(run.data_shape))
+        nll, bpd = float(-ll.mean()), float(bits_per_dim(ll, dims, bin_width=1.0).mean())
+    a, b = a.flatten(1), b.flatten(1)
+    w2_floor = float(w2(b, a))
+    result = {
+        "n": m,
+        "ode_sampler": samples.ode_sampler,
+        "w2_ode": float(w2(ode, a)),
+        "w2_sde": float(w2(sde, a)),
+        "w2_floor": w2_floor,
+        "mmd_ode": float(mmd(ode, a)),
+        "mmd_sde": float(mmd(sde, a)),
+        "mmd_floor": float(mmd(b, a)),
+        "nll": nll,
+        "bits_per_dim": bpd,
+        "dequantized": dequantized,
+    }
+    result["w2_ratio_ode"] = result["w2_ode"] / w2_floor if w2_floor > 0 else None
+    result["w2_ratio_sde"] = result["w2_sde"] / w2_floor if w2_floor > 0 else None
+    return {key: result[key] for key in EVAL_KEYS}
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """A small text table of :func:`evaluate_run`'s result."""
+
+    def ratio(value: float | None) -> str:
+        return f"{value:>9.3f}" if value is not None else f"{'-':>9}"
+
+    ode_name = f"ODE ({result['ode_sampler']}) samples"
+    floor_ratio = 1.0 if result["w2_floor"] > 0 else None
+    rows = [
+        (ode_name, result["w2_ode"], result["w2_ratio_ode"], result["mmd_ode"]),
+        ("SDE samples", result["w2_sde"], result["w2_ratio_sde"], result["mmd_sde"]),
+        ("floor: held-out halves", result["w2_floor"], floor_ratio, result["mmd_floor"]),
+    ]
+    lines = [f"{'vs held-out data':<24} {'W2':>9} {'W2/floor':>9} {'MMD':>10}"]
+    lines += [f"{name:<24} {w:>9.4f} {ratio(r)} {m:>10.3g}" for name, w, r, m in rows]
+    nll = ""
+    if result.get("nll") is not None:
+        kind = ", dequantised" if result.get("dequantized") else ""
+        nll = f"; held-out NLL = {result['nll']:.4f} nats ({result['bits_per_dim']:.4f} bits/dim{kind})"
+    lines.append(f"n = {result['n']} points per set{nll}")
+    return "\n".join(lines)
+
+
+# -- plots -------------------------------------------------------------------------------------------------
+def _loss_curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, losses)`` from the run's log (a list of dicts with "step" and "loss")."""
+    rows = [r for r in run.log if r.get("loss") is not None and r.get("step") is not None]
+    return np.array([r["step"] for r in rows], dtype=float), np.array([r["loss"] for r in rows], dtype=float)
+
+
+def _floor_value(run: Any) -> tuple[float | None, float | None]:
+    """The run's loss floor and its standard error, or ``(None, None)``."""
+    floor = getattr(run, "loss_floor", None)
+    if floor is None:
+        return None, None
+    if isinstance(floor, dict):
+        return floor.get("value"), floor.get("standard_error")
+    if isinstance(floor, (tuple, list)):
+        return float(floor[0]), (float(floor[1]) if len(floor) > 1 else None)
+    return float(floor), None
+
+
+def field_on_grid(
+    run: Any, times: tuple[float, ...], limits: tuple[float, float, float, float], size: int = 25
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The learned velocity in data space on a ``size x size`` grid: ``(grid_x, grid_y, (K, size, size, 2))``.
+
+    The model's field (any prediction, via ``samplers.as_field``) lives in normalized space; with the affine
+    ``encode(x) = (x - shift) / scale`` the data-space velocity is ``scale * u(encode(x), t)``.
+    """
+    from .samplers import as_field
+
+    velocity = as_field(run.model, run.path, run.prediction, "velocity")
+    gx = np.linspace(limits[0], limits[1], size)
+    gy = np.linspace(limits[2], limits[3], size)
+    xx, yy = np.meshgrid(gx, gy)
+    x = torch.from_numpy(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32))
+    z = run.normalizer.encode(x)
+    out = []
+    with torch.no_grad():
+        for t in times:
+            u = velocity(z, torch.full((z.shape[0],), float(t)))
+            out.append((u * run.normalizer.scale).numpy().reshape(size, size, 2))
+    return gx, gy, np.stack(out)
+
+
+def _plot_limits(points: np.ndarray) -> tuple[float, float, float, float]:
+    """Axis limits around the 0.2%..99.8% quantiles of ``(N, 2)`` points, never of zero width."""
+    lo, hi = np.quantile(points, 0.002, axis=0), np.quantile(points, 0.998, axis=0)
+    span = np.maximum(hi - lo, 1e-3 * (1 + np.abs(lo) + np.abs(hi)))
+    centre = (lo + hi) / 2
+    lo, hi = centre - 0.75 * span, centre + 0.75 * span
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
+
+
+def image_range(run: Any) -> tuple[float, float] | None:
+    """The pixel range ``(lo, hi)`` of an image run's training data: the image normalizer maps it to [-1, 1],
+    so ``lo, hi = shift -/+ scale``; None when the normalizer is not one scalar shift and scale."""
+    shift, scale = run.normalizer.shift, run.normalizer.scale
+    if shift.numel() != 1 or scale.numel() != 1:
+        return None
+    return float(shift - scale), float(shift + scale)
+
+
+def plot_run(
+    run: Any,
+    out_dir: str,
+    *,
+    n: int = 2000,
+    seed: int = 0,
+    samples: EvalSamples | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """Writes the run's figures into ``out_dir`` and returns their paths.
+
+    Always ``loss.png`` (with the loss floor as a band) when the run has a log. 2D data: ``samples.png``
+    (ODE and SDE samples vs held-out data), ``trajectories.png`` (ODE paths from the prior) and ``field.png``
+    (the learned velocity at a few t). Images: ``samples_grid.png`` (64 ODE and 64 SDE samples side by side,
+    gray levels over the training data's pixel range). Other data shapes: ``loss.png`` only.
+
+    Every figure is drawn into a temporary folder inside ``out_dir`` and moved into place only when all of
+    them succeeded: a failure leaves no partial set of figures.
+    """
+    from . import plots
+
+    shape = tuple(run.data_shape)
+    kind = None
+    try:
+        kind = plot_kind(shape)
+    except ValueError:
+        pass
+    steps, losses = _loss_curve(run)
+    figures: list[tuple[str, Any]] = []  # (file name, draw(file))
+    if len(steps):
+        floor, floor_err = _floor_value(run)
+        objective = str(getattr(run.config, "objective", "loss"))
+        figures.append(("loss.png", lambda f: plots.plot_loss(
+            steps, losses, f, floor=floor, floor_err=floor_err, objective=objective)))  # fmt: skip
+    if kind == "images":
+        samples = draw_samples(run, 64, seed=seed, threads=threads) if samples is None else samples
+        grids = {f"ODE ({samples.ode_sampler})": samples.ode[:64], "SDE (Euler-Maruyama)": samples.sde[:64]}
+        gray = image_range(run)
+        figures.append(("samples_grid.png", lambda f: plots.plot_image_grid(grids, f, value_range=gray)))
+    elif kind == "points":
+        held = torch.as_tensor(run.held_out).float().numpy()[:n]
+        samples = draw_samples(run, min(n, 2000), seed=seed, threads=threads) if samples is None else samples
+        labels = {f"ODE ({samples.ode_sampler})": samples.ode, "SDE (Euler-Maruyama)": samples.sde}
+        title = f"ODE ({samples.ode_sampler}) trajectories"
+        limits = _plot_limits(np.concatenate([held.reshape(-1, 2), samples.ode.reshape(-1, 2)]))
+        gx, gy, field = field_on_grid(run, FIELD_TIMES, limits)
+        trajectory = samples.trajectory[:, :300]
+        figures.append(("samples.png", lambda f: plots.plot_samples(labels, held, f)))
+        figures.append(
+            ("trajectories.png", lambda f: plots.plot_trajectories(trajectory, f, data=held, title=title))
+        )
+        figures.append(("field.png", lambda f: plots.plot_field(FIELD_TIMES, gx, gy, field, f, data=held)))
+    return _write_all(out_dir, figures)
+
+
+def _write_all(out_dir: str, figures: list[tuple[str, Any]]) -> list[str]:
+    """Draws every ``(name, draw)`` into a temporary folder in ``out_dir``, then moves them all into place."""
+    if not figures:
+        return []
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".plots-", dir=out_dir)
+    try:
+        for name, draw in figures:
+            draw(os.path.join(staging, name))
+        files = []
+        for name, _ in figures:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            files.append(os.path.join(out_dir, name))
+        return files
+    except BaseException:
+        if created:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

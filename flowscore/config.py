@@ -8,7 +8,6 @@ and every run folder stores it (``flowscore.runs``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,23 +178,23 @@ class TrainConfig:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError("data must be a data set name or a .npy/.npz file path, e.g. data='moons'")
         for name in ("steps", "checkpoint_every", "log_every"):
-            _int(getattr(self, name), name, minimum=1)
-        _int(self.batch_size, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
+            _validate.integer(getattr(self, name), name, minimum=1)
+        _validate.integer(self.batch_size, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
         for name in ("data_n", "width", "depth", "threads"):
             if getattr(self, name) is not None:
-                _int(getattr(self, name), name, minimum=1)
+                _validate.integer(getattr(self, name), name, minimum=1)
         if self.n_holdout is not None:
-            _int(self.n_holdout, "n_holdout", minimum=0)
-        _int(self.warmup, "warmup", minimum=0)
+            _validate.integer(self.n_holdout, "n_holdout", minimum=0)
+        _validate.integer(self.warmup, "warmup", minimum=0)
         if not isinstance(self.loss_floor, bool):
             raise ValueError(f"loss_floor must be true or false, got {self.loss_floor!r}")
-        _int(self.seed, "seed", minimum=0)
-        _number(self.lr, "lr", low=0, low_open=True)
-        _number(self.weight_decay, "weight_decay", low=0)
-        _number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
-        _number(self.t_eps, "t_eps", low=0, high=0.5, high_open=True)
+        _validate.integer(self.seed, "seed", minimum=0)
+        _validate.number(self.lr, "lr", low=0, low_open=True)
+        _validate.number(self.weight_decay, "weight_decay", low=0)
+        _validate.number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
+        _validate.t_eps(self.t_eps)
         if self.grad_clip is not None:
-            _number(self.grad_clip, "grad_clip", low=0)
+            _validate.number(self.grad_clip, "grad_clip", low=0)
         for name, options in CHOICES.items():
             value = getattr(self, name)
             if name == "weighting" and value is None:
@@ -247,27 +246,3 @@ def field_default(name: str) -> Any:
     """The dataclass default of field ``name`` (``default_factory`` called)."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def _int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    if not ok or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-    return value
-
-
-def _number(
-    value: object,
-    name: str,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)

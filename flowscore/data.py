@@ -85,8 +85,7 @@ _MAKERS = {
 def toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` points of the 2D toy ``name`` (one of ``TOYS``), float32 ``(n, 2)``, reproducible by ``seed``."""
     _validate.choice(name, TOYS, "toy data set")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    _validate.positive_int(n, "n")
     rng = np.random.default_rng(seed)
     return torch.from_numpy(_MAKERS[name](n, rng).astype(np.float32))
 
@@ -206,8 +205,8 @@ def load(spec: str | Path, *, n: int | None = None, seed: int = 0) -> torch.Tens
     Raises ``ValueError`` with a fix for unknown names, missing or unreadable files, wrong ndim, empty
     arrays and NaN/Inf.
     """
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if n is not None:
+        _validate.positive_int(n, "n")
     if isinstance(spec, str) and spec in TOYS:
         return toy(spec, DEFAULT_TOY_N if n is None else n, seed)
     if isinstance(spec, str) and spec in IMAGE_SETS:
@@ -285,7 +284,6 @@ def split(data: torch.Tensor, n_holdout: int, seed: int = 0) -> tuple[torch.Tens
     """
     data = _validate.batch(data, "data")
     n = data.shape[0]
-    if not isinstance(n_holdout, int) or isinstance(n_holdout, bool) or not 0 <= n_holdout < n:
-        raise ValueError(f"n_holdout must be an integer in [0, {n}) for {n} data points, got {n_holdout!r}")
+    _validate.integer(n_holdout, f"n_holdout (for {n} data points)", minimum=0, maximum=n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return data[order[n_holdout:]], data[order[:n_holdout]]

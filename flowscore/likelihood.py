@@ -152,14 +152,9 @@ def bits_per_dim(
     ``log2(num_levels)`` (8 for 256 levels). ``log_likelihood``: ``(B,)`` nats; returns ``(B,)``.
     """
     ll = _validate.tensor(log_likelihood, "log_likelihood")
-    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    _validate.positive_int(num_dims, "num_dims")
     if bin_width is None:
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-        if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
-            raise ValueError(f"data_range must be a positive number, got {data_range!r}")
-        bin_width = data_range / num_levels
-    elif not (isinstance(bin_width, (int, float)) and math.isfinite(bin_width) and bin_width > 0):
-        raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
+        _validate.integer(num_levels, "num_levels", minimum=2)
+        bin_width = _validate.number(data_range, "data_range", 0, low_open=True) / num_levels
+    _validate.number(bin_width, "bin_width", 0, low_open=True)
     return -(ll / num_dims + math.log(bin_width)) / math.log(2)

@@ -18,12 +18,6 @@ from torch import nn
 from . import _validate
 
 
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class SinusoidalEmbedding(nn.Module):
     r"""``(B,)`` times to ``(B, dim)`` features :math:`[\sin(s t f_k), \cos(s t f_k)]`, ``dim`` even.
 
@@ -33,7 +27,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_period: float = 10_000.0, scale: float = 1000.0):
         super().__init__()
-        if _positive_int(dim, "time_embedding") % 2:
+        if _validate.positive_int(dim, "time_embedding") % 2:
             raise ValueError(f"time_embedding must be even, got {dim}")
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
@@ -59,9 +53,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, time_embedding: int = 64):
         super().__init__()
-        self.dim = _positive_int(dim, "dim")
-        self.width = _positive_int(width, "width")
-        self.depth = _positive_int(depth, "depth")
+        self.dim = _validate.positive_int(dim, "dim")
+        self.width = _validate.positive_int(width, "width")
+        self.depth = _validate.positive_int(depth, "depth")
         self.time_embedding = time_embedding
         self.embed = SinusoidalEmbedding(time_embedding)
         layers: list[nn.Module] = []
@@ -118,10 +112,10 @@ class UNet(nn.Module):
 
     def __init__(self, channels: int = 1, base: int = 32, levels: int = 2, time_embedding: int = 128):
         super().__init__()
-        self.channels = _positive_int(channels, "channels")
-        self.base = _positive_int(base, "base")
-        self.levels = _positive_int(levels, "levels")
-        self.time_embedding = _positive_int(time_embedding, "time_embedding")
+        self.channels = _validate.positive_int(channels, "channels")
+        self.base = _validate.positive_int(base, "base")
+        self.levels = _validate.positive_int(levels, "levels")
+        self.time_embedding = _validate.positive_int(time_embedding, "time_embedding")
         t_dim = 4 * base
         self.embed = nn.Sequential(
             SinusoidalEmbedding(time_embedding),

@@ -39,7 +39,7 @@ from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfi
     VECTOR_DEFAULTS,
     TrainConfig,
 )
-from .losses import OBJECTIVES, sample_time
+from .losses import sample_time
 from .models import model_config, model_from_config, parameter_count
 from .paths import GaussianPath, get_path
 from .runs import (  # noqa: F401  (re-exported: the run folder format)

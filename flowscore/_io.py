@@ -51,8 +51,15 @@ def save_text(file: str | os.PathLike[str], text: str) -> None:
 
 
 def save_json(file: str | os.PathLike[str], obj: Any) -> None:
-    """``obj`` as indented JSON."""
-    save_text(file, json.dumps(obj, indent=2) + "\n")
+    """``obj`` as indented JSON; ``ValueError`` (nothing written) if it holds NaN or Inf, which JSON has no
+    value for."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            f"{os.fspath(file)!r}: the values hold NaN or Inf, which JSON cannot store"
+        ) from None
+    save_text(file, text + "\n")
 
 
 def save_npy(file: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -113,7 +113,7 @@ def _mnist() -> np.ndarray:
 
 def _check_size(shape: tuple[int, ...], itemsize: int, stored: int | None, origin: str) -> None:
     """Refuses an array header whose data the file cannot hold, or whose float32 copy cannot fit in memory."""
-    from ._resources import check_memory
+    from .resources import check_memory
 
     count = math.prod(shape)
     if stored is not None and count * itemsize > stored:

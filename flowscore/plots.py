@@ -153,7 +153,8 @@ def plot_loss(
     if finite.size:
         lo = min(float(np.quantile(finite, 0.01)), floor if floor is not None else np.inf)
         hi = float(np.quantile(finite, 0.98))
-        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        pad = max(0.1 * (hi - lo), 1e-3 * (abs(hi) + abs(lo)) + 1e-12)  # one logged value: hi == lo
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("training step")
     ax.set_ylabel(objective)
     ax.set_title(f"Training loss ({objective}) and its floor")

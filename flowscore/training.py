@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _resources, _validate, checkpoint, losses, runs
+from . import _validate, checkpoint, losses, resources, runs
 from . import data as datasets
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     IMAGE_DEFAULTS,
@@ -210,14 +210,14 @@ def _prepare(config: TrainConfig, device: torch.device, world: int = 1) -> _Prep
     model_cfg = model_config(kind, shape, **opts)
     batch = config.batch_size // world
     needed = step_memory(model_cfg, shape, batch) + (train.numel() * 4 if device.type != "cpu" else 0)
-    _resources.check_memory(
+    resources.check_memory(
         needed, device, f"training with batch_size {config.batch_size} and this model",
         "pass a smaller --batch-size (or --width/--depth)",
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = model_from_config(model_cfg)
-    threads = _resources.threads_for(config.threads, model_cfg, shape, batch, TRAINING_PASSES)
+    threads = resources.threads_for(config.threads, model_cfg, shape, batch, TRAINING_PASSES)
     prepared = _Prepared(
         normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), _checksum(raw),
         threads,
@@ -347,7 +347,7 @@ class Trainer:
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
             prepared = _prepare(config, device, dist.world)
-            with _resources.using_threads(prepared.threads):
+            with resources.using_threads(prepared.threads):
                 result = self._run(config, prepared, device, dist, resume)
             dist.barrier()  # no rank tears the group down while another still talks to it
             return result

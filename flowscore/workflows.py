@@ -4,7 +4,7 @@ A run (:func:`flowscore.runs.load_run`) holds the model, its path and prediction
 maps data to the model's space and back, and held-out data. Everything here returns data-space values:
 samples are decoded with the normalizer before they are returned or saved. Each workflow checks what it can
 (the data shape it can plot, the memory its output needs) before it computes or writes anything, runs the
-model on the thread count of :func:`flowscore._resources.choose_threads` (or ``threads``), and samples in
+model on the thread count of :func:`flowscore.resources.choose_threads` (or ``threads``), and samples in
 batches of :data:`SAMPLE_BATCH` points so that memory does not grow with ``n``.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _resources
+from . import resources
 from .samplers import DEFAULT_ODE_SAMPLER, EVALS_PER_STEP, default_steps
 
 SAMPLE_BATCH = 8192
@@ -67,11 +67,11 @@ def _model_threads(run: Any, threads: int | None, batch: int, passes: float) -> 
     config = getattr(run.model, "config", None)
     if not callable(config):
         return None
-    return _resources.threads_for(None, config(), tuple(run.data_shape), batch, passes)
+    return resources.threads_for(None, config(), tuple(run.data_shape), batch, passes)
 
 
 def _threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
-    return _resources.using_threads(count) if count is not None else contextlib.nullcontext()
+    return resources.using_threads(count) if count is not None else contextlib.nullcontext()
 
 
 def _passes(sampler: str) -> float:
@@ -89,7 +89,7 @@ def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: 
         from .models import forward_cost
 
         needed += min(n, SAMPLE_BATCH) * (forward_cost(config(), tuple(run.data_shape))[1] + 8 * per_point)
-    _resources.check_memory(needed, "cpu", f"sampling {n} points", "pass a smaller --n")
+    resources.check_memory(needed, "cpu", f"sampling {n} points", "pass a smaller --n")
 
 
 def _batches(n: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
@@ -265,6 +265,10 @@ def evaluate_run(
         count = _model_threads(run, threads, m, 8.0)
         with _threads(count):
             ll = data_log_likelihood(run, a, dequantize=dequantized, generator=_generator(seed + 2))
+        if not bool(torch.isfinite(ll).all()):
+            raise ValueError(
+                "the held-out likelihood is not finite for this model; pass --no-likelihood to skip it"
+            )
         dims = math.prod(tuple(run.data_shape))
         nll, bpd = float(-ll.mean()), float(bits_per_dim(ll, dims, bin_width=1.0).mean())
     a, b = a.flatten(1), b.flatten(1)

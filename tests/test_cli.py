@@ -7,9 +7,12 @@ is trained once per module and shared.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import pytest
 import torch
 from conftest import is_png, run_cli
 
+import flowscore as fs
 from flowscore import checkpoint, cli, load_run, workflows
 
 TRAIN_STEPS = 2000
@@ -278,3 +282,202 @@ def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, ca
     code, _, err = run_cli(capsys, "demo", "--out", other, "--steps", "10")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert os.listdir(other) == ["keep.txt"]
+
+
+# -- the help shows the code's defaults; every TrainConfig field is a flag -----------------------------------
+def _help(capsys, monkeypatch, *argv: str) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # one option per line or two, no wrapping inside a help text
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _shown_defaults(help_text: str) -> dict[str, str]:
+    """``{flag: the text of its "(default: ...)"}`` parsed from argparse help."""
+    entries = re.split(r"\n  (?=-)", help_text.split("options:", 1)[1])
+    out = {}
+    for entry in filter(str.strip, entries):
+        flag = entry.split()[0].rstrip(",")
+        match = re.search(r"\((default: (.*)|required)\)\s*$", " ".join(entry.split()))
+        if match:
+            out[flag] = match.group(2) or match.group(1)
+    return out
+
+
+def _as_shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def test_train_has_one_flag_per_config_field_showing_its_default(capsys, monkeypatch) -> None:
+    shown = _shown_defaults(_help(capsys, monkeypatch, "train"))
+    per_data = {"vectors": fs.TrainConfig(data="moons"), "digits": fs.TrainConfig(data="digits"),
+                "mnist": fs.TrainConfig(data="mnist")}  # fmt: skip
+    for field in dataclasses.fields(fs.TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in shown, f"{flag} is missing or shows no default"
+        default = (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        )
+        if field.name == "data":
+            assert shown[flag] == "required"
+        elif default is None and field.name in ("steps", "batch_size", "lr", "warmup"):
+            for kind, config in per_data.items():
+                assert f"{getattr(config, field.name):g} ({kind})" in shown[flag], (flag, shown[flag])
+        else:
+            assert shown[flag] == _as_shown(default), (flag, shown[flag], default)
+
+
+def test_every_shown_default_of_the_other_commands_is_the_code_default(capsys, monkeypatch) -> None:
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("sample", "eval", "plot", "demo", "paths"):
+        shown = _shown_defaults(_help(capsys, monkeypatch, name))
+        actions = {a.option_strings[-1]: a for a in commands[name]._actions if a.option_strings}
+        for flag, text in shown.items():
+            action = actions[flag]
+            if action.default is not None:
+                assert text == _as_shown(action.default), (name, flag, text)
+    shown = _shown_defaults(_help(capsys, monkeypatch, "sample"))
+    assert shown["--sampler"] == fs.samplers.DEFAULT_ODE_SAMPLER
+    ode_steps, sde_steps = re.fullmatch(r"(\d+) for ODE solvers, (\d+) for sde", shown["--steps"]).groups()
+    # what the code does with sampler/steps left out: the same draws as with the shown values
+    model, path = (lambda x, t: -x), fs.get_path("linear")
+    draws = {}
+    for key, kwargs in {
+        "default": {}, "shown": {"sampler": shown["--sampler"], "steps": int(ode_steps)},
+        "sde": {"sampler": "sde"}, "sde shown": {"sampler": "sde", "steps": int(sde_steps)},
+    }.items():  # fmt: skip
+        draws[key] = fs.sample(model, path, 3, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(draws["default"], draws["shown"]) and torch.equal(draws["sde"], draws["sde shown"])
+    assert not torch.equal(
+        draws["default"],
+        fs.sample(model, path, 3, steps=int(ode_steps) + 1, generator=torch.Generator().manual_seed(0)),
+    )
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flowscore {importlib.metadata.version('flowscore')}"
+
+
+def test_generated_flags_reach_the_config(workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "flags")
+    code, _, err = run_cli(
+        capsys, "train", "--data", "moons", "--data-n", "400", "--path", "ve", "--path-options",
+        '{"sigma_max": 50}', "--grad-clip", "none", "--weighting", "none", "--threads", "1", "--steps", "1e1",
+        "--no-loss-floor", "--time-sampler", "logit-normal", "--width", "16", "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    config = load_run(out).config
+    assert (config.path, config.path_options, config.grad_clip, config.weighting) == (
+        "ve",
+        {"sigma_max": 50},
+        None,
+        None,
+    )
+    assert (config.threads, config.steps, config.loss_floor, config.time_sampler) == (
+        1,
+        10,
+        False,
+        "logit-normal",
+    )
+    for bad in (["--path-options", "[1]"], ["--weighting", "nope"], ["--steps", "1.5"], ["--lr", "nan"]):
+        code, _, err = run_cli(capsys, "train", "--data", "moons", *bad, "--out", out + "2")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not os.path.exists(out + "2")
+
+
+# -- no tracebacks; every command checks what it can before writing anything ---------------------------------
+TINY_FLAGS = ("--width", "16", "--depth", "1", "--batch-size", "32", "--steps", "20", "--no-loss-floor",
+              "--no-progress")  # fmt: skip
+
+
+def _train_on(workdir: str, name: str, array: np.ndarray, capsys) -> str:
+    data = os.path.join(workdir, f"{name}.npy")
+    np.save(data, array)
+    out = os.path.join(workdir, f"run-{name}")
+    code, _, err = run_cli(capsys, "train", "--data", data, *TINY_FLAGS, "--out", out)
+    assert code == 0, err
+    return out
+
+
+def test_constant_data_then_eval_reports_no_ratio(workdir: str, capsys) -> None:
+    run_dir = _train_on(workdir, "constant", np.ones((200, 2)), capsys)
+    out = os.path.join(workdir, "constant.json")
+    code, stdout, err = run_cli(capsys, "eval", "--run", run_dir, "--n", "20", "--json", out)
+    assert code == 0, err
+    with open(out) as fh:
+        result = json.load(fh)
+    assert result["w2_floor"] == 0 and result["w2_ratio_ode"] is None and result["dequantized"] is True
+
+
+def test_few_points_then_plot_and_eval(workdir: str, capsys) -> None:
+    run_dir = _train_on(workdir, "few", np.random.default_rng(0).normal(size=(12, 2)), capsys)
+    out = os.path.join(workdir, "few-plots")
+    code, _, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "50")
+    assert code == 0, err
+    names = sorted(os.listdir(out))
+    assert names == ["field.png", "loss.png", "samples.png", "trajectories.png"]
+    code, _, err = run_cli(capsys, "eval", "--run", run_dir)
+    assert code == 2 and "held-out points" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plots_are_all_or_nothing(workdir: str, capsys, monkeypatch) -> None:
+    from flowscore import plots
+
+    run_dir = _train_on(workdir, "allornothing", np.random.default_rng(1).normal(size=(300, 2)), capsys)
+
+    def broken(*args, **kwargs):
+        raise ValueError("the field figure failed; report it")
+
+    monkeypatch.setattr(plots, "plot_field", broken)
+    out = os.path.join(workdir, "partial-plots")
+    code, _, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "50")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+
+
+def test_sample_plot_of_3d_data_fails_before_writing(workdir: str, capsys) -> None:
+    run_dir = _train_on(workdir, "three", np.random.default_rng(2).normal(size=(300, 3)), capsys)
+    npy, png = os.path.join(workdir, "three.npy.out.npy"), os.path.join(workdir, "three.png")
+    code, _, err = run_cli(capsys, "sample", "--run", run_dir, "--n", "10", "--out", npy, "--plot", png)
+    assert code == 2 and "--plot" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(npy) and not os.path.exists(png)
+    code, _, err = run_cli(capsys, "sample", "--run", run_dir, "--n", "1e13", "--out", npy)
+    assert code == 2 and "memory" in err and not os.path.exists(npy)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch-size", "1e8"],
+        ["--device", "cudaXYZ"],
+        ["--device", "cpu:3"],
+        ["--width", "65536", "--depth", "256"],
+    ],
+)
+def test_refused_before_anything_is_written(workdir: str, capsys, argv) -> None:
+    out = os.path.join(workdir, "never-written")
+    code, stdout, err = run_cli(capsys, "train", "--data", "moons", *argv, "--out", out, "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_data_that_cannot_be_allocated_is_refused(workdir: str, capsys) -> None:
+    from numpy.lib import format as npy_format
+
+    huge = os.path.join(workdir, "huge.npy")
+    with open(huge, "wb") as fh:  # a header that promises 1.6 TB, and 32 bytes of data
+        npy_format.write_array_header_1_0(fh, {"descr": "<f8", "fortran_order": False, "shape": (10**11, 2)})
+        fh.write(np.zeros(4).tobytes())
+    out = os.path.join(workdir, "never-huge")
+    code, _, err = run_cli(capsys, "train", "--data", huge, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not os.path.exists(out)

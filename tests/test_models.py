@@ -101,3 +101,65 @@ def test_unet_learns_on_digits():
         opt.step()
     after = probe_loss()
     assert after < 0.7 * before, (before, after)
+
+
+CONFIGS = [
+    ("auto", (2,), {}), ("auto", (1, 8, 8), {}), ("auto", (1, 28, 28), {}),
+    ("unet", (3, 6, 10), {"base": 8, "levels": 3}), ("mlp", (3, 5, 5), {"width": 16, "depth": 1}),
+    ("mlp", (7,), {"width": 40, "depth": 6, "time_embedding": 8}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "shape", "opts"), CONFIGS)
+def test_parameter_count_and_forward_cost_from_the_config_alone(kind, shape, opts):
+    """Against the built model: its state dict's size, and torch's FLOP counter on a real forward pass;
+    the activation bytes against the bytes of every non-view tensor the forward pass creates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flowscore import validation
+    from flowscore.models import forward_cost, model_config, parameter_count
+
+    config = model_config(kind, shape, **opts)
+    model = model_from_config(config)
+    assert model.config() == config
+    assert parameter_count(config) == sum(v.numel() for v in model.state_dict().values())
+
+    class Bytes(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for value in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(value, torch.Tensor):
+                        Bytes.total += value.numel() * value.element_size()
+            return out
+
+    x, t = torch.randn(2, *shape), torch.rand(2)
+    flops = FlopCounterMode(display=False)
+    with validation(False), torch.no_grad(), flops, Bytes():
+        model(x, t)
+    expected_flops, expected_bytes = forward_cost(config, shape)
+    assert flops.get_total_flops() / 2 == pytest.approx(expected_flops, rel=0.01)  # biases are not counted
+    assert Bytes.total / 2 == pytest.approx(expected_bytes, rel=0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"width": 10**7}, "width"), ({"depth": 10**7}, "depth"), ({"depth": 0}, "depth"),
+     ({"width": True}, "width"), ({"time_embedding": 7}, "even"), ({"heads": 4}, "keys"),
+     ({"kind": "rnn"}, "kind")],
+)  # fmt: skip
+def test_model_configs_are_checked_before_anything_is_built(change, match):
+    import time
+
+    from flowscore.models import check_config, model_config
+
+    config = {**model_config("mlp", (2,)), **change}
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        check_config(config)
+    with pytest.raises(ValueError, match=match):
+        model_from_config(config)
+    assert time.perf_counter() - start < 0.1

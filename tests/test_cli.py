@@ -255,15 +255,40 @@ def test_python_m_equals_console_script() -> None:
     assert by_module.stdout == by_script.stdout and "vp-linear" in by_module.stdout
 
 
-def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, capsys) -> None:
-    out = os.path.join(workdir, "demo")
+def _snapshot(folder: str) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, capsys, monkeypatch) -> None:
+    parent = os.path.join(workdir, "demos")
+    out = os.path.join(parent, "demo")
     argv = ["demo", "--out", out, "--steps", "200", "--n", "200", "--no-progress"]
     code, first, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "W2" in first and "floor" in first
+    with open(os.path.join(out, "notes.txt"), "w") as fh:  # the user's file beside the demo
+        fh.write("mine")
+    earlier = _snapshot(out)
+
+    def interrupted(file, tensors, state):  # a new demo interrupted while it trains
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", interrupted)
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 130
+    assert _snapshot(out) == earlier  # the earlier demo and the user's file, byte for byte
+    assert os.listdir(parent) == ["demo"]  # no temporary folder left beside it
     code, second, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "replacing the earlier demo" in second
+    with open(os.path.join(out, "notes.txt")) as fh:
+        assert fh.read() == "mine"
+    assert os.listdir(parent) == ["demo"]
     with open(os.path.join(out, "metrics.json")) as fh:
         metrics = json.load(fh)
     ode, held = (

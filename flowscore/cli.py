@@ -265,7 +265,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(config.TrainConfig):
         base, optional = types[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{config.FIELD_HELP[f.name]} {_default_text(f.name)}"
+        help_text = f"{config.FIELD_HELP.get(f.name, f.name)} {_default_text(f.name)}"
         if base is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

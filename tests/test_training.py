@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -325,3 +326,13 @@ def test_run_files_exist(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(
         [RUN_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE, LOCK_FILE]
     )
+
+
+def test_every_config_field_has_help_and_a_cli_type():
+    from flowscore import config
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(config.FIELD_HELP) == sorted(fields)
+    assert all(config.FIELD_HELP[name].strip() for name in fields)
+    assert set(config.field_types()) == set(fields)
+    assert all(base in (int, float, str, bool, dict) for base, _ in config.field_types().values())

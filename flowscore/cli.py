@@ -334,7 +334,7 @@ def _check_train_out(run_dir: str, resume: bool) -> None:
         raise CLIError(
             f"--resume given but run dir {run_dir!r} does not exist", "drop --resume to start a new run"
         )
-    if not resume and os.path.exists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
+    if not resume and os.path.exists(run_dir) and not runs.holds_nothing(run_dir):
         raise CLIError(
             f"--out {run_dir!r} already exists", "pass --resume to continue that run, or choose a new --out"
         )

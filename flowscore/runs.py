@@ -114,6 +114,14 @@ def remove_temporaries(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+def holds_nothing(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` is a folder holding at most a lock file and writers' temporaries (what a writer
+    killed before writing anything leaves): a new run may start there."""
+    run_dir = Path(run_dir)
+    temporaries = {p.name for name in RUN_FILES for p in run_dir.glob(f".{name}.*.tmp")}
+    return run_dir.is_dir() and all(p.name in ({LOCK_FILE} | temporaries) for p in run_dir.iterdir())
+
+
 def checkpoint_step(run_dir: str | Path) -> int | None:
     """The step of the run's checkpoint (read from its header only), or None when there is no readable one."""
     file = Path(run_dir) / CHECKPOINT_FILE

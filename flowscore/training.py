@@ -308,7 +308,7 @@ class Trainer:
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
-        if not resume and d.is_dir() and any(p.name != runs.LOCK_FILE for p in d.iterdir()):
+        if not resume and d.is_dir() and not runs.holds_nothing(d):
             raise ValueError(
                 f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
             )

@@ -340,3 +340,14 @@ def test_a_model_too_large_for_memory_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ValueError, match="memory.*batch-size"):
         Trainer(tiny(batch_size=10**9), tmp_path / "r", progress=False).train()
     assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_left_by_a_writer_killed_before_writing_can_be_reused(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_text("12345\n")  # the lock of a process that no longer exists
+    (run_dir / ".run.safetensors.x1.tmp").write_bytes(b"\0" * 10)
+    argv = ["train", "--config", _toml(tmp_path), "--steps", "50", "--out", str(run_dir), "--no-progress"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert load_run(run_dir).step == 50 and not list(run_dir.glob(".*.tmp"))

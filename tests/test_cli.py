@@ -266,7 +266,7 @@ def _snapshot(folder: str) -> dict[str, bytes]:
 def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, capsys, monkeypatch) -> None:
     parent = os.path.join(workdir, "demos")
     out = os.path.join(parent, "demo")
-    argv = ["demo", "--out", out, "--steps", "200", "--n", "200", "--no-progress"]
+    argv = ["demo", "--out", out, "--steps", "150", "--n", "150", "--no-progress"]
     code, first, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "W2" in first and "floor" in first
@@ -296,8 +296,8 @@ def test_demo_runs_twice_into_its_own_folder_and_refuses_others(workdir: str, ca
         load_run(os.path.join(out, "run")).held_out.numpy(),
     )
     half = len(held) // 2
-    assert metrics["w2_ode"] == pytest.approx(exact_w2(ode[:200], held[:200]), rel=1e-5)
-    assert metrics["w2_floor"] == pytest.approx(exact_w2(held[half : half + 200], held[:200]), rel=1e-5)
+    assert metrics["w2_ode"] == pytest.approx(exact_w2(ode[:150], held[:150]), rel=1e-5)
+    assert metrics["w2_floor"] == pytest.approx(exact_w2(held[half : half + 150], held[:150]), rel=1e-5)
     figures = ("loss.png", "samples.png", "trajectories.png", "field.png")
     assert all(is_png(os.path.join(out, n), 5000) for n in figures)
     other = os.path.join(workdir, "not-a-demo")

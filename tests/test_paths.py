@@ -113,14 +113,14 @@ def test_vp_linear_products_keep_their_exact_limits_at_the_data_end() -> None:
     want_g2 = 2 * (0.5 * rate * alpha * beta**2 + alpha * 0.5 * rate * torch.exp(-big_t)) / alpha
     torch.testing.assert_close(path.diffusion_sq(t), want_g2, rtol=1e-10, atol=0)
     assert abs(path.diffusion_sq(1.0).item() - VP_LINEAR_BETA_MIN) < 1e-7  # float32 scalar
-    # the marginal velocity of a mixture at t = 1: alpha' x + beta beta' grad log p_data(x) (alpha = 1)
+    # a mixture's marginal velocity at t = 1 (alpha = 1): alpha' x - beta beta' grad log p_data(x)
     means, stds = torch.tensor([[1.0, 0.0], [-1.0, 0.5]], dtype=F64), torch.tensor([0.5, 0.4], dtype=F64)
     mixture = GaussianMixture(means, stds)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     log_w = -((x[:, None] - means) ** 2).sum(-1) / (2 * stds**2) - 2 * torch.log(stds)
     resp = torch.softmax(log_w, 1)
     score = -(resp[..., None] * (x[:, None] - means) / stds[:, None] ** 2).sum(1)
-    want = 0.5 * VP_LINEAR_BETA_MIN * x - 0.5 * VP_LINEAR_BETA_MIN * score
+    want = 0.5 * VP_LINEAR_BETA_MIN * (x + score)  # alpha'(1) = beta_min / 2, beta beta'(1) = -beta_min / 2
     torch.testing.assert_close(mixture.velocity(x, 1.0, path), want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mixture.velocity(x, 1 - 1e-9, path), want, rtol=1e-6, atol=1e-8)
 

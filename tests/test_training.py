@@ -100,7 +100,11 @@ def test_resume_in_process_and_extending_steps(tmp_path):
     Trainer(tiny(steps=100), part, progress=False).train()
     assert load_run(part).step == 100
     Trainer.resume(part, steps=150, progress=False).train(resume=True)
-    # steps enters the cosine schedule, so only a constant schedule continues identically
+    # steps enters the cosine schedule: after the resume the extended run follows the 150-step schedule
+    late = lambda run: [(r["step"], r["lr"]) for r in load_run(run).log if r["step"] > 100]  # noqa: E731
+    assert late(part) == late(full) and len(late(full)) > 0
+    assert not torch.equal(weights(full)["net.0.weight"], weights(part)["net.0.weight"])
+    # so only a constant schedule continues identically
     full_c, part_c = tmp_path / "full_c", tmp_path / "part_c"
     Trainer(tiny(steps=150, lr_schedule="constant"), full_c, progress=False).train()
     Trainer(tiny(steps=100, lr_schedule="constant"), part_c, progress=False).train()

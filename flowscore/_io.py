@@ -65,3 +65,27 @@ def save_json(file: str | os.PathLike[str], obj: Any) -> None:
 def save_npy(file: str | os.PathLike[str], array: np.ndarray) -> None:
     with atomic_path(file) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
+
+
+def check_output_file(file: str | os.PathLike[str], name: str, suffix: str | None = None) -> str:
+    """``file`` as a path that an output can be written to, checked without creating anything.
+
+    It must end in ``suffix`` (if given), must not be a folder, and its nearest existing parent must be a
+    writable folder (missing folders are created when the file is written). ``ValueError`` naming ``name``
+    (e.g. the flag) and the fix otherwise.
+    """
+    file = os.fspath(file)
+    if not file:
+        raise ValueError(f"{name} is empty; pass a file name")
+    if suffix is not None and not file.endswith(suffix):
+        raise ValueError(f"{name} {file!r} must end in {suffix}; pass a file name like out{suffix}")
+    if os.path.isdir(file):
+        raise ValueError(f"{name} {file!r} is a directory; pass a file name inside it")
+    parent = os.path.dirname(os.path.abspath(file))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(
+            f"{name} {file!r} cannot be written ({parent!r} is not a writable folder); choose another path"
+        )
+    return file

@@ -343,3 +343,69 @@ def plot_image_grid(
         ax.set_title(name or f"{len(array)} samples")
     fig.tight_layout()
     return _save(fig, file)
+
+
+def plot_verify(
+    n_samples: Sequence[float],
+    relative_difference: Sequence[float],
+    standard_error: Sequence[float],
+    bin_edges: Sequence[float],
+    floor_per_bin: Sequence[float],
+    floor_per_bin_error: Sequence[float],
+    file: str | os.PathLike,
+    *,
+    floor: float | None = None,
+    target_se: float | None = None,
+    title: str = "",
+) -> str:
+    """Two panels of ``flowscore verify``: gradient agreement against the number of draws; the loss floor per
+    bin of t.
+
+    Args:
+        n_samples, relative_difference, standard_error: ``(K,)`` the running ``||mean d|| / ||mean g||`` and
+            its standard error after each batch; drawn with the band of 3 standard errors and, if given, the
+            ``target_se`` the run aimed for. Non-finite entries (before two batches) are left out.
+        bin_edges: ``(M + 1,)`` edges of the t bins; ``floor_per_bin``, ``floor_per_bin_error``: ``(M,)`` the
+            floor's mean and standard error per bin (empty bins, with value 0, are left out).
+        floor: the overall loss floor C, drawn as a dashed line.
+        title: the left panel's title (e.g. "cfm vs fm on linear").
+        file: the PNG to write.
+    """
+    plt = _pyplot()
+    n = np.asarray(n_samples, dtype=np.float64)
+    rel = np.asarray(relative_difference, dtype=np.float64)
+    se = np.asarray(standard_error, dtype=np.float64)
+    edges = np.asarray(bin_edges, dtype=np.float64)
+    per_bin = np.asarray(floor_per_bin, dtype=np.float64)
+    per_bin_se = np.asarray(floor_per_bin_error, dtype=np.float64)
+    if not (n.shape == rel.shape == se.shape and n.ndim == 1):
+        raise ValueError(f"n_samples, relative_difference, standard_error must be (K,) arrays, got "
+                         f"{n.shape}, {rel.shape}, {se.shape}")  # fmt: skip
+    if not (edges.ndim == 1 and per_bin.shape == per_bin_se.shape == (edges.size - 1,)):
+        raise ValueError(f"bin_edges must be (M + 1,) and the floor per bin (M,), got {edges.shape}, "
+                         f"{per_bin.shape}, {per_bin_se.shape}")  # fmt: skip
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ok = np.isfinite(rel) & np.isfinite(se) & (n > 0)
+    ax1.plot(n[ok], 100 * rel[ok], color="tab:blue", label="|mean(g_cond - g_marg)| / |mean(g_marg)|")
+    ax1.fill_between(n[ok], 0, 300 * se[ok], color="tab:blue", alpha=0.2, label="3 standard errors")
+    if target_se is not None:
+        ax1.axhline(
+            100 * target_se, color="tab:red", ls="--", lw=1, label=f"target std. error {100 * target_se:g}%"
+        )
+    ax1.set(xscale="log", yscale="log", xlabel="draws", ylabel="relative gradient difference (%)")
+    ax1.set_title(f"gradient agreement{': ' + title if title else ''}")
+    ax1.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=8)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    used = per_bin > 0
+    ax2.errorbar(centres[used], per_bin[used], yerr=per_bin_se[used], fmt="o-", capsize=3)
+    if floor is not None and np.isfinite(floor):
+        ax2.axhline(floor, ls="--", color="gray", label=f"C = {floor:.4g}")
+        ax2.legend(fontsize=8)
+    ax2.set(xlabel="t (0 noise, 1 data)", ylabel="E[floor | t bin]")
+    if used.any():
+        ax2.set_yscale("log")
+    ax2.set_title("loss floor vs t")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, file)

@@ -1,24 +1,57 @@
-r"""``flowscore verify``: measure the two theorems on a real data set with a fixed random network.
+r"""``flowscore verify``: measure the two theorems on a data set with a fixed random network, to a verdict.
 
-Theorems: :math:`\nabla_\theta L_{FM} = \nabla_\theta L_{CFM}` (``objective="flow"``) and
-:math:`\nabla_\theta L_{SM} = \nabla_\theta L_{DSM}` (``"score"``); and :math:`L_{CFM} - L_{FM} = C`, the loss
-floor (:mod:`flowscore.floor`). The experiment:
+Theorems: :math:`\nabla_\theta L_{FM} = \nabla_\theta L_{CFM}` (``objective="cfm"``, alias ``"flow"``) and
+:math:`\nabla_\theta L_{SM} = \nabla_\theta L_{DSM}` (``"dsm"``, alias ``"score"``); and
+:math:`L_{cond} - L_{marg} = C`, the loss floor (:mod:`flowscore.floor`). The experiment:
 
-1. a small MLP ``model(x, t)`` with a fixed random initialisation (``seed``), predicting the velocity
-   (``flow``) or the score (``score``);
-2. ``n_batches`` independent batches of ``(x_data, t, noise)``; in each batch both gradients are taken on the
-   SAME draws (common random numbers), the marginal one with the exact ``EmpiricalMarginal`` of the data;
-3. with ``d_k = g_cond,k - g_marg,k`` the per-batch difference of the parameter gradients, we report
-   ``||mean_k d_k|| / ||mean_k g_marg,k||`` and its standard error ``sqrt(tr Cov(d) / K) / ||mean g_marg||``
-   (batch means; under the theorem ``E ||mean d||^2 = tr Cov(d) / K``, so the relative difference is of the
-   size of its standard error, and more than 3 standard errors is a significant difference);
-4. the loss gap ``L_cond - L_marg`` (per-draw mean, standard error) next to the loss floor ``C`` estimated
-   on independent draws.
+1. the data as ``flowscore train`` sees it: :func:`flowscore.data.load` (toys, ``digits``, ``mnist``,
+   ``.npy``/``.npz``; at most ``n_data`` points) normalised by :class:`flowscore.data.Normalizer`; the
+   package's :class:`~flowscore.models.MLP` (``MODEL_OPTIONS``; images are flattened by it) with a fixed
+   random initialisation (``seed``), predicting the velocity (cfm) or the score (dsm);
+2. independent batches of ``(x_data, t, noise)``; in each batch both gradients are taken on the SAME draws
+   (common random numbers), the marginal one with the exact :class:`~flowscore.marginals.EmpiricalMarginal`.
+   Per draw the difference is ``d = 2 J^T (T_marg - T_cond) = -2 k_t J^T (x_data - E[x_data | x])`` (J the
+   Jacobian of the output in the parameters; ``T_cond - T_marg = k_t (x_data - E[x_data | x])`` with
+   ``k_t`` the ``x_data`` coefficient of the target: ``alpha' - alpha beta'/beta`` for velocities,
+   ``alpha/beta^2`` for scores). Three variance reductions, each with an exactly unchanged expectation
+   (tested against the plain estimator under a negative control, where the expectation is not 0):
 
-Times: the flow objective keeps t in ``[1e-3, 1 - 1e-3]``. The score objective defaults to
-``t_eps = 0.05``: the DSM target ``-noise / beta_t`` and the score floor grow like ``1/beta_t^2`` as t -> 1
-(until the posterior collapses onto single data points), which makes the Monte Carlo variance explode;
-t <= 0.95 keeps it moderate (``--t-eps`` changes it).
+   - **antithetic noise**: a batch holds pairs ``(x_data, t, noise)``, ``(x_data, t, -noise)``. Where the
+     posterior is local (large t) ``x_data - E[x_data | x]`` is to leading order ``-beta noise / alpha``,
+     odd in the noise, and the pair cancels it;
+   - **a control variate** for small t, where ``E[x_data | x]`` is near the data mean ``mu``: add
+     ``c = 2 k_t kappa_t J(x')^T (x_data - mu)`` at ``x' = alpha_t mu + beta_t noise``. Since ``x'`` does
+     not depend on ``x_data`` and ``E[x_data] = mu`` exactly (the data are drawn uniformly from the set),
+     ``E[c] = 0`` for every t and every ``kappa_t``; ``kappa_t = beta^2 / (alpha^2 sigma^2 + beta^2)``
+     (``sigma^2`` the data's mean variance per dim) is the weight of the prior in the posterior mean of a
+     Gaussian, so ``c`` cancels the part of ``d`` that the data mean explains. It costs one more forward
+     pass of the small network (the exact marginal costs far more);
+   - **importance sampling of t**: the first ``PILOT_BATCHES`` batches (uniform t) measure the gradient
+     variance in ``T_BINS`` bins of t; later batches draw t with probabilities proportional to each bin's
+     rms (mixed with ``DEFENSIVE`` of the uniform law) and weight each draw by ``uniform / probability``;
+3. with ``d_k = grad(L_cond - L_marg)`` on batch k and ``g_k = grad L_marg``, the statistic is
+   ``rel = ||mean_k d_k|| / ||mean_k g_k||`` with the standard error ``se = sqrt(tr Cov(d) / K) /
+   ||mean_k g_k||`` (the batches are independent; under the theorem ``E ||mean d||^2 = tr Cov(d) / K``, so
+   ``rel`` is of the size of ``se``);
+4. the sample grows batch by batch until ``se <= target_se`` (after at least ``MIN_BATCHES`` batches), or the
+   difference is decisive (``rel > DECISIVE * se``), or ``max_samples`` draws are used. Stopping on the size
+   of ``se`` alone does not bias ``rel``;
+5. the verdict (:func:`verdict`): ``"differ"`` when ``rel > SIGNIFICANCE * se``; else ``"equal"`` within
+   ``bound = rel + SIGNIFICANCE * se`` when ``se <= target_se``; else ``"inconclusive"`` (the cap came
+   first; ``bound`` is still an upper bound, only wider than asked for). For Gaussian batch means, whatever
+   their covariance, ``P(||mean d - E d|| > 3 se ||g||) <= P(chi2_1 > 9) = 0.27 %``, so 3 standard errors is
+   both the false-alarm rate of "differ" and the confidence of the bound;
+6. the loss gap ``L_cond - L_marg`` (mean over independent draws or antithetic pairs, with its standard
+   error) next to the loss floor ``C`` estimated on independent draws.
+
+Times: cfm keeps t in ``[1e-3, 1 - 1e-3]``; dsm defaults to ``t_eps = 0.05``: the DSM target ``-noise /
+beta_t`` and the score floor grow like ``1/beta_t^2`` as t -> 1 (until the posterior collapses onto single
+data points), which makes the Monte Carlo variance explode; ``--t-eps`` changes it.
+
+The JSON file (``--json``) holds exactly ``JSON_KEYS``; its ``"objective"`` is the name the user passed
+(``cfm``, ``dsm``, or the aliases ``flow``, ``score``), so a file written by an older command line reads the
+same; :func:`run_verify` also returns the canonical name as ``"canonical_objective"``. A number that is not
+finite is written as ``null``.
 """
 
 from __future__ import annotations
@@ -28,23 +61,53 @@ import contextlib
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import _io, _validate
-from .data import TOYS, toy
+from .conversions import conversion_coefficients
+from .data import IMAGE_SETS, TOYS, Normalizer, load
 from .floor import LossFloor, draw_data, loss_floor
-from .losses import cfm, dsm, fm, sample_time, sm
+from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_loss, objective_name
 from .marginals import EmpiricalMarginal
+from .models import build_model
+from .paths import PATHS, get_path
 
-DEFAULT_T_EPS = {"flow": 1e-3, "score": 0.05}
+VERIFY_OBJECTIVES = ("cfm", "dsm")
+"""The conditional objectives verify checks (``"flow"``, ``"score"`` are accepted as aliases)."""
+VERIFY_ALIASES = {alias: name for alias, name in OBJECTIVE_ALIASES.items() if name in VERIFY_OBJECTIVES}
+MARGINAL_TWIN = {"cfm": "fm", "dsm": "sm"}
+"""Each conditional objective and the marginal objective with the same gradient."""
+DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05}
+MODEL_OPTIONS = {"width": 128, "depth": 1, "time_embedding": 4}
+"""Options of the :class:`~flowscore.models.MLP` whose gradients are compared (any network would do)."""
+DEFAULT_TARGET_SE = 0.005
+DEFAULT_MAX_SAMPLES = 1 << 22
+DEFAULT_BATCH_SIZE = 2048
+DEFAULT_N_DATA = 2000
+T_BINS = 16
+"""Equal-width bins of t for importance sampling (and its pilot estimate of the per-bin variance)."""
+PILOT_BATCHES = 8
+"""Batches with uniform times whose per-bin gradient variance sets the importance sampling of t."""
+DEFENSIVE = 0.1
+"""Share of the uniform law in the importance sampling of t (every weight is at most ``1 / DEFENSIVE``)."""
+MIN_BATCHES = 32
+"""Batches before the sample may stop growing: enough for a stable estimate of the standard error."""
+SIGNIFICANCE = 3.0
+"""Standard errors beyond which the difference is significant; also the width of the bound."""
+DECISIVE = 5.0
+"""Standard errors beyond which the run stops early with "differ" (looking after every batch at this level
+adds a negligible false alarm rate to the final 3-standard-error test)."""
+VERDICTS = ("equal", "differ", "inconclusive")
+VARIANCE_REDUCTIONS = ("antithetic", "control variate", "importance sampling of t")
 JSON_KEYS = (
     "objective",
     "path",
@@ -55,164 +118,373 @@ JSON_KEYS = (
     "loss_floor",
     "loss_floor_standard_error",
 )
-_PAIRS = {"flow": (cfm, fm, "velocity"), "score": (dsm, sm, "score")}  # conditional, marginal, prediction
 
 
-class _MLP(nn.Module):
-    """``[x, t] -> Linear -> SiLU -> Linear -> SiLU -> Linear``, output shaped like ``x`` ``(B, D)``."""
+# -- statistics ---------------------------------------------------------------------------------------------
+class GradientStatistics:
+    """Running statistics of per-batch gradient differences ``d_k`` and marginal gradients ``g_k``.
 
-    def __init__(self, dim: int, width: int = 64):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim)
-        )
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, t.expand(x.shape[0])[:, None]], 1))
-
-
-def load_data(spec: str, n_data: int = 2000, seed: int = 0) -> torch.Tensor:
-    """``(N, D)`` float32 data: a toy of ``flowscore.data.TOYS`` (``n_data`` points) or an ``.npy`` file."""
-    if spec in TOYS:
-        return toy(spec, n_data, seed)
-    if not str(spec).endswith(".npy"):
-        raise ValueError(f"data must be one of {', '.join(TOYS)} or an .npy file, got {spec!r}")
-    if not os.path.isfile(spec):
-        raise ValueError(f"data file {spec!r} does not exist")
-    array = np.load(spec, allow_pickle=False)
-    if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"data file {spec!r} must hold a numeric array of shape (N, D), got {array.shape}")
-    return _validate.finite(torch.from_numpy(array.astype(np.float32)), "data")
-
-
-@dataclass(frozen=True)
-class GradientComparison:
-    """Per-batch gradients of the conditional and marginal losses on common draws.
-
-    ``diffs`` and ``marginal_grads`` are ``(K, P)`` (K batches, P parameters); ``gaps`` holds the per-draw
-    loss differences ``l_cond - l_marg`` (``(K * batch_size,)``).
+    Memory O(P) (P parameters): the mean and the summed squared deviations of ``d`` (Welford, float64), the
+    sum of ``g`` and of the loss gaps. ``history`` lists ``(n_samples, rel, se)`` after every batch.
+    Independent units of the loss gap: the draws, or the antithetic pairs (their means).
     """
 
-    diffs: torch.Tensor
-    marginal_grads: torch.Tensor
-    gaps: torch.Tensor
-    batch_size: int
+    def __init__(self, n_params: int, batch_size: int):
+        self.batch_size = batch_size
+        self.n_batches = 0
+        self.mean_diff = torch.zeros(n_params, dtype=torch.float64)
+        self.diff_sq_dev = 0.0  # sum_k ||d_k - mean d||^2 (Welford)
+        self.sum_grad = torch.zeros(n_params, dtype=torch.float64)
+        self.gap_mean, self.gap_sq_dev, self.gap_units = 0.0, 0.0, 0
+        self.history: list[tuple[int, float, float]] = []
 
-    def running(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(n_samples, rel_diff, rel_se)``, each ``(K,)``: the statistics after the first k batches."""
-        k = torch.arange(1, self.diffs.shape[0] + 1, dtype=self.diffs.dtype)[:, None]
-        mean_d = self.diffs.cumsum(0) / k
-        mean_g = self.marginal_grads.cumsum(0) / k
-        var_sum = ((self.diffs**2).cumsum(0) - k * mean_d**2).sum(1) / (k[:, 0] - 1).clamp(min=1)
-        scale = mean_g.norm(dim=1)
-        rel_se = (var_sum.clamp(min=0) / k[:, 0]).sqrt() / scale
-        return k[:, 0] * self.batch_size, mean_d.norm(dim=1) / scale, rel_se
+    @property
+    def n_samples(self) -> int:
+        return self.n_batches * self.batch_size
+
+    def add(self, diff: torch.Tensor, grad: torch.Tensor, gaps: torch.Tensor) -> None:
+        """One batch: ``diff``, ``grad`` ``(P,)``; ``gaps`` ``(U,)`` independent loss-gap units."""
+        diff, grad, gaps = diff.double(), grad.double(), gaps.double()
+        self.n_batches += 1
+        delta = diff - self.mean_diff
+        self.mean_diff += delta / self.n_batches
+        self.diff_sq_dev += float(delta @ (diff - self.mean_diff))
+        self.sum_grad += grad
+        n_new = gaps.numel()
+        total = self.gap_units + n_new
+        batch_mean = gaps.mean().item()
+        batch_sq_dev = float(((gaps - batch_mean) ** 2).sum())
+        shift = batch_mean - self.gap_mean
+        self.gap_sq_dev += batch_sq_dev + shift**2 * self.gap_units * n_new / total
+        self.gap_mean += shift * n_new / total
+        self.gap_units = total
+        self.history.append((self.n_samples, *self.relative()))
+
+    def relative(self) -> tuple[float, float]:
+        """``(rel, se)``: ``||mean d|| / ||mean g||`` and its standard error (NaN before two batches, or
+        when the mean marginal gradient is 0)."""
+        scale = self.sum_grad.norm().item() / max(self.n_batches, 1)
+        if self.n_batches < 2 or not scale > 0:
+            return math.nan, math.nan
+        se = math.sqrt(max(self.diff_sq_dev, 0.0) / (self.n_batches - 1) / self.n_batches) / scale
+        return self.mean_diff.norm().item() / scale, se
 
     def summary(self) -> dict[str, float]:
         """Relative gradient difference with its standard error, and the loss gap with its standard error."""
-        _, rel, rel_se = self.running()
-        gap_se = self.gaps.std().item() / math.sqrt(self.gaps.numel()) if self.gaps.numel() > 1 else 0.0
+        rel, se = self.relative()
+        n = self.gap_units
+        gap_se = math.sqrt(self.gap_sq_dev / (n - 1) / n) if n > 1 else math.nan
         return {
-            "grad_relative_difference": rel[-1].item(),
-            "grad_relative_standard_error": rel_se[-1].item(),
-            "loss_gap": self.gaps.mean().item(),
+            "grad_relative_difference": rel,
+            "grad_relative_standard_error": se,
+            "loss_gap": self.gap_mean if n else math.nan,
             "loss_gap_standard_error": gap_se,
         }
 
 
+def verdict(rel: float, se: float, target_se: float, significance: float = SIGNIFICANCE) -> tuple[str, float]:
+    """``(verdict, bound)`` for a relative difference ``rel`` with standard error ``se`` (module docstring).
+
+    ``"differ"`` if ``rel > significance * se``; otherwise ``"equal"`` if ``se <= target_se``, else
+    ``"inconclusive"``. ``bound = rel + significance * se`` bounds the true relative difference (NaN
+    inputs give ``("inconclusive", nan)``).
+    """
+    if not (math.isfinite(rel) and math.isfinite(se)):
+        return "inconclusive", math.nan
+    bound = rel + significance * se
+    if rel > significance * se:
+        return "differ", bound
+    return ("equal" if se <= target_se else "inconclusive"), bound
+
+
+# -- the experiment -----------------------------------------------------------------------------------------
 def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=retain_graph)])
+
+
+@dataclass(frozen=True)
+class PriorMean:
+    """The prior-mean control variate of a data set: its mean ``mean`` ``(*dims)`` and the mean per-dim
+    variance ``variance`` (module docstring, item 2). ``PriorMean.of(points)`` computes both in float64."""
+
+    mean: torch.Tensor
+    variance: float
+
+    @classmethod
+    def of(cls, points: torch.Tensor) -> PriorMean:
+        points64 = points.double()
+        variance = points64.var(0, unbiased=False).mean().item() if points.shape[0] > 1 else 1.0
+        return cls(points64.mean(0).to(points.dtype), variance if variance > 0 else 1.0)
+
+
+def _control_terms(
+    path: Any, kind: str, prior: PriorMean, x_data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_prior, factor)``: the points ``alpha_t mean + beta_t noise`` and the per-draw factor
+    ``2 k_t kappa_t (x_data - mean)`` of the control variate ``<f(x_prior, t), factor>`` (module doc)."""
+    mean = prior.mean.expand_as(x_data)
+    schedule = path.schedule(t)
+    alpha, beta = schedule.alpha, schedule.beta
+    k = conversion_coefficients(schedule, "data", kind)[0]  # the x_data coefficient of the target
+    kappa = beta**2 / (alpha**2 * prior.variance + beta**2)
+    factor = _validate.expand(2 * k * kappa, x_data) * (x_data - mean)
+    return path.sample(mean, t, noise), factor
+
+
+def batch_terms(
+    model: nn.Module,
+    marginal: Any,
+    objective: str,
+    x_data: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    t_eps: float,
+    prior: PriorMean | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gap, control, l_marg)``, each ``(B,)`` with graph: per draw, the gap ``l_cond - l_marg``, the
+    prior-mean control variate (mean 0; zeros without ``prior``) and the marginal loss ``l_marg``.
+
+    One forward pass of the network serves both losses (common random numbers): ``objective`` is ``cfm`` or
+    ``dsm``, its marginal twin (``fm``/``sm``) takes its exact target from ``marginal``.
+    """
+    kind = OBJECTIVES[objective]
+    x = marginal.path.sample(x_data, t, noise)
+    if prior is not None:
+        x_prior, factor = _control_terms(marginal.path, kind, prior, x_data, t, noise)
+        out, out_prior = model(torch.cat([x, x_prior]), torch.cat([t, t])).split(x.shape[0])
+    else:
+        out = model(x, t)
+
+    def cached(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        return out
+
+    kw: dict[str, Any] = {"prediction": kind, "t_eps": t_eps, "reduction": "none"}
+    per_cond = objective_loss(objective, cached, x_data, marginal.path, t, noise, **kw)
+    per_marg = objective_loss(MARGINAL_TWIN[objective], cached, x_data, marginal, t, noise, **kw)
+    control = (out_prior * factor).flatten(1).sum(1) if prior is not None else torch.zeros_like(per_marg)
+    return per_cond - per_marg, control, per_marg
+
+
+@dataclass(frozen=True)
+class TimeDesign:
+    """How times are drawn: a bin of ``edges`` (``(M + 1,)``, equal widths over ``[t_eps, 1 - t_eps]``) with
+    probability ``probs`` (``(M,)``), then uniformly inside it; a draw in bin m has the importance weight
+    ``(1 / M) / probs[m]``, so weighted means estimate the uniform-time expectations of the losses."""
+
+    edges: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def uniform(cls, t_eps: float, n_bins: int = T_BINS) -> TimeDesign:
+        edges = torch.linspace(t_eps, 1 - t_eps, n_bins + 1, dtype=torch.float64)
+        return cls(edges, torch.full((n_bins,), 1 / n_bins, dtype=torch.float64))
+
+    def adapted(self, rms: torch.Tensor) -> TimeDesign:
+        """The design with bin probabilities ``(1 - DEFENSIVE) rms / sum(rms) + DEFENSIVE / M`` (the variance
+        of a weighted mean is smallest with probabilities proportional to the per-bin rms; the uniform share
+        keeps every weight below ``M / DEFENSIVE``). Uniform if ``rms`` is 0 or not finite."""
+        total = rms.sum()
+        if not (torch.isfinite(total) and total > 0):
+            return self
+        n_bins = rms.numel()
+        return TimeDesign(self.edges, (1 - DEFENSIVE) * rms / total + DEFENSIVE / n_bins)
+
+    def sample(
+        self, n: int, generator: torch.Generator, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, weight, bin)``, each ``(n,)``."""
+        which = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        low, high = self.edges[which], self.edges[which + 1]
+        weight = (1 / self.probs.numel()) / self.probs[which]
+        return (low + (high - low) * u).to(dtype), weight.to(dtype), which
+
+
+def _draws(
+    data: Any, n: int, design: TimeDesign, generator: torch.Generator, antithetic: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` draws ``(x_data, t, noise, weight, bin)``; antithetic: ``n/2`` draws, then the same with
+    ``-noise``."""
+    m = n // 2 if antithetic else n
+    x_data = draw_data(data, m, generator).to(dtype)
+    t, weight, which = design.sample(m, generator, dtype)
+    noise = torch.randn(x_data.shape, generator=generator, dtype=dtype)
+    if not antithetic:
+        return x_data, t, noise, weight, which
+    twice = (torch.cat([v, v]) for v in (x_data, t, weight, which))
+    x_data, t, weight, which = twice
+    return x_data, t, torch.cat([noise, -noise]), weight, which
+
+
+def _units(values: torch.Tensor, antithetic: bool) -> torch.Tensor:
+    """Per-draw values ``(B,)`` as independent units: the draws, or the means of antithetic pairs."""
+    if not antithetic:
+        return values
+    half = values.shape[0] // 2
+    return 0.5 * (values[:half] + values[half:])
+
+
+def batch_gradients(
+    model: nn.Module,
+    marginal: Any,
+    objective: str,
+    draws: tuple[torch.Tensor, ...],
+    t_eps: float,
+    prior: PriorMean | None,
+    antithetic: bool,
+    n_bins: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(d, g, gaps, bin_sq)`` of one batch of ``draws = (x_data, t, noise, weight, bin)``.
+
+    ``d = grad mean(weight (gap + control))`` and ``g = grad mean(weight l_marg)`` (``(P,)``); ``gaps``: the
+    weighted loss gaps of the independent units (draws or antithetic pairs). With ``n_bins`` the batch is
+    processed bin by bin (same ``d``, ``g``, ``gaps`` up to rounding) and ``bin_sq`` ``(n_bins,)`` holds
+    ``||sum of grad s_unit over the bin's units||^2``: under the theorem the units have mean 0, so ``bin_sq``
+    divided by the bin's units estimates their mean square (larger where they differ: importance sampling
+    is then less efficient, never biased). Without ``n_bins``, ``bin_sq`` is None.
+    """
+    x_data, t, noise, weight, which = draws
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = (
+        [torch.ones_like(which, dtype=torch.bool)] if n_bins is None else [which == m for m in range(n_bins)]
+    )
+    n_units = x_data.shape[0] // 2 if antithetic else x_data.shape[0]
+    diff, grad, gaps, bin_sq = 0.0, 0.0, [], []
+    for part in parts:
+        if not bool(part.any()):
+            bin_sq.append(0.0)
+            continue
+        gap, control, per_marg = batch_terms(
+            model, marginal, objective, x_data[part], t[part], noise[part], t_eps, prior
+        )
+        w = weight[part]
+        units = _units(w * (gap + control), antithetic).sum() / n_units
+        d_part = _flat_grad(units, params, retain_graph=True)
+        diff = diff + d_part
+        grad = grad + _flat_grad(_units(w * per_marg, antithetic).sum() / n_units, params)
+        gaps.append(_units((w * gap).detach(), antithetic))
+        bin_sq.append(float(d_part.double().pow(2).sum()) * n_units**2)
+    sq = None if n_bins is None else torch.tensor(bin_sq, dtype=torch.float64)
+    return diff, grad, torch.cat(gaps), sq
 
 
 def compare_gradients(
     model: nn.Module,
     marginal: Any,
-    objective: str = "flow",
+    objective: str = "cfm",
     *,
     data: Any = None,
-    n_batches: int = 100,
-    batch_size: int = 1024,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    target_se: float | None = DEFAULT_TARGET_SE,
+    n_batches: int | None = None,
+    min_batches: int = MIN_BATCHES,
+    antithetic: bool = True,
+    control_variate: bool = True,
+    importance: bool = True,
     t_eps: float | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> GradientComparison:
-    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on ``n_batches`` common batches.
+) -> GradientStatistics:
+    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on common batches, to a verdict.
 
     ``marginal`` provides the exact target (``.path``, ``.velocity``, ``.score``); ``x_data`` is drawn from
     ``data`` (a marginal with ``.data``, default ``marginal``). Giving a ``data`` from another distribution,
     or a marginal with a wrong field, is a negative control: the difference is then significant.
+
+    Batches are added until ``se <= target_se`` (``None``: never), or ``rel > DECISIVE * se``, both looked at
+    from ``min_batches`` batches on, or ``max_samples`` draws are used (at least two batches). ``n_batches``
+    instead fixes the number of batches (no early stop). Variance reduction (module docstring, item 2):
+    ``antithetic`` noise pairs (the batch size must be even), the prior-mean ``control_variate`` (needs a
+    ``.data`` tensor in ``data``; off otherwise) and ``importance`` sampling of t (after ``PILOT_BATCHES``
+    uniform batches). All three leave the expected difference unchanged.
     """
-    _validate.choice(objective, ("flow", "score"), "objective")
-    conditional_loss, marginal_loss, prediction = _PAIRS[objective]
-    t_eps = DEFAULT_T_EPS[objective] if t_eps is None else t_eps
+    objective = objective_name(objective, VERIFY_OBJECTIVES)
+    batch_size = _validate.integer(batch_size, "batch_size", minimum=2)
+    if antithetic and batch_size % 2:
+        raise ValueError(f"batch_size must be even with antithetic noise (pairs), got {batch_size}")
+    if n_batches is None:
+        max_samples = _validate.integer(max_samples, "max_samples", minimum=2 * batch_size)
+        max_batches = max_samples // batch_size
+    else:
+        max_batches = _validate.integer(n_batches, "n_batches", minimum=2)
+        min_batches, target_se = max_batches, None
+    if target_se is not None:
+        _validate.number(target_se, "target_se", 0.0, math.inf, low_open=True)
+    t_eps = _validate.t_eps(DEFAULT_T_EPS[objective] if t_eps is None else t_eps)
     data = marginal if data is None else data
+    points = getattr(data, "data", None)
+    prior = PriorMean.of(points) if control_variate and isinstance(points, torch.Tensor) else None
+    dtype = next(model.parameters()).dtype
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
-    diffs, grads, gaps = [], [], []
-    desc = f"verify {objective}"
-    for _ in tqdm(range(n_batches), desc=desc, disable=not progress, leave=False):
-        x_data = draw_data(data, batch_size, generator)
-        t = sample_time(batch_size, t_eps=t_eps, generator=generator, dtype=x_data.dtype)
-        noise = torch.randn(x_data.shape, generator=generator, dtype=x_data.dtype)
-        out = model(marginal.path.sample(x_data, t, noise), t)  # one forward serves both losses
+    design = TimeDesign.uniform(t_eps)
+    bin_sum_sq = torch.zeros(T_BINS, dtype=torch.float64)
+    bin_count = torch.zeros(T_BINS, dtype=torch.float64)
+    stats = GradientStatistics(sum(p.numel() for p in params), batch_size)
+    bar = tqdm(
+        total=max_batches * batch_size,
+        desc=f"verify {objective}",
+        unit="draws",
+        unit_scale=True,
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        while stats.n_batches < max_batches:
+            draws = _draws(data, batch_size, design, generator, antithetic, dtype)
+            pilot = importance and stats.n_batches < PILOT_BATCHES and max_batches > PILOT_BATCHES
+            diff, grad, gaps, bin_sq = batch_gradients(
+                model, marginal, objective, draws, t_eps, prior, antithetic, T_BINS if pilot else None
+            )
+            stats.add(diff, grad, gaps)
+            if bin_sq is not None:
+                bin_sum_sq += bin_sq
+                unit_bins = draws[4][: batch_size // 2] if antithetic else draws[4]
+                bin_count += torch.bincount(unit_bins, minlength=T_BINS).double()
+                if stats.n_batches == PILOT_BATCHES:
+                    design = design.adapted((bin_sum_sq / bin_count.clamp(min=1)).sqrt())
+            rel, se = stats.relative()
+            bar.update(batch_size)
+            if math.isfinite(se):
+                bar.set_postfix_str(f"rel. diff {100 * rel:.2f}% +- {100 * se:.2f}%", refresh=False)
+            if stats.n_batches >= min(min_batches, max_batches) and math.isfinite(se):
+                if (target_se is not None and se <= target_se) or rel > DECISIVE * se:
+                    break
+    return stats
 
-        def cached(x: torch.Tensor, tt: torch.Tensor, out: torch.Tensor = out) -> torch.Tensor:
-            return out
 
-        kw = dict(prediction=prediction, t_eps=t_eps, reduction="none")
-        per_cond = conditional_loss(cached, x_data, marginal.path, t, noise, **kw)
-        per_marg = marginal_loss(cached, x_data, marginal, t, noise, **kw)
-        g_cond = _flat_grad(per_cond.mean(), params, retain_graph=True)
-        g_marg = _flat_grad(per_marg.mean(), params)
-        diffs.append(g_cond - g_marg)
-        grads.append(g_marg)
-        gaps.append((per_cond - per_marg).detach())
-    return GradientComparison(torch.stack(diffs), torch.stack(grads), torch.cat(gaps), batch_size)
-
-
-def run_verify(
-    data: str | torch.Tensor = "moons",
-    path: str = "linear",
-    objective: str = "flow",
-    *,
-    n_data: int = 2000,
-    n_batches: int = 250,
-    batch_size: int = 2048,
+# -- data, model, run ---------------------------------------------------------------------------------------
+def load_points(
+    data: str | os.PathLike[str] | torch.Tensor,
+    n_data: int = DEFAULT_N_DATA,
     seed: int = 0,
-    t_eps: float | None = None,
-    floor_samples: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    num_threads: int | None = 1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the experiment (module docstring) and return its results.
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The data as ``flowscore train`` sees it: ``(N, *dims)`` float32, normalised (``Normalizer.fit``).
 
-    Args:
-        data: a toy name (``flowscore.data.TOYS``, ``n_data`` points), an ``.npy`` file of shape (N, D), or a
-            tensor (N, D).
-        path: path name ("linear", "vp", "vp-linear", "ve").
-        objective: "flow" (FM vs CFM) or "score" (SM vs DSM).
-        n_batches, batch_size: the gradients are averaged over ``n_batches`` batches of ``batch_size`` draws.
-        seed: seeds the network initialisation, the toy data and the draws.
-        t_eps: times in ``[t_eps, 1 - t_eps]``; default 1e-3 (flow), 0.05 (score).
-        floor_samples: draws for the independent loss-floor estimate; default ``n_samples // 4`` (its
-            per-draw variance is lower than that of the loss gap).
-        dtype: compute dtype of the network, the marginal and the draws (float32 is plenty: the gradients
-            agree to ~1e-7 relative on the same draws, far below the Monte Carlo error).
-        num_threads: torch intra-op threads during the run, restored afterwards (default 1: these small
-            problems gain little from more threads and slow down badly when cores are shared); None keeps
-            torch's setting.
-        progress: show tqdm progress bars.
-
-    Returns:
-        dict with the ``JSON_KEYS`` plus ``loss_gap_standard_error``, ``t_eps``, ``n_data``, ``dim``,
-        ``running`` (``n_samples``, ``grad_relative_difference``, ``grad_relative_standard_error`` lists) and
-        ``floor`` (``LossFloor.to_dict()``).
+    ``data``: a toy name (``n_data`` points), ``"digits"``, ``"mnist"`` or an ``.npy``/``.npz`` file, read by
+    :func:`flowscore.data.load` (at most ``n_data`` points: a random subset of a larger set, by ``seed``), or
+    a float tensor ``(N, *dims)`` (used whole). Complex, empty, ``(N, 0)``, NaN/Inf data raise
+    ``ValueError``. ``normalize=False`` keeps the values as they are.
     """
-    with _threads(num_threads):
-        return _run_verify(
-            data, path, objective, n_data, n_batches, batch_size, seed, t_eps, floor_samples, dtype, progress
-        )
+    n_data = _validate.positive_int(n_data, "n_data")
+    if isinstance(data, torch.Tensor):
+        points = _validate.finite(_validate.batch(data, "data"), "data")
+        if points[0].numel() == 0:
+            raise ValueError(f"data has no features per point (shape {tuple(points.shape)})")
+        points = points.float()
+    else:
+        points = load(data, n=n_data, seed=seed)
+    return Normalizer.fit(points).encode(points) if normalize else points
+
+
+def make_model(point_shape: tuple[int, ...] | torch.Size, seed: int = 0) -> nn.Module:
+    """The package's MLP (``MODEL_OPTIONS``) for points of ``point_shape``, initialised from ``seed`` without
+    touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model("mlp", tuple(point_shape), **MODEL_OPTIONS)
 
 
 @contextlib.contextmanager
@@ -220,8 +492,7 @@ def _threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"num_threads must be a positive integer or None, got {n!r}")
+    n = _validate.positive_int(n, "num_threads")
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -230,174 +501,339 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _run_verify(
-    data: str | torch.Tensor,
-    path: str,
-    objective: str,
-    n_data: int,
-    n_batches: int,
-    batch_size: int,
-    seed: int,
-    t_eps: float | None,
-    floor_samples: int | None,
-    dtype: torch.dtype,
-    progress: bool,
+def run_verify(
+    data: str | os.PathLike[str] | torch.Tensor = "moons",
+    path: str = "linear",
+    objective: str = "cfm",
+    *,
+    n_data: int = DEFAULT_N_DATA,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    target_se: float = DEFAULT_TARGET_SE,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    n_batches: int | None = None,
+    antithetic: bool = True,
+    control_variate: bool = True,
+    importance: bool = True,
+    seed: int = 0,
+    t_eps: float | None = None,
+    floor_samples: int | None = None,
+    normalize: bool = True,
+    num_threads: int | None = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    _validate.choice(objective, ("flow", "score"), "objective")
-    for value, name in ((n_batches, "n_batches"), (batch_size, "batch_size"), (n_data, "n_data")):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-    t_eps = DEFAULT_T_EPS[objective] if t_eps is None else float(t_eps)
-    points = data if isinstance(data, torch.Tensor) else load_data(data, n_data, seed)
-    points = _validate.batch(points, "data").to(dtype)
-    marginal = EmpiricalMarginal(points, path)
-    with torch.random.fork_rng():  # seed the initialisation without touching the global generator
-        torch.manual_seed(seed)
-        model = _MLP(points.shape[1]).to(dtype)
-    comparison = compare_gradients(
-        model,
-        marginal,
-        objective,
-        n_batches=n_batches,
-        batch_size=batch_size,
-        t_eps=t_eps,
-        seed=seed,
-        progress=progress,
+    """Run the experiment (module docstring) and return its results.
+
+    Args:
+        data: see :func:`load_points`.
+        path: path name ("linear", "vp", "vp-linear", "ve").
+        objective: "cfm" (FM vs CFM; alias "flow") or "dsm" (SM vs DSM; alias "score").
+        n_data: at most this many data points (toys: exactly).
+        batch_size: draws per batch (even with ``antithetic``).
+        target_se: the sample grows until the relative standard error is at most this ...
+        max_samples: ... or this many draws are used (at least ``2 * batch_size``).
+        n_batches: a fixed number of batches instead (no early stop; ``target_se`` still decides the verdict).
+        antithetic, control_variate, importance: the three variance reductions (module docstring, item 2);
+            each leaves the expected difference unchanged.
+        seed: seeds the network initialisation, the data subset and the draws.
+        t_eps: times in ``[t_eps, 1 - t_eps]``; default ``DEFAULT_T_EPS``.
+        floor_samples: draws for the independent loss-floor estimate; default ``n_samples // 4`` (its
+            per-draw variance is lower than that of the loss gap).
+        normalize: normalise the data as ``flowscore train`` does (default); False uses it as it is.
+        num_threads: torch intra-op threads during the run, restored afterwards (default 1: these small
+            problems gain little from more threads and slow down badly when cores are shared); None keeps
+            torch's setting.
+        progress: show progress bars.
+
+    Returns:
+        dict with the ``JSON_KEYS`` (``"objective"`` as passed) plus ``canonical_objective``,
+        ``marginal_objective``, ``verdict``, ``bound``, ``stopped`` ("target", "decisive", "cap" or
+        "n_batches"), ``target_se``, ``max_samples``, ``variance_reduction`` (the names of those used),
+        ``loss_gap_standard_error``, ``t_eps``,
+        ``n_data``, ``data_shape``, ``seconds``, ``running`` (``n_samples``, ``grad_relative_difference``,
+        ``grad_relative_standard_error`` lists, one entry per batch) and ``floor`` (``LossFloor.to_dict()``).
+    """
+    start = time.perf_counter()
+    canonical = objective_name(objective, VERIFY_OBJECTIVES)
+    target_se = _validate.number(target_se, "target_se", 0.0, math.inf, low_open=True)
+    if floor_samples is not None:
+        _validate.positive_int(floor_samples, "floor_samples")
+    with _threads(num_threads):
+        points = load_points(data, n_data, seed, normalize)
+        marginal = EmpiricalMarginal(points, get_path(path))
+        stats = compare_gradients(
+            make_model(points.shape[1:], seed),
+            marginal,
+            canonical,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            target_se=target_se,
+            n_batches=n_batches,
+            antithetic=antithetic,
+            control_variate=control_variate,
+            importance=importance,
+            t_eps=t_eps,
+            seed=seed,
+            progress=progress,
+        )
+        t_eps = DEFAULT_T_EPS[canonical] if t_eps is None else float(t_eps)
+        floor: LossFloor = loss_floor(
+            marginal,
+            objective=canonical,
+            n_samples=floor_samples or max(2, stats.n_samples // 4),
+            t_eps=t_eps,
+            seed=seed + 1,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    summary = stats.summary()
+    result_verdict, bound = verdict(
+        summary["grad_relative_difference"], summary["grad_relative_standard_error"], target_se
     )
-    n_samples = n_batches * batch_size
-    floor: LossFloor = loss_floor(
-        marginal,
-        objective=objective,
-        n_samples=floor_samples or max(2, n_samples // 4),
-        t_eps=t_eps,
-        seed=seed + 1,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    n_seen, rel, rel_se = comparison.running()
+    if n_batches is not None:
+        stopped = "n_batches"
+    elif result_verdict == "differ" and stats.n_samples < (max_samples // batch_size) * batch_size:
+        stopped = "decisive"
+    else:
+        stopped = "target" if result_verdict == "equal" else "cap"
+    history = stats.history
     return {
         "objective": objective,
         "path": marginal.path.name,
-        "n_samples": n_samples,
-        **comparison.summary(),
+        "n_samples": stats.n_samples,
+        **summary,
         "loss_floor": floor.value,
         "loss_floor_standard_error": floor.standard_error,
+        "canonical_objective": canonical,
+        "marginal_objective": MARGINAL_TWIN[canonical],
+        "verdict": result_verdict,
+        "bound": bound,
+        "stopped": stopped,
+        "target_se": target_se,
+        "max_samples": max_samples,
+        "variance_reduction": [
+            name
+            for name, on in zip(VARIANCE_REDUCTIONS, (antithetic, control_variate, importance), strict=True)
+            if on
+        ],
         "t_eps": t_eps,
         "n_data": points.shape[0],
-        "dim": points.shape[1],
+        "data_shape": list(points.shape[1:]),
+        "seconds": time.perf_counter() - start,
         "running": {
-            "n_samples": n_seen.long().tolist(),
-            "grad_relative_difference": rel.tolist(),
-            "grad_relative_standard_error": rel_se.tolist(),
+            "n_samples": [h[0] for h in history],
+            "grad_relative_difference": [h[1] for h in history],
+            "grad_relative_standard_error": [h[2] for h in history],
         },
         "floor": floor.to_dict(),
     }
 
 
+# -- output -------------------------------------------------------------------------------------------------
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g}%" if math.isfinite(value) else "n/a"
+
+
+def verdict_line(result: dict[str, Any]) -> str:
+    """The one-line verdict of a :func:`run_verify` result."""
+    rel, se = result["grad_relative_difference"], result["grad_relative_standard_error"]
+    measured = f"{_percent(rel)} +- {_percent(se)}"
+    if result["verdict"] == "differ":
+        return (
+            f"verdict: the gradients DIFFER: relative difference {measured} "
+            f"({rel / se:.1f} standard errors; more than {SIGNIFICANCE:g} is significant)"
+        )
+    if result["verdict"] == "equal":
+        return (
+            f"verdict: the gradients are equal within {_percent(result['bound'])} (relative difference "
+            f"{measured}, consistent with 0; bound = difference + {SIGNIFICANCE:g} standard errors)"
+        )
+    return (
+        f"verdict: inconclusive at the cap of {result['n_samples']} draws: relative difference {measured}, "
+        f"consistent with 0, but the standard error is above the target {_percent(result['target_se'])} "
+        f"(equal within {_percent(result['bound'])} only); raise --max-samples or --target-se"
+    )
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A readable table of a :func:`run_verify` result."""
-    names = {"flow": ("CFM", "FM"), "score": ("DSM", "SM")}[result["objective"]]
+    """A readable table of a :func:`run_verify` result, ending with the verdict."""
+    cond, marg = result["canonical_objective"].upper(), result["marginal_objective"].upper()
     rel, rel_se = result["grad_relative_difference"], result["grad_relative_standard_error"]
     gap, gap_se = result["loss_gap"], result["loss_gap_standard_error"]
     c, c_se = result["loss_floor"], result["loss_floor_standard_error"]
     z_gap = (gap - c) / math.hypot(gap_se, c_se) if gap_se or c_se else 0.0
     t_eps = result["t_eps"]
+    shape = " x ".join(map(str, result["data_shape"]))
+    reductions = ", ".join(result["variance_reduction"]) or "none"
     rows = [
-        f"flowscore verify: grad L_{names[1]} = grad L_{names[0]} and L_{names[0]} - L_{names[1]} = C",
-        f"  path {result['path']}, data N = {result['n_data']} x D = {result['dim']}, "
-        f"t in [{t_eps:g}, {1 - t_eps:g}], {result['n_samples']} samples",
+        f"flowscore verify: grad L_{marg} = grad L_{cond} and L_{cond} - L_{marg} = C",
+        f"  path {result['path']}, data N = {result['n_data']} x {shape}, "
+        f"t in [{t_eps:g}, {1 - t_eps:g}], {result['n_samples']} draws",
+        f"  variance reduction: {reductions}; {result['seconds']:.1f} s",
         "",
         f"  {'quantity':<40}{'value':>14}{'std. error':>14}",
-        f"  {'|mean(g_' + names[0] + ' - g_' + names[1] + ')| / |mean(g_' + names[1] + ')|':<40}"
-        f"{rel:>14.5f}{rel_se:>14.5f}",
-        f"  {'loss gap L_' + names[0] + ' - L_' + names[1]:<40}{gap:>14.5f}{gap_se:>14.5f}",
+        f"  {f'|mean(g_{cond} - g_{marg})| / |mean(g_{marg})|':<40}{rel:>14.5f}{rel_se:>14.5f}",
+        f"  {'loss gap L_' + cond + ' - L_' + marg:<40}{gap:>14.5f}{gap_se:>14.5f}",
         f"  {'loss floor C':<40}{c:>14.5f}{c_se:>14.5f}",
         "",
-        f"  gradient difference: {rel / rel_se if rel_se else 0.0:.2f} standard errors "
-        f"({'consistent with 0' if rel <= 3 * rel_se else 'SIGNIFICANT'})",
-        f"  gap - floor: z = {z_gap:+.2f} ({'consistent' if abs(z_gap) <= 3 else 'SIGNIFICANT'})",
+        f"  gap - floor: z = {z_gap:+.2f} ({'consistent' if abs(z_gap) <= SIGNIFICANCE else 'SIGNIFICANT'})",
+        f"  {verdict_line(result)}",
     ]
     return "\n".join(rows)
 
 
+def _finite_or_none(value: Any) -> Any:
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
 def write_json(result: dict[str, Any], target: str | os.PathLike[str]) -> None:
-    """Write exactly the ``JSON_KEYS`` of ``result`` to ``target`` (atomically)."""
-    with _io.atomic_path(target) as tmp, open(tmp, "w") as fh:
-        json.dump({key: result[key] for key in JSON_KEYS}, fh, indent=2)
-        fh.write("\n")
+    """Write exactly the ``JSON_KEYS`` of ``result`` to ``target`` (atomically; a non-finite number: null)."""
+    payload = {key: _finite_or_none(result[key]) for key in JSON_KEYS}
+    _io.save_text(target, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
-def write_plot(result: dict[str, Any], target: str | os.PathLike[str]) -> None:
-    """Two panels: gradient agreement vs number of samples; loss floor per bin of t (error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_plot(result: dict[str, Any], target: str | os.PathLike[str]) -> str:
+    """Gradient agreement vs number of draws, and the loss floor per bin of t (:func:`plots.plot_verify`)."""
+    from .plots import plot_verify
 
     run, floor = result["running"], result["floor"]
-    n = np.asarray(run["n_samples"])
-    rel, rel_se = np.asarray(run["grad_relative_difference"]), np.asarray(run["grad_relative_standard_error"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(n, rel, label="|mean(g_cond - g_marg)| / |mean(g_marg)|")
-    ax1.fill_between(n, 0, 3 * rel_se, alpha=0.25, label="3 standard errors")
-    ax1.set(xscale="log", yscale="log", xlabel="samples", ylabel="relative gradient difference")
-    ax1.set_title(f"{result['objective']} on {result['path']}: gradient agreement")
-    ax1.legend(fontsize=8)
-    edges = np.asarray(floor["bin_edges"])
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    ax2.errorbar(centres, floor["per_bin"], yerr=floor["per_bin_standard_error"], fmt="o-", capsize=3)
-    ax2.axhline(result["loss_floor"], ls="--", color="gray", label=f"C = {result['loss_floor']:.4g}")
-    ax2.set(xlabel="t (0 noise, 1 data)", ylabel="E[floor | t bin]", yscale="log")
-    ax2.set_title("loss floor vs t")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with _io.atomic_path(target) as tmp:
-            fig.savefig(tmp, format=Path(target).suffix.lstrip(".") or "png", dpi=110)
-    finally:
-        plt.close(fig)
+    title = f"{result['canonical_objective']} vs {result['marginal_objective']} on {result['path']}"
+    return plot_verify(
+        run["n_samples"],
+        run["grad_relative_difference"],
+        run["grad_relative_standard_error"],
+        floor["bin_edges"],
+        floor["per_bin"],
+        floor["per_bin_standard_error"],
+        target,
+        floor=result["loss_floor"],
+        target_se=result["target_se"],
+        title=title,
+    )
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def _data_help() -> str:
+    return (
+        f"toy name ({', '.join(TOYS)}), {', '.join(IMAGE_SETS)}, or an .npy/.npz file (N, D) or (N, C, H, W)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``verify`` options to ``parser``."""
+    aliases = ", ".join(f"{a} = {c}" for a, c in VERIFY_ALIASES.items())
+    parser.add_argument("--data", default="moons", help=f"{_data_help()} (default moons)")
     parser.add_argument(
-        "--data", default="moons", help=f"toy name ({', '.join(TOYS)}) or an .npy file (N, D)"
+        "--path", default="linear", choices=[n for n in PATHS if n != "custom"], help="Gaussian path"
     )
-    parser.add_argument("--path", default="linear", help="Gaussian path: linear, vp, vp-linear, ve")
-    parser.add_argument("--objective", choices=("flow", "score"), default="flow")
-    parser.add_argument("--n-batches", type=int, default=250, help="independent batches (default 250)")
-    parser.add_argument("--batch-size", type=int, default=2048, help="draws per batch (default 2048)")
-    parser.add_argument("--n-data", type=int, default=2000, help="points of a toy data set (default 2000)")
     parser.add_argument(
-        "--t-eps", type=float, default=None, help="t in [t_eps, 1-t_eps]; 1e-3 flow, 0.05 score"
+        "--objective",
+        default="cfm",
+        choices=(*VERIFY_OBJECTIVES, *VERIFY_ALIASES),
+        help=f"cfm (checked against fm) or dsm (against sm); aliases {aliases}; the JSON file echoes the "
+        "name given (default cfm)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target-se",
+        type=float,
+        default=DEFAULT_TARGET_SE,
+        help=f"grow the sample until the relative std. error is at most this (default {DEFAULT_TARGET_SE})",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=DEFAULT_MAX_SAMPLES,
+        help=f"... or this many draws are used (default {DEFAULT_MAX_SAMPLES})",
+    )
+    parser.add_argument(
+        "--n-batches", type=int, default=None, help="a fixed number of batches instead (no early stop)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"draws per batch (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--n-data",
+        type=int,
+        default=DEFAULT_N_DATA,
+        help=f"at most this many data points (default {DEFAULT_N_DATA})",
+    )
+    parser.add_argument(
+        "--t-eps",
+        type=float,
+        default=None,
+        help=f"t in [t_eps, 1 - t_eps] (default {DEFAULT_T_EPS['cfm']:g} cfm, {DEFAULT_T_EPS['dsm']:g} dsm)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="no variance reduction (independent noise, no control variate, uniform t)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="network, data subset and draws (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads during the run (default 1)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a two-panel figure to this PNG file")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="write a two-panel figure (PNG)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument checked before the run: one ``ValueError`` naming the first bad one and its fix."""
+    objective_name(args.objective, VERIFY_OBJECTIVES)
+    get_path(args.path)
+    _validate.number(args.target_se, "--target-se", 0.0, math.inf, low_open=True)
+    batch = _validate.integer(args.batch_size, "--batch-size", minimum=2)
+    if not args.plain and batch % 2:
+        raise ValueError(f"--batch-size must be even with antithetic noise, got {batch}; pass an even number")
+    if args.n_batches is None:
+        _validate.integer(args.max_samples, "--max-samples", minimum=2 * batch)
+    else:
+        _validate.integer(args.n_batches, "--n-batches", minimum=2)
+    _validate.positive_int(args.n_data, "--n-data")
+    if args.t_eps is not None:
+        _validate.t_eps(args.t_eps, "--t-eps")
+    _validate.positive_int(args.threads, "--threads")
+    outputs = [(flag, file) for flag, file in (("--json", args.json), ("--plot", args.plot)) if file]
+    data_file = os.path.abspath(args.data) if Path(args.data).suffix in (".npy", ".npz") else None
+    for flag, file in outputs:
+        _io.check_output_file(file, flag, ".png" if flag == "--plot" else None)
+        if data_file is not None and os.path.abspath(file) == data_file:
+            raise ValueError(f"{flag} {file!r} is the data file; choose another output path")
+    if len(outputs) == 2 and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise ValueError(f"--json and --plot are the same file {args.json!r}; choose two paths")
+    if args.plot:
+        from .plots import _pyplot
+
+        _pyplot()  # matplotlib present?
+
+
 def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> int:
-    """Run ``flowscore verify`` with parsed ``args``; 0 on success, 2 on bad input (message on stderr)."""
+    """Run ``flowscore verify`` with parsed ``args``; 0 on any verdict, 2 on bad input (one line on stderr,
+    nothing written)."""
     try:
+        check_arguments(args)
+        points = load_points(args.data, args.n_data, args.seed)
         result = run_verify(
-            args.data,
+            points,
             args.path,
             args.objective,
             n_data=args.n_data,
-            n_batches=args.n_batches,
             batch_size=args.batch_size,
+            target_se=args.target_se,
+            max_samples=args.max_samples,
+            n_batches=args.n_batches,
+            antithetic=not args.plain,
+            control_variate=not args.plain,
+            importance=not args.plain,
             seed=args.seed,
             t_eps=args.t_eps,
+            normalize=False,  # done above
             num_threads=args.threads,
             progress=not args.no_progress,
         )
     except ValueError as err:
-        import sys
-
-        print(f"flowscore verify: error: {err}", file=sys.stderr)
+        print(f"flowscore verify: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print_fn(format_table(result))
     if args.json:
@@ -408,15 +844,29 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
 
 
 __all__ = [
+    "DEFAULT_MAX_SAMPLES",
+    "DEFAULT_TARGET_SE",
     "DEFAULT_T_EPS",
     "JSON_KEYS",
-    "GradientComparison",
+    "MARGINAL_TWIN",
+    "MODEL_OPTIONS",
+    "VERDICTS",
+    "VERIFY_OBJECTIVES",
+    "GradientStatistics",
     "add_arguments",
+    "PriorMean",
+    "TimeDesign",
+    "batch_gradients",
+    "batch_terms",
+    "check_arguments",
     "compare_gradients",
     "format_table",
-    "load_data",
+    "load_points",
     "main",
+    "make_model",
     "run_verify",
+    "verdict",
+    "verdict_line",
     "write_json",
     "write_plot",
 ]

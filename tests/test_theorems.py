@@ -1,42 +1,46 @@
 """grad L_FM = grad L_CFM, grad L_SM = grad L_DSM, and L_cond - L_marg = loss floor, measured with a fixed
-random network and the exact EmpiricalMarginal; plus negative controls that must come out significant."""
+random network (the package's MLP) and the exact EmpiricalMarginal; negative controls that must come out
+significant; and the variance reductions of ``flowscore verify`` checked to leave the mean unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import reference_schedule
 
+import flowscore.verify as verify
 from flowscore.data import toy
 from flowscore.floor import loss_floor
 from flowscore.marginals import EmpiricalMarginal
-from flowscore.verify import _MLP, DEFAULT_T_EPS, compare_gradients
+from flowscore.verify import DEFAULT_T_EPS, compare_gradients, make_model
 
 N_BATCHES, BATCH = 60, 1024
-
-
-def model_for(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return _MLP(2, 32)
+PLAIN = {"antithetic": False, "control_variate": False, "importance": False}
+REDUCED = {"antithetic": True, "control_variate": True, "importance": True}
 
 
 def data_set(name: str) -> torch.Tensor:
     return toy(name, 300, seed=1)
 
 
-@pytest.mark.parametrize("objective", ["flow", "score"])
+def run(marginal, objective, n_batches=N_BATCHES, **kw):
+    return compare_gradients(
+        make_model((2,), seed=0), marginal, objective, n_batches=n_batches, batch_size=BATCH, seed=2,
+        progress=False, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
 @pytest.mark.parametrize("path", ["linear", "vp"])
 @pytest.mark.parametrize("name", ["moons", "8gaussians"])
 def test_gradients_agree_and_gap_equals_floor(name, path, objective):
     marginal = EmpiricalMarginal(data_set(name), path)
-    comparison = compare_gradients(
-        model_for(), marginal, objective, n_batches=N_BATCHES, batch_size=BATCH, seed=2, progress=False
-    )
-    s = comparison.summary()
+    s = run(marginal, objective).summary()
     assert s["grad_relative_difference"] <= 3 * s["grad_relative_standard_error"]
-    assert s["grad_relative_standard_error"] < 0.1  # the measurement resolves a 30 % difference
+    assert s["grad_relative_standard_error"] < 0.03  # the measurement resolves a 10 % difference
     floor = loss_floor(
         marginal,
         objective=objective,
@@ -64,43 +68,68 @@ class WrongScoreMarginal:
         return (a / b**2) * self.inner.velocity(x, t) + (da / a - db / b) * x
 
 
+@pytest.mark.parametrize("reduction", [PLAIN, REDUCED], ids=["plain", "reduced"])
 @pytest.mark.parametrize("path", ["linear", "vp"])
-def test_negative_control_wrong_score_formula_is_significant(path):
+def test_negative_control_wrong_score_formula_is_significant(path, reduction):
     marginal = EmpiricalMarginal(data_set("moons"), path)
-    comparison = compare_gradients(
-        model_for(),
-        WrongScoreMarginal(marginal),
-        "score",
-        n_batches=N_BATCHES,
-        batch_size=BATCH,
-        seed=2,
-        progress=False,
-    )
-    s = comparison.summary()
+    s = run(WrongScoreMarginal(marginal), "dsm", n_batches=40, **reduction).summary()
     assert s["grad_relative_difference"] > 5 * s["grad_relative_standard_error"]
 
 
-@pytest.mark.parametrize("objective", ["flow", "score"])
-def test_negative_control_marginal_of_another_distribution_is_significant(objective):
+@pytest.mark.parametrize("reduction", [PLAIN, REDUCED], ids=["plain", "reduced"])
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_negative_control_marginal_of_another_distribution_is_significant(objective, reduction):
     data = EmpiricalMarginal(data_set("moons"), "linear")
     other = EmpiricalMarginal(data_set("8gaussians"), "linear")
-    comparison = compare_gradients(
-        model_for(),
-        other,
-        objective,
-        data=data,
-        n_batches=N_BATCHES,
-        batch_size=BATCH,
-        seed=2,
-        progress=False,
-    )
-    s = comparison.summary()
+    s = run(other, objective, data=data, n_batches=40, **reduction).summary()
     assert s["grad_relative_difference"] > 5 * s["grad_relative_standard_error"]
+
+
+def mean_and_variance(stats) -> tuple[torch.Tensor, float]:
+    """The mean difference vector and the summed variance of its entries (tr Cov(d) / K)."""
+    k = stats.n_batches
+    return stats.mean_diff, stats.diff_sq_dev / (k - 1) / k
+
+
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_variance_reductions_leave_the_mean_difference_unchanged(objective, monkeypatch):
+    # Under a negative control the expected difference E d is a nonzero vector. Each variance reduction must
+    # estimate the same vector: ||mean_plain - mean_reduced||^2 is then of the size of the summed variances.
+    data = EmpiricalMarginal(data_set("moons"), "vp")
+    other = EmpiricalMarginal(data_set("2gaussians"), "vp")
+    plain_mean, plain_var = mean_and_variance(run(other, objective, data=data, n_batches=64, **PLAIN))
+    assert plain_mean.pow(2).sum() > 100 * plain_var  # E d is resolved to 10 %: a sharp comparison
+    for name in ("antithetic", "control_variate", "importance"):
+        alone = {**PLAIN, name: True}
+        mean, var = mean_and_variance(run(other, objective, data=data, n_batches=64, **alone))
+        assert (mean - plain_mean).pow(2).sum() < 9 * (var + plain_var), name
+    # the comparison has power: a control variate built on a wrong data mean (so E[c] != 0) is caught
+    true_of = verify.PriorMean.of
+
+    def shifted(points: torch.Tensor) -> verify.PriorMean:
+        prior = true_of(points)
+        return dataclasses.replace(prior, mean=prior.mean + 1.0)
+
+    monkeypatch.setattr(verify.PriorMean, "of", shifted)
+    wrong = run(other, objective, data=data, n_batches=64, **{**PLAIN, "control_variate": True})
+    mean, var = mean_and_variance(wrong)
+    assert (mean - plain_mean).pow(2).sum() > 9 * (var + plain_var)
+
+
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_variance_reductions_cut_the_standard_error(objective):
+    marginal = EmpiricalMarginal(data_set("moons"), "linear")
+    plain = run(marginal, objective, n_batches=40, **PLAIN).summary()
+    reduced = run(marginal, objective, n_batches=40, **REDUCED).summary()
+    assert reduced["grad_relative_standard_error"] < 0.6 * plain["grad_relative_standard_error"]
 
 
 def test_common_random_numbers_make_the_difference_exactly_zero_for_a_one_point_data_set():
     # with one data point the marginal field is the conditional one: the two gradients coincide per batch
+    # (and the control variate vanishes: x_data equals the data mean)
     marginal = EmpiricalMarginal(torch.tensor([[0.5, -0.25]]), "vp")
-    comparison = compare_gradients(model_for(), marginal, "flow", n_batches=3, batch_size=64, progress=False)
-    assert comparison.diffs.abs().max() < 1e-5 * comparison.marginal_grads.abs().max()
-    assert comparison.gaps.abs().max() < 1e-4
+    stats = run(marginal, "cfm", n_batches=3, **REDUCED)
+    scale = stats.sum_grad.norm() / stats.n_batches
+    assert stats.mean_diff.norm() < 1e-6 * scale
+    assert math.sqrt(stats.diff_sq_dev) < 1e-6 * scale
+    assert abs(stats.gap_mean) < 1e-4

@@ -363,8 +363,9 @@ def plot_verify(
 
     Args:
         n_samples, relative_difference, standard_error: ``(K,)`` the running ``||mean d|| / ||mean g||`` and
-            its standard error after each batch; drawn with the band of 3 standard errors and, if given, the
-            ``target_se`` the run aimed for. Non-finite entries (before two batches) are left out.
+            its standard error after each batch; drawn with the standard error, the band of 3 standard
+            errors and, if given, the ``target_se`` the run aimed for. Non-finite entries (before two
+            batches) are left out.
         bin_edges: ``(M + 1,)`` edges of the t bins; ``floor_per_bin``, ``floor_per_bin_error``: ``(M,)`` the
             floor's mean and standard error per bin (empty bins, with value 0, are left out).
         floor: the overall loss floor C, drawn as a dashed line.
@@ -387,6 +388,7 @@ def plot_verify(
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ok = np.isfinite(rel) & np.isfinite(se) & (n > 0)
     ax1.plot(n[ok], 100 * rel[ok], color="tab:blue", label="|mean(g_cond - g_marg)| / |mean(g_marg)|")
+    ax1.plot(n[ok], 100 * se[ok], color="tab:blue", ls=":", label="standard error")
     ax1.fill_between(n[ok], 0, 300 * se[ok], color="tab:blue", alpha=0.2, label="3 standard errors")
     if target_se is not None:
         ax1.axhline(
@@ -395,7 +397,7 @@ def plot_verify(
     ax1.set(xscale="log", yscale="log", xlabel="draws", ylabel="relative gradient difference (%)")
     ax1.set_title(f"gradient agreement{': ' + title if title else ''}")
     ax1.grid(alpha=0.3, which="both")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="lower left")
     centres = 0.5 * (edges[1:] + edges[:-1])
     used = per_bin > 0
     ax2.errorbar(centres[used], per_bin[used], yerr=per_bin_se[used], fmt="o-", capsize=3)

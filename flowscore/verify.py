@@ -125,7 +125,8 @@ class GradientStatistics:
     """Running statistics of per-batch gradient differences ``d_k`` and marginal gradients ``g_k``.
 
     Memory O(P) (P parameters): the mean and the summed squared deviations of ``d`` (Welford, float64), the
-    sum of ``g`` and of the loss gaps. ``history`` lists ``(n_samples, rel, se)`` after every batch.
+    sum of ``g`` and of the loss gaps. ``history`` lists ``(n_samples, rel, se)`` after every batch;
+    ``stopped`` says why the sample stopped growing: "target", "decisive", "cap" or "n_batches".
     Independent units of the loss gap: the draws, or the antithetic pairs (their means).
     """
 
@@ -137,6 +138,7 @@ class GradientStatistics:
         self.sum_grad = torch.zeros(n_params, dtype=torch.float64)
         self.gap_mean, self.gap_sq_dev, self.gap_units = 0.0, 0.0, 0
         self.history: list[tuple[int, float, float]] = []
+        self.stopped = "cap"
 
     @property
     def n_samples(self) -> int:
@@ -392,8 +394,9 @@ def compare_gradients(
     ``data`` (a marginal with ``.data``, default ``marginal``). Giving a ``data`` from another distribution,
     or a marginal with a wrong field, is a negative control: the difference is then significant.
 
-    Batches are added until ``se <= target_se`` (``None``: never), or ``rel > DECISIVE * se``, both looked at
-    from ``min_batches`` batches on, or ``max_samples`` draws are used (at least two batches). ``n_batches``
+    Batches are added until ``se <= target_se`` or ``rel > DECISIVE * se``, both looked at from
+    ``min_batches`` batches on (``target_se=None``: neither), or ``max_samples`` draws are used (at least
+    two batches); ``stats.stopped`` says which. ``n_batches``
     instead fixes the number of batches (no early stop). Variance reduction (module docstring, item 2):
     ``antithetic`` noise pairs (the batch size must be even), the prior-mean ``control_variate`` (needs a
     ``.data`` tensor in ``data``; off otherwise) and ``importance`` sampling of t (after ``PILOT_BATCHES``
@@ -422,6 +425,8 @@ def compare_gradients(
     bin_sum_sq = torch.zeros(T_BINS, dtype=torch.float64)
     bin_count = torch.zeros(T_BINS, dtype=torch.float64)
     stats = GradientStatistics(sum(p.numel() for p in params), batch_size)
+    if n_batches is not None:
+        stats.stopped = "n_batches"
     bar = tqdm(
         total=max_batches * batch_size,
         desc=f"verify {objective}",
@@ -449,7 +454,11 @@ def compare_gradients(
             if math.isfinite(se):
                 bar.set_postfix_str(f"rel. diff {100 * rel:.2f}% +- {100 * se:.2f}%", refresh=False)
             if stats.n_batches >= min(min_batches, max_batches) and math.isfinite(se):
-                if (target_se is not None and se <= target_se) or rel > DECISIVE * se:
+                if target_se is not None and se <= target_se:
+                    stats.stopped = "target"
+                    break
+                if target_se is not None and rel > DECISIVE * se:
+                    stats.stopped = "decisive"
                     break
     return stats
 
@@ -589,12 +598,6 @@ def run_verify(
     result_verdict, bound = verdict(
         summary["grad_relative_difference"], summary["grad_relative_standard_error"], target_se
     )
-    if n_batches is not None:
-        stopped = "n_batches"
-    elif result_verdict == "differ" and stats.n_samples < (max_samples // batch_size) * batch_size:
-        stopped = "decisive"
-    else:
-        stopped = "target" if result_verdict == "equal" else "cap"
     history = stats.history
     return {
         "objective": objective,
@@ -607,7 +610,7 @@ def run_verify(
         "marginal_objective": MARGINAL_TWIN[canonical],
         "verdict": result_verdict,
         "bound": bound,
-        "stopped": stopped,
+        "stopped": stats.stopped,
         "target_se": target_se,
         "max_samples": max_samples,
         "variance_reduction": [
@@ -833,7 +836,7 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
             progress=not args.no_progress,
         )
     except ValueError as err:
-        print(f"flowscore verify: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"flowscore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print_fn(format_table(result))
     if args.json:

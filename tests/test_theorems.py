@@ -133,3 +133,14 @@ def test_common_random_numbers_make_the_difference_exactly_zero_for_a_one_point_
     assert stats.mean_diff.norm() < 1e-6 * scale
     assert math.sqrt(stats.diff_sq_dev) < 1e-6 * scale
     assert abs(stats.gap_mean) < 1e-4
+
+
+def test_a_decisive_difference_stops_the_sample_early():
+    marginal = WrongScoreMarginal(EmpiricalMarginal(data_set("moons"), "linear"))
+    stats = compare_gradients(
+        make_model((2,), seed=0), marginal, "dsm", batch_size=BATCH, max_samples=200 * BATCH,
+        target_se=1e-6, min_batches=10, progress=False,
+    )  # fmt: skip
+    rel, se = stats.relative()
+    assert stats.stopped == "decisive" and stats.n_batches == 10 and rel > verify.DECISIVE * se
+    assert verify.verdict(rel, se, 1e-6)[0] == "differ"

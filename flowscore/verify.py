@@ -46,7 +46,7 @@ Theorems: :math:`\nabla_\theta L_{FM} = \nabla_\theta L_{CFM}` (``objective="cfm
 
 Times: cfm keeps t in ``[1e-3, 1 - 1e-3]``; dsm defaults to ``t_eps = 0.05``: the DSM target ``-noise /
 beta_t`` and the score floor grow like ``1/beta_t^2`` as t -> 1 (until the posterior collapses onto single
-data points), which makes the Monte Carlo variance explode; ``--t-eps`` changes it.
+data points), which makes the Monte Carlo variance explode; ``--t-eps`` changes it (at least ``MIN_T_EPS``).
 
 The JSON file (``--json``) holds exactly ``JSON_KEYS``; its ``"objective"`` is the name the user passed
 (``cfm``, ``dsm``, or the aliases ``flow``, ``score``), so a file written by an older command line reads the
@@ -87,6 +87,9 @@ VERIFY_ALIASES = {alias: name for alias, name in OBJECTIVE_ALIASES.items() if na
 MARGINAL_TWIN = {"cfm": "fm", "dsm": "sm"}
 """Each conditional objective and the marginal objective with the same gradient."""
 DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05}
+MIN_T_EPS = 1e-6
+"""Smallest ``t_eps``: times are float32, and ``1 - t_eps`` must stay below 1 (where beta_t = 0 and the
+marginal fields are singular)."""
 MODEL_OPTIONS = {"width": 128, "depth": 1, "time_embedding": 4}
 """Options of the :class:`~flowscore.models.MLP` whose gradients are compared (any network would do)."""
 DEFAULT_TARGET_SE = 0.005
@@ -284,7 +287,7 @@ class TimeDesign:
     def adapted(self, rms: torch.Tensor) -> TimeDesign:
         """The design with bin probabilities ``(1 - DEFENSIVE) rms / sum(rms) + DEFENSIVE / M`` (the variance
         of a weighted mean is smallest with probabilities proportional to the per-bin rms; the uniform share
-        keeps every weight below ``M / DEFENSIVE``). Uniform if ``rms`` is 0 or not finite."""
+        keeps every weight at most ``1 / DEFENSIVE``). Uniform if ``rms`` is 0 or not finite."""
         total = rms.sum()
         if not (torch.isfinite(total) and total > 0):
             return self
@@ -324,6 +327,10 @@ def _units(values: torch.Tensor, antithetic: bool) -> torch.Tensor:
         return values
     half = values.shape[0] // 2
     return 0.5 * (values[:half] + values[half:])
+
+
+def _check_t_eps(value: object, name: str = "t_eps") -> float:
+    return _validate.number(value, name, MIN_T_EPS, 0.5, high_open=True)
 
 
 def batch_gradients(
@@ -414,7 +421,7 @@ def compare_gradients(
         min_batches, target_se = max_batches, None
     if target_se is not None:
         _validate.number(target_se, "target_se", 0.0, math.inf, low_open=True)
-    t_eps = _validate.t_eps(DEFAULT_T_EPS[objective] if t_eps is None else t_eps)
+    t_eps = _check_t_eps(DEFAULT_T_EPS[objective] if t_eps is None else t_eps)
     data = marginal if data is None else data
     points = getattr(data, "data", None)
     prior = PriorMean.of(points) if control_variate and isinstance(points, torch.Tensor) else None
@@ -726,7 +733,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     aliases = ", ".join(f"{a} = {c}" for a, c in VERIFY_ALIASES.items())
     parser.add_argument("--data", default="moons", help=f"{_data_help()} (default moons)")
     parser.add_argument(
-        "--path", default="linear", choices=[n for n in PATHS if n != "custom"], help="Gaussian path"
+        "--path",
+        default="linear",
+        choices=[n for n in PATHS if n != "custom"],
+        help="Gaussian path (default linear)",
     )
     parser.add_argument(
         "--objective",
@@ -766,7 +776,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--t-eps",
         type=float,
         default=None,
-        help=f"t in [t_eps, 1 - t_eps] (default {DEFAULT_T_EPS['cfm']:g} cfm, {DEFAULT_T_EPS['dsm']:g} dsm)",
+        help=f"t in [t_eps, 1 - t_eps], t_eps >= {MIN_T_EPS:g} (default {DEFAULT_T_EPS['cfm']:g} cfm, "
+        f"{DEFAULT_T_EPS['dsm']:g} dsm)",
     )
     parser.add_argument(
         "--plain",
@@ -795,7 +806,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         _validate.integer(args.n_batches, "--n-batches", minimum=2)
     _validate.positive_int(args.n_data, "--n-data")
     if args.t_eps is not None:
-        _validate.t_eps(args.t_eps, "--t-eps")
+        _check_t_eps(args.t_eps, "--t-eps")
     _validate.positive_int(args.threads, "--threads")
     outputs = [(flag, file) for flag, file in (("--json", args.json), ("--plot", args.plot)) if file]
     data_file = os.path.abspath(args.data) if Path(args.data).suffix in (".npy", ".npz") else None

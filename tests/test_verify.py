@@ -212,6 +212,7 @@ def bad_arguments(tmp_path):
         "odd batch": ["--batch-size", "513", "--json", j],
         "cap below two batches": ["--max-samples", "100", "--json", j],
         "bad t_eps": ["--t-eps", "0.5", "--json", j],
+        "t_eps 0 (float32 times would reach beta = 0)": ["--t-eps", "0", "--json", j],
     }
     if os.geteuid() == 0:  # root may write into a read-only folder
         del cases["plot in a read-only folder"]

@@ -403,11 +403,11 @@ def compare_gradients(
 
     Batches are added until ``se <= target_se`` or ``rel > DECISIVE * se``, both looked at from
     ``min_batches`` batches on (``target_se=None``: neither), or ``max_samples`` draws are used (at least
-    two batches); ``stats.stopped`` says which. ``n_batches``
-    instead fixes the number of batches (no early stop). Variance reduction (module docstring, item 2):
-    ``antithetic`` noise pairs (the batch size must be even), the prior-mean ``control_variate`` (needs a
-    ``.data`` tensor in ``data``; off otherwise) and ``importance`` sampling of t (after ``PILOT_BATCHES``
-    uniform batches). All three leave the expected difference unchanged.
+    two batches); ``stats.stopped`` says which. ``n_batches`` instead fixes the number of batches (no early
+    stop). Variance reduction (module docstring, item 2): ``antithetic`` noise pairs (the batch size must be
+    even), the prior-mean ``control_variate`` (needs a ``.data`` tensor in ``data``; off otherwise) and
+    ``importance`` sampling of t (after ``PILOT_BATCHES`` uniform batches, if more batches may follow). All
+    three leave the expected difference unchanged.
     """
     objective = objective_name(objective, VERIFY_OBJECTIVES)
     batch_size = _validate.integer(batch_size, "batch_size", minimum=2)

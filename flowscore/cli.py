@@ -62,21 +62,13 @@ def _one_line(text: str) -> str:
 
 # -- small helpers for files and runs ----------------------------------------------------------------------
 def _check_output_file(file: str, suffix: str, flag: str) -> str:
-    """An output path with the right suffix whose folder exists or can be created (checked, not created)."""
-    if not file.endswith(suffix):
-        raise CLIError(f"{flag} {file!r} must end in {suffix}", f"pass a file name like out{suffix}")
-    if os.path.isdir(file):
-        raise CLIError(
-            f"{flag} {file!r} is a directory", f"pass a file name like {file.rstrip('/')}/out{suffix}"
-        )
-    parent = os.path.dirname(os.path.abspath(file))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise CLIError(
-            f"{flag} {file!r} cannot be written ({parent!r} is not a writable folder)", "choose another path"
-        )
-    return file
+    """An output path with the right suffix whose folder exists or can be created (checked, not created):
+    :func:`flowscore._io.check_output_file` as a :class:`CLIError`."""
+    try:
+        return _io.check_output_file(file, flag, suffix)
+    except ValueError as err:
+        what, _, fix = str(err).partition("; ")
+        raise CLIError(what, fix or "choose another path") from None
 
 
 def _integer(value: str, minimum: int = 1) -> int:

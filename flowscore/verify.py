@@ -63,7 +63,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_loss, objective_nam
 from .marginals import EmpiricalMarginal
 from .models import build_model
 from .paths import PATHS, get_path
+from .resources import using_threads
 
 VERIFY_OBJECTIVES = ("cfm", "dsm")
 """The conditional objectives verify checks (``"flow"``, ``"score"`` are accepted as aliases)."""
@@ -503,18 +504,11 @@ def make_model(point_shape: tuple[int, ...] | torch.Size, seed: int = 0) -> nn.M
         return build_model("mlp", tuple(point_shape), **MODEL_OPTIONS)
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
+def _threads(n: int | None) -> contextlib.AbstractContextManager:
+    """``resources.using_threads(n)``, or nothing when ``n`` is None."""
     if n is None:
-        yield
-        return
-    n = _validate.positive_int(n, "num_threads")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+        return contextlib.nullcontext()
+    return using_threads(_validate.positive_int(n, "num_threads"))
 
 
 def run_verify(

@@ -9,7 +9,10 @@ Plain functions over ``(field, x, times)``: a *field* is any callable ``field(x,
   the given grid; dopri5, adaptive, via torchdiffeq).
 * :func:`sample_sde` runs Euler--Maruyama on :math:`dX = [u_t + \tfrac12 g_t^2 s_t]\,dt + g_t\,dW`, whose
   marginals are the path's for every :math:`g` (Fokker--Planck), then a final deterministic step to t = 1.
-* :func:`sample` does it all for a model: prior draws, time grid, conversions, solver.
+* :mod:`flowscore.solvers` adds the few-step solvers in log-SNR (``ddim``, ``dpm++2m``, ``dpm++3m``,
+  ``unipc``, ``edm-heun``, ``dpm++2m-sde``) and :mod:`flowscore.grids` the time grids (``GRIDS``).
+* :func:`sample` does it all for a model: prior draws (or ``x_init``), time grid, labels and guidance,
+  conversions, solver, the NFE; :func:`encode` runs the same ODE solvers from data to noise.
 
 Endpoints. Some conversions are singular at an endpoint (``flowscore.conversions``): from a score or noise
 model the velocity is infinite at t = 0 where alpha_0 = 0 (``linear``, ``vp``), and from a data model it is
@@ -27,29 +30,27 @@ import torch
 
 from . import _validate
 from ._validate import validation
+from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
+from .grids import GRIDS, SHIFT, time_grid
 from .paths import GaussianPath, get_path
+from .solvers import EXPONENTIAL, sample_dpmpp_2m_sde
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Diffusion = None | float | str | Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None] | None
 
 FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
 METHODS = FIXED_METHODS + ("dopri5",)
-SAMPLERS = METHODS + ("sde",)
+"""Integrators of the velocity in t (:func:`integrate`, :func:`sample_ode`)."""
+ODE_SAMPLERS = METHODS + tuple(EXPONENTIAL)
+"""Every deterministic sampler: the velocity integrators and :data:`flowscore.solvers.EXPONENTIAL`."""
+SDE_SAMPLERS = ("sde", "dpm++2m-sde")
+"""Stochastic samplers: Euler--Maruyama (:func:`sample_sde`) and the stochastic DPM-Solver++(2M)."""
+SAMPLERS = ODE_SAMPLERS + SDE_SAMPLERS
 DIFFUSIONS = ("bounded", "score-sde")
 # model evaluations per step of the fixed-grid methods
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-DEFAULT_ODE_SAMPLER = "rk4"
-"""The ODE solver of :func:`sample` (and of ``flowscore sample``, ``eval``, ``plot``) when none is named."""
-DEFAULT_ODE_STEPS = 100
-DEFAULT_SDE_STEPS = 1000
-"""Default steps: ``DEFAULT_SDE_STEPS`` for ``"sde"`` (Euler-Maruyama is first order), else
-``DEFAULT_ODE_STEPS`` (quality against steps: ``bench/RESULTS.md``)."""
-
-
-def default_steps(sampler: str) -> int:
-    """The default number of steps of ``sampler``: :data:`DEFAULT_SDE_STEPS` or :data:`DEFAULT_ODE_STEPS`."""
-    return DEFAULT_SDE_STEPS if sampler == "sde" else DEFAULT_ODE_STEPS
 
 
 # -- fields --------------------------------------------------------------------------------------------------
@@ -63,9 +64,10 @@ def as_field(model: Field, path: GaussianPath | str, prediction: str, kind: str 
     """The field ``(x, t) -> kind`` of a model that predicts ``prediction``.
 
     ``field(x, t) = path.convert(model(x, t), x, t, prediction, kind)`` (the model's output itself when
-    ``prediction == kind``), with ``t`` passed to the model as a ``(B,)`` tensor. ``x``: ``(B, *dims)``;
-    ``t``: float, 0-dim or ``(B,)``. Raises ``ValueError`` (from ``convert``) at a time where the
-    conversion is singular.
+    ``prediction == kind``), with ``t`` passed to the model as a ``(B,)`` tensor through
+    :func:`flowscore.conditioning.call_model` (a wrong output shape raises ``ValueError``).
+    ``x``: ``(B, *dims)``; ``t``: float, 0-dim or ``(B,)``. Raises ``ValueError`` (from ``convert``) at a
+    time where the conversion is singular.
     """
     path = get_path(path)
     _validate.choice(prediction, KINDS, "prediction")
@@ -75,7 +77,7 @@ def as_field(model: Field, path: GaussianPath | str, prediction: str, kind: str 
 
     def field(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = _batch_time(t, x)
-        out = model(x, t)
+        out = call_model(model, x, t)
         return out if prediction == kind else path.convert(out, x, t, prediction, kind)
 
     return field
@@ -165,6 +167,7 @@ def integrate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     return_trajectory: bool = False,
+    callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Solve :math:`dx/dt = field(x, t)` along a strictly monotone grid ``times`` (either direction).
 
@@ -172,18 +175,25 @@ def integrate(
     ``times[0]``; ``times``: ``(T,)``. Fixed-step methods take one step per interval; ``dopri5`` steps
     adaptively (``rtol``, ``atol``) and reports the state at each entry of ``times``. Returns the state at
     ``times[-1]``, and with ``return_trajectory`` also the ``(T, B, *dims)`` states at every entry of
-    ``times``.
+    ``times``. ``callback``, if given, is called after each fixed step with a dict ``{"i", "t", "t_next",
+    "x"}`` (the state after step ``i``); dopri5 calls it once, at the end.
     """
     x = _validate.batch(x, "x")
     _validate.choice(method, METHODS, "method")
     times = _times(times, x, increasing=False)
     if method == "dopri5":
         trajectory = _dopri5(field, x, times, rtol, atol)
+        if callback is not None:
+            grid = times.tolist()
+            callback({"i": len(grid) - 2, "t": grid[0], "t_next": grid[-1], "x": trajectory[-1]})
         return (trajectory[-1], trajectory) if return_trajectory else trajectory[-1]
     states = [x]
+    grid = times.tolist() if callback is not None else None  # one transfer, none inside the loop
     for i in range(times.shape[0] - 1):
         t = times[i].expand(x.shape[0]).contiguous()
         x = _fixed_step(field, method, x, t, times[i + 1] - times[i])
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "t_next": grid[i + 1], "x": x})
         if return_trajectory:
             states.append(x)
     return (x, torch.stack(states)) if return_trajectory else x
@@ -198,25 +208,35 @@ def sample_ode(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     return_trajectory: bool = False,
+    callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Integrate the probability-flow ODE :math:`dx/dt = u_t(x)` from ``times[0]`` to ``times[-1]``.
 
     Args:
         velocity_field: ``(x, t) -> u_t(x)``, ``x`` ``(B, *dims)``, ``t`` ``(B,)``.
         x: ``(B, *dims)`` starting points at ``times[0]`` (prior draws when ``times[0] = 0``).
-        times: 1D strictly increasing grid in [0, 1] (t = 0 noise, t = 1 data), ``T >= 2`` entries.
+        times: 1D strictly monotone grid in [0, 1] (t = 0 noise, t = 1 data), ``T >= 2`` entries;
+            increasing samples (noise -> data), decreasing encodes (data -> noise).
         method: ``"euler"`` (order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"`` (order 2, 2
             evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of ``times``;
             ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``.
         return_trajectory: also return the ``(T, B, *dims)`` states at every entry of ``times``.
+        callback: called after each step, see :func:`integrate`.
 
     Returns:
         ``(B, *dims)`` state at ``times[-1]`` (and the trajectory). Runs in the caller's grad mode.
     """
     x = _validate.batch(x, "x")
-    times = _times(times, x)
+    times = _times(times, x, increasing=False)
     return integrate(
-        velocity_field, x, times, method, rtol=rtol, atol=atol, return_trajectory=return_trajectory
+        velocity_field,
+        x,
+        times,
+        method,
+        rtol=rtol,
+        atol=atol,
+        return_trajectory=return_trajectory,
+        callback=callback,
     )
 
 
@@ -288,6 +308,7 @@ def sample_sde(
     diffusion: Diffusion = None,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
+    callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Euler--Maruyama on :math:`dX = [u_t(X) + \tfrac12 g_t^2 s_t(X)]\,dt + g_t\,dW`, t increasing.
 
@@ -307,6 +328,7 @@ def sample_sde(
         x: ``(B, *dims)`` state at ``times[0]``.
         times: 1D strictly increasing grid in [0, 1], ``T >= 2`` entries.
         path: the Gaussian path (for ``g`` and the final step), an instance or a name.
+        callback: called after each step with ``{"i", "t", "t_next", "x"}``.
     Returns:
         ``(B, *dims)`` state at ``times[-1]``, and with ``return_trajectory`` the ``(T, B, *dims)`` states.
     """
@@ -315,6 +337,7 @@ def sample_sde(
     times = _times(times, x)
     g_sq = diffusion_schedule(path, diffusion)
     states = [x]
+    grid = times.tolist() if callback is not None else None
     for i in range(times.shape[0] - 2):
         t, h = times[i].expand(x.shape[0]).contiguous(), times[i + 1] - times[i]
         g2 = _validate.expand(g_sq(t), x)
@@ -322,9 +345,57 @@ def sample_sde(
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = x + h * drift + torch.sqrt(g2 * h) * z
         states.append(x)
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "t_next": grid[i + 1], "x": x})
     x = final_step(path, velocity_field, x, times[-2].expand(x.shape[0]).contiguous(), times[-1])
     states.append(x)
+    if callback is not None:
+        callback({"i": len(grid) - 2, "t": grid[-2], "t_next": grid[-1], "x": x})
     return (x, torch.stack(states)) if return_trajectory else x
+
+
+# -- defaults ------------------------------------------------------------------------------------------------
+DEFAULT_SAMPLER = "unipc"
+"""The ODE sampler of :func:`sample` and :func:`encode` when ``sampler=None`` (for every prediction; chosen
+from ``bench/bench_fewstep.py``, see ``bench/results/fewstep.md``)."""
+DEFAULT_STEPS = {
+    "euler": 100,
+    "midpoint": 50,
+    "heun": 50,
+    "rk4": 25,
+    "dopri5": 1,
+    "ddim": 50,
+    "dpm++2m": 25,
+    "dpm++3m": 25,
+    "unipc": 25,
+    "edm-heun": 13,
+    "sde": 1000,
+    "dpm++2m-sde": 100,
+}
+"""Steps when ``steps=None``, per sampler (dopri5 adapts its steps: the grid only sets the reported times)."""
+DEFAULT_ODE_SAMPLER = DEFAULT_SAMPLER
+"""The ODE solver of :func:`sample` (and of ``flowscore sample``, ``eval``, ``plot``) when none is named."""
+DEFAULT_ODE_STEPS = DEFAULT_STEPS[DEFAULT_SAMPLER]
+DEFAULT_SDE_STEPS = DEFAULT_STEPS["sde"]
+
+
+def default_steps(sampler: str) -> int:
+    """The default number of steps of ``sampler`` (:data:`DEFAULT_STEPS`)."""
+    return DEFAULT_STEPS[_validate.choice(sampler, SAMPLERS, "sampler")]
+
+
+DEFAULT_GRID = {name: "logsnr" for name in ("ddim", "dpm++2m", "dpm++3m", "unipc", "dpm++2m-sde")}
+DEFAULT_GRID.update({name: "uniform" for name in (*METHODS, "sde")})
+DEFAULT_GRID["edm-heun"] = "karras"
+"""Grid when ``grid=None``, per sampler."""
+
+
+def defaults(sampler: str | None = None, steps: int | None = None, grid: str | None = None):
+    """``(sampler, steps, grid)`` with every None replaced by flowscore's default (validated)."""
+    sampler = DEFAULT_SAMPLER if sampler is None else _validate.choice(sampler, SAMPLERS, "sampler")
+    steps = DEFAULT_STEPS[sampler] if steps is None else _validate.positive_int(steps, "steps")
+    grid = DEFAULT_GRID[sampler] if grid is None else _validate.choice(grid, GRIDS, "grid")
+    return sampler, steps, grid
 
 
 # -- the one-call sampler ------------------------------------------------------------------------------------
@@ -344,49 +415,174 @@ def conversions_finite_at(path: GaussianPath, prediction: str, kinds: Sequence[s
     )
 
 
-def _grid(path, prediction, sampler, steps, t_eps, diffusion, dtype, device) -> tuple[torch.Tensor, bool]:
-    """``(times, needs_final_step)``: ``steps`` intervals from 0 (or t_eps) to 1, see :func:`sample`."""
-    kinds = ("velocity", "score") if sampler == "sde" else ("velocity",)
-    start_ok = conversions_finite_at(path, prediction, kinds, 0.0)
+def _needs(sampler: str, towards_data: bool) -> tuple[str, ...]:
+    """The kinds of prediction a sampler evaluates at the grid points it calls the model on."""
+    if sampler in METHODS:
+        return ("velocity",)
     if sampler == "sde":
-        start_ok = start_ok and _finite_at(diffusion_schedule(path, diffusion), 0.0)
-    t_start = 0.0 if start_ok else t_eps
-    final = sampler == "sde" or not conversions_finite_at(path, prediction, kinds, 1.0)
-    if final and steps < 2:
+        return ("velocity", "score")
+    if sampler == "edm-heun":
+        return ("data", "noise")
+    return ("data",) if towards_data else ("noise",)
+
+
+def _start(path, prediction, sampler, t_first: float, t_eps: float, diffusion, towards_data: bool) -> float:
+    """``t_first`` if every prediction the sampler needs is finite there, else ``t_eps`` inside it."""
+    ok = conversions_finite_at(path, prediction, _needs(sampler, towards_data), t_first)
+    if sampler == "sde":
+        ok = ok and _finite_at(diffusion_schedule(path, diffusion), t_first)
+    if ok:
+        return t_first
+    return t_eps if t_first == 0.0 else 1.0 - t_eps
+
+
+def _needs_final_step(path, prediction, sampler, t_last: float) -> bool:
+    """The velocity integrators (and ``sde``) close the last interval with :func:`final_step` when the
+    velocity (or the score) is singular at the last time; ``sde`` always does."""
+    if sampler == "sde":
+        return True
+    return sampler in METHODS and not conversions_finite_at(path, prediction, _needs(sampler, True), t_last)
+
+
+class _Counted:
+    """The model with a count of its calls (one call = one NFE, whatever the batch)."""
+
+    def __init__(self, model: Field):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x, t)
+
+
+class _Monitor:
+    """Callback that records, without a device sync, whether each step's state is finite (and the states
+    for a trajectory), and forwards the step's dict (with the NFE so far) to the user's callback."""
+
+    def __init__(self, counter: _Counted, callback: Callback, keep_states: bool):
+        self.counter, self.callback, self.keep = counter, callback, keep_states
+        self.flags: list[torch.Tensor] = []
+        self.steps: list[tuple[float, float]] = []
+        self.states: list[torch.Tensor] = []
+
+    def __call__(self, info: dict) -> None:
+        x = info["x"]
+        self.flags.append(torch.isfinite(x).all())
+        self.steps.append((info["t"], info["t_next"]))
+        if self.keep:
+            self.states.append(x)
+        if self.callback is not None:
+            self.callback({**info, "nfe": self.counter.calls})
+
+    def check(self, x: torch.Tensor, what: str) -> None:
+        """``ValueError`` naming the first step whose state holds NaN or Inf (one sync, here)."""
+        if bool(torch.isfinite(x).all()):
+            return
+        bad = (~torch.stack(self.flags)).nonzero() if self.flags else torch.zeros(0)
+        if bad.numel():
+            i = int(bad[0, 0])
+            t, t_next = self.steps[i]
+            where = f"at step {i + 1} of {len(self.flags)} (t = {t:.6g} -> {t_next:.6g})"
+        else:
+            where = "at the end"
         raise ValueError(
-            f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path "
-            "(the last step is the deterministic final step from 1 - t_eps)"
+            f"{what} produced NaN or Inf {where}; check the model's output there, or use more steps or "
+            "another sampler"
         )
+
+
+def _run(
+    model: Field,
+    path: GaussianPath,
+    prediction: str,
+    sampler: str,
+    x: torch.Tensor,
+    times: torch.Tensor,
+    final: bool,
+    callback: Callback,
+    *,
+    diffusion: Diffusion,
+    rtol: float,
+    atol: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off)."""
+    if sampler in EXPONENTIAL:
+        return EXPONENTIAL[sampler](model, x, times, path=path, prediction=prediction, callback=callback)
+    if sampler == "dpm++2m-sde":
+        return sample_dpmpp_2m_sde(
+            model, x, times, path=path, prediction=prediction, generator=generator, callback=callback
+        )
+    grid = times.to(dtype=x.dtype, device=x.device)
+    cached = _LastCallCache(model)
+    velocity = as_field(cached, path, prediction, "velocity")
+    if sampler == "sde":
+        score = as_field(cached, path, prediction, "score")
+        return sample_sde(
+            velocity, score, x, grid, path=path, diffusion=diffusion, generator=generator, callback=callback
+        )
+    ode_grid = grid[:-1] if final else grid
+    x = integrate(velocity, x, ode_grid, sampler, rtol=rtol, atol=atol, callback=callback)
     if final:
-        inner = torch.linspace(t_start, 1 - t_eps, steps, dtype=torch.float64)
-        times = torch.cat([inner, torch.ones(1, dtype=torch.float64)])
-    else:
-        times = torch.linspace(t_start, 1.0, steps + 1, dtype=torch.float64)
-    return times.to(dtype=dtype, device=device), final
+        n = x.shape[0]
+        x = final_step(path, velocity, x, ode_grid[-1].expand(n).contiguous(), grid[-1])
+        if callback is not None:
+            callback({"i": len(times) - 2, "t": float(times[-2]), "t_next": float(times[-1]), "x": x})
+    return x
 
 
-def _check_sample_args(n: int, steps: int, sampler: str, t_eps: float, shape: tuple[int, ...]) -> None:
-    for name, value in (("n", n), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    _validate.choice(sampler, SAMPLERS, "sampler")
-    if not 0 < t_eps < 0.5:
-        raise ValueError(f"t_eps must lie in (0, 0.5), got {t_eps!r}")
-    if not all(isinstance(d, int) and d >= 1 for d in shape):
+def _model_and_prediction(model: object, prediction: str | None) -> str:
+    if not callable(model):
         raise ValueError(
-            f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
+            f"model must be callable as model(x, t) or model(x, t, y), got {type(model).__name__}"
         )
+    if prediction is None:  # a wrapped model (flowscore.adapters) says what it predicts
+        prediction = getattr(model, "prediction", None)
+        prediction = prediction if isinstance(prediction, str) and prediction in KINDS else "velocity"
+    return _validate.choice(prediction, KINDS, "prediction")
+
+
+def _explicit_times(times: object, increasing: bool) -> torch.Tensor:
+    if not isinstance(times, torch.Tensor):
+        times = torch.as_tensor(list(times), dtype=torch.float64)  # type: ignore[arg-type]
+    times = _validate.tensor(times, "times").detach().to(device="cpu", dtype=torch.float64)
+    if times.dim() != 1 or times.shape[0] < 2:
+        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
+    steps = times[1:] - times[:-1]
+    if not bool((steps > 0).all() if increasing else (steps < 0).all()):
+        direction = "increasing (noise -> data)" if increasing else "decreasing (data -> noise)"
+        raise ValueError(f"times must be strictly {direction}")
+    return _validate.time(times, name="times")
+
+
+def _finish(x, monitor, counter, return_trajectory, return_nfe, x_start, what):
+    monitor.check(x, what)
+    out: tuple = (x,)
+    if return_trajectory:
+        out += (torch.stack([x_start, *monitor.states]),)
+    if return_nfe:
+        out += (counter.calls,)
+    return out[0] if len(out) == 1 else out
 
 
 def sample(
     model: Field,
     path: GaussianPath | str,
-    n: int,
+    n: int | None = None,
     *,
-    prediction: str = "velocity",
+    prediction: str | None = None,
     sampler: str | None = None,
     steps: int | None = None,
+    grid: str | None = None,
+    times: Sequence[float] | torch.Tensor | None = None,
     shape: tuple[int, ...] = (2,),
+    x_init: torch.Tensor | None = None,
+    t_start: float | None = None,
+    y: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    callback: Callback = None,
+    return_nfe: bool = False,
+    shift: float = SHIFT,
     t_eps: float = 1e-3,
     diffusion: Diffusion = None,
     rtol: float = 1e-5,
@@ -395,54 +591,194 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     return_trajectory: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple:
     """Draw ``n`` samples ``(n, *shape)`` from a model of any prediction, noise (t = 0) -> data (t = 1).
 
-    Steps: ``x = path.sample_prior((n, *shape))``; build a grid of ``steps`` intervals; run ``sampler``
-    (``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"``, ``"dopri5"``: :func:`sample_ode` on the velocity;
-    ``"sde"``: :func:`sample_sde` on the velocity and score, ``diffusion`` as there). ``sampler=None``:
-    :data:`DEFAULT_ODE_SAMPLER`; ``steps=None``: :func:`default_steps` of the sampler. The model is called as
-    ``model(x, t)`` with ``t`` ``(n,)`` and converted by :func:`as_field` (one model call per field
-    evaluation, also for the SDE). Runs under ``torch.no_grad()`` with the value checks off inside the loop.
+    Args:
+        model: ``model(x, t)`` (or ``model(x, t, y)`` with labels) predicting ``prediction``; called through
+            :func:`flowscore.conditioning.call_model`, with ``t`` shaped ``(n,)``.
+        path: the Gaussian path, an instance or a name.
+        n: number of samples (may be omitted with ``x_init``).
+        prediction: ``"velocity"``, ``"score"``, ``"noise"`` or ``"data"``; None: the model's ``prediction``
+            attribute if it has one (the wrappers of :mod:`flowscore.adapters` do), else ``"velocity"``.
+        sampler: one of :data:`SAMPLERS`: the ODE samplers :data:`ODE_SAMPLERS` (euler, midpoint, heun,
+            rk4, dopri5 on the velocity in t; ddim, dpm++2m, dpm++3m, unipc, edm-heun in log-SNR, see
+            :mod:`flowscore.solvers`) or the SDE samplers :data:`SDE_SAMPLERS` (``"sde"``: Euler--Maruyama
+            with ``diffusion``, :func:`sample_sde`; ``"dpm++2m-sde"``). None: :data:`DEFAULT_SAMPLER`.
+        steps: intervals of the grid (None: :data:`DEFAULT_STEPS` of the sampler).
+        grid: one of :data:`flowscore.grids.GRIDS` (None: :data:`DEFAULT_GRID` of the sampler; ``shift`` for
+            ``"shift"``); see :func:`flowscore.grids.time_grid`.
+        times: an explicit increasing grid in [0, 1] instead of ``steps`` and ``grid``.
+        x_init: ``(n, *shape)`` start states at ``t_start`` (default 0) instead of prior draws.
+        y, guidance: integer labels ``(n,)`` (-1: none) and the classifier-free guidance weight w: the
+            model becomes ``(1 + w) f(x, t, y) - w f(x, t, -1)`` in one batched call
+            (:func:`flowscore.conditioning.guided_model`), for every sampler and prediction.
+        callback: called after every step with a dict ``{"i", "t", "t_next", "x", "nfe", ...}``.
+        return_nfe: also return the number of model calls (a guided call on ``[x, x]`` counts once).
 
-    The grid: it starts at t = 0 if every field needed (and ``g``, for ``"sde"``) is finite there, else at
-    ``t_eps`` (then the prior draw stands in for a sample at ``t_eps``: a bias of order ``t_eps``). ODE: it
-    ends at t = 1 if the velocity is finite there (``linspace(start, 1, steps + 1)``); otherwise (a data
-    model on a path with beta_1 = 0) and always for ``"sde"``, it is ``linspace(start, 1 - t_eps, steps)``
-    followed by one :func:`final_step` to t = 1. For ``"dopri5"`` the grid only sets the reported times.
+    The grid: it starts at ``t_start`` if given, else at t = 0 if every prediction the sampler evaluates there
+    is finite (the velocity, the score for ``"sde"``, the data prediction for the log-SNR samplers; from a
+    noise or score model the data prediction is singular where alpha = 0), else at ``t_eps``; prior draws
+    then stand for samples at that time, scaled to ``N(0, beta_start^2 I)`` (the data's share
+    ``alpha x_data`` neglected). The log-SNR samplers end at t = 1 with the data prediction. The velocity
+    integrators end at t = 1 if the velocity is finite there, else (a data model on a path with beta_1 = 0),
+    and always for ``"sde"``, at ``1 - t_eps`` followed by one :func:`final_step` to t = 1. For ``"dopri5"``
+    the grid only sets the reported times.
 
-    Returns ``(n, *shape)`` samples, and with ``return_trajectory`` the ``(T, n, *shape)`` states on the grid.
+    Runs under ``torch.no_grad()`` with the value checks off inside the loop; the samples are checked to be
+    finite once at the end (``ValueError`` naming the first step where NaN or Inf appeared).
+
+    Returns: ``(n, *shape)`` samples; with ``return_trajectory`` also the ``(T, n, *shape)`` states on the
+    grid; with ``return_nfe`` also the number of model calls (in that order).
     """
     path = get_path(path)
-    shape = tuple(shape)
-    sampler = DEFAULT_ODE_SAMPLER if sampler is None else sampler
-    steps = default_steps(sampler) if steps is None else steps
-    _check_sample_args(n, steps, sampler, t_eps, shape)
-    _validate.choice(prediction, KINDS, "prediction")
-    dtype = dtype or torch.get_default_dtype()
-    times, final = _grid(path, prediction, sampler, steps, t_eps, diffusion, dtype, device)
-    cached = _LastCallCache(model)
-    velocity = as_field(cached, path, prediction, "velocity")
-    x = path.sample_prior((n, *shape), generator=generator, dtype=dtype, device=device)
-    with torch.no_grad(), validation(False):
-        if sampler == "sde":
-            score = as_field(cached, path, prediction, "score")
-            return sample_sde(
-                velocity,
-                score,
-                x,
-                times,
-                path=path,
-                diffusion=diffusion,
-                generator=generator,
-                return_trajectory=return_trajectory,
+    prediction = _model_and_prediction(model, prediction)
+    sampler, steps, grid = defaults(sampler, steps, grid)
+    t_eps = _validate.t_eps(t_eps, allow_zero=False)
+    if x_init is not None:
+        x_init = _validate.batch(x_init, "x_init")
+        if n is not None and n != x_init.shape[0]:
+            raise ValueError(f"n = {n!r} differs from the {x_init.shape[0]} rows of x_init; omit n")
+        n, shape, dtype, device = x_init.shape[0], tuple(x_init.shape[1:]), x_init.dtype, x_init.device
+    else:
+        if n is None:
+            raise ValueError("n (the number of samples) is required unless x_init is given")
+        n = _validate.positive_int(n, "n")
+        shape = tuple(shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ValueError(
+                f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
             )
-        ode_times = times[:-1] if final else times
-        out = sample_ode(
-            velocity, x, ode_times, sampler, rtol=rtol, atol=atol, return_trajectory=return_trajectory
+    if y is not None:
+        check_labels(y, n)
+    fn = guided_model(model, y, guidance)
+    if times is not None:
+        times = _explicit_times(times, increasing=True)
+    else:
+        first = (
+            _validate.number(t_start, "t_start", 0.0, 1.0, high_open=True) if t_start is not None else None
         )
-        x, trajectory = out if return_trajectory else (out, None)
+        if first is None:
+            first = _start(path, prediction, sampler, 0.0, t_eps, diffusion, True)
+        final = _needs_final_step(path, prediction, sampler, 1.0)
+        if final and steps < 2:
+            raise ValueError(
+                f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path "
+                "(the last step is the deterministic final step from 1 - t_eps)"
+            )
         if final:
-            x = final_step(path, velocity, x, ode_times[-1].expand(n).contiguous(), times[-1])
-            trajectory = torch.cat([trajectory, x[None]]) if return_trajectory else None
-    return (x, trajectory) if return_trajectory else x
+            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=1 - t_eps, shift=shift)
+            times = torch.cat([inner, torch.ones(1, dtype=torch.float64)])
+        else:
+            times = time_grid(path, steps, grid, t_start=first, t_end=1.0, shift=shift)
+    final = _needs_final_step(path, prediction, sampler, float(times[-1]))
+    dtype = dtype or torch.get_default_dtype()
+    if x_init is None:
+        x = path.sample_prior((n, *shape), generator=generator, dtype=dtype, device=device)
+        t0 = float(times[0])
+        if t0 > 0:
+            x = x * float(path.beta(torch.tensor(t0, dtype=torch.float64)) / path.prior_std)
+    else:
+        x = x_init
+    counter = _Counted(fn)
+    monitor = _Monitor(counter, callback, return_trajectory)
+    with torch.no_grad(), validation(False):
+        out = _run(
+            counter,
+            path,
+            prediction,
+            sampler,
+            x,
+            times,
+            final,
+            monitor,
+            diffusion=diffusion,
+            rtol=rtol,
+            atol=atol,
+            generator=generator,
+        )
+    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"sampler {sampler!r}")
+
+
+def encode(
+    model: Field,
+    path: GaussianPath | str,
+    x_data: torch.Tensor,
+    *,
+    prediction: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    grid: str | None = None,
+    times: Sequence[float] | torch.Tensor | None = None,
+    t_start: float | None = None,
+    t_end: float = 0.0,
+    y: torch.Tensor | None = None,
+    guidance: float = 0.0,
+    callback: Callback = None,
+    return_nfe: bool = False,
+    shift: float = SHIFT,
+    t_eps: float = 1e-3,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    return_trajectory: bool = False,
+) -> torch.Tensor | tuple:
+    """Map data to noise with the probability-flow ODE: the inverse of :func:`sample` with the same solvers.
+
+    Integrates from ``t_start`` (default t = 1, or ``1 - t_eps`` where a prediction the sampler needs is
+    singular at t = 1, e.g. the noise prediction of a data model) down to ``t_end`` (default 0). ``x_data``:
+    ``(B, *dims)``; ``sampler``: one of :data:`ODE_SAMPLERS` (None: :data:`DEFAULT_SAMPLER`); ``times``: an
+    explicit decreasing grid. The log-SNR samplers step on the noise prediction (the mirror image of
+    sampling) and end at ``t_end`` with it; the velocity integrators end with :func:`final_step` where the
+    velocity is singular at ``t_end``. Other arguments as :func:`sample`. Returns ``(B, *dims)`` states at
+    ``t_end`` (and the trajectory, and the NFE).
+    """
+    path = get_path(path)
+    prediction = _model_and_prediction(model, prediction)
+    sampler, steps, grid = defaults(sampler, steps, grid)
+    if sampler not in ODE_SAMPLERS:
+        raise ValueError(f"encode needs an ODE sampler, one of {ODE_SAMPLERS}; got {sampler!r}")
+    t_eps = _validate.t_eps(t_eps, allow_zero=False)
+    x = _validate.batch(x_data, "x_data")
+    if y is not None:
+        check_labels(y, x.shape[0])
+    fn = guided_model(model, y, guidance)
+    if times is not None:
+        times = _explicit_times(times, increasing=False)
+    else:
+        t_end = _validate.number(t_end, "t_end", 0.0, 1.0)
+        first = _validate.number(t_start, "t_start", 0.0, 1.0) if t_start is not None else None
+        if first is None:
+            first = _start(path, prediction, sampler, 1.0, t_eps, None, False)
+        if not first > t_end:
+            raise ValueError(
+                f"t_start ({first}) must be later than t_end ({t_end}): encode runs data -> noise"
+            )
+        final = sampler in METHODS and not conversions_finite_at(path, prediction, ("velocity",), t_end)
+        if final and steps < 2:
+            raise ValueError(f"steps must be >= 2 for {sampler!r} with a {prediction} model (final step)")
+        if final:
+            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=t_end + t_eps, shift=shift)
+            times = torch.cat([inner, torch.full((1,), t_end, dtype=torch.float64)])
+        else:
+            times = time_grid(path, steps, grid, t_start=first, t_end=t_end, shift=shift)
+    final = sampler in METHODS and not conversions_finite_at(
+        path, prediction, ("velocity",), float(times[-1])
+    )
+    counter = _Counted(fn)
+    monitor = _Monitor(counter, callback, return_trajectory)
+    with torch.no_grad(), validation(False):
+        out = _run(
+            counter,
+            path,
+            prediction,
+            sampler,
+            x,
+            times,
+            final,
+            monitor,
+            diffusion=None,
+            rtol=rtol,
+            atol=atol,
+            generator=None,
+        )
+    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"encode with {sampler!r}")

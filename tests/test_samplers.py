@@ -280,14 +280,14 @@ def test_as_field_converts_through_the_path():
 def test_bad_inputs_raise_value_error(monkeypatch):
     gauss = GaussianData("linear", torch.tensor([0.0]), 1.0)
     x0 = _prior(4, 1)
-    with pytest.raises(ValueError, match="increasing"):
+    with pytest.raises(ValueError, match="monotone"):
         sample_ode(gauss.velocity, x0, [0.0, 0.5, 0.4], "euler")
     with pytest.raises(ValueError, match="method"):
         sample_ode(gauss.velocity, x0, [0.0, 1.0], "rk45")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sample_ode(gauss.velocity, x0, [0.0, 1.5], "euler")
     with pytest.raises(ValueError, match="sampler"):
-        sample(gauss.velocity, "linear", 4, sampler="ddim", shape=(1,))
+        sample(gauss.velocity, "linear", 4, sampler="ddpm", shape=(1,))
     with pytest.raises(ValueError, match="steps"):
         sample(gauss.velocity, "linear", 4, steps=0, shape=(1,))
     with pytest.raises(ValueError, match="prediction"):

@@ -21,7 +21,6 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_fewstep.py`` (several minutes on one
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -234,7 +233,8 @@ def write(all_rows: dict[str, list[dict]], summaries: list[dict], seconds: float
         r1 = f"{fsb['error'] / kdb['error']:.2f}" if fsb and kdb else "n/a"
         r2 = f"{dfb['error'] / fsb['error']:.2f}" if fsb and dfb else "n/a"
         lines.append(
-            f"| {s['problem']} | {s['budget']} | {fmt(fsb)} | {fmt(kdb)} | {fmt(s['diffusers'])} | {fmt(dfb)} "
+            f"| {s['problem']} | {s['budget']} | {fmt(fsb)} | {fmt(kdb)} "
+            f"| {fmt(s['diffusers'])} | {fmt(dfb)} "
             f"| {r1} | {r2} |"
         )
     for problem, rows in all_rows.items():
@@ -298,7 +298,7 @@ def main() -> None:
         all_rows[problem] = rows
         summaries += summary(problem, rows)
         print(problem, f"{time.perf_counter() - begin:.0f} s", flush=True)
-    (Path("/tmp") / "fewstep_rows.json").write_text(json.dumps(all_rows))
+        write(all_rows, summaries, time.perf_counter() - begin)  # partial results as they come
     write(all_rows, summaries, time.perf_counter() - begin)
     plot(all_rows)
 

@@ -52,23 +52,36 @@ def k_diffusion_sampling() -> types.ModuleType | None:
 
 
 def diffusers_dpm_solver(
-    denoiser, x_ve: torch.Tensor, sigmas: torch.Tensor, order: int = 2
+    denoiser, x_ve: torch.Tensor, sigmas: torch.Tensor, order: int = 2, scheduler: str = "dpm"
 ) -> tuple[torch.Tensor, int] | None:
-    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, ``prediction_type="sample"``) on the given
-    decreasing ``sigmas`` (ending in 0), driving the denoiser ``D(x_ve, sigma)``.
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, ``prediction_type="sample"``), or with
+    ``scheduler="unipc"`` its UniPCMultistepScheduler (bh2, data prediction), on the given decreasing
+    ``sigmas`` (ending in 0), driving the denoiser ``D(x_ve, sigma)``.
 
     The scheduler's own sigmas are replaced by ``sigmas`` after ``set_timesteps`` (so it runs on the same
     grid as the other samplers); it steps on the variance-preserving ``x_ve / sqrt(1 + sigma^2)``.
     Returns ``(x_ve at sigma = 0, model calls)`` or None when diffusers is not installed.
     """
     try:
-        from diffusers import DPMSolverMultistepScheduler
+        from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
     except ImportError:
         return None
     steps = sigmas.shape[0] - 1
-    scheduler = DPMSolverMultistepScheduler(
-        solver_order=order, prediction_type="sample", algorithm_type="dpmsolver++", final_sigmas_type="zero"
-    )
+    if scheduler == "unipc":
+        scheduler = UniPCMultistepScheduler(
+            solver_order=order,
+            prediction_type="sample",
+            predict_x0=True,
+            solver_type="bh2",
+            final_sigmas_type="zero",
+        )
+    else:
+        scheduler = DPMSolverMultistepScheduler(
+            solver_order=order,
+            prediction_type="sample",
+            algorithm_type="dpmsolver++",
+            final_sigmas_type="zero",
+        )
     scheduler.set_timesteps(steps)
     scheduler.sigmas = sigmas.to(torch.float32 if x_ve.dtype == torch.float32 else torch.float64).cpu()
     x = x_ve / torch.sqrt(1 + sigmas[0] ** 2)

@@ -6,11 +6,13 @@ the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> 
 plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
-from . import data, losses
+from . import adapters, data, grids, losses, samplers, solvers
 from ._validate import validation
+from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
 from .config import TrainConfig
 from .conversions import KINDS, Schedule, conversion_coefficients, convert
 from .floor import LossFloor, loss_floor
+from .grids import time_grid
 from .likelihood import log_likelihood
 from .marginals import EmpiricalMarginal
 from .metrics import mmd, w2
@@ -26,12 +28,23 @@ from .paths import (
     get_path,
 )
 from .runs import Run, load_run
-from .samplers import sample, sample_ode, sample_sde
+from .samplers import encode, sample, sample_ode, sample_sde
 from .training import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "wrap_time",
+    "to_discrete",
+    "to_denoiser",
+    "time_grid",
+    "solvers",
+    "samplers",
+    "grids",
+    "from_discrete",
+    "from_denoiser",
+    "encode",
+    "adapters",
     "KINDS",
     "PATHS",
     "Run",

@@ -27,6 +27,10 @@ from .paths import CosinePath, GaussianPath, LinearPath, VEPath, VPLinearPath, g
 
 GRIDS = ("uniform", "karras", "logsnr", "shift")
 SIGMA_MIN, SIGMA_MAX, RHO, SHIFT = 0.002, 80.0, 7.0, 3.0
+LOGSNR_SIGMA_MIN = 0.5
+"""The ``"logsnr"`` grid ends at ``sigma_min = LOGSNR_SIGMA_MIN / steps`` before its last step to beta = 0
+(chosen with ``bench/bench_fewstep.py``: the first-order last step's error shrinks with sigma_min, the
+steps in between grow with log(sigma_max / sigma_min))."""
 F64 = torch.float64
 _BISECTION_STEPS = 80  # halvings of [0, 1]: far below float64 resolution in t
 _MONOTONE_POINTS = 2049
@@ -155,7 +159,7 @@ def _sigma_grid(
     if sigma_max is None:
         sigma_max = SIGMA_MAX if math.isinf(s_start) else s_start
     if sigma_min is None:
-        sigma_min = SIGMA_MIN if s_end == 0 else s_end
+        sigma_min = (LOGSNR_SIGMA_MIN / steps if grid == "logsnr" else SIGMA_MIN) if s_end == 0 else s_end
     hi, lo = min(s_start, sigma_max), max(s_end, sigma_min)
     if not hi > lo:  # the whole interval lies outside [sigma_min, sigma_max]: plain log-SNR spacing of it
         hi, lo = s_start, s_end
@@ -196,9 +200,11 @@ def time_grid(
       sigma at ``t_start`` capped at ``sigma_max``, ``sigma_lo`` the one at ``t_end`` floored at
       ``sigma_min``. By default (None) they only bound what is unbounded: ``sigma_max = 80`` where sigma is
       infinite at ``t_start`` (alpha = 0), ``sigma_min = 0.002`` where it is 0 at ``t_end`` (beta = 0).
+      (EDM's values.)
       Where the path goes beyond them the grid adds that endpoint as one extra step (from ``t_start`` to
       ``t(sigma_max)``, from ``t(sigma_min)`` to ``t_end``), so it always has ``steps`` intervals.
-    * ``"logsnr"``: the same with the sigmas evenly spaced in :math:`\log\sigma = -\lambda` (rho -> inf).
+    * ``"logsnr"``: the same with the sigmas evenly spaced in :math:`\log\sigma = -\lambda` (rho -> inf),
+      and ``sigma_min = LOGSNR_SIGMA_MIN / steps`` by default where beta = 0 at ``t_end``.
     * ``"shift"``: SD3's shift of the noise level :math:`u = 1 - r` of an even ramp r in [0, 1],
       :math:`u' = \mathrm{shift}\,u / (1 + (\mathrm{shift} - 1) u)`, spread over ``[t_start, t_end]``
       (``shift > 1`` puts more steps at the noisy end).

@@ -367,7 +367,7 @@ DEFAULT_STEPS = {
     "ddim": 50,
     "dpm++2m": 25,
     "dpm++3m": 25,
-    "unipc": 25,
+    "unipc": 50,
     "edm-heun": 13,
     "sde": 1000,
     "dpm++2m-sde": 100,

@@ -10,7 +10,7 @@ import torch
 from conftest import PATH_NAMES, make_path, reference_schedule
 
 from flowscore import get_path
-from flowscore.grids import GRIDS, sigma_of_t, t_of_sigma, time_grid
+from flowscore.grids import GRIDS, LOGSNR_SIGMA_MIN, sigma_of_t, t_of_sigma, time_grid
 
 F64 = torch.float64
 
@@ -75,13 +75,14 @@ def test_karras_and_logsnr_spacing(name):
     lead = math.isinf(sigma_start)  # linear, vp: one step from t = 0 to sigma_max (vp-linear starts at ~152)
     tail = name != "ve"  # sigma(1) = 0 < sigma_min except on ve (sigma(1) = sigma_min)
     count = steps + 1 - lead - tail
-    hi, lo = min(sigma_start, sigma_max), sigma_min
+    hi, lo = (sigma_max if lead else sigma_start), sigma_min  # sigma_max caps only an infinite sigma
     ramp = torch.linspace(0, 1, count, dtype=F64)
     karras = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     times = time_grid(path, steps, "karras")
     inner = times[int(lead) : len(times) - int(tail)]
     assert torch.allclose(reference_sigma(name, inner), karras, rtol=1e-8)
     times = time_grid(path, steps, "logsnr")
+    lo = LOGSNR_SIGMA_MIN / steps if tail else sigma_min  # logsnr's default end where beta = 0
     inner = times[int(lead) : len(times) - int(tail)]
     log_sigma = torch.log(reference_sigma(name, inner))
     assert torch.allclose(log_sigma, torch.linspace(math.log(hi), math.log(lo), count, dtype=F64), atol=1e-8)

@@ -269,3 +269,27 @@ def test_dpmpp_2m_same_as_diffusers(name):
     )
     assert calls == nfe == 10
     assert (ours - theirs).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_unipc_same_as_diffusers(steps):
+    pytest.importorskip("diffusers")
+    from flowscore.adapters import to_denoiser
+
+    mixture = GaussianMixture(
+        torch.tensor([[1.0, 0.0], [-1.0, 0.5]], dtype=F64), torch.tensor([0.3, 0.2], dtype=F64)
+    )
+    path = make_path("linear")
+    velocity = mixture.marginal(path).velocity
+    ramp = torch.linspace(0, 1, steps, dtype=F64)
+    sigmas = torch.cat(
+        [(80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, torch.zeros(1, dtype=F64)]
+    )
+    t0 = float(t_of_sigma(path, 80.0))
+    x0 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * (1 - t0)
+    theirs, calls = diffusers_dpm_solver(to_denoiser(velocity, path), x0 / t0, sigmas, scheduler="unipc")
+    ours, nfe = sample(
+        velocity, path, x_init=x0, sampler="unipc", times=t_of_sigma(path, sigmas), return_nfe=True
+    )
+    assert calls == nfe == steps
+    assert (ours - theirs).abs().max() < 1e-6

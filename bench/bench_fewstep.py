@@ -61,7 +61,7 @@ def mixtures() -> dict[str, tuple[fs.GaussianMixture, int]]:
     means64 = torch.randn(50, 64, generator=gen, dtype=F64).clamp(-2, 2) * 0.6
     stds64 = 0.02 + 0.06 * torch.rand(50, generator=gen, dtype=F64)
     narrow = fs.GaussianMixture(means64, stds64)
-    return {"2d-8modes": (ring, 1000), "12d-10modes": (mid, 500), "64d-50narrow": (narrow, 256)}
+    return {"2d-8modes": (ring, 500), "12d-10modes": (mid, 400), "64d-50narrow": (narrow, 256)}
 
 
 def start_states(mixture: fs.GaussianMixture, n: int, t0: float) -> torch.Tensor:

@@ -9,9 +9,9 @@ beta_t noise``, ``t`` shaped ``(B,)``, predicting one of ``velocity``, ``score``
 * diffusers-style discrete models ``model(x_k, k)``: integer timestep ``k`` in ``0..T-1`` (``k = T - 1``
   is the noisiest: the direction is flipped), ``x_k = sqrt(abar_k) x_data + sqrt(1 - abar_k) noise`` with
   ``abar = alphas_cumprod``, predicting ``"epsilon"`` (the noise), ``"v_prediction"`` (``v = sqrt(abar)
-  noise - sqrt(1 - abar) x_data``) or ``"sample"`` (the data). :func:`from_discrete` and :func:`to_discrete` match
-  a flowscore time to the discrete timestep with the same sigma, interpolating log sigma between the
-  timesteps (k-diffusion's ``DiscreteSchedule``), and rescale x.
+  noise - sqrt(1 - abar) x_data``) or ``"sample"`` (the data). :func:`from_discrete` and
+  :func:`to_discrete` match a flowscore time to the discrete timestep with the same sigma, interpolating
+  log sigma between the timesteps (k-diffusion's ``DiscreteSchedule``), and rescale x.
 * time conventions (:func:`wrap_time`): a model that wants ``t`` as a column ``(B, 1)``, flipped (``1 - t``),
   as sigma, as log-sigma, or as a diffusers timestep.
 

@@ -30,8 +30,9 @@ import torch
 
 from . import __version__, _io, config, runs, workflows
 from .data import TOYS
+from .grids import GRIDS
 from .paths import PATHS, get_path
-from .samplers import DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS, SAMPLERS
+from .samplers import DEFAULT_GRID, DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS, SAMPLERS
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -369,8 +370,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_free_space(args.out, args.n * 4 * math.prod(run.data_shape) + 4096, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
     x = workflows.sample_run(
-        run, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, threads=args.threads,
-        progress=not args.no_progress,
+        run, args.n, sampler=args.sampler, steps=args.steps, grid=args.grid, seed=args.seed,
+        threads=args.threads, progress=not args.no_progress,
     )  # fmt: skip
     if not np.isfinite(x).all():
         raise CLIError(
@@ -477,11 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=1000, help="number of samples (default: 1000)")
     p.add_argument(
         "--sampler", choices=SAMPLERS, default=None,
-        help=f"ODE solver or sde (default: {DEFAULT_ODE_SAMPLER})",
+        help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER})",
     )  # fmt: skip
     p.add_argument(
         "--steps", type=_positive, default=None,
-        help=f"solver steps (default: {DEFAULT_ODE_STEPS} for ODE solvers, {DEFAULT_SDE_STEPS} for sde)",
+        help=f"solver steps (default: {DEFAULT_ODE_STEPS} for {DEFAULT_ODE_SAMPLER}, {DEFAULT_SDE_STEPS} for "
+        "sde; the others: flowscore.samplers.DEFAULT_STEPS)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grid", choices=GRIDS, default=None,
+        help=f"time grid (default: {DEFAULT_GRID[DEFAULT_ODE_SAMPLER]} for {DEFAULT_ODE_SAMPLER}; the "
+        "others: flowscore.samplers.DEFAULT_GRID)",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.add_argument(

@@ -55,9 +55,9 @@ class GridModel:
 
     ``model(x, t) -> (B, *dims)`` predicts ``prediction``; ``times`` is the 1D grid. ``predict(x, i,
     kind)`` is the ``kind`` prediction at ``(x, times[i])``; a second request at the same ``x`` object and
-    index reuses the model's output (one model call serves D and E). ``nfe`` counts the model calls. A conversion that is
-    singular at a grid time (e.g. the data prediction of a noise model where alpha = 0) raises ``ValueError``
-    when it is asked for, before the model is called.
+    index reuses the model's output (one model call serves D and E). ``nfe`` counts the model calls. A
+    conversion that is singular at a grid time (e.g. the data prediction of a noise model where alpha = 0)
+    raises ``ValueError`` when it is asked for, before the model is called.
     """
 
     def __init__(self, model: Model, path: GaussianPath, prediction: str, times: torch.Tensor):

@@ -109,6 +109,7 @@ def sample_run(
     *,
     sampler: str | None = None,
     steps: int | None = None,
+    grid: str | None = None,
     seed: int = 0,
     trajectory: bool = False,
     threads: int | None = None,
@@ -116,9 +117,9 @@ def sample_run(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``n`` samples of a run in data space, ``(n, *data_shape)`` float32.
 
-    ``sampler`` and ``steps`` None: the defaults of :func:`flowscore.samplers.sample`. The model's samples
-    are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from one
-    generator seeded by ``seed``. With ``trajectory=True`` also returns the decoded states
+    ``sampler``, ``steps``, ``grid`` None: the defaults of :func:`flowscore.samplers.sample`. The model's
+    samples are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from
+    one generator seeded by ``seed``. With ``trajectory=True`` also returns the decoded states
     ``(T, n, *data_shape)`` from t = 0 (prior) to t = 1.
     """
     from .samplers import sample
@@ -136,7 +137,7 @@ def sample_run(
         for start, stop in _batches(n, progress, "sample"):
             x = sample(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
-                shape=shape, generator=generator, return_trajectory=trajectory,
+                grid=grid, shape=shape, generator=generator, return_trajectory=trajectory,
             )  # fmt: skip
             if trajectory:
                 x, states = x
@@ -181,19 +182,18 @@ def data_log_likelihood(
     over every data dim. ``dequantize``: ``x`` holds integers, each the centre of a unit bin; the density is
     taken at ``x + u``, ``u ~ U[-1/2, 1/2)^D`` drawn from ``generator`` (uniform dequantisation: its mean is a
     lower bound on ``log P(x)`` of the discrete model, see :func:`flowscore.likelihood.bits_per_dim`).
-    ``steps``: of the likelihood ODE (default: :data:`flowscore.samplers.DEFAULT_ODE_STEPS`).
+    ``steps``: of the likelihood ODE (default: that of :func:`flowscore.likelihood.log_likelihood`).
     """
     from .likelihood import log_likelihood
-    from .samplers import DEFAULT_ODE_STEPS
 
     x = torch.as_tensor(x)
     if dequantize:
         x = x + torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5
     z = run.normalizer.encode(x)
-    steps = steps or DEFAULT_ODE_STEPS
     log_p = log_likelihood(
-        run.model, run.path, z, prediction=run.prediction, steps=steps, generator=generator
-    )
+        run.model, run.path, z, prediction=run.prediction, generator=generator,
+        **({} if steps is None else {"steps": steps}),
+    )  # fmt: skip
     scale = run.normalizer.scale.to(torch.float64)
     log_det = -torch.log(scale).expand(tuple(x.shape[1:])).sum()
     return log_p.to(torch.float64) + log_det

@@ -371,7 +371,10 @@ def test_every_shown_default_of_the_other_commands_is_the_code_default(capsys, m
                 assert text == _as_shown(action.default), (name, flag, text)
     shown = _shown_defaults(_help(capsys, monkeypatch, "sample"))
     assert shown["--sampler"] == fs.samplers.DEFAULT_ODE_SAMPLER
-    ode_steps, sde_steps = re.fullmatch(r"(\d+) for ODE solvers, (\d+) for sde", shown["--steps"]).groups()
+    ode_steps, sde_steps = re.match(
+        rf"(\d+) for {fs.samplers.DEFAULT_ODE_SAMPLER}, (\d+) for sde", shown["--steps"]
+    ).groups()
+    assert shown["--grid"].startswith(f"{fs.samplers.DEFAULT_GRID[fs.samplers.DEFAULT_ODE_SAMPLER]} for ")
     # what the code does with sampler/steps left out: the same draws as with the shown values
     model, path = (lambda x, t: -x), fs.get_path("linear")
     draws = {}

@@ -92,6 +92,19 @@ def test_sample_is_far_closer_to_the_data_than_the_prior(run_dir: str, workdir: 
     assert w2_model < 0.5 * w2_prior, (w2_model, w2_prior)
 
 
+def test_sample_with_a_few_step_sampler_and_grid_matches_the_api(run_dir: str, workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "few.npy")
+    code, stdout, _ = run_cli(capsys, "sample", "--run", run_dir, "--n", "300", "--sampler", "dpm++3m",
+                              "--grid", "karras", "--steps", "12", "--out", out, "--seed", "2")  # fmt: skip
+    assert code == 0 and "dpm++3m" in stdout
+    run = load_run(run_dir)
+    x = fs.sample(run.model, run.path, 300, prediction=run.prediction, sampler="dpm++3m", grid="karras",
+                  steps=12, generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert np.allclose(np.load(out), run.normalizer.decode(x).numpy(), atol=1e-5)
+    code, _, err = run_cli(capsys, "sample", "--run", run_dir, "--grid", "cosine", "--out", out)
+    assert code != 0 and "--grid" in err
+
+
 def test_resume_continues_to_the_new_total(run_dir: str, workdir: str, capsys) -> None:
     copy = os.path.join(workdir, "resumed")
     shutil.copytree(run_dir, copy)

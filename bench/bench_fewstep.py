@@ -227,6 +227,8 @@ def write(all_rows: dict[str, list[dict]], summaries: list[dict], seconds: float
         "|x - x_ref| / sqrt(D). Budget: model calls (NFE); the NFE actually used is in parentheses. "
         "k-diffusion and diffusers run on Karras sigmas (rho = 7, 80 .. 0.002, then 0).",
         "",
+        "A trained model, W2 / floor at 5, 10, 20 model calls: [fewstep_trained.md](fewstep_trained.md).",
+        "",
         "## Best at each budget",
         "",
         "| mixture | NFE | flowscore best | k-diffusion best | diffusers DPM++2M | flowscore default "

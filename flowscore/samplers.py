@@ -608,7 +608,7 @@ def sample(
         steps: intervals of the grid (None: :data:`DEFAULT_STEPS` of the sampler).
         grid: one of :data:`flowscore.grids.GRIDS` (None: :data:`DEFAULT_GRID` of the sampler; ``shift`` for
             ``"shift"``); see :func:`flowscore.grids.time_grid`.
-        times: an explicit increasing grid in [0, 1] instead of ``steps`` and ``grid``.
+        times: an explicit increasing grid in [0, 1] instead of ``steps``, ``grid`` and ``t_start``.
         x_init: ``(n, *shape)`` start states at ``t_start`` (default 0) instead of prior draws.
         y, guidance: integer labels ``(n,)`` (-1: none) and the classifier-free guidance weight w: the
             model becomes ``(1 + w) f(x, t, y) - w f(x, t, -1)`` in one batched call

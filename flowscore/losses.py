@@ -41,6 +41,7 @@ import torch
 from . import _validate
 from .conditioning import Model, call_model, check_labels
 from .conversions import KINDS
+from .couplings import DEFAULT_REG, couple, reference_target
 from .paths import GaussianPath, get_path
 
 TimeSampler = Callable[[int, "torch.Generator | None"], torch.Tensor]
@@ -167,9 +168,14 @@ def draw(
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
     generator: torch.Generator | None = None,
+    coupling: str = "independent",
+    coupling_reg: float = DEFAULT_REG,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training triple ``(t, noise, x)``: ``t`` ``(B,)``, ``noise`` and ``x = alpha x_data + beta noise``
-    shaped like ``x_data``. Missing ``t``/``noise`` are drawn (``t`` by ``time_sampler``, noise N(0, I))."""
+    shaped like ``x_data``. Missing ``t``/``noise`` are drawn (``t`` by ``time_sampler``, noise N(0, I)),
+    then the noise is paired with the data by ``coupling`` (:func:`flowscore.couplings.couple`, within the
+    labels ``y`` when given)."""
     x_data = _validate.batch(x_data, "x_data")
     t_eps = _validate.t_eps(t_eps)
     if t is None:
@@ -185,6 +191,7 @@ def draw(
         t = prepare_time(t, x_data, t_eps)
     if noise is None:
         noise = torch.randn(x_data.shape, generator=generator, dtype=x_data.dtype, device=x_data.device)
+    noise = couple(x_data, noise, coupling, reg=coupling_reg, y=y, generator=generator)
     return t, noise, path.sample(x_data, t, noise)
 
 
@@ -279,6 +286,31 @@ def marginal_target(marginal: Marginal, kind: str, x: torch.Tensor, t: torch.Ten
         return marginal.velocity(x, t) if kind == "velocity" else marginal.score(x, t)
 
 
+def conditional_target(
+    path: GaussianPath,
+    kind: str,
+    x_data: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_y: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    coupling: str = "independent",
+) -> torch.Tensor:
+    """The target of cfm/dsm: ``path.target(x_data, t, noise, kind)``, or with ``reference`` its posterior
+    average over ``{x_data} + reference`` (:func:`flowscore.couplings.reference_target`).
+
+    A reference's weights ``p_t(x | x_ref)`` are those of the independent coupling: with another
+    ``coupling`` it is refused (``ValueError``).
+    """
+    if reference is not None and coupling != "independent":
+        raise ValueError(
+            f"reference targets assume the independent coupling (weights p_t(x | x_ref)), got coupling="
+            f"{coupling!r}; use one or the other"
+        )
+    return reference_target(path, x_data, t, noise, reference, kind, y=y, reference_y=reference_y)
+
+
 def _as_path(path: GaussianPath | str, name: str = "path") -> GaussianPath:
     if isinstance(path, (GaussianPath, str)):
         return get_path(path)
@@ -332,6 +364,10 @@ def cfm(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     dim_reduction: str = "sum",
+    coupling: str = "independent",
+    coupling_reg: float = DEFAULT_REG,
+    reference: torch.Tensor | None = None,
+    reference_y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Conditional flow matching: :math:`\lambda(t)\lVert v_\theta(x, t) - (\alpha'_t x_{data} +
     \beta'_t \varepsilon)\rVert^2` at ``x = path.sample(x_data, t, noise)``, summed over dims, mean over B.
@@ -353,10 +389,22 @@ def cfm(
         generator: torch generator for the drawn ``t`` and ``noise``.
         reduction: over the batch: "mean" (scalar, default), "sum" (scalar) or "none" (``(B,)``).
         dim_reduction: over the dims of a sample: "sum" (the squared norm, default) or "mean".
+        coupling: how noise is paired with the data of the batch: "independent" (default), "ot" (exact
+            minibatch OT) or "sinkhorn" (entropic OT, ``coupling_reg``); within labels when ``y`` is given
+            (:func:`flowscore.couplings.pairing`). The model then learns the coupled path's velocity.
+        coupling_reg: Sinkhorn regularisation, relative to the batch's mean squared distance.
+        reference: ``(R, *dims)`` reference points: the target becomes the posterior average of the
+            conditional targets over ``{x_data_i} + reference`` (:func:`flowscore.couplings.reference_target`;
+            all data: the FM target). Only with the independent coupling.
+        reference_y: ``(R,)`` labels of the reference points; needed with ``reference`` when ``y`` is given.
     """
     path = _as_path(path)
-    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = path.target(x_data, t, noise, "velocity")  # alpha' x_data + beta' noise
+    t, noise, x = draw(
+        x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator,
+        coupling=coupling, coupling_reg=coupling_reg, y=y,
+    )  # fmt: skip
+    # alpha' x_data + beta' noise, or with a reference its posterior average over {x_data} + reference
+    target = conditional_target(path, "velocity", x_data, t, noise, reference, reference_y, y, coupling)
     weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
     return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
 
@@ -406,15 +454,28 @@ def dsm(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     dim_reduction: str = "sum",
+    coupling: str = "independent",
+    coupling_reg: float = DEFAULT_REG,
+    reference: torch.Tensor | None = None,
+    reference_y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Denoising score matching: :math:`\lambda(t)\lVert s_\theta(x, t) + \varepsilon/\beta_t\rVert^2` at
     ``x = path.sample(x_data, t, noise)``. Arguments as in :func:`cfm`; the default prediction is "score".
 
     With ``weighting="noise"`` this is the DDPM noise MSE :math:`\lVert\hat\varepsilon - \varepsilon\rVert^2`.
+    With a ``reference`` the target is the posterior average of ``-noise / beta`` over ``{x_data_i} +
+    reference`` (all data: the SM target). With a ``coupling`` other than "independent" the regression
+    learns ``E[-noise / beta | x]`` of the coupled path, which is not the score of its marginal (Tweedie's
+    formula needs the independent coupling): it is a parameterisation of the coupled velocity (use it
+    through ``path.convert`` for ODE sampling), not a score for SDE sampling or likelihoods.
     """
     path = _as_path(path)
-    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = path.target(x_data, t, noise, "score")  # -noise / beta
+    t, noise, x = draw(
+        x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator,
+        coupling=coupling, coupling_reg=coupling_reg, y=y,
+    )  # fmt: skip
+    # -noise / beta, or with a reference its posterior average over {x_data} + reference
+    target = conditional_target(path, "score", x_data, t, noise, reference, reference_y, y, coupling)
     weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
     return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
 
@@ -475,6 +536,7 @@ __all__ = [
     "TIME_SAMPLERS",
     "WEIGHTINGS",
     "cfm",
+    "conditional_target",
     "draw",
     "dsm",
     "fm",

@@ -1,0 +1,174 @@
+"""Minibatch couplings against brute-force assignments (every permutation of <= 7 points, float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import PATH_NAMES, make_path, reference_targets
+
+from flowscore.couplings import couple, pairing
+from flowscore.losses import cfm, dsm
+
+DT = torch.float64
+
+
+def brute_force_assignment(x_data: torch.Tensor, noise: torch.Tensor) -> tuple[list[int], float]:
+    """The permutation j minimising sum_i ||x_data_i - noise_j(i)||^2 over all B! of them, and its cost."""
+    a, b = x_data.double().flatten(1), noise.double().flatten(1)
+    cost = [[float(((a[i] - b[j]) ** 2).sum()) for j in range(len(b))] for i in range(len(a))]
+    best = min(itertools.permutations(range(len(a))), key=lambda p: sum(cost[i][p[i]] for i in range(len(a))))
+    return list(best), sum(cost[i][best[i]] for i in range(len(a)))
+
+
+def batch(seed: int, b: int, shape: tuple[int, ...] = (2,), dtype: torch.dtype = DT):
+    g = torch.Generator().manual_seed(seed)
+    x_data = 1.5 * torch.randn(b, *shape, generator=g, dtype=dtype) + 0.5
+    return x_data, torch.randn(b, *shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("b", [2, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(2,), (3,), (1, 2, 2)])
+def test_ot_pairing_is_the_brute_force_assignment(b, shape):
+    for seed in range(4):
+        x_data, noise = batch(seed, b, shape)
+        want, _ = brute_force_assignment(x_data, noise)
+        assert pairing(x_data, noise, "ot").tolist() == want
+
+
+def test_ot_pairing_in_float32_is_optimal_for_the_float32_points():
+    for seed in range(6):
+        x_data, noise = batch(seed, 7, (4,), torch.float32)
+        got = pairing(x_data, noise, "ot").tolist()
+        _, best_cost = brute_force_assignment(x_data, noise)
+        cost = sum(float(((x_data[i].double() - noise[j].double()) ** 2).sum()) for i, j in enumerate(got))
+        assert cost == pytest.approx(best_cost, rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+def test_sinkhorn_with_tiny_regularisation_is_the_ot_assignment():
+    for seed in range(5):
+        x_data, noise = batch(seed, 7)
+        want, _ = brute_force_assignment(x_data, noise)
+        got = pairing(x_data, noise, "sinkhorn", reg=1e-3, generator=torch.Generator().manual_seed(seed))
+        assert got.tolist() == want
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+def test_sinkhorn_pairs_interpolate_between_ot_and_independent():
+    """The mean transport cost of the sampled pairs grows with reg, from the OT cost towards the cost of
+    random pairs (the mean over all pairs i, j)."""
+    x_data, noise = batch(0, 32)
+    cost = torch.cdist(x_data, noise).pow(2)
+    ot_cost = float(cost[torch.arange(32), pairing(x_data, noise, "ot")].mean())
+    random_cost = float(cost.mean())
+    gen = torch.Generator().manual_seed(0)
+    means = []
+    for reg in (0.005, 0.1, 10.0):
+        draws = [pairing(x_data, noise, "sinkhorn", reg=reg, generator=gen) for _ in range(10)]
+        means.append(sum(float(cost[torch.arange(32), d].mean()) for d in draws) / len(draws))
+    assert ot_cost <= means[0] < means[1] < means[2]
+    assert means[0] < ot_cost * 1.1
+    assert means[2] == pytest.approx(random_cost, rel=0.1)
+
+
+def test_sinkhorn_pairs_are_reproducible_with_the_generator():
+    """Every rank draws the same pairs from the same generator state (torchrun agreement)."""
+    x_data, noise = batch(3, 32)
+    first = couple(x_data, noise, "sinkhorn", reg=0.1, generator=torch.Generator().manual_seed(7))
+    second = couple(x_data, noise, "sinkhorn", reg=0.1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)
+
+
+def test_coupling_on_the_global_batch_then_slicing_agrees_across_process_counts():
+    """What the trainer does under torchrun: couple the global batch, then each of R ranks takes a slice;
+    the union of the slices is the single-process batch."""
+    x_data, noise = batch(4, 12)
+    whole = couple(x_data, noise, "ot")
+    slices = [couple(x_data, noise, "ot")[r * 6 : (r + 1) * 6] for r in range(2)]
+    assert torch.equal(torch.cat(slices), whole)
+
+
+@pytest.mark.parametrize("coupling", ["ot", "sinkhorn"])
+def test_class_aware_pairs_never_cross_labels(coupling):
+    x_data, noise = batch(5, 30)
+    y = torch.randint(-1, 4, (30,), generator=torch.Generator().manual_seed(1))
+    index = pairing(x_data, noise, coupling, reg=0.1, y=y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y[index], y)
+    if coupling == "ot":
+        assert sorted(index.tolist()) == list(range(30))
+
+
+def test_class_aware_ot_is_the_brute_force_assignment_within_each_label():
+    x_data, noise = batch(6, 12)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 1])
+    index = pairing(x_data, noise, "ot", y=y)
+    for label in (0, 1, 2):
+        rows = (y == label).nonzero().squeeze(1)
+        want, _ = brute_force_assignment(x_data[rows], noise[rows])
+        assert index[rows].tolist() == rows[want].tolist()
+
+
+def test_independent_coupling_is_the_identity():
+    x_data, noise = batch(0, 9)
+    assert pairing(x_data, noise, "independent").tolist() == list(range(9))
+    assert couple(x_data, noise) is noise
+
+
+class Model:
+    def __init__(self, dim: int):
+        self.w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(2), dtype=DT)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w) * (1 + t[:, None])
+
+
+@pytest.mark.parametrize("name", PATH_NAMES)
+def test_coupled_losses_equal_plain_losses_with_the_brute_force_permutation(name):
+    """cfm/dsm with coupling="ot" are the plain losses on the noise reordered by the brute-force optimum,
+    written out here with the reference schedule."""
+    x_data, noise = batch(8, 6, (3,))
+    t = torch.linspace(0.1, 0.9, 6, dtype=DT)
+    want_perm, _ = brute_force_assignment(x_data, noise)
+    paired = noise[want_perm]
+    ref = reference_targets(name, x_data, paired, t)
+    model, path = Model(3), make_path(name)
+    want_cfm = ((model(ref["x"], t) - ref["velocity"]) ** 2).sum(1).mean()
+    want_dsm = ((model(ref["x"], t) - ref["score"]) ** 2).sum(1).mean()
+    assert torch.allclose(cfm(model, x_data, path, t, noise, coupling="ot"), want_cfm, rtol=1e-10)
+    assert torch.allclose(dsm(model, x_data, path, t, noise, coupling="ot"), want_dsm, rtol=1e-10)
+    assert torch.allclose(
+        cfm(model, x_data, path, t, noise, coupling="independent"), cfm(model, x_data, path, t, noise)
+    )
+
+
+def test_coupled_loss_with_labels_pairs_within_labels():
+    x_data, noise = batch(9, 8, (2,))
+    y = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
+    t = torch.full((8,), 0.5, dtype=DT)
+    seen = {}
+
+    def model(x, t, labels):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    cfm(model, x_data, "linear", t, noise, y=y, coupling="ot")
+    paired = noise[pairing(x_data, noise, "ot", y=y)]
+    assert torch.allclose(seen["x"], 0.5 * x_data + 0.5 * paired)
+    assert torch.equal(y[pairing(x_data, noise, "ot", y=y)], y)
+
+
+def test_coupling_arguments_are_checked():
+    x_data, noise = batch(0, 4)
+    model = Model(2)
+    with pytest.raises(ValueError, match="coupling"):
+        cfm(model, x_data, "linear", coupling="optimal")
+    with pytest.raises(ValueError, match="coupling_reg"):
+        cfm(model, x_data, "linear", coupling="sinkhorn", coupling_reg=0.0)
+    with pytest.raises(ValueError, match="noise"):
+        pairing(x_data, noise[:3], "ot")
+    with pytest.raises(ValueError, match="y"):
+        pairing(x_data, noise, "ot", y=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="independent coupling"):
+        cfm(model, x_data, "linear", coupling="ot", reference=x_data)

@@ -6,7 +6,7 @@ the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> 
 plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
-from . import adapters, data, grids, losses, samplers, solvers
+from . import adapters, couplings, data, grids, losses, samplers, solvers
 from ._validate import validation
 from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
 from .config import TrainConfig
@@ -62,6 +62,7 @@ __all__ = [
     "VPLinearPath",
     "conversion_coefficients",
     "convert",
+    "couplings",
     "data",
     "get_path",
     "load_run",

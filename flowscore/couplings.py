@@ -89,16 +89,23 @@ def _exact_pairing(cost: torch.Tensor) -> torch.Tensor:
 
 
 def _sinkhorn_pairing(cost: torch.Tensor, reg: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``(B,)`` noise index of each data row drawn from row i of the entropic plan (cost / its mean)."""
+    """``(B,)`` noise index of each data row drawn from row i of the entropic plan (cost / its mean).
+
+    The plain iteration runs in numpy on the CPU (POT's torch backend costs more per iteration there), the
+    log-domain one in torch (POT's numpy log-sum-exp is slower); on an accelerator both run on the device.
+    """
     ot = _import_ot()
     b = cost.shape[0]
-    weights = torch.full((b,), 1.0 / b, dtype=torch.float64, device=cost.device)
     scaled = cost / cost.mean().clamp_min(torch.finfo(torch.float64).tiny)
     # the plain iteration (fast) while exp(-cost / reg) stays well above float64's underflow, else log domain
     method = "sinkhorn" if float(scaled.max()) < _SINKHORN_PLAIN_MAX * reg else "sinkhorn_log"
+    weights = torch.full((b,), 1.0 / b, dtype=torch.float64, device=cost.device)
+    on_cpu = cost.device.type == "cpu" and method == "sinkhorn"
+    weights, scaled = (weights.numpy(), scaled.numpy()) if on_cpu else (weights, scaled)
     plan = ot.sinkhorn(
         weights, weights, scaled, reg, method=method, numItermax=_SINKHORN_MAX_ITER, stopThr=1e-6
     )
+    plan = torch.from_numpy(plan) if on_cpu else plan
     device = generator.device if generator is not None else cost.device
     return torch.multinomial(plan.to(device), 1, generator=generator).squeeze(1).to(cost.device)
 

@@ -9,7 +9,9 @@ import torch
 from conftest import PATH_NAMES, make_path, reference_targets
 
 from flowscore.couplings import couple, pairing
+from flowscore.data import toy
 from flowscore.losses import cfm, dsm
+from flowscore.marginals import EmpiricalMarginal
 
 DT = torch.float64
 
@@ -172,3 +174,28 @@ def test_coupling_arguments_are_checked():
         pairing(x_data, noise, "ot", y=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="independent coupling"):
         cfm(model, x_data, "linear", coupling="ot", reference=x_data)
+
+
+def test_ot_coupling_changes_the_marginal_velocity():
+    """docs/theory.md: under the independent coupling the regression's minimiser is the posterior average
+    EmpiricalMarginal.velocity, so the residual u - m.velocity(x) is orthogonal to every function of x:
+    E<x, u - m.velocity(x)> = 0 (within 4 standard errors). Under minibatch OT the minimiser E_pi[u | x] is
+    another field: the same statistic is many standard errors away from 0."""
+    data = toy("8gaussians", 256).double()
+    path = make_path("linear")
+    marginal = EmpiricalMarginal(data, path)
+    gen = torch.Generator().manual_seed(1)
+    t = torch.full((64,), 0.5, dtype=DT)
+    stats = {"independent": [], "ot": []}
+    for _ in range(100):
+        x_data = data[torch.randint(256, (64,), generator=gen)]
+        noise = torch.randn(64, 2, generator=gen, dtype=DT)
+        for coupling, values in stats.items():
+            paired = couple(x_data, noise, coupling)
+            x = path.sample(x_data, t, paired)
+            residual = path.target(x_data, t, paired, "velocity") - marginal.velocity(x, t)
+            values.append((residual * x).sum(1))
+    for coupling, values in stats.items():
+        v = torch.cat(values)
+        z = float(v.mean() / (v.std() / len(v) ** 0.5))
+        assert (abs(z) < 4) if coupling == "independent" else (abs(z) > 20), (coupling, z)

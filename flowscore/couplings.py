@@ -273,14 +273,14 @@ def reference_target(
     own = x_data.reshape(b, -1)
     refs = reference.reshape(r, own.shape[1])
     shift = torch.zeros(b, own.shape[1], dtype=torch.float64, device=own.device)
-    if y is None:
-        groups = [(torch.ones(b, dtype=torch.bool, device=own.device), refs)] if r else []
-    else:
+    if y is None and r:
+        shift = _posterior_shift(path, flat, own, t, refs)
+    elif y is not None:
         y, reference_y = check_labels(y, b), check_labels(reference_y, r, "reference_y")
-        groups = [(y == label, refs if label == -1 else refs[reference_y == label]) for label in y.unique()]
-    for rows, table in groups:
-        if table.shape[0]:
-            shift[rows] = _posterior_shift(path, flat[rows], own[rows], t[rows], table)
+        for label in y.unique():
+            rows, table = y == label, refs if label == -1 else refs[reference_y == label]
+            if table.shape[0]:
+                shift[rows] = _posterior_shift(path, flat[rows], own[rows], t[rows], table)
     singular = path.schedule(t)[1] == 0
     safe_t = torch.where(singular, torch.full_like(t, 0.5), t)
     c_value = path.coefficients(safe_t.double(), "data", kind)[0].masked_fill(singular, 0.0)

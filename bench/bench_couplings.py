@@ -233,6 +233,7 @@ def main() -> None:
     parser.add_argument("--time-steps", type=int, default=20)
     parser.add_argument("--floor-samples", type=int, default=100_000)
     parser.add_argument("--budget-s", type=float, default=0.0, help="seconds per equal-time run (0: skip)")
+    parser.add_argument("--skip-timing", action="store_true", help="no timings (on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="a small run to check that the bench works")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "couplings.md"))
     args = parser.parse_args()
@@ -320,30 +321,32 @@ def main() -> None:
         *marginal_velocity_probe(args.toys[0], args),
         "",
     ]
-    points = data.toy(args.toys[0], args.n_data, seed=0)
-    per_step = step_times(points, args, names)
-    per_coupling = coupling_times(points, args, has_torchcfm)
-    lines += [
-        "## Time (only meaningful on an idle machine)",
-        "",
-        f"Per training step (median of {args.rounds} interleaved rounds of {args.time_steps} steps, batch "
-        f"{args.batch}, {args.toys[0]}), and the coupling alone (median of {args.rounds} rounds of 5 calls).",
-        "",
-        "| variant | ms per step |",
-        "|---|---|",
-        *[f"| {n} | {1e3 * s:.2f} |" for n, s in per_step.items()],
-        "",
-        "| coupling alone | ms per call |",
-        "|---|---|",
-        *[f"| {n} | {1e3 * s:.2f} |" for n, s in per_coupling.items()],
-        "",
-        "## Goal",
-        "",
-        *goals,
-    ]
-    if has_torchcfm:
-        ratio = per_step["ot"] / per_step["torchcfm-ot"]
-        lines.append(f"- time per step, flowscore ot / torchcfm ot = {ratio:.2f} (goal <= 1)")
+    lines += ["## Goal", "", *goals]
+    if args.skip_timing:
+        lines += ["", "Time per step: not measured (--skip-timing; run on an idle machine)."]
+    else:
+        points = data.toy(args.toys[0], args.n_data, seed=0)
+        per_step = step_times(points, args, names)
+        per_coupling = coupling_times(points, args, has_torchcfm)
+        lines += [
+            "",
+            "## Time (only meaningful on an idle machine)",
+            "",
+            f"Per training step (median of {args.rounds} interleaved rounds of {args.time_steps} steps, "
+            f"batch {args.batch}, {args.toys[0]}), and the coupling alone (median of {args.rounds} rounds of "
+            "5 calls).",
+            "",
+            "| variant | ms per step |",
+            "|---|---|",
+            *[f"| {n} | {1e3 * s:.2f} |" for n, s in per_step.items()],
+            "",
+            "| coupling alone | ms per call |",
+            "|---|---|",
+            *[f"| {n} | {1e3 * s:.2f} |" for n, s in per_coupling.items()],
+        ]
+        if has_torchcfm:
+            ratio = per_step["ot"] / per_step["torchcfm-ot"]
+            lines += ["", f"- time per step, flowscore ot / torchcfm ot = {ratio:.2f} (goal <= 1)"]
     text = "\n".join(lines) + "\n"
     print(text)
     _io.save_text(args.out, text)

@@ -245,8 +245,13 @@ def main() -> None:
             "",
             f"W2 of {args.n} samples ({args.sample_steps} rk4 steps) to fresh draws of the toy, over the W2 "
             f"floor {floor:.4f} (mean over {args.pairs} pairs of fresh draws). Equal steps: {args.steps} "
-            f"steps of batch 256. Equal time: {args.budget_s:g} s each (steps reached in brackets; timing "
-            "on a busy machine is not meaningful).",
+            "steps of batch 256. "
+            + (
+                f"Equal time: {args.budget_s:g} s each (steps reached in brackets); timings are only "
+                "meaningful on an otherwise idle machine."
+                if args.budget_s > 0
+                else "Equal time and seconds per step: not measured (run with --budget-s on an idle machine)."
+            ),
             "",
             "| estimator | W2 / floor, equal steps | s per step | W2 / floor, equal time [steps] |",
             "|---|---|---|---|",
@@ -254,15 +259,14 @@ def main() -> None:
         for r in [None, *args.refs]:
             model, steps, seconds = train(points, r, args.steps, None, seed=1)
             ratio = quality(model, args.data, args.n, args.sample_steps, (floor, fresh))
-            timed = "-"
+            timed, per_step = "-", "-"
             if args.budget_s > 0:
+                per_step = f"{seconds / steps:.4f}"
                 tmodel, tsteps, _ = train(points, r, None, args.budget_s, seed=1)
                 timed = (
                     f"{quality(tmodel, args.data, args.n, args.sample_steps, (floor, fresh)):.3f} [{tsteps}]"
                 )
-            lines.append(
-                f"| {'plain' if r is None else f'R={r}'} | {ratio:.3f} | {seconds / steps:.4f} | {timed} |"
-            )
+            lines.append(f"| {'plain' if r is None else f'R={r}'} | {ratio:.3f} | {per_step} | {timed} |")
             print(f"quality R={r}: {ratio:.3f}", flush=True)
         lines.append("")
     text = "\n".join(lines)

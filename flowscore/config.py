@@ -19,6 +19,7 @@ import torch
 
 from . import _validate
 from .conversions import KINDS
+from .couplings import COUPLINGS, DEFAULT_REG
 from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS
 from .models import MODELS
 from .paths import get_path
@@ -47,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": tuple(MODELS),
     "weighting": ("auto", *WEIGHTINGS),
     "time_sampler": tuple(TIME_SAMPLERS),
+    "coupling": COUPLINGS,
 }
 """The allowed values of the string fields (``weighting`` also takes None: no weighting)."""
 
@@ -77,6 +79,11 @@ FIELD_HELP: dict[str, str] = {
     "none",
     "time_sampler": "distribution of the training times t",
     "t_eps": "training times lie in [t_eps, 1 - t_eps]",
+    "coupling": "pairing of noise and data in each batch (cfm, dsm): independent, ot (exact minibatch "
+    "optimal transport) or sinkhorn (entropic OT, --coupling-reg); on the global batch under torchrun",
+    "coupling_reg": "Sinkhorn regularisation, relative to the batch's mean squared distance",
+    "reference_size": "reference-batch targets (cfm, dsm): the target is the posterior average over the own "
+    "point and this many training points drawn each step; 0: plain targets",
     "n_holdout": "points kept out of training for eval; none: min(2000, N // 10)",
     "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm)",
     "device": "auto, cpu, cuda or cuda:N",
@@ -117,6 +124,9 @@ class TrainConfig:
     weighting: str | None = "auto"
     time_sampler: str = "uniform"
     t_eps: float = 1e-3
+    coupling: str = "independent"
+    coupling_reg: float = DEFAULT_REG
+    reference_size: int = 0
     n_holdout: int | None = None
     loss_floor: bool = True
     device: str = "auto"
@@ -202,6 +212,20 @@ class TrainConfig:
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
             _validate.choice(value, options, name)
+        _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
+        _validate.integer(self.reference_size, "reference_size", minimum=0)
+        changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
+        changed += [f"reference_size={self.reference_size}"] if self.reference_size else []
+        if changed and self.objective not in ("cfm", "dsm"):
+            raise ValueError(
+                f"{' and '.join(changed)}: for the conditional objectives cfm and dsm only; objective "
+                f"{self.objective!r} regresses on the exact marginal of the independent coupling"
+            )
+        if len(changed) == 2:
+            raise ValueError(
+                "reference_size needs coupling='independent' (reference weights p_t(x | x_ref) are those of "
+                "the independent coupling); use one or the other"
+            )
         if not isinstance(self.path_options, dict):
             raise ValueError(f"path_options must be a dict, got {type(self.path_options).__name__}")
         get_path(self.path, **self.path_options)

@@ -10,11 +10,12 @@ x_{data,i} - \varepsilon_{j(i)}\rVert^2` (exact minibatch optimal transport, POT
 domain when ``reg`` is small) on the cost divided by its batch mean, with regularisation ``reg`` (so ``reg``
 does not depend on the data's scale or dimension), and draws for each data point i its noise index from row i
 of the plan. With labels ``y`` the pairing stays within a label (class-aware OT: one problem per label). Every
-data point keeps its row, its time and its label; only the noise moves. Under ``torchrun``, call
-:func:`couple` on the GLOBAL batch (the same on every rank) before slicing it, so that 1 and N processes train
-on the same pairs. The exact assignment is the same on every path (it depends on the inner products of noise
-and data only). The regression then learns the marginal velocity of the coupled path, not
-``EmpiricalMarginal.velocity``: see docs/theory.md, "Couplings and reference targets".
+data point keeps its row, its time and its label; only the noise moves. Under ``torchrun``, :func:`couple`
+must see the GLOBAL batch (the same on every rank) before it is sliced, so that 1 and N processes train on the
+same pairs; the trainer does so (``TrainConfig.coupling``, ``--coupling``). The exact assignment is the same
+on every path (it depends on the inner products of noise and data only). The regression then learns the
+marginal velocity of the coupled path, not ``EmpiricalMarginal.velocity``: see docs/theory.md, "Couplings and
+reference targets".
 
 **Reference targets** (:func:`reference_target`, ``reference=`` of ``cfm`` / ``dsm``; the stable target
 field of Xu et al. 2023, there for EDM's VE score only). The target of sample i is the posterior average of
@@ -27,13 +28,16 @@ conditional targets are affine in the data point with one coefficient ``c_value`
            \Big(\textstyle\sum_{c \in S_i} w_c\, c - x_{data,i}\Big).
 
 An own data point that is also a reference point (equal row by row) is counted once, so with the whole data
-set as reference the target is the exact FM/SM target, and with no reference it is the plain CFM/DSM
-target. With reference points drawn uniformly WITHOUT replacement from the data, independently of the batch,
-the candidate set is exchangeable (the own point is a uniform member of it), so the target is
+set as reference the target is the exact FM/SM target, and with no reference it is the plain CFM/DSM target.
+With reference points drawn uniformly WITHOUT replacement from the data, independently of the batch, the
+candidate set is exchangeable (the own point is a uniform member of it), so the target is
 :math:`E[\text{conditional target} \mid x, S_i]` and its expectation given x is the marginal field: the
-gradient stays unbiased at any reference size while its variance drops. The posterior over the references
-is streamed by :class:`~flowscore.marginals.EmpiricalMarginal`'s kernel (one matmul per chunk, O(B x chunk)
-memory); with labels, references of the sample's label only (all of them for ``y = -1``).
+gradient stays unbiased at any reference size, and its variance drops once R is well above the batch size (the
+references are shared by the batch, so their own sampling error does not average out over it). The posterior
+over the references is streamed by :class:`~flowscore.marginals.EmpiricalMarginal`'s kernel (one matmul per
+chunk, O(B x chunk) memory); with labels, references of the sample's label only (all of them for ``y = -1``).
+The trainer draws ``TrainConfig.reference_size`` references per step (``--reference-size``), the same on every
+rank.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _validate, checkpoint, losses, resources, runs
+from . import _validate, checkpoint, couplings, losses, resources, runs
 from . import data as datasets
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     IMAGE_DEFAULTS,
@@ -239,21 +239,36 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
     """One loss evaluation on two points, to reject bad objective/prediction/weighting combinations early."""
     x_data = prepared.train[:2]
     t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
+    if config.reference_size > prepared.train.shape[0]:
+        raise ValueError(
+            f"reference_size {config.reference_size} is larger than the {prepared.train.shape[0]} training "
+            "points it is drawn from (without replacement); pass a smaller --reference-size"
+        )
     with torch.no_grad():
         target = _loss_target(config, prepared)
         loss = losses.objective_loss(
             config.objective, prepared.model, x_data, target, t, torch.zeros_like(x_data),
             prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
+            **_target_options(config, prepared.train[:2]),
         )  # fmt: skip
     if not bool(torch.isfinite(loss)):
         raise ValueError(f"the {config.objective} loss is not finite at t = 0.5 with this configuration")
 
 
+def _target_options(config: TrainConfig, reference: torch.Tensor | None) -> dict[str, Any]:
+    """The loss's ``reference=`` when ``reference_size`` > 0 (the coupling is applied in ``draw``)."""
+    return {"reference": reference} if config.reference_size else {}
+
+
 def _loss_floor(
     config: TrainConfig, train: torch.Tensor, path: GaussianPath, progress: bool
 ) -> dict[str, Any] | None:
-    """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, floor missing)."""
+    """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, floor missing,
+    or a coupling or reference targets: the floor of the independent coupling's plain target is not the floor
+    of those losses, docs/theory.md section 13)."""
     if not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE:
+        return None
+    if config.coupling != "independent" or config.reference_size:
         return None
     try:
         from .floor import loss_floor
@@ -562,8 +577,13 @@ class _Loop:
             checkpoint.save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, state)
 
     # -- one update --------------------------------------------------------------------------------------
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch ``(x_data, t, noise)``, drawn from the run's generator."""
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's slice of the global batch ``(x_data, t, noise)``, drawn from the run's generator, and
+        the reference points (``reference_size`` > 0, else None; the same on every rank).
+
+        The coupling pairs the noise with the data on the GLOBAL batch, before slicing, so that 1 and N
+        processes train on the same pairs; references are drawn without replacement (unbiased targets).
+        """
         config, train, gen = self.config, self.prepared.train, self.generator
         idx = torch.randint(train.shape[0], (config.batch_size,), generator=gen, device=self.device)
         x_data = train[idx]
@@ -572,20 +592,26 @@ class _Loop:
             dtype=x_data.dtype, device=self.device,
         )  # fmt: skip
         noise = torch.randn(x_data.shape, generator=gen, dtype=x_data.dtype, device=self.device)
+        noise = couplings.couple(x_data, noise, config.coupling, reg=config.coupling_reg, generator=gen)
+        reference = None
+        if config.reference_size:
+            pick = torch.randperm(train.shape[0], generator=gen, device=self.device)[: config.reference_size]
+            reference = train[pick]
         share = config.batch_size // self.dist.world
         part = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
-        return x_data[part], t[part], noise[part]
+        return x_data[part], t[part], noise[part], reference
 
     def update(self) -> torch.Tensor:
         config = self.config
         lr = learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x_data, t, noise = self.draw()
         with _validate.validation(False):
+            x_data, t, noise, reference = self.draw()
             loss = losses.objective_loss(
                 config.objective, self.net, x_data, self.target, t, noise, prediction=config.prediction,
                 weighting=config.resolved_weighting(), t_eps=config.t_eps,
+                **_target_options(config, reference),
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

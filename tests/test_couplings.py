@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import PATH_NAMES, make_path, reference_targets
 
+from flowscore import checkpoint
 from flowscore.couplings import couple, pairing
 from flowscore.data import toy
 from flowscore.losses import cfm, dsm
 from flowscore.marginals import EmpiricalMarginal
+from flowscore.training import CHECKPOINT_FILE, TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DT = torch.float64
 
@@ -199,3 +208,63 @@ def test_ot_coupling_changes_the_marginal_velocity():
         v = torch.cat(values)
         z = float(v.mean() / (v.std() / len(v) ** 0.5))
         assert (abs(z) < 4) if coupling == "independent" else (abs(z) > 20), (coupling, z)
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------
+TINY = dict(
+    data="moons", data_n=600, n_holdout=100, width=16, depth=2, batch_size=32, warmup=5, steps=20,
+    checkpoint_every=10, log_every=10, device="cpu",
+)  # fmt: skip
+
+
+def test_trainer_with_a_coupling_trains_and_logs_no_loss_floor(tmp_path):
+    """The floor of the independent coupling is not the floor of a coupled loss (docs/theory.md)."""
+    result = Trainer(TrainConfig(**TINY, coupling="ot"), tmp_path / "run", progress=False).train()
+    assert result["step"] == 20 and math.isfinite(result["loss_ema"])
+    assert result["loss_floor"] is None
+    plain = Trainer(TrainConfig(**TINY), tmp_path / "plain", progress=False).train()
+    assert plain["loss_floor"] is not None
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"coupling": "ot", "objective": "fm"}, "cfm and dsm only"),
+        ({"coupling": "sinkhorn", "objective": "sm", "prediction": "score"}, "cfm and dsm only"),
+        ({"coupling": "ot", "reference_size": 10}, "independent"),
+        ({"coupling": "exact"}, "coupling"),
+        ({"coupling_reg": 0.0}, "coupling_reg"),
+    ],
+)
+def test_train_config_refuses_couplings_where_they_do_not_apply(options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**TINY, **options})
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_sinkhorn_coupling_match_one_process(tmp_path):
+    """The coupling is computed on the global batch (drawing the Sinkhorn pairs from the shared generator),
+    so 2 processes train on the same pairs as 1: the same weights."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    values = {**TINY, "coupling": "sinkhorn", "coupling_reg": 0.1, "loss_floor": False}
+    config_file = tmp_path / "tiny.toml"
+    toml = {
+        k: str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else v
+        for k, v in values.items()
+    }
+    config_file.write_text("".join(f"{k} = {v}\n" for k, v in toml.items()))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "flowscore", "train", "--config", str(config_file), "--out", str(tmp_path / "ddp"),
+        "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    Trainer(TrainConfig(**values), tmp_path / "single", progress=False).train()
+    ddp, _ = checkpoint.load_checkpoint(tmp_path / "ddp" / CHECKPOINT_FILE)
+    single, _ = checkpoint.load_checkpoint(tmp_path / "single" / CHECKPOINT_FILE)
+    a, b = checkpoint.unprefixed("model", ddp), checkpoint.unprefixed("model", single)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -12,6 +12,7 @@ from conftest import PATH_NAMES, make_path, reference_schedule
 from flowscore.couplings import reference_target, rows_in
 from flowscore.losses import cfm, dsm, fm, sm
 from flowscore.marginals import EmpiricalMarginal
+from flowscore.training import TrainConfig, Trainer
 
 DT = torch.float64
 KINDS = ("velocity", "score", "noise", "data")
@@ -192,3 +193,33 @@ def test_reference_arguments_are_checked():
         cfm(model, data[idx], "linear", t, noise, reference_y=torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN"):
         dsm(model, data[idx], "linear", t, noise, reference=torch.full((2, 2), math.nan, dtype=DT))
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------
+TINY = dict(
+    data="moons", data_n=600, n_holdout=100, width=16, depth=2, batch_size=32, warmup=5, steps=20,
+    checkpoint_every=10, log_every=10, device="cpu",
+)  # fmt: skip
+
+
+def test_trainer_with_reference_targets_trains_and_logs_no_loss_floor(tmp_path):
+    for objective, prediction in (("cfm", "velocity"), ("dsm", "noise")):
+        config = TrainConfig(**TINY, objective=objective, prediction=prediction, reference_size=200)
+        result = Trainer(config, tmp_path / objective, progress=False).train()
+        assert result["step"] == 20 and math.isfinite(result["loss_ema"])
+        assert result["loss_floor"] is None  # the floor of the plain target is not this loss's floor
+
+
+def test_trainer_refuses_more_references_than_training_points_before_writing(tmp_path):
+    config = TrainConfig(**TINY, reference_size=501)  # 600 points, 100 held out
+    with pytest.raises(ValueError, match="reference_size 501"):
+        Trainer(config, tmp_path / "run", progress=False).train()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("objective, prediction", [("fm", "velocity"), ("sm", "score")])
+def test_train_config_refuses_references_for_the_marginal_objectives(objective, prediction):
+    with pytest.raises(ValueError, match="cfm and dsm only"):
+        TrainConfig(**TINY, objective=objective, prediction=prediction, reference_size=10)
+    with pytest.raises(ValueError, match="reference_size"):
+        TrainConfig(**TINY, reference_size=-1)

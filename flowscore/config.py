@@ -34,10 +34,11 @@ IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 starting point, not tuned)."""
 PER_DATA_FIELDS = tuple(VECTOR_DEFAULTS)
 """The fields whose default depends on the data set (None until :meth:`TrainConfig.fill_defaults`)."""
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "threads")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "threads", "compile", "tensorboard")
 """Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
 PATH_NAMES = ("linear", "vp", "vp-linear", "ve")
 LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 MAX_BATCH_SIZE = 2**31 - 1
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -49,12 +50,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weighting": ("auto", *WEIGHTINGS),
     "time_sampler": tuple(TIME_SAMPLERS),
     "coupling": COUPLINGS,
+    "precision": PRECISIONS,
 }
 """The allowed values of the string fields (``weighting`` also takes None: no weighting)."""
 
 FIELD_HELP: dict[str, str] = {
     "data": "a 2D toy name (moons, 8gaussians, ...), digits, mnist, or a .npy/.npz file of shape (N, D) or "
-    "(N, C, H, W)",
+    "(N, C, H, W); an .npz may hold the data as 'x' and integer class labels 0..K-1 as 'y'",
+    "labels": "use the data's class labels when it has them (digits, mnist, an .npz with 'y'): a "
+    "class-conditional model, sampled per class with classifier-free guidance; false: ignore them",
+    "p_uncond": "probability of replacing a training label by -1 (no label), which trains the unconditional "
+    "model that guidance needs; used when the data has labels",
     "data_n": "points of the data set to use (toys: how many to draw; images and files: a random subset); "
     "none: the whole set",
     "path": "the Gaussian path x = alpha_t x_data + beta_t noise",
@@ -88,6 +94,11 @@ FIELD_HELP: dict[str, str] = {
     "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm)",
     "device": "auto, cpu, cuda or cuda:N",
     "threads": "torch CPU threads; none: chosen from the work per step (one for small models)",
+    "precision": "fp32, or bf16: the model's forward pass under CUDA autocast to bfloat16 (CUDA only)",
+    "compile": "torch.compile the model before training (a one-off compilation; needs a C++ compiler on the "
+    "CPU)",
+    "tensorboard": "also write TensorBoard logs to RUN_DIR/tensorboard: loss, loss floor, excess loss and lr "
+    "every log_every steps, a sample grid at every checkpoint (needs the tensorboard package)",
 }
 """The help text of each field (also the ``--help`` of ``flowscore train``). No measured numbers here."""
 
@@ -103,6 +114,8 @@ class TrainConfig:
 
     data: str = ""
     data_n: int | None = None
+    labels: bool = True
+    p_uncond: float = 0.1
     path: str = "linear"
     path_options: dict[str, Any] = field(default_factory=dict)
     objective: str = "cfm"
@@ -131,6 +144,9 @@ class TrainConfig:
     loss_floor: bool = True
     device: str = "auto"
     threads: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         self.fill_defaults()
@@ -185,7 +201,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad field."""
-        if not isinstance(self.data, str) or not self.data:
+        if not isinstance(self.data, str):
             raise ValueError("data must be a data set name or a .npy/.npz file path, e.g. data='moons'")
         for name in ("steps", "checkpoint_every", "log_every"):
             _validate.integer(getattr(self, name), name, minimum=1)
@@ -196,8 +212,10 @@ class TrainConfig:
         if self.n_holdout is not None:
             _validate.integer(self.n_holdout, "n_holdout", minimum=0)
         _validate.integer(self.warmup, "warmup", minimum=0)
-        if not isinstance(self.loss_floor, bool):
-            raise ValueError(f"loss_floor must be true or false, got {self.loss_floor!r}")
+        for name in ("loss_floor", "labels", "compile", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _validate.number(self.p_uncond, "p_uncond", low=0, high=1, high_open=True)
         _validate.integer(self.seed, "seed", minimum=0)
         _validate.number(self.lr, "lr", low=0, low_open=True)
         _validate.number(self.weight_decay, "weight_decay", low=0)

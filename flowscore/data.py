@@ -255,7 +255,7 @@ def num_classes(labels: torch.Tensor) -> int:
     return int(labels.max()) + 1
 
 
-def _subset(
+def subset(
     data: torch.Tensor, labels: torch.Tensor | None, n: int | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if n is None or n >= data.shape[0]:
@@ -309,7 +309,7 @@ def load_labelled(
     data = _checked(array, origin)
     if labels is not None:
         labels = check_class_labels(labels, data.shape[0], f"data {origin}: array 'y'")
-    return _subset(data, labels, n, seed)
+    return subset(data, labels, n, seed)
 
 
 def is_image(data_shape: tuple[int, ...] | torch.Size) -> bool:

@@ -387,6 +387,44 @@ def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[f
     return 2.0 * macs, 4.0 * floats
 
 
+CUSTOM = "custom"
+"""The ``kind`` of the description of a model that is not flowscore's own (see :func:`describe`)."""
+
+
+def builtin_config(model: object) -> dict[str, Any] | None:
+    """``model.config()`` for flowscore's :class:`MLP` and :class:`UNet` (DDP and compiled wrappers looked
+    through), None for any other model."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    inner = (
+        getattr(inner, "module", inner) if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
+    )
+    return inner.config() if isinstance(inner, (MLP, UNet)) else None
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """What a run stores about its model: a built-in model's ``config()`` (enough to rebuild it), or for any
+    other ``nn.Module`` ``{"kind": "custom", "class": "module.QualName", "parameters": N}``, a description for
+    people and for checks only: the class is never imported, so a checkpoint never runs code."""
+    config = builtin_config(model)
+    if config is not None:
+        return config
+    cls = type(model)
+    count = sum(v.numel() for v in model.state_dict().values())
+    return {"kind": CUSTOM, "class": f"{cls.__module__}.{cls.__qualname__}", "parameters": count}
+
+
+def check_description(description: object) -> dict[str, Any]:
+    """A stored model description: :func:`check_config` of a built-in model's, or a checked custom one."""
+    if isinstance(description, dict) and description.get("kind") == CUSTOM:
+        ok = set(description) == {"kind", "class", "parameters"} and isinstance(description["class"], str)
+        count = description.get("parameters")
+        if not ok or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"a custom model description must hold a class name and a parameter count, got "
+                             f"{_short(description)}")  # fmt: skip
+        return dict(description)
+    return check_config(description)
+
+
 def build_model(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: Any) -> nn.Module:
     """A model for points of shape ``data_shape`` (``(D,)`` or ``(C, H, W)``): ``model_from_config`` of
     :func:`model_config` (see there for ``kind`` and ``opts``)."""

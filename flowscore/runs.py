@@ -3,7 +3,8 @@
 A run folder holds
 
 * ``run.safetensors``: written once; the config, model and path descriptions, data shape, the held-out
-  points (data space), the normalizer, a checksum of the training data and the loss floor;
+  points (data space) and their labels, the normalizer, a checksum of the training data, the number of
+  classes and training points per class (labelled runs) and the loss floor;
 * ``checkpoint.safetensors``: rewritten atomically every ``checkpoint_every`` steps and at the end; model,
   EMA, AdamW moments, RNG states and the step (see :mod:`flowscore.checkpoint`);
 * ``log.csv``: ``step, loss, loss_ema, lr, steps_per_s, loss_floor`` every ``log_every`` steps (the one file
@@ -15,7 +16,8 @@ A run folder holds
 Reading a run never executes code (safetensors + JSON + CSV) and never trusts a description it reads: the
 model, path, data shape and normalizer in the JSON are checked against the stored tensors (shapes, counts,
 sane bounds) before anything is built, so a damaged or hostile file is refused quickly without allocating
-more than its own size.
+more than its own size. A run trained on your own model stores its weights and a description (class name,
+weight count), never its code: :func:`load_run` loads the weights into a module you pass.
 """
 
 from __future__ import annotations
@@ -192,15 +194,20 @@ def write_run_file(
     n_train: int,
     data_sha256: str,
     loss_floor: dict[str, Any] | None,
+    labels: dict[str, Any] | None = None,
+    held_out_labels: torch.Tensor | None = None,
 ) -> None:
-    """Writes ``run.safetensors`` and ``config.json`` (atomically)."""
+    """Writes ``run.safetensors`` and ``config.json`` (atomically). ``labels``: None, or ``{"num_classes": K
+    (None when unknown), "class_counts": [training points per class] or None}`` with ``held_out_labels``."""
     run_dir = Path(run_dir)
     state = {
-        "format": RUN_FORMAT, "config": config.to_dict(), "model": model.config(), "path": path.config(),
-        "data_shape": list(held_out.shape[1:]), "n_train": n_train, "data_sha256": data_sha256,
-        "loss_floor": loss_floor,
+        "format": RUN_FORMAT, "config": config.to_dict(), "model": models.describe(model),
+        "path": path.config(), "data_shape": list(held_out.shape[1:]), "n_train": n_train,
+        "data_sha256": data_sha256, "loss_floor": loss_floor, "labels": labels,
     }  # fmt: skip
     tensors = {"held_out": held_out, **checkpoint.prefixed("normalizer", normalizer.state_dict())}
+    if labels is not None and held_out_labels is not None:
+        tensors["held_out_labels"] = held_out_labels
     checkpoint.save_checkpoint(run_dir / RUN_FILE, tensors, state)
     _io.save_json(run_dir / CONFIG_FILE, config.to_dict())
 
@@ -218,6 +225,8 @@ class RunFile:
     loss_floor: dict[str, Any] | None
     held_out: torch.Tensor
     normalizer: datasets.Normalizer
+    labels: dict[str, Any] | None = None
+    held_out_labels: torch.Tensor | None = None
 
 
 class _Damaged(ValueError):
@@ -294,14 +303,22 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     except (ValueError, TypeError) as err:
         raise _Damaged(f"path: {err}") from None
     try:
-        model_config = models.check_config(state.get("model"))
+        model_config = models.check_description(state.get("model"))
     except ValueError as err:
         raise _Damaged(str(err)) from None
     if model_config["kind"] == "mlp":
         fits = model_config["dim"] == math.prod(shape)
-    else:
+    elif model_config["kind"] == "unet":
         fits = len(shape) == 3 and model_config["channels"] == shape[0]
+    else:
+        fits = True
     _require(fits, f"the model description {model_config} does not fit data of shape {shape}")
+    labels, held_labels = _check_labels(state.get("labels"), tensors.get("held_out_labels"), held_out)
+    if labels is not None and model_config.get("num_classes") is not None:
+        _require(
+            labels["num_classes"] == model_config["num_classes"],
+            f"the model has {model_config['num_classes']} classes but the labels {labels['num_classes']}",
+        )
     _require(_is_int(state.get("n_train"), 1), "n_train must be a positive integer")
     _require(isinstance(state.get("data_sha256"), str), "data_sha256 must be a string")
     floor = state.get("loss_floor")
@@ -310,8 +327,44 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         "loss_floor must be null or a dict with a numeric value",
     )
     return RunFile(
-        config, path, model_config, shape, state["n_train"], state["data_sha256"], floor, held_out, normalizer
+        config,
+        path,
+        model_config,
+        shape,
+        state["n_train"],
+        state["data_sha256"],
+        floor,
+        held_out,
+        normalizer,
+        labels,
+        held_labels,
     )
+
+
+def _check_labels(
+    labels: object, held_labels: object, held_out: torch.Tensor
+) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+    """The stored label description and held-out labels, checked (both None for an unlabelled run)."""
+    if labels is None:
+        _require(held_labels is None, "held_out_labels are stored but the run has no labels")
+        return None, None
+    _require(isinstance(labels, dict) and set(labels) == {"num_classes", "class_counts"}, "labels malformed")
+    k, counts = labels["num_classes"], labels["class_counts"]
+    _require(k is None or (_is_int(k, 1) and k <= models.LIMITS["num_classes"]), "num_classes malformed")
+    _require(
+        counts is None or (k is not None and isinstance(counts, list) and len(counts) == k
+                           and all(_is_int(c) for c in counts)),
+        "class_counts must be one count per class",
+    )  # fmt: skip
+    _require(
+        isinstance(held_labels, torch.Tensor) and held_labels.dtype == torch.int64
+        and tuple(held_labels.shape) == (held_out.shape[0],),
+        "held_out_labels must be int64, one per held-out point",
+    )  # fmt: skip
+    if held_labels.numel():
+        top = k if k is not None else models.LIMITS["num_classes"]
+        _require(int(held_labels.min()) >= 0 and int(held_labels.max()) < top, "held_out_labels out of range")
+    return dict(labels), held_labels
 
 
 def stored_config(run_dir: str | Path) -> TrainConfig:
@@ -328,9 +381,11 @@ def stored_config(run_dir: str | Path) -> TrainConfig:
 # -- a trained run -----------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """A trained run: ``model`` holds the EMA weights in eval mode on the CPU; ``held_out`` is in data space.
+    """A trained run: ``model`` holds the EMA weights in eval mode; ``held_out`` is in data space.
 
     The model works in the normalizer's space: ``normalizer.decode(sample)`` maps its samples to data.
+    Labelled runs: ``num_classes`` (None when a DataLoader's run could not tell), ``class_counts`` (training
+    points per class, or None) and ``held_out_labels``; the model is then called as ``model(x, t, y)``.
     """
 
     config: TrainConfig
@@ -344,39 +399,77 @@ class Run:
     loss_floor: dict[str, Any] | None
     step: int
     run_dir: Path
+    num_classes: int | None = None
+    class_counts: list[int] | None = None
+    held_out_labels: torch.Tensor | None = None
+    labelled: bool = False
 
 
-def load_run(run_dir: str | Path) -> Run:
+def _fit_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """Loads ``weights`` into ``model``, or one ``ValueError`` naming what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in weights and weights[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("missing in the checkpoint", missing), ("not in the model", unexpected),
+                                     ("shape (stored vs model)", wrong)) if names]  # fmt: skip
+        raise ValueError(
+            f"the weights of run {str(run_dir)!r} do not fit this model ({'; '.join(parts)}); build the "
+            "model the run was trained with"
+        )
+    with torch.no_grad():
+        for name, value in own.items():
+            value.copy_(weights[name])
+
+
+def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
     """Reads a run folder written by :class:`flowscore.training.Trainer` (no code is executed).
 
     Every description is checked against the stored tensors before the model is built (the number of
     weights its config asks for must equal the number stored), so a damaged or hostile folder raises
-    ``ValueError`` quickly and allocates no more than its files' size.
+    ``ValueError`` quickly and allocates no more than its files' size. ``model``: load the EMA weights into
+    this module instead (required for a run trained on your own model; its weights are copied in where it
+    lives, and it is put in eval mode without gradients); a clear ``ValueError`` when they do not fit.
     """
     run_dir = Path(run_dir)
     run_file = read_run_file(run_dir)
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise ValueError(f"run {str(run_dir)!r} has no checkpoint yet; resume its training first")
+    description = run_file.model_config
+    if model is None and description["kind"] == models.CUSTOM:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own model ({description['class']}, "
+            f"{description['parameters']} weights); build it and pass it: load_run(run_dir, model=...)"
+        )
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
     tensors, state = checkpoint.load_checkpoint(run_dir / CHECKPOINT_FILE)
     step = state.get("step")
     if not _is_int(step):
         raise ValueError(f"checkpoint of {str(run_dir)!r} has no valid step; train again")
     ema = checkpoint.unprefixed("ema", tensors)
-    stored = sum(v.numel() for v in ema.values())
-    expected = models.parameter_count(run_file.model_config)
-    if stored != expected or not all(v.is_floating_point() for v in ema.values()):
-        raise ValueError(
-            f"checkpoint of {str(run_dir)!r} holds {stored} weights but its model description asks for "
-            f"{expected}; the run is damaged, train again"
-        )
-    model = models.model_from_config(run_file.model_config)
-    try:
-        model.load_state_dict(ema)
-    except RuntimeError as err:
-        raise ValueError(
-            f"checkpoint of {str(run_dir)!r} does not fit its model ({' '.join(str(err).split())[:300]}); "
-            "train again"
-        ) from None
+    if model is None:
+        stored = sum(v.numel() for v in ema.values())
+        expected = models.parameter_count(description)
+        if stored != expected or not all(v.is_floating_point() for v in ema.values()):
+            raise ValueError(
+                f"checkpoint of {str(run_dir)!r} holds {stored} weights but its model description asks for "
+                f"{expected}; the run is damaged, train again"
+            )
+        model = models.model_from_config(description)
+        try:
+            model.load_state_dict(ema)
+        except RuntimeError as err:
+            cause = " ".join(str(err).split())[:300]
+            raise ValueError(
+                f"checkpoint of {str(run_dir)!r} does not fit its model ({cause}); train again"
+            ) from None
+    else:
+        _fit_weights(model, ema, run_dir)
+    labels = run_file.labels or {}
     return Run(
         config=run_file.config,
         path=run_file.path,
@@ -389,4 +482,8 @@ def load_run(run_dir: str | Path) -> Run:
         loss_floor=run_file.loss_floor,
         step=step,
         run_dir=run_dir,
+        num_classes=labels.get("num_classes"),
+        class_counts=labels.get("class_counts"),
+        held_out_labels=run_file.held_out_labels,
+        labelled=run_file.labels is not None,
     )

@@ -3,10 +3,17 @@
 The run folder it writes (and :func:`load_run`) is described in :mod:`flowscore.runs`; the settings in
 :mod:`flowscore.config` (both re-exported here).
 
-Each step draws its randomness (batch indices, times, noise) from one ``torch.Generator`` seeded by
-``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a crash ends with weights
-bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank draws the same global
-batch and trains on its slice; DDP averages the gradients, so the update equals the one-process update.
+Each step draws its randomness (batch indices, times, noise, label dropout) from one ``torch.Generator``
+seeded by ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a crash ends with
+weights bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank draws the same
+global batch and trains on its slice; DDP averages the gradients, so the update equals the one-process
+update.
+
+Bring your own: ``Trainer(config, run_dir, model=MyNet(), data=...)`` trains any ``nn.Module`` called as
+``model(x, t)`` (or ``model(x, t, y)`` with labels) on a tensor, a pair ``(x, y)``, a ``Dataset`` (read into
+memory, then handled like a named data set) or a ``DataLoader`` (streamed, see
+:mod:`flowscore.sources`). With class labels each training label is replaced by -1 with probability
+``p_uncond`` (classifier-free guidance); the built-in models get a class embedding.
 
 Nothing is lost: every input is checked and the memory a step needs is estimated before the run folder is
 touched; once a checkpoint exists nothing removes the folder. A failure (a full disk, a diverging loss, any
@@ -31,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _validate, checkpoint, couplings, losses, resources, runs
+from . import _validate, checkpoint, couplings, losses, resources, runs, sources
 from . import data as datasets
+from .conditioning import drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
@@ -40,7 +48,7 @@ from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfi
     TrainConfig,
 )
 from .losses import sample_time
-from .models import model_config, model_from_config, parameter_count
+from .models import CUSTOM, describe, model_config, model_from_config, parameter_count
 from .paths import GaussianPath, get_path
 from .runs import (  # noqa: F401  (re-exported: the run folder format)
     CHECKPOINT_FILE,
@@ -173,17 +181,77 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 # -- the prepared run --------------------------------------------------------------------------------------
 @dataclass
 class _Prepared:
-    train: torch.Tensor  # encoded training data on the device
+    train: torch.Tensor  # encoded training data on the device (for a DataLoader: its first batch)
     held_out: torch.Tensor  # data space, CPU
     normalizer: datasets.Normalizer
     path: GaussianPath
     model: nn.Module
     data_sha256: str
     threads: int
+    labels: torch.Tensor | None = None  # training labels on the device (a DataLoader: its first batch's)
+    held_out_labels: torch.Tensor | None = None  # CPU
+    num_classes: int | None = None
+    class_counts: list[int] | None = None  # training points per class
+    stream: sources.LoaderStream | None = None
+    n_train: int = 0
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return describe(self.model)
+
+    def label_info(self) -> dict[str, Any] | None:
+        """What the run file stores about the labels, or None for an unlabelled run."""
+        if self.labels is None:
+            return None
+        return {"num_classes": self.num_classes, "class_counts": self.class_counts}
 
 
-def _checksum(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+def _checksum(tensor: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    digest = hashlib.sha256(tensor.contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(b"labels")
+        digest.update(labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_data(
+    config: TrainConfig, data: object
+) -> tuple[torch.Tensor, torch.Tensor | None, sources.LoaderStream | None]:
+    """``(points, labels or None, stream or None)`` from ``config.data`` or the ``data`` argument (for a
+    DataLoader, ``points`` and ``labels`` are its first batch). Labels are dropped when ``config.labels`` is
+    false."""
+    stream = None
+    if data is None:
+        if not config.data:
+            raise ValueError(
+                "no data: set config.data (a toy name, digits, mnist or a .npy/.npz file), or pass data= "
+                f"to the Trainer ({sources.DATA_KINDS})"
+            )
+        raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
+    else:
+        if config.data:
+            raise ValueError(
+                f"data given twice: config.data = {config.data!r} and the data argument; leave config.data "
+                "empty when passing data to the Trainer"
+            )
+        if isinstance(data, torch.utils.data.DataLoader):
+            stream = sources.LoaderStream(data)
+            raw, labels = stream.peek()
+            raw = raw.float()
+        else:
+            raw, labels = sources.as_tensors(data)
+            raw, labels = datasets.subset(raw, labels, config.data_n, config.seed)
+    return raw, (labels if config.labels else None), stream
+
+
+def _loader_classes(stream: sources.LoaderStream, model: nn.Module | None) -> int | None:
+    """The number of classes of a DataLoader's labels: the model's ``num_classes`` or the dataset's
+    ``classes`` (torchvision's convention); None when neither says."""
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int) and count > 0:
+        return count
+    classes = getattr(stream.loader.dataset, "classes", None)
+    return len(classes) if classes is not None and len(classes) > 0 else None
 
 
 def step_memory(model_cfg: dict[str, Any], data_shape: tuple[int, ...], batch: int) -> float:
@@ -195,62 +263,158 @@ def step_memory(model_cfg: dict[str, Any], data_shape: tuple[int, ...], batch: i
     return 4.0 * 5 * parameter_count(model_cfg) + activations
 
 
-def _prepare(config: TrainConfig, device: torch.device, world: int = 1) -> _Prepared:
+def _prepare(
+    config: TrainConfig,
+    device: torch.device,
+    world: int = 1,
+    model: nn.Module | None = None,
+    data: object = None,
+) -> _Prepared:
     """Loads and checks everything the run needs (raises ``ValueError`` before any file is written)."""
-    raw = datasets.load(config.data, n=config.data_n, seed=config.seed)
-    n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
-    train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
-    normalizer = datasets.Normalizer.fit(train)
-    path = get_path(config.path, **config.path_options)
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if model is not None and (config.model != "auto" or config.width is not None or config.depth is not None):
+        raise ValueError(
+            "model= is given, so config.model, width and depth have no say: leave them at auto / none"
+        )
+    _check_precision(config, device)
+    raw, labels, stream = _read_data(config, data)
     shape = tuple(raw.shape[1:])
-    kind = config.model if config.model != "auto" else ("unet" if datasets.is_image(shape) else "mlp")
-    opts = {"width": config.width, "depth": config.depth}
-    if kind == "unet":
-        opts = {"base": config.width, "levels": config.depth}
-    model_cfg = model_config(kind, shape, **opts)
-    batch = config.batch_size // world
-    needed = step_memory(model_cfg, shape, batch) + (train.numel() * 4 if device.type != "cpu" else 0)
+    if stream is None:
+        n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
+        train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
+        normalizer = datasets.Normalizer.fit(train)
+        sha = _checksum(raw, labels)
+    else:  # streamed: used as it comes
+        train, held_out = raw, raw[:0].clone()
+        normalizer = datasets.Normalizer(torch.zeros(1), torch.ones(1))
+        sha = ""
+    num_classes = counts = train_labels = held_labels = None
+    if labels is not None:
+        if stream is None:
+            num_classes = datasets.num_classes(labels)
+            train_labels, held_labels = datasets.split(labels, held_out.shape[0], seed=config.seed)
+            counts = torch.bincount(train_labels, minlength=num_classes).tolist()
+        else:
+            num_classes, train_labels, held_labels = _loader_classes(stream, model), labels, labels[:0]
+            if num_classes is None and model is None:
+                raise ValueError(
+                    "a DataLoader with labels and the built-in model: the number of classes is unknown; give "
+                    "the dataset a `classes` attribute, or pass model=MLP(dim, num_classes=K) (or UNet)"
+                )
+    path = get_path(config.path, **config.path_options)
+    batch = config.batch_size // world if stream is None else train.shape[0]
+    on_device = train.numel() * 4 if device.type != "cpu" and stream is None else 0
+    if model is None:
+        kind = config.model if config.model != "auto" else ("unet" if datasets.is_image(shape) else "mlp")
+        opts = {"width": config.width, "depth": config.depth}
+        if kind == "unet":
+            opts = {"base": config.width, "levels": config.depth}
+        model_cfg = model_config(kind, shape, num_classes=num_classes, **opts)
+        needed = step_memory(model_cfg, shape, batch) + on_device
+    else:
+        model_cfg = describe(model)
+        needed = 4.0 * 5 * model_cfg["parameters"] + on_device
     resources.check_memory(
         needed, device, f"training with batch_size {config.batch_size} and this model",
         "pass a smaller --batch-size (or --width/--depth)",
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = model_from_config(model_cfg)
-    threads = resources.threads_for(config.threads, model_cfg, shape, batch, TRAINING_PASSES)
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = model_from_config(model_cfg)
+        threads = resources.threads_for(config.threads, model_cfg, shape, batch, TRAINING_PASSES)
+    else:
+        flops = 2.0 * model_cfg["parameters"] * batch * TRAINING_PASSES  # a dense layer: 2 flops per weight
+        threads = config.threads or resources.choose_threads(flops)
     prepared = _Prepared(
-        normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), _checksum(raw),
-        threads,
+        normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), sha, threads,
+        labels=None if train_labels is None else train_labels.to(device), held_out_labels=held_labels,
+        num_classes=num_classes, class_counts=counts, stream=stream,
+        n_train=train.shape[0] if stream is None else _loader_size(stream),
     )  # fmt: skip
     _dry_run(config, prepared)
     return prepared
+
+
+def _loader_size(stream: sources.LoaderStream) -> int:
+    """The number of points of a DataLoader's dataset (1 when it does not say)."""
+    try:
+        return max(1, len(stream.loader.dataset))
+    except TypeError:
+        return 1
+
+
+def _check_precision(config: TrainConfig, device: torch.device) -> None:
+    if config.precision == "bf16" and device.type != "cuda":
+        raise ValueError(
+            f"precision bf16 autocasts the model to bfloat16 on CUDA; on {device.type} it would not speed up "
+            "training (no bf16 matrix units) and costs accuracy: use precision fp32, or device cuda"
+        )
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "tensorboard logging needs the tensorboard package: pip install tensorboard (or drop "
+                "--tensorboard)"
+            ) from None
 
 
 def _loss_target(config: TrainConfig, prepared: _Prepared) -> Any:
     """The path (cfm, dsm) or the exact empirical marginal of the training data (fm, sm)."""
     if config.objective in ("cfm", "dsm"):
         return prepared.path
+    if prepared.stream is not None:
+        raise ValueError(
+            f"objective {config.objective} regresses on the exact marginal of the whole data set, which a "
+            "DataLoader does not give; use cfm or dsm, or pass the data as tensors"
+        )
+    if prepared.labels is not None:
+        raise ValueError(
+            f"objective {config.objective} with class labels needs the class-conditional exact marginal; use "
+            "cfm or dsm (the same expected gradient), or labels=false"
+        )
     from .marginals import EmpiricalMarginal
 
     return EmpiricalMarginal(prepared.train, prepared.path)
 
 
 def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
-    """One loss evaluation on two points, to reject bad objective/prediction/weighting combinations early."""
+    """One loss evaluation on two points (eval mode, no gradient), to reject a bad model, or a bad
+    objective/prediction/weighting combination, before anything is written."""
     x_data = prepared.train[:2]
+    y = None if prepared.labels is None else prepared.labels[:2]
     t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
-    if config.reference_size > prepared.train.shape[0]:
+    if config.reference_size > prepared.train.shape[0] or (config.reference_size and prepared.stream):
         raise ValueError(
             f"reference_size {config.reference_size} is larger than the {prepared.train.shape[0]} training "
-            "points it is drawn from (without replacement); pass a smaller --reference-size"
+            "points it is drawn from (without replacement, and never from a DataLoader); pass a smaller "
+            "--reference-size"
         )
-    with torch.no_grad():
-        target = _loss_target(config, prepared)
-        loss = losses.objective_loss(
-            config.objective, prepared.model, x_data, target, t, torch.zeros_like(x_data),
-            prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
-            **_target_options(config, prepared.train[:2]),
-        )  # fmt: skip
+    if prepared.labels is not None and (config.coupling != "independent" or config.reference_size):
+        raise ValueError(
+            "class labels with a coupling or reference targets: those pair or average over the points of all "
+            "classes, which would not train the class-conditional fields; use coupling=independent and "
+            "reference_size=0, or labels=false"
+        )
+    model, was_training = prepared.model, prepared.model.training
+    target = _loss_target(config, prepared)
+    try:
+        with torch.no_grad(), _autocast(config, x_data.device):
+            loss = losses.objective_loss(
+                config.objective, model.eval(), x_data, target, t, torch.zeros_like(x_data), y=y,
+                prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
+                **_target_options(config, prepared.train[:2]),
+            )  # fmt: skip
+    except (TypeError, RuntimeError, IndexError) as err:
+        call = "model(x, t)" if y is None else "model(x, t, y) with integer labels y"
+        raise ValueError(
+            f"the model failed on a batch of 2 points ({type(err).__name__}: {' '.join(str(err).split())}); "
+            f"it is called as {call} and must return a tensor shaped like x"
+        ) from None
+    finally:
+        model.train(was_training)
     if not bool(torch.isfinite(loss)):
         raise ValueError(f"the {config.objective} loss is not finite at t = 0.5 with this configuration")
 
@@ -260,13 +424,21 @@ def _target_options(config: TrainConfig, reference: torch.Tensor | None) -> dict
     return {"reference": reference} if config.reference_size else {}
 
 
-def _loss_floor(
-    config: TrainConfig, train: torch.Tensor, path: GaussianPath, progress: bool
-) -> dict[str, Any] | None:
-    """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, floor missing,
-    or a coupling or reference targets: the floor of the independent coupling's plain target is not the floor
-    of those losses, docs/theory.md section 13)."""
-    if not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE:
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    """bfloat16 autocast on CUDA for ``precision="bf16"``, else a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.precision == "bf16" and
+                          device.type == "cuda")  # fmt: skip
+
+
+def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dict[str, Any] | None:
+    """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, a DataLoader,
+    labels, floor missing, or a coupling or reference targets: the floor of the independent coupling's plain
+    target is not the floor of those losses, docs/theory.md section 13)."""
+    train = prepared.train
+    if (
+        not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE
+        or prepared.stream is not None or prepared.labels is not None
+    ):  # fmt: skip
         return None
     if config.coupling != "independent" or config.reference_size:
         return None
@@ -276,9 +448,9 @@ def _loss_floor(
         return None
     n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
     floor = loss_floor(
-        train.cpu(), path, config.objective, n_samples=n_samples, weighting=config.resolved_weighting(),
-        time_sampler=config.time_sampler, t_eps=config.t_eps, seed=config.seed,
-        progress=progress,
+        train.cpu(), prepared.path, config.objective, n_samples=n_samples,
+        weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
+        seed=config.seed, progress=progress,
     )  # fmt: skip
     return floor.to_dict()
 
@@ -293,11 +465,26 @@ class Trainer:
     one is used) and only ``RESUMABLE_CHANGES`` fields may differ from the stored config. A run folder that
     another process is writing is refused (:class:`flowscore.runs.RunInUse`, a ``ValueError``).
 
+    ``model``: any ``nn.Module`` called as ``model(x, t)``, or ``model(x, t, y)`` when the data has labels
+    (None: the built-in MLP or UNet of ``config.model``); it is trained in place, and the run stores only
+    its weights (``load_run(run_dir, model=...)`` loads them back into a module you build). ``data``: a
+    tensor ``(N, *dims)``, a pair ``(x, y)`` with integer labels ``0..K-1``, a map-style ``Dataset`` of
+    ``x`` or ``(x, y)`` items, or a ``DataLoader`` (None: ``config.data``, which must then be empty when
+    ``data`` is given). Resuming such a run takes the same ``model`` and ``data`` again (tensors and
+    Datasets are checked against the run's checksum; a DataLoader's position is restored as
+    :mod:`flowscore.sources` describes).
+
     Failures after the run started raise :class:`TrainingFailed` (see the module docstring).
     """
 
     def __init__(
-        self, config: TrainConfig | dict[str, Any] | None, run_dir: str | Path, progress: bool = True
+        self,
+        config: TrainConfig | dict[str, Any] | None,
+        run_dir: str | Path,
+        *,
+        model: nn.Module | None = None,
+        data: object = None,
+        progress: bool = True,
     ):
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
@@ -305,17 +492,30 @@ class Trainer:
             raise ValueError(f"config must be a TrainConfig, a dict or None, got {type(config).__name__}")
         if config is not None:
             config.validate()
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
         self.config = config
         self.run_dir = Path(run_dir)
+        self.model = model
+        self.data = data
         self.progress = progress
 
     @classmethod
-    def resume(cls, run_dir: str | Path, *, steps: int | None = None, progress: bool = True) -> Trainer:
-        """A trainer that continues ``run_dir`` with its stored config (``steps``: a new total)."""
+    def resume(
+        cls,
+        run_dir: str | Path,
+        *,
+        steps: int | None = None,
+        model: nn.Module | None = None,
+        data: object = None,
+        progress: bool = True,
+    ) -> Trainer:
+        """A trainer that continues ``run_dir`` with its stored config (``steps``: a new total); a run trained
+        on your own model or data takes them again."""
         config = runs.stored_config(Path(run_dir))
         if steps is not None:
             config = dataclasses.replace(config, steps=steps)
-        return cls(config, run_dir, progress)
+        return cls(config, run_dir, model=model, data=data, progress=progress)
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
@@ -361,7 +561,7 @@ class Trainer:
                 raise ValueError(
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
-            prepared = _prepare(config, device, dist.world)
+            prepared = _prepare(config, device, dist.world, model=self.model, data=self.data)
             with resources.using_threads(prepared.threads):
                 result = self._run(config, prepared, device, dist, resume)
             dist.barrier()  # no rank tears the group down while another still talks to it
@@ -397,11 +597,12 @@ class Trainer:
                     raise ValueError(
                         f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
                     )
+                _check_same_model(self.run_dir, run_state.get("model"), prepared.description)
                 floor = run_state.get("loss_floor")
             else:
                 floor = None
                 if dist.main:
-                    floor = _loss_floor(config, prepared.train, prepared.path, self.progress)
+                    floor = _loss_floor(config, prepared, self.progress)
             loop = _Loop(config, prepared, device, dist, self.run_dir, floor)
             if restored is not None:
                 loop.load(*restored)
@@ -413,7 +614,8 @@ class Trainer:
                     runs.write_run_file(
                         self.run_dir, config=config, model=prepared.model, path=prepared.path,
                         held_out=prepared.held_out, normalizer=prepared.normalizer,
-                        n_train=prepared.train.shape[0], data_sha256=prepared.data_sha256, loss_floor=floor,
+                        n_train=prepared.n_train, data_sha256=prepared.data_sha256, loss_floor=floor,
+                        labels=prepared.label_info(), held_out_labels=prepared.held_out_labels,
                     )  # fmt: skip
             dist.barrier()
             return loop.run(self.progress)
@@ -450,6 +652,21 @@ class Trainer:
                 f"{what}; no checkpoint had been written, so the run was removed; {fix}"
             ) from err
         raise TrainingFailed(f"{what}; the checkpoint of step {kept} is kept; {fix}") from err
+
+
+def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> None:
+    """``ValueError`` when a resumed run is given another model than the one it was trained with."""
+    if stored == given:
+        return
+    if isinstance(stored, dict) and stored.get("kind") == CUSTOM and given.get("kind") != CUSTOM:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own model ({stored.get('class')}, "
+            f"{stored.get('parameters')} weights); pass it again: Trainer(..., model=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the model {stored}, not {given}; pass the same model to "
+        "resume"
+    )
 
 
 def _make_dir(run_dir: Path) -> bool:
@@ -504,6 +721,10 @@ class _Loop:
         if dist.world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        self.stream = prepared.stream
+        self.tensorboard: Any = None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -534,10 +755,13 @@ class _Loop:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
-            "format": 1, "step": self.step, "config": self.config.to_dict(), "model": self.model.config(),
+            "format": 1, "step": self.step, "config": self.config.to_dict(), "model": describe(self.model),
             "optimizer": optim_meta, "window_sum": self.window_sum.item(), "window_count": self.window_count,
             "loss_ema": None if self.loss_ema is None else self.loss_ema.item(),
         }  # fmt: skip
+        if self.stream is not None:
+            loader_tensors, state["loader"] = self.stream.state()
+            tensors.update(loader_tensors)
         return tensors, state
 
     def load(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -549,6 +773,8 @@ class _Loop:
             )
             self.optimizer.load_state_dict(optim)
             self.generator.set_state(tensors["rng.generator"])
+            if self.stream is not None:  # before torch's generator is restored: it replays the epoch
+                self.stream.load(tensors, state["loader"])
             torch.set_rng_state(tensors["rng.torch"])
             if self.device.type == "cuda" and "rng.cuda" in tensors:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -577,18 +803,35 @@ class _Loop:
             checkpoint.save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, state)
 
     # -- one update --------------------------------------------------------------------------------------
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's slice of the global batch ``(x_data, t, noise)``, drawn from the run's generator, and
-        the reference points (``reference_size`` > 0, else None; the same on every rank).
+    def draw(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's slice of the global batch ``(x_data, t, noise, y)``, drawn from the run's generator
+        (in this order: indices, times, noise, coupling, reference points, label dropout; ``y`` is None
+        without labels), and the reference points (``reference_size`` > 0, else None; the same on every
+        rank). A DataLoader gives each rank its own batch, whole.
 
         The coupling pairs the noise with the data on the GLOBAL batch, before slicing, so that 1 and N
         processes train on the same pairs; references are drawn without replacement (unbiased targets).
         """
-        config, train, gen = self.config, self.prepared.train, self.generator
-        idx = torch.randint(train.shape[0], (config.batch_size,), generator=gen, device=self.device)
-        x_data = train[idx]
+        config, gen = self.config, self.generator
+        labels, train = self.prepared.labels, self.prepared.train
+        if self.stream is None:
+            idx = torch.randint(train.shape[0], (config.batch_size,), generator=gen, device=self.device)
+            x_data = train[idx]
+            y = None if labels is None else labels[idx]
+            part = slice(None)
+            if self.dist.world > 1:
+                share = config.batch_size // self.dist.world
+                part = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+        else:
+            x_data, y = self.stream.next()
+            x_data = x_data.to(self.device, torch.float32, non_blocking=True)
+            y = None if labels is None or y is None else y.to(self.device, non_blocking=True)
+            part = slice(None)
+        batch = x_data.shape[0]
         t = sample_time(
-            config.batch_size, time_sampler=config.time_sampler, t_eps=config.t_eps, generator=gen,
+            batch, time_sampler=config.time_sampler, t_eps=config.t_eps, generator=gen,
             dtype=x_data.dtype, device=self.device,
         )  # fmt: skip
         noise = torch.randn(x_data.shape, generator=gen, dtype=x_data.dtype, device=self.device)
@@ -597,9 +840,9 @@ class _Loop:
         if config.reference_size:
             pick = torch.randperm(train.shape[0], generator=gen, device=self.device)[: config.reference_size]
             reference = train[pick]
-        share = config.batch_size // self.dist.world
-        part = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
-        return x_data[part], t[part], noise[part], reference
+        if y is not None and config.p_uncond > 0:
+            y = drop_labels(y, config.p_uncond, gen)
+        return x_data[part], t[part], noise[part], None if y is None else y[part], reference
 
     def update(self) -> torch.Tensor:
         config = self.config
@@ -607,9 +850,10 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _validate.validation(False):
-            x_data, t, noise, reference = self.draw()
+            x_data, t, noise, y, reference = self.draw()
+        with _validate.validation(False), _autocast(config, self.device):
             loss = losses.objective_loss(
-                config.objective, self.net, x_data, self.target, t, noise, prediction=config.prediction,
+                config.objective, self.net, x_data, self.target, t, noise, y=y, prediction=config.prediction,
                 weighting=config.resolved_weighting(), t_eps=config.t_eps,
                 **_target_options(config, reference),
             )  # fmt: skip

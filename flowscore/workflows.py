@@ -42,8 +42,11 @@ EVAL_KEYS = (
     "nll",
     "bits_per_dim",
     "dequantized",
+    "per_class",
 )
 """The keys of :func:`evaluate_run`'s result, in order."""
+CLASS_KEYS = ("label", "n", "w2", "w2_floor", "w2_ratio", "mmd", "mmd_floor")
+"""The keys of each entry of ``per_class`` in :func:`evaluate_run`'s result."""
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -62,12 +65,14 @@ def plot_kind(data_shape: tuple[int, ...]) -> str:
 
 def _model_threads(run: Any, threads: int | None, batch: int, passes: float) -> int | None:
     """The thread count for running the run's model on ``batch`` points ``passes`` times per step."""
+    from .models import builtin_config
+
     if threads is not None:
         return threads
-    config = getattr(run.model, "config", None)
-    if not callable(config):
+    config = builtin_config(run.model)
+    if config is None:
         return None
-    return resources.threads_for(None, config(), tuple(run.data_shape), batch, passes)
+    return resources.threads_for(None, config, tuple(run.data_shape), batch, passes)
 
 
 def _threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
@@ -84,11 +89,11 @@ def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: 
     sampler = DEFAULT_ODE_SAMPLER if sampler is None else sampler
     per_point = 4.0 * math.prod(run.data_shape)
     needed = n * per_point * (1 + ((steps or default_steps(sampler)) + 2 if trajectory else 0))
-    config = getattr(run.model, "config", None)
-    if callable(config):
-        from .models import forward_cost
+    from .models import builtin_config, forward_cost
 
-        needed += min(n, SAMPLE_BATCH) * (forward_cost(config(), tuple(run.data_shape))[1] + 8 * per_point)
+    config = builtin_config(run.model)
+    if config is not None:
+        needed += min(n, SAMPLE_BATCH) * (forward_cost(config, tuple(run.data_shape))[1] + 8 * per_point)
     resources.check_memory(needed, "cpu", f"sampling {n} points", "pass a smaller --n")
 
 
@@ -103,6 +108,42 @@ def _batches(n: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
+def check_class(run: Any, label: int | None, guidance: float = 0.0) -> None:
+    """``ValueError`` unless ``label`` and ``guidance`` suit the run: labels only for a labelled run, within
+    ``-1 .. num_classes - 1`` (-1: the unconditional model); guidance only with labels."""
+    from . import _validate
+
+    _validate.number(guidance, "guidance")
+    if not getattr(run, "labelled", False):
+        if label is not None or guidance != 0:
+            raise ValueError(
+                "this run was trained without class labels, so it takes no class and no guidance; train on "
+                "labelled data (digits, mnist, an .npz with 'y') for class-conditional sampling"
+            )
+        return
+    if label is None:
+        return
+    k = run.num_classes
+    top = f"{k - 1}" if k is not None else "K-1"
+    _validate.integer(label, f"class (0..{top}, or -1 for the unconditional model)", minimum=-1,
+                      maximum=None if k is None else k - 1)  # fmt: skip
+
+
+def draw_labels(run: Any, n: int, label: int | None, generator: torch.Generator) -> torch.Tensor | None:
+    """The class of each of ``n`` samples: None for an unlabelled run; ``label`` when given; else drawn
+    from the training points per class (so the samples follow the data's class mix), or -1 (the
+    unconditional model) when the run does not know them."""
+    if not getattr(run, "labelled", False):
+        return None
+    if label is not None:
+        return torch.full((n,), int(label), dtype=torch.long)
+    counts = getattr(run, "class_counts", None)
+    if not counts or sum(counts) == 0:
+        return torch.full((n,), -1, dtype=torch.long)
+    weights = torch.tensor(counts, dtype=torch.float64)
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
 def sample_run(
     run: Any,
     n: int,
@@ -114,38 +155,55 @@ def sample_run(
     trajectory: bool = False,
     threads: int | None = None,
     progress: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    label: int | None = None,
+    guidance: float = 0.0,
+    return_labels: bool = False,
+) -> Any:
     """``n`` samples of a run in data space, ``(n, *data_shape)`` float32.
 
     ``sampler``, ``steps``, ``grid`` None: the defaults of :func:`flowscore.samplers.sample`. The model's
     samples are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from
     one generator seeded by ``seed``. With ``trajectory=True`` also returns the decoded states
     ``(T, n, *data_shape)`` from t = 0 (prior) to t = 1.
+
+    Labelled runs: ``label`` k samples class k, -1 the unconditional model, None a class per point drawn
+    from the training class frequencies (:func:`draw_labels`); ``guidance`` w is classifier-free guidance,
+    ``(1 + w) f(x, t, y) - w f(x, t, -1)`` (:func:`flowscore.conditioning.guided_model`). With
+    ``return_labels=True`` the labels ``(n,)`` (or None) come last in the returned tuple.
     """
+    from .conditioning import guided_model
     from .samplers import sample
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_class(run, label, guidance)
     check_sample_memory(run, n, sampler=sampler, steps=steps, trajectory=trajectory)
     generator = _generator(seed)
     shape = tuple(run.data_shape)
     out = np.empty((n, *shape), dtype=np.float32)
+    all_labels = np.empty(n, dtype=np.int64)
     paths = []
     decode = run.normalizer.decode
-    count = _model_threads(run, threads, min(n, SAMPLE_BATCH), _passes(sampler or DEFAULT_ODE_SAMPLER))
+    passes = _passes(sampler or DEFAULT_ODE_SAMPLER) * (2 if guidance else 1)
+    count = _model_threads(run, threads, min(n, SAMPLE_BATCH), passes)
     with _threads(count):
         for start, stop in _batches(n, progress, "sample"):
+            labels = draw_labels(run, stop - start, label, generator)
+            model = run.model if labels is None else guided_model(run.model, labels, guidance)
+            if labels is not None:
+                all_labels[start:stop] = labels.numpy()
             x = sample(
-                run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
+                model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory,
             )  # fmt: skip
             if trajectory:
                 x, states = x
                 paths.append(decode(states.detach()).float().numpy())
             out[start:stop] = decode(x.detach()).float().numpy()
-    if trajectory:
-        return out, np.concatenate(paths, axis=1)
-    return out
+    result: tuple[Any, ...] = (out, np.concatenate(paths, axis=1)) if trajectory else (out,)
+    if return_labels:
+        result += (all_labels if getattr(run, "labelled", False) else None,)
+    return result if len(result) > 1 else result[0]
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -288,7 +346,42 @@ def evaluate_run(
     }
     result["w2_ratio_ode"] = result["w2_ode"] / w2_floor if w2_floor > 0 else None
     result["w2_ratio_sde"] = result["w2_sde"] / w2_floor if w2_floor > 0 else None
+    result["per_class"] = None
+    if getattr(run, "labelled", False) and getattr(run, "held_out_labels", None) is not None:
+        result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads)
     return {key: result[key] for key in EVAL_KEYS}
+
+
+def evaluate_classes(
+    run: Any, *, n: int = 2000, seed: int = 0, guidance: float = 0.0, threads: int | None = None
+) -> list[dict[str, Any]]:
+    """Per class k of a labelled run (keys :data:`CLASS_KEYS`): W2 and MMD between ``m`` ODE samples of
+    class k (with ``guidance``) and ``m`` held-out points of class k, and their floors between two disjoint
+    halves of those held-out points; ``m = min(n, M_k // 2, metrics.MAX_W2_POINTS)``. A class with fewer
+    than 4 held-out points gets None values."""
+    from .metrics import MAX_W2_POINTS, mmd, w2
+
+    held = torch.as_tensor(run.held_out).float()
+    labels = torch.as_tensor(run.held_out_labels)
+    count = run.num_classes if run.num_classes is not None else int(labels.max()) + 1 if labels.numel() else 0
+    out = []
+    for k in range(count):
+        points = held[labels == k]
+        half = points.shape[0] // 2
+        entry: dict[str, Any] = dict.fromkeys(CLASS_KEYS)
+        entry.update(label=k, n=0)
+        if half >= 2:
+            m = min(n, half, MAX_W2_POINTS)
+            a, b = points[:m].flatten(1), points[half : half + m].flatten(1)
+            x = sample_run(run, m, label=k, guidance=guidance, seed=seed + 1000 + k, threads=threads)
+            x = torch.from_numpy(x).flatten(1)
+            floor = float(w2(b, a))
+            entry.update(
+                n=m, w2=float(w2(x, a)), w2_floor=floor, mmd=float(mmd(x, a)), mmd_floor=float(mmd(b, a))
+            )
+            entry["w2_ratio"] = entry["w2"] / floor if floor > 0 else None
+        out.append(entry)
+    return out
 
 
 def format_eval(result: dict[str, Any]) -> str:
@@ -311,6 +404,16 @@ def format_eval(result: dict[str, Any]) -> str:
         kind = ", dequantised" if result.get("dequantized") else ""
         nll = f"; held-out NLL = {result['nll']:.4f} nats ({result['bits_per_dim']:.4f} bits/dim{kind})"
     lines.append(f"n = {result['n']} points per set{nll}")
+    if result.get("per_class"):
+        lines += ["", f"{'per class (ODE samples)':<24} {'W2':>9} {'W2/floor':>9} {'MMD':>10} {'n':>6}"]
+        for entry in result["per_class"]:
+            if entry["w2"] is None:
+                lines.append(f"{'class ' + str(entry['label']):<24} {'-':>9} {'-':>9} {'-':>10} {0:>6}")
+                continue
+            lines.append(
+                f"{'class ' + str(entry['label']):<24} {entry['w2']:>9.4f} {ratio(entry['w2_ratio'])} "
+                f"{entry['mmd']:>10.3g} {entry['n']:>6}"
+            )
     return "\n".join(lines)
 
 

@@ -129,7 +129,8 @@ def test_eval_json_has_the_documented_keys_and_the_true_floor(run_dir: str, work
         result = json.load(fh)
     assert tuple(result) == workflows.EVAL_KEYS
     assert result["dequantized"] is False  # moons: continuous data
-    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized")}
+    assert result["per_class"] is None  # moons: no labels
+    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized", "per_class")}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert result["n"] == 300
     held = load_run(run_dir).held_out.double().numpy()

@@ -306,7 +306,7 @@ def test_bad_inputs_leave_nothing_behind(tmp_path):
         ({"data": "moons", "objective": "xx"}, "objective"),
         ({"data": "moons", "ema_decay": 1.0}, "ema_decay"),
         ({"data": "moons", "path": "ve", "path_options": {"sigma_min": -1}}, "sigma_min"),
-        ({"data": ""}, "data"),
+        ({"data": 3}, "data"),
     ],
 )
 def test_config_validation(values, match):

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from torch import nn
 from . import _validate, checkpoint, couplings, losses, resources, runs, sources
 from . import data as datasets
 from .conditioning import drop_labels
+from .tblog import FOLDER as TENSORBOARD_FOLDER
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
@@ -683,6 +685,7 @@ def _remove_own_files(run_dir: Path, created: bool) -> None:
     """Deletes the files a training writes (and their temporaries) from ``run_dir``, then the folder itself
     if this process created it and nothing else is in it. Never touches any other file."""
     runs.remove_temporaries(run_dir)
+    shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
     for name in runs.RUN_FILES:
         try:
             (run_dir / name).unlink()
@@ -890,6 +893,15 @@ class _Loop:
             "loss_floor": "" if self.floor_value is None else f"{self.floor_value:.6g}",
         }  # fmt: skip
 
+    def log_samples(self) -> None:
+        """A sample grid of the EMA model into the TensorBoard log (its own generator: see tblog)."""
+        prepared = self.prepared
+        self.tensorboard.samples(
+            self.step, self.ema, prepared.path, self.config.prediction, tuple(prepared.train.shape[1:]),
+            prepared.normalizer.decode, prepared.num_classes if prepared.labels is not None else None,
+            self.config.seed, self.device,
+        )  # fmt: skip
+
     def run(self, progress: bool) -> dict[str, Any]:
         config, main = self.config, self.dist.main
         log_file = self.run_dir / LOG_FILE
@@ -903,6 +915,11 @@ class _Loop:
             bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
         handle = open(log_file, "a", newline="") if main else None  # noqa: SIM115
         writer = csv.DictWriter(handle, LOG_FIELDS, lineterminator="\n") if handle else None
+        if main and config.tensorboard:
+            from .tblog import TensorBoardLog
+
+            self.phase = "opening the TensorBoard log"
+            self.tensorboard = TensorBoardLog(self.run_dir, self.step)
         self.model.train()
         tick, tick_step = time.perf_counter(), self.step
         try:
@@ -921,9 +938,17 @@ class _Loop:
                         handle.flush()
                     if bar is not None:
                         bar.set_postfix(loss=row["loss_ema"], floor=row["loss_floor"] or "-")
+                    if self.tensorboard is not None:
+                        self.phase = "writing the TensorBoard log"
+                        self.tensorboard.scalars(row, self.floor_value)
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save()
+                    if self.tensorboard is not None:
+                        self.phase = "writing TensorBoard samples"
+                        self.log_samples()
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if bar is not None:
                 bar.close()
             if handle is not None:

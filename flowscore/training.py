@@ -42,7 +42,6 @@ from torch import nn
 from . import _validate, checkpoint, couplings, losses, resources, runs, sources
 from . import data as datasets
 from .conditioning import drop_labels
-from .tblog import FOLDER as TENSORBOARD_FOLDER
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
@@ -61,6 +60,7 @@ from .runs import (  # noqa: F401  (re-exported: the run folder format)
     RunInUse,
     load_run,
 )
+from .tblog import FOLDER as TENSORBOARD_FOLDER
 
 LOSS_EMA_DECAY = 0.99
 FLOOR_MAX_SIZE = 1_000_000

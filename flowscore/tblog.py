@@ -27,13 +27,14 @@ GRID_SIZE = 8
 
 
 class TensorBoardLog:
-    """A ``SummaryWriter`` on ``run_dir/tensorboard``; ``step`` > 0 (a resumed run) purges later events."""
+    """A ``SummaryWriter`` on ``run_dir/tensorboard``; for ``step`` > 0 (a run resumed from the checkpoint of
+    that step) TensorBoard drops the earlier session's events after ``step``, which training redoes."""
 
     def __init__(self, run_dir: Path, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(
-            log_dir=str(Path(run_dir) / FOLDER), purge_step=step if step > 0 else None
+            log_dir=str(Path(run_dir) / FOLDER), purge_step=step + 1 if step > 0 else None
         )
 
     def scalars(self, row: dict[str, Any], floor: float | None) -> None:
@@ -115,7 +116,8 @@ def _scatter(points: torch.Tensor, labels: torch.Tensor | None) -> Any:
     except ImportError:
         return None
     figure, axes = plt.subplots(figsize=(4, 4))
-    axes.scatter(points[:, 0], points[:, 1], s=2, c=None if labels is None else labels, cmap="tab10")
+    colours = {} if labels is None else {"c": labels, "cmap": "tab10"}
+    axes.scatter(points[:, 0], points[:, 1], s=2, **colours)
     axes.set_aspect("equal")
     figure.tight_layout()
     return figure

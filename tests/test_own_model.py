@@ -17,8 +17,16 @@ from flowscore.conditioning import guided_model
 from flowscore.data import labelled_toy
 from flowscore.runs import CHECKPOINT_FILE
 
-BASE = dict(batch_size=64, lr=3e-3, warmup=5, lr_schedule="constant", checkpoint_every=15, log_every=5,
-            loss_floor=False, device="cpu")  # fmt: skip
+BASE = dict(
+    batch_size=64,
+    lr=3e-3,
+    warmup=5,
+    lr_schedule="constant",
+    checkpoint_every=15,
+    log_every=5,
+    loss_floor=False,
+    device="cpu",
+)
 
 
 class Net(nn.Module):
@@ -83,8 +91,16 @@ def test_own_module_on_labelled_tensors_resumes_bit_identically(tmp_path):
 def test_own_module_trains_and_samples_each_class(tmp_path):
     torch.manual_seed(0)
     x, y = labelled_toy("2gaussians", 3000, seed=1)
-    config = fs.TrainConfig(steps=400, batch_size=256, lr=3e-3, warmup=20, loss_floor=False,
-                            checkpoint_every=400, log_every=100, device="cpu")  # fmt: skip
+    config = fs.TrainConfig(
+        steps=400,
+        batch_size=256,
+        lr=3e-3,
+        warmup=20,
+        loss_floor=False,
+        checkpoint_every=400,
+        log_every=100,
+        device="cpu",
+    )
     fs.Trainer(config, tmp_path / "r", model=fresh(width=64), data=(x, y), progress=False).train()
     run = fs.load_run(tmp_path / "r", model=Net(width=64))
     gen = torch.Generator().manual_seed(0)
@@ -133,11 +149,13 @@ def test_dataloader_resume_replays_the_epoch(tmp_path, seeded, n_points):
 
     base = {**BASE, "checkpoint_every": 18}
     torch.manual_seed(5)
-    fs.Trainer(fs.TrainConfig(steps=30, **base), tmp_path / "full", model=fresh(), data=loader(),
-               progress=False).train()  # fmt: skip
+    fs.Trainer(
+        fs.TrainConfig(steps=30, **base), tmp_path / "full", model=fresh(), data=loader(), progress=False
+    ).train()
     torch.manual_seed(5)
-    fs.Trainer(fs.TrainConfig(steps=18, **base), tmp_path / "part", model=fresh(), data=loader(),
-               progress=False).train()  # fmt: skip
+    fs.Trainer(
+        fs.TrainConfig(steps=18, **base), tmp_path / "part", model=fresh(), data=loader(), progress=False
+    ).train()
     torch.manual_seed(99)  # whatever the global state now, the epoch's order is replayed from the checkpoint
     fs.Trainer.resume(tmp_path / "part", steps=30, model=Net(), data=loader(), progress=False).train(
         resume=True
@@ -152,15 +170,17 @@ def test_a_dataloader_without_labels_and_its_errors(tmp_path):
     with pytest.raises(ValueError, match="pair"):
         fs.Trainer(fs.TrainConfig(steps=4, **BASE), tmp_path / "a", model=fresh(Plain), data=stream).train()
     plain = DataLoader(DATA[0], batch_size=16, shuffle=True)
-    fs.Trainer(fs.TrainConfig(steps=4, **BASE), tmp_path / "b", model=fresh(Plain), data=plain,
-               progress=False).train()  # fmt: skip
+    fs.Trainer(
+        fs.TrainConfig(steps=4, **BASE), tmp_path / "b", model=fresh(Plain), data=plain, progress=False
+    ).train()
     with pytest.raises(ValueError, match="number of classes"):  # labels, built-in model, no class count
         fs.Trainer(
             fs.TrainConfig(steps=4, **BASE), tmp_path / "c", data=DataLoader(TensorDataset(*DATA))
         ).train()
     with pytest.raises(ValueError, match="DataLoader"):
-        fs.Trainer(fs.TrainConfig(steps=4, objective="fm", **BASE), tmp_path / "d", model=fresh(Plain),
-                   data=plain).train()  # fmt: skip
+        fs.Trainer(
+            fs.TrainConfig(steps=4, objective="fm", **BASE), tmp_path / "d", model=fresh(Plain), data=plain
+        ).train()
     assert not any((tmp_path / d).exists() for d in "acd")
 
 
@@ -210,8 +230,9 @@ def test_load_run_into_a_model_that_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="your own model"):  # resuming needs the model again
         fs.Trainer.resume(tmp_path / "r", steps=8, data=DATA, progress=False).train(resume=True)
     # a built-in run loads into a module built by hand as well
-    fs.Trainer(fs.TrainConfig(steps=4, width=16, depth=2, **BASE), tmp_path / "b", data=DATA,
-               progress=False).train()  # fmt: skip
+    fs.Trainer(
+        fs.TrainConfig(steps=4, width=16, depth=2, **BASE), tmp_path / "b", data=DATA, progress=False
+    ).train()
     own = fs.load_run(tmp_path / "b", model=fs.models.MLP(2, width=16, depth=2, num_classes=2)).model
     assert_same(own.state_dict(), fs.load_run(tmp_path / "b").model.state_dict())
 

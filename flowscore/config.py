@@ -109,7 +109,8 @@ class TrainConfig:
 
     ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None take per-data defaults
     (:data:`IMAGE_DEFAULTS` for ``"digits"`` and ``"mnist"``, :data:`VECTOR_DEFAULTS` otherwise). Each
-    field's meaning is in :data:`FIELD_HELP`; the allowed strings in :data:`CHOICES`.
+    field's meaning is in :data:`FIELD_HELP`; the allowed strings in :data:`CHOICES`. ``data`` stays empty
+    when the data is given to :class:`~flowscore.training.Trainer` as tensors, a Dataset or a DataLoader.
     """
 
     data: str = ""

@@ -68,7 +68,8 @@ FIELD_HELP: dict[str, str] = {
     "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "steps": "optimizer steps (with --resume: the new total)",
-    "batch_size": "points per step (split over torchrun processes)",
+    "batch_size": "points per step (split over torchrun processes; a DataLoader given to the Trainer "
+    "sets its own)",
     "lr": "peak learning rate of AdamW",
     "lr_schedule": "after warm-up: cosine decay to 0, or constant",
     "weight_decay": "AdamW weight decay",

@@ -261,7 +261,7 @@ def read_run_file(run_dir: str | Path) -> RunFile:
 def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RunFile:
     _require(state.get("format") == RUN_FORMAT, f"format {state.get('format')!r}, expected {RUN_FORMAT}")
     try:
-        config = TrainConfig.from_dict(state.get("config"))
+        config = _stored_config(state.get("config"))
     except ValueError as err:
         raise _Damaged(f"config: {err}") from None
     shape = state.get("data_shape")
@@ -367,13 +367,21 @@ def _check_labels(
     return dict(labels), held_labels
 
 
+def _stored_config(values: object) -> TrainConfig:
+    """The ``TrainConfig`` of a stored dict. A run stored before class labels existed has no ``labels`` key
+    and was trained without them: it keeps ``labels=False``, so that it loads and resumes as it was."""
+    if isinstance(values, dict) and "labels" not in values:
+        values = {**values, "labels": False}
+    return TrainConfig.from_dict(values)
+
+
 def stored_config(run_dir: str | Path) -> TrainConfig:
     """The config of the run in ``run_dir`` (read from the header of ``run.safetensors`` alone)."""
     file = Path(run_dir) / RUN_FILE
     if not file.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE})")
     try:
-        return TrainConfig.from_dict(checkpoint.read_state(file).get("config"))
+        return _stored_config(checkpoint.read_state(file).get("config"))
     except ValueError as err:
         raise ValueError(f"the config stored in {str(file)!r} is not valid ({err}); train again") from None
 

@@ -49,7 +49,7 @@ from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfi
     TrainConfig,
 )
 from .losses import sample_time
-from .models import CUSTOM, describe, model_config, model_from_config, parameter_count
+from .models import CUSTOM, check_description, describe, model_config, model_from_config, parameter_count
 from .paths import GaussianPath, get_path
 from .runs import (  # noqa: F401  (re-exported: the run folder format)
     CHECKPOINT_FILE,
@@ -658,6 +658,10 @@ class Trainer:
 
 def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> None:
     """``ValueError`` when a resumed run is given another model than the one it was trained with."""
+    try:
+        stored = check_description(stored)  # fills options a run stored before they existed
+    except ValueError:
+        pass
     if stored == given:
         return
     if isinstance(stored, dict) and stored.get("kind") == CUSTOM and given.get("kind") != CUSTOM:

@@ -287,3 +287,25 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pip install tensorboard"):
         fs.Trainer(config, tmp_path / "r", progress=False).train()
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_stored_before_labels_existed_resumes_without_them(tmp_path):
+    """A stored config without the label fields is a run trained before labels: it resumes unlabelled."""
+    from flowscore import checkpoint
+    from flowscore.runs import CHECKPOINT_FILE, RUN_FILE
+
+    data = tmp_path / "xy.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(300, 2)), y=np.arange(300) % 2)
+    base = dict(data=str(data), batch_size=32, width=16, depth=2, loss_floor=False, device="cpu")
+    fs.Trainer(fs.TrainConfig(steps=5, labels=False, **base), tmp_path / "r", progress=False).train()
+    new_fields = ("labels", "p_uncond", "precision", "compile", "tensorboard")
+    for name in (RUN_FILE, CHECKPOINT_FILE):
+        tensors, state = checkpoint.load_checkpoint(tmp_path / "r" / name)
+        state["config"] = {k: v for k, v in state["config"].items() if k not in new_fields}
+        state.pop("labels", None)
+        if isinstance(state.get("model"), dict):
+            state["model"].pop("num_classes", None)
+        checkpoint.save_checkpoint(tmp_path / "r" / name, tensors, state)
+    assert fs.load_run(tmp_path / "r").config.labels is False
+    fs.Trainer.resume(tmp_path / "r", steps=8, progress=False).train(resume=True)
+    assert fs.load_run(tmp_path / "r").step == 8 and not fs.load_run(tmp_path / "r").labelled

@@ -257,3 +257,16 @@ def test_precision_and_compile(tmp_path, monkeypatch):
     fs.Trainer(compile_config, tmp_path / "compiled", model=fresh(), data=DATA, progress=False).train()
     assert len(calls) == 1 and isinstance(calls[0], Net)
     assert_same(weights(tmp_path / "plain", "model"), weights(tmp_path / "compiled", "model"))
+
+
+def test_a_tensor_trains_exactly_like_the_named_data_set_it_holds(tmp_path):
+    """data=tensor goes through the same split, normalizer, loss floor and model as data=name."""
+    config = dict(steps=6, batch_size=32, width=16, depth=2, checkpoint_every=6, log_every=3, device="cpu")
+    fs.Trainer(fs.TrainConfig(data="moons", data_n=400, **config), tmp_path / "named", progress=False).train()
+    tensor = fs.data.load("moons", n=400, seed=0)
+    fs.Trainer(fs.TrainConfig(**config), tmp_path / "tensor", data=tensor, progress=False).train()
+    named, given = fs.load_run(tmp_path / "named"), fs.load_run(tmp_path / "tensor")
+    assert torch.equal(named.held_out, given.held_out)
+    assert named.loss_floor is not None and named.loss_floor == given.loss_floor
+    assert_same(named.model.state_dict(), given.model.state_dict())
+    assert [r["loss"] for r in named.log] == [r["loss"] for r in given.log]

@@ -519,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--guidance", type=_number, default=0.0, metavar="W",
-        help="classifier-free guidance weight w: (1 + w) f(x, t, y) - w f(x, t, -1) (default: 0, plain "
-        "conditional sampling)",
+        help="classifier-free guidance weight w: (1 + w) f(x, t, y) - w f(x, t, -1); 0 is plain conditional "
+        "sampling (default: 0.0)",
     )  # fmt: skip
     p.add_argument(
         "--plot", metavar="FILE.png", help="also plot the samples (2D: vs held-out data; images: grid)"

@@ -92,8 +92,9 @@ FIELD_HELP: dict[str, str] = {
     "reference_size": "reference-batch targets (cfm, dsm): the target is the posterior average over the own "
     "point and this many training points drawn each step; 0: plain targets",
     "n_holdout": "points kept out of training for eval; none: min(2000, N // 10)",
-    "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm; "
-    "not yet for labelled data or a DataLoader)",
+    "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm; with "
+    "labels: the floor of label dropout, p_uncond x unconditional + (1 - p_uncond) x class-conditional; "
+    "none for a DataLoader)",
     "device": "auto, cpu, cuda or cuda:N",
     "threads": "torch CPU threads; none: chosen from the work per step (one for small models)",
     "precision": "fp32, or bf16: the model's forward pass under CUDA autocast to bfloat16 (CUDA only)",

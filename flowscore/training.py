@@ -434,12 +434,12 @@ def _autocast(config: TrainConfig, device: torch.device) -> Any:
 
 def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dict[str, Any] | None:
     """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, a DataLoader,
-    labels, floor missing, or a coupling or reference targets: the floor of the independent coupling's plain
-    target is not the floor of those losses, docs/theory.md section 13)."""
+    floor missing, or a coupling or reference targets: the floor of the independent coupling's plain target is
+    not the floor of those losses, docs/theory.md section 13). Labelled data: see :func:`_labelled_floor`."""
     train = prepared.train
     if (
         not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE
-        or prepared.stream is not None or prepared.labels is not None
+        or prepared.stream is not None
     ):  # fmt: skip
         return None
     if config.coupling != "independent" or config.reference_size:
@@ -449,12 +449,46 @@ def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dic
     except ImportError:
         return None
     n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
-    floor = loss_floor(
-        train.cpu(), prepared.path, config.objective, n_samples=n_samples,
-        weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
-        seed=config.seed, progress=progress,
-    )  # fmt: skip
-    return floor.to_dict()
+
+    def floor(points: torch.Tensor) -> dict[str, Any]:
+        return loss_floor(
+            points.cpu(), prepared.path, config.objective, n_samples=n_samples,
+            weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
+            seed=config.seed, progress=progress,
+        ).to_dict()  # fmt: skip
+
+    if prepared.labels is None:
+        return floor(train)
+    return _labelled_floor(floor, train, prepared.labels.cpu(), config.p_uncond)
+
+
+def _labelled_floor(floor: Any, train: torch.Tensor, labels: torch.Tensor, p_uncond: float) -> dict[str, Any]:
+    r"""The floor of the loss trained with label dropout: :math:`p F + (1 - p) \sum_k \pi_k F_k`.
+
+    With probability ``p = p_uncond`` a point's label is -1 and the best prediction is the exact marginal
+    field of all the data (floor ``F``); otherwise it is the field of its class k (floor ``F_k``, the floor
+    of class k's points alone), k having the share ``pi_k`` of the points. The predictions for different
+    labels are separate functions, so the floor is that mixture. ``floor(points)`` gives a
+    ``LossFloor.to_dict()``; each class gets as many draws as the whole set (the cost is shared out, as the
+    cost of a floor grows with the points). Returns ``{"value", "standard_error", "p_uncond",
+    "unconditional": {...}, "conditional": {"value", "standard_error", "per_class"}}``.
+    """
+    counts = torch.bincount(labels)
+    shares = counts.double() / counts.sum()
+    per_class = [floor(train[labels == k]) if counts[k] > 0 else None for k in range(len(counts))]
+    cond = sum(float(shares[k]) * f["value"] for k, f in enumerate(per_class) if f is not None)
+    cond_var = sum(
+        float(shares[k]) ** 2 * f["standard_error"] ** 2 for k, f in enumerate(per_class) if f is not None
+    )
+    whole = floor(train) if p_uncond > 0 else {"value": 0.0, "standard_error": 0.0}
+    value = p_uncond * whole["value"] + (1 - p_uncond) * cond
+    error = math.sqrt(p_uncond**2 * whole["standard_error"] ** 2 + (1 - p_uncond) ** 2 * cond_var)
+    return {
+        "value": value, "standard_error": error, "p_uncond": p_uncond,
+        "unconditional": {"value": whole["value"], "standard_error": whole["standard_error"]},
+        "conditional": {"value": cond, "standard_error": math.sqrt(cond_var),
+                        "per_class": [None if f is None else f["value"] for f in per_class]},
+    }  # fmt: skip
 
 
 # -- the trainer -------------------------------------------------------------------------------------------

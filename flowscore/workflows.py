@@ -25,6 +25,9 @@ import torch
 from . import resources
 from .samplers import DEFAULT_ODE_SAMPLER, EVALS_PER_STEP, default_steps
 
+LABEL_SEED_OFFSET = 2**32
+"""Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
+the noise (seed ``seed``): the same seed gives the same noise whatever the classes asked for."""
 SAMPLE_BATCH = 8192
 """Points per batch of :func:`sample_run` (a batch of samples is independent of the others)."""
 FIELD_TIMES = (0.1, 0.5, 0.9, 0.99)
@@ -163,7 +166,8 @@ def sample_run(
 
     ``sampler``, ``steps``, ``grid`` None: the defaults of :func:`flowscore.samplers.sample`. The model's
     samples are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from
-    one generator seeded by ``seed``. With ``trajectory=True`` also returns the decoded states
+    one generator seeded by ``seed`` (the classes from another, see :data:`LABEL_SEED_OFFSET`). With
+    ``trajectory=True`` also returns the decoded states
     ``(T, n, *data_shape)`` from t = 0 (prior) to t = 1.
 
     Labelled runs: ``label`` k samples class k, -1 the unconditional model, None a class per point drawn
@@ -186,9 +190,10 @@ def sample_run(
     decode = run.normalizer.decode
     passes = _passes(sampler or DEFAULT_ODE_SAMPLER) * (2 if guidance else 1)
     count = _model_threads(run, threads, min(n, SAMPLE_BATCH), passes)
+    label_generator = _generator(LABEL_SEED_OFFSET + seed)  # the noise draws do not depend on the labels
     with _threads(count):
         for start, stop in _batches(n, progress, "sample"):
-            labels = draw_labels(run, stop - start, label, generator)
+            labels = draw_labels(run, stop - start, label, label_generator)
             model = run.model if labels is None else guided_model(run.model, labels, guidance)
             if labels is not None:
                 all_labels[start:stop] = labels.numpy()

@@ -78,20 +78,32 @@ def test_image_run_uses_a_unet_and_maps_the_pixel_range_to_minus_one_one(run_dir
 
 def test_sample_writes_decoded_euler_samples_and_a_png(run_dir: str, workdir: str, capsys) -> None:
     out, png = os.path.join(workdir, "samples.npy"), os.path.join(workdir, "samples.png")
-    n, steps, seed = 16, 20, 3
-    argv = ["--n", str(n), "--sampler", "euler", "--steps", str(steps), "--seed", str(seed)]
+    n, steps, seed, label = 16, 20, 3, 7
+    argv = [
+        "--n",
+        str(n),
+        "--sampler",
+        "euler",
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--class",
+        str(label),
+    ]
     code, stdout, err = run_cli(capsys, "sample", "--run", run_dir, *argv, "--out", out, "--plot", png)
     assert code == 0, err
     samples = np.load(out)
     assert samples.shape == (n, 1, 8, 8) and samples.dtype == np.float32
-    # Euler on the learned velocity from N(0, I) at t = 0 to t = 1 (linear path: finite at both ends),
-    # then the map back to data units x = 8 z + 8
+    # Euler on the learned velocity of class 7 (digits are labelled: a class-conditional UNet) from N(0, I)
+    # at t = 0 to t = 1 (linear path: finite at both ends), then the map back to data units x = 8 z + 8
     model = load_run(run_dir).model
     z = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
     times = torch.linspace(0, 1, steps + 1)
+    y = torch.full((n,), label)
     with torch.no_grad():
         for t0, t1 in zip(times[:-1], times[1:], strict=True):
-            z = z + (t1 - t0) * model(z, t0.expand(n))
+            z = z + (t1 - t0) * model(z, t0.expand(n), y)
     np.testing.assert_allclose(samples, (8 * z + 8).numpy(), rtol=1e-4, atol=1e-3)
     assert samples.std() > 2.0  # data units (pixels 0..16), not the model's [-1, 1]
     assert is_png(png)
@@ -124,8 +136,9 @@ def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
     with open(out) as fh:
         result = json.load(fh)
     assert tuple(result) == workflows.EVAL_KEYS and result["n"] == 50
-    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized")}
+    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized", "per_class")}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
+    assert [c["label"] for c in result["per_class"]] == list(range(10))  # digits are labelled
     # integer gray levels: the likelihood is of uniformly dequantised pixels over unit bins, in data units;
     # bits/dim of a discrete distribution is >= 0 (a dequantised bound stays above it)
     assert result["dequantized"] is True

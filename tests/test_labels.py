@@ -357,3 +357,28 @@ def test_guided_sampling_follows_the_guided_ode():
     plain = fs.sample_ode(guided_model(velocity_oracle, y, 0.0), noise, times, "rk4")
     away = MU[1] - MU[0]
     assert ((got - MU[0]) @ away).mean() > ((plain - MU[0]) @ away).mean() + 0.2
+
+
+def test_labelled_loss_floor_mixes_the_unconditional_and_class_floors():
+    """Each class is one point repeated: its own floor is 0 (the marginal field is the conditional one), so
+    the floor of training with label dropout p is p times the floor of the whole set."""
+    from flowscore.training import _labelled_floor
+
+    points = torch.tensor([[-1.0, 0.5]] * 30 + [[2.0, -1.0]] * 10)
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    path = fs.get_path("linear")
+
+    def floor(x):
+        return fs.loss_floor(x, path, "cfm", n_samples=4000, seed=3, progress=False).to_dict()
+
+    whole = floor(points)
+    assert whole["value"] > 0.1
+    result = _labelled_floor(floor, points, labels, 0.25)
+    assert result["conditional"]["per_class"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert result["value"] == pytest.approx(0.25 * whole["value"], rel=1e-9)
+    assert result["standard_error"] == pytest.approx(0.25 * whole["standard_error"], rel=1e-6)
+    # without dropout the floor is the class-weighted mean of the class floors (two classes of two points)
+    two = torch.tensor([[-1.0, 0.0], [-1.0, 1.0], [2.0, 0.0], [3.0, 0.0]])
+    result = _labelled_floor(floor, two, torch.tensor([0, 0, 1, 1]), 0.0)
+    expected = 0.5 * floor(two[:2])["value"] + 0.5 * floor(two[2:])["value"]
+    assert result["value"] == pytest.approx(expected, rel=1e-12) and result["unconditional"]["value"] == 0.0

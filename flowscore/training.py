@@ -435,7 +435,7 @@ def _autocast(config: TrainConfig, device: torch.device) -> Any:
 def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dict[str, Any] | None:
     """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, a DataLoader,
     floor missing, or a coupling or reference targets: the floor of the independent coupling's plain target is
-    not the floor of those losses, docs/theory.md section 13). Labelled data: see :func:`_labelled_floor`."""
+    not the floor of those losses, docs/theory.md section 14). Labelled data: see :func:`_labelled_floor`."""
     train = prepared.train
     if (
         not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE

@@ -279,7 +279,7 @@ def _prepare(
         raise ValueError(
             "model= is given, so config.model, width and depth have no say: leave them at auto / none"
         )
-    _check_precision(config, device)
+    _check_options(config, device)
     raw, labels, stream = _read_data(config, data)
     shape = tuple(raw.shape[1:])
     if stream is None:
@@ -347,7 +347,9 @@ def _loader_size(stream: sources.LoaderStream) -> int:
         return 1
 
 
-def _check_precision(config: TrainConfig, device: torch.device) -> None:
+def _check_options(config: TrainConfig, device: torch.device) -> None:
+    """``precision="bf16"`` needs CUDA; ``tensorboard`` needs its package (checked before anything is
+    written)."""
     if config.precision == "bf16" and device.type != "cuda":
         raise ValueError(
             f"precision bf16 autocasts the model to bfloat16 on CUDA; on {device.type} it would not speed up "

@@ -85,6 +85,7 @@ def report(
         f"({n_params:,} parameters), label dropout p_uncond = {c.p_uncond}, {c.objective}/{c.prediction} "
         f"on the {c.path} path, {c.steps} steps, batch {c.batch_size}, lr {c.lr}; "
         f"{run.held_out.shape[0]} held-out digits. Training {train_s:.0f} s; sampling {sample_s:.0f} s "
+        f"(wall clock, load average {os.getloadavg()[0]:.1f} at the end: not a speed figure) "
         f"({args.n} samples per class and guidance weight, ODE {ODE_SAMPLER} {ODE_STEPS} steps; guidance w: "
         "(1 + w) f(x, t, y) - w f(x, t, -1)).",
         "",

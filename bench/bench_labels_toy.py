@@ -94,7 +94,8 @@ def main() -> None:
         "",
         f"{TOY} with the mode as label, {N_TRAIN} points as `data=(x, y)`; `TrainConfig()` defaults: "
         f"{config.steps} steps, batch {config.batch_size}, p_uncond {config.p_uncond}, class-conditional "
-        f"MLP; training {train_s:.0f} s, sampling {sample_s:.0f} s. Per class: {args.n} ODE samples "
+        f"MLP; training {train_s:.0f} s, sampling {sample_s:.0f} s (wall clock, load average "
+        f"{os.getloadavg()[0]:.1f} at the end: not a speed figure). Per class: {args.n} ODE samples "
         f"({ODE_SAMPLER}, {ODE_STEPS} steps, guidance 0) against {args.pairs} pairs of fresh draws of "
         f"{args.n} points of that class: floor = mean W2 between the two draws of a pair (its range in "
         "brackets), ratio = mean W2(samples, first draw) / floor. Goal (as for the unconditional toys): "

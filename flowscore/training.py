@@ -396,12 +396,6 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
             "points it is drawn from (without replacement, and never from a DataLoader); pass a smaller "
             "--reference-size"
         )
-    if prepared.labels is not None and (config.coupling != "independent" or config.reference_size):
-        raise ValueError(
-            "class labels with a coupling or reference targets: those pair or average over the points of all "
-            "classes, which would not train the class-conditional fields; use coupling=independent and "
-            "reference_size=0, or labels=false"
-        )
     model, was_training = prepared.model, prepared.model.training
     target = _loss_target(config, prepared)
     try:
@@ -409,7 +403,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
             loss = losses.objective_loss(
                 config.objective, model.eval(), x_data, target, t, torch.zeros_like(x_data), y=y,
                 prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
-                **_target_options(config, prepared.train[:2]),
+                **_target_options(config, prepared.train[:2], None if y is None else y),
             )  # fmt: skip
     except (TypeError, RuntimeError, IndexError) as err:
         call = "model(x, t)" if y is None else "model(x, t, y) with integer labels y"
@@ -423,9 +417,18 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
         raise ValueError(f"the {config.objective} loss is not finite at t = 0.5 with this configuration")
 
 
-def _target_options(config: TrainConfig, reference: torch.Tensor | None) -> dict[str, Any]:
-    """The loss's ``reference=`` when ``reference_size`` > 0 (the coupling is applied in ``draw``)."""
-    return {"reference": reference} if config.reference_size else {}
+def _target_options(
+    config: TrainConfig, reference: torch.Tensor | None, reference_y: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """The loss's ``reference=`` (and ``reference_y=``, the references' labels, for a labelled run) when
+    ``reference_size`` > 0 (the coupling is applied in ``draw``)."""
+    if not config.reference_size:
+        return {}
+    return (
+        {"reference": reference}
+        if reference_y is None
+        else {"reference": reference, "reference_y": reference_y}
+    )
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
@@ -848,14 +851,18 @@ class _Loop:
     # -- one update --------------------------------------------------------------------------------------
     def draw(
         self,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
         """This rank's slice of the global batch ``(x_data, t, noise, y)``, drawn from the run's generator
-        (in this order: indices, times, noise, coupling, reference points, label dropout; ``y`` is None
-        without labels), and the reference points (``reference_size`` > 0, else None; the same on every
-        rank). A DataLoader gives each rank its own batch, whole.
+        (in this order: indices, times, noise, label dropout, coupling, reference points; ``y`` is None
+        without labels), and the loss's reference options (:func:`_target_options`: the reference points
+        and their labels when ``reference_size`` > 0, the same on every rank). A DataLoader gives each rank
+        its own batch, whole.
 
         The coupling pairs the noise with the data on the GLOBAL batch, before slicing, so that 1 and N
         processes train on the same pairs; references are drawn without replacement (unbiased targets).
+        With labels the coupling pairs within each label after the dropout (the dropped, -1, points among
+        themselves: the unconditional branch's pairs), and a point's reference posterior runs over the
+        references of its class (all of them for -1).
         """
         config, gen = self.config, self.generator
         labels, train = self.prepared.labels, self.prepared.train
@@ -878,14 +885,16 @@ class _Loop:
             dtype=x_data.dtype, device=self.device,
         )  # fmt: skip
         noise = torch.randn(x_data.shape, generator=gen, dtype=x_data.dtype, device=self.device)
-        noise = couplings.couple(x_data, noise, config.coupling, reg=config.coupling_reg, generator=gen)
-        reference = None
+        if y is not None and config.p_uncond > 0:
+            y = drop_labels(y, config.p_uncond, gen)
+        noise = couplings.couple(x_data, noise, config.coupling, reg=config.coupling_reg, y=y, generator=gen)
+        reference = reference_y = None
         if config.reference_size:
             pick = torch.randperm(train.shape[0], generator=gen, device=self.device)[: config.reference_size]
             reference = train[pick]
-        if y is not None and config.p_uncond > 0:
-            y = drop_labels(y, config.p_uncond, gen)
-        return x_data[part], t[part], noise[part], None if y is None else y[part], reference
+            reference_y = None if labels is None else labels[pick]
+        options = _target_options(config, reference, reference_y)
+        return x_data[part], t[part], noise[part], None if y is None else y[part], options
 
     def update(self) -> torch.Tensor:
         config = self.config
@@ -893,12 +902,12 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _validate.validation(False):
-            x_data, t, noise, y, reference = self.draw()
+            x_data, t, noise, y, options = self.draw()
         with _validate.validation(False), _autocast(config, self.device):
             loss = losses.objective_loss(
                 config.objective, self.net, x_data, self.target, t, noise, y=y, prediction=config.prediction,
                 weighting=config.resolved_weighting(), t_eps=config.t_eps,
-                **_target_options(config, reference),
+                **options,
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -271,3 +271,35 @@ def test_a_tensor_trains_exactly_like_the_named_data_set_it_holds(tmp_path):
     assert named.loss_floor is not None and named.loss_floor == given.loss_floor
     assert_same(named.model.state_dict(), given.model.state_dict())
     assert [r["loss"] for r in named.log] == [r["loss"] for r in given.log]
+
+
+def test_labels_with_a_coupling_and_reference_targets(tmp_path, monkeypatch):
+    """The coupling pairs within each label after the dropout (-1 among themselves), and the references
+    come with their labels."""
+    from flowscore import couplings, losses
+
+    seen_couple, seen_loss = [], []
+    real_couple, real_cfm = couplings.couple, losses.cfm
+
+    def couple(x_data, noise, coupling, **kwargs):
+        seen_couple.append(kwargs.get("y"))
+        return real_couple(x_data, noise, coupling, **kwargs)
+
+    def cfm(*args, **kwargs):
+        seen_loss.append((kwargs.get("y"), kwargs.get("reference_y")))
+        return real_cfm(*args, **kwargs)
+
+    monkeypatch.setattr(couplings, "couple", couple)
+    monkeypatch.setitem(losses._LOSSES, "cfm", cfm)
+    config = fs.TrainConfig(steps=6, coupling="ot", p_uncond=0.5, **BASE)
+    fs.Trainer(config, tmp_path / "ot", model=fresh(), data=DATA, progress=False).train()
+    labels = torch.cat(seen_couple)
+    assert labels.shape == (6 * 64,) and set(labels.tolist()) == {-1, 0, 1}
+    assert 0.35 < (labels == -1).float().mean().item() < 0.65  # p_uncond = 0.5: dropped before pairing
+    for (y, _), paired in zip(seen_loss[1:], seen_couple, strict=True):  # seen_loss[0]: the dry run
+        assert torch.equal(y, paired)
+    seen_loss.clear()
+    config = fs.TrainConfig(steps=6, reference_size=50, p_uncond=0.5, **BASE)
+    fs.Trainer(config, tmp_path / "reference", model=fresh(), data=DATA, progress=False).train()
+    for y, reference_y in seen_loss[1:]:
+        assert (y == -1).any() and reference_y.shape == (50,) and set(reference_y.tolist()) == {0, 1}

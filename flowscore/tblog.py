@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .conditioning import guided_model
 from .paths import GaussianPath
 
 FOLDER = "tensorboard"
@@ -73,14 +72,13 @@ class TensorBoardLog:
         if num_classes is not None:  # rows of classes 0, 1, ... (images); every class in turn (points)
             per_row = GRID_SIZE if image else 1
             labels = (torch.arange(n, device=device) // per_row) % min(num_classes, GRID_SIZE if image else n)
-        field = model if labels is None else guided_model(model, labels)
         generator = torch.Generator(device=device).manual_seed(seed)
         was_training = model.training
         model.eval()
         try:
             x = sample(
-                field, path, n, prediction=prediction, sampler="euler", steps=GRID_STEPS, shape=data_shape,
-                generator=generator, device=device,
+                model, path, n, prediction=prediction, sampler="euler", steps=GRID_STEPS, shape=data_shape,
+                generator=generator, device=device, y=labels,
             )  # fmt: skip
         finally:
             model.train(was_training)

@@ -172,10 +172,9 @@ def sample_run(
 
     Labelled runs: ``label`` k samples class k, -1 the unconditional model, None a class per point drawn
     from the training class frequencies (:func:`draw_labels`); ``guidance`` w is classifier-free guidance,
-    ``(1 + w) f(x, t, y) - w f(x, t, -1)`` (:func:`flowscore.conditioning.guided_model`). With
+    ``(1 + w) f(x, t, y) - w f(x, t, -1)`` (``flowscore.samplers.sample``'s ``y`` and ``guidance``). With
     ``return_labels=True`` the labels ``(n,)`` (or None) come last in the returned tuple.
     """
-    from .conditioning import guided_model
     from .samplers import sample
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -194,12 +193,12 @@ def sample_run(
     with _threads(count):
         for start, stop in _batches(n, progress, "sample"):
             labels = draw_labels(run, stop - start, label, label_generator)
-            model = run.model if labels is None else guided_model(run.model, labels, guidance)
             if labels is not None:
                 all_labels[start:stop] = labels.numpy()
             x = sample(
-                model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
-                grid=grid, shape=shape, generator=generator, return_trajectory=trajectory,
+                run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
+                grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
+                guidance=guidance if labels is not None else 0.0,
             )  # fmt: skip
             if trajectory:
                 x, states = x

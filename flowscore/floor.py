@@ -9,6 +9,16 @@ where :math:`T(x|x_{data})` is the conditional target (``path.target``) and
 :math:`T(x) = E[T(x|x_{data})|x]` the exact marginal field. A perfect model reaches ``L_marg = 0``, so ``C``
 is what it reaches on CFM/DSM. :func:`loss_floor` estimates ``C`` by Monte Carlo with the exact marginal of
 the data set (the data set itself is the distribution), overall and per bin of t, with standard errors.
+
+With class labels y (a model ``f(x, t, y)`` that sees the class of ``x_data``) the best prediction is the
+class-conditional field :math:`T(x|y) = E[T(x|x_{data})|x, y]`, and the conditional floor
+
+.. math::  C_{cond} = E\,\lambda(t)\lVert T(x|x_{data}) - T(x|y)\rVert^2
+           = C - E\,\lambda(t)\lVert T(x|y) - T(x)\rVert^2 \le C
+
+is lower by what the label tells about ``x_data``. A model trained with labels dropped (replaced by -1)
+with probability p learns ``T(x|y)`` and ``T(x)`` separately, so its floor is
+``(1 - p) C_cond + p C`` (:meth:`LossFloor.label_dropout_value`).
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ class LossFloor:
     closed), i.e. ``E[. | t in bin k]``, from ``bin_counts[k]`` draws. Hence
     ``sum_k bin_counts[k] * per_bin[k] / n_samples == value``. An empty bin has ``per_bin`` and standard
     error 0 (and count 0).
+
+    ``conditional`` says whether the model sees the class labels (the floor of ``f(x, t, y)``); a conditional
+    floor carries in ``unconditional`` the floor of a label-blind model ``f(x, t)``, estimated on the same
+    draws (so that their difference has a small standard error).
     """
 
     value: float
@@ -60,10 +74,20 @@ class LossFloor:
     bin_counts: list[int]
     n_samples: int
     objective: str
+    conditional: bool = False
+    unconditional: LossFloor | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of all fields."""
+        """A JSON-serialisable dict of all fields (``unconditional`` nested)."""
         return asdict(self)
+
+    def label_dropout_value(self, p_uncond: float) -> float:
+        """The floor of a model trained with labels dropped with probability ``p_uncond``:
+        ``(1 - p) * value + p * unconditional.value`` (``value`` itself for an unconditional floor)."""
+        p = _validate.number(p_uncond, "p_uncond", 0.0, 1.0)
+        if self.unconditional is None:
+            return self.value
+        return (1 - p) * self.value + p * self.unconditional.value
 
 
 def floor_terms(
@@ -73,6 +97,7 @@ def floor_terms(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     *,
+    y: torch.Tensor | None = None,
     weighting: str | Weighting | None = None,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
@@ -81,50 +106,115 @@ def floor_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(t, c)``, both ``(B,)``: times and :math:`\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2` per draw.
 
-    ``kind`` is "velocity" or "score"; ``t``/``noise`` are drawn as in the losses when None.
+    ``kind`` is "velocity" or "score"; ``t``/``noise`` are drawn as in the losses when None. With class
+    labels ``y`` (``(B,)``, the classes of ``x_data``; a labelled marginal) the exact field is the
+    class-conditional one, :math:`T(x|y)`.
     """
+    t, c, _ = _floor_terms(
+        marginal,
+        x_data,
+        kind,
+        t,
+        noise,
+        y=y,
+        both=False,
+        weighting=weighting,
+        time_sampler=time_sampler,
+        t_eps=t_eps,
+        generator=generator,
+        dim_reduction=dim_reduction,
+    )
+    return t, c
+
+
+def _floor_terms(
+    marginal: Any,
+    x_data: torch.Tensor,
+    kind: str,
+    t: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    *,
+    y: torch.Tensor | None,
+    both: bool,
+    weighting: str | Weighting | None,
+    time_sampler: str | TimeSampler,
+    t_eps: float,
+    generator: torch.Generator | None,
+    dim_reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(t, c, c_unconditional)``: :func:`floor_terms` given ``y`` and, when ``both``, the label-blind
+    terms on the same draws (else None)."""
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
     conditional = path.target(x_data, t, noise, kind)
-    exact = marginal_target(marginal, kind, x, t)
     weight = loss_weight(path, t, kind, weighting, time_sampler=time_sampler, t_eps=t_eps)
-    return t, weight * squared_error(conditional, exact, dim_reduction)
+
+    def term(labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            exact = marginal_target(marginal, kind, x, t)
+        else:
+            with torch.no_grad():
+                exact = marginal.field(kind, x, t, y=labels)
+        return weight * squared_error(conditional, exact, dim_reduction)
+
+    return t, term(y), (term(None) if both else None)
 
 
 def draw_data(marginal: Any, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws of ``x_data`` from the distribution behind ``marginal``.
+    """``n`` draws of ``x_data`` from the distribution behind ``marginal`` (see :func:`draw_labelled`)."""
+    return draw_labelled(marginal, n, generator)[0]
 
-    An ``EmpiricalMarginal`` (anything with a ``.data`` tensor) is sampled uniformly with replacement; a
-    mixture marginal must offer ``sample_data(n, generator=)`` or a ``.mixture`` with
-    ``sample(n, generator=)``.
+
+def draw_labelled(
+    marginal: Any, n: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` draws of ``x_data`` from the distribution behind ``marginal``, and their class labels ``(n,)``
+    (None when the marginal has no labels).
+
+    An ``EmpiricalMarginal`` (anything with a ``.data`` tensor, and ``.labels``) is sampled uniformly with
+    replacement; a mixture marginal must offer ``sample_data(n, generator=)`` returning ``(x, y)``, or a
+    ``.mixture`` with ``sample(n, generator=)``.
     """
     data = getattr(marginal, "data", None)
     if isinstance(data, torch.Tensor):
         idx = torch.randint(
             0, data.shape[0], (n,), generator=generator, device=generator.device if generator else "cpu"
-        )
-        return data[idx.to(data.device)]
+        ).to(data.device)
+        labels = getattr(marginal, "labels", None)
+        return data[idx], None if labels is None else labels[idx]
     if hasattr(marginal, "sample_data"):
-        return marginal.sample_data(n, generator=generator)
+        x, y = marginal.sample_data(n, generator=generator)
+        return x.to(marginal.dtype), None if getattr(marginal, "num_classes", None) is None else y
     mixture = getattr(marginal, "mixture", None)
     if mixture is not None and hasattr(mixture, "sample"):
-        return mixture.sample(n, generator=generator).to(marginal.dtype)
+        return mixture.sample(n, generator=generator).to(marginal.dtype), None
     raise ValueError(
         f"cannot draw data from {type(marginal).__name__}: expected a .data tensor, a "
         "sample_data(n, generator) method or a .mixture with sample(n, generator)"
     )
 
 
-def as_marginal(data: Any, path: GaussianPath | str | None, chunk_size: int | None = None) -> Any:
-    """``data`` as an exact marginal on ``path``: a tensor becomes an ``EmpiricalMarginal`` (float64); a
-    marginal (with ``.path``, ``.velocity``, ``.score``) is used as is and must live on ``path`` if given."""
+def as_marginal(
+    data: Any,
+    path: GaussianPath | str | None,
+    chunk_size: int | None = None,
+    labels: torch.Tensor | None = None,
+) -> Any:
+    """``data`` as an exact marginal on ``path``: a tensor becomes an ``EmpiricalMarginal`` (float64; with
+    ``labels`` ``(N,)`` a labelled one); a marginal (with ``.path``, ``.velocity``, ``.score``) is used as
+    is, must live on ``path`` if given, and carries its own labels."""
     if isinstance(data, torch.Tensor):
         if path is None:
             raise ValueError("path is required when data is a tensor")
         data = _validate.batch(data, "data")
-        return EmpiricalMarginal(data.double(), get_path(path), chunk_size=chunk_size)
+        return EmpiricalMarginal(data.double(), get_path(path), chunk_size=chunk_size, labels=labels)
     if not all(hasattr(data, a) for a in ("path", "velocity", "score")):
         raise ValueError(f"data must be a tensor (N, *dims) or a marginal, got {type(data).__name__}")
+    if labels is not None:
+        raise ValueError(
+            "labels go with a data tensor; a marginal carries its own (EmpiricalMarginal(data, path, "
+            "labels=y), or GaussianMixture(..., labels=classes))"
+        )
     if path is not None:
         path = get_path(path)
         same = path is data.path or (type(path) is type(data.path) and path.options() == data.path.options())
@@ -142,8 +232,15 @@ def _mean_and_error(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), se
 
 
-def summarize(t: torch.Tensor, c: torch.Tensor, n_bins: int, objective: str) -> LossFloor:
-    """A :class:`LossFloor` from per-draw times ``t`` and floor terms ``c``, both ``(n,)``; bins on [0, 1]."""
+def summarize(
+    t: torch.Tensor,
+    c: torch.Tensor,
+    n_bins: int,
+    objective: str,
+    unconditional: LossFloor | None = None,
+) -> LossFloor:
+    """A :class:`LossFloor` from per-draw times ``t`` and floor terms ``c``, both ``(n,)``; bins on [0, 1].
+    Given the ``unconditional`` floor of the same draws, the result is the conditional floor."""
     t, c = t.double().cpu(), c.double().cpu()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     which = torch.bucketize(t, edges[1:-1], right=True)  # bin k holds edges[k] <= t < edges[k + 1]
@@ -158,6 +255,8 @@ def summarize(t: torch.Tensor, c: torch.Tensor, n_bins: int, objective: str) -> 
         bin_counts=torch.bincount(which, minlength=n_bins).tolist(),
         n_samples=c.numel(),
         objective=objective,
+        conditional=unconditional is not None,
+        unconditional=unconditional,
     )
 
 
@@ -176,6 +275,7 @@ def loss_floor(
     chunk_size: int | None = None,
     progress: bool = True,
     dim_reduction: str = "sum",
+    labels: torch.Tensor | None = None,
 ) -> LossFloor:
     r"""Monte Carlo estimate of the loss floor :math:`C = E\,\lambda(t)\lVert T(x|x_{data}) - T(x)\rVert^2`.
 
@@ -196,30 +296,38 @@ def loss_floor(
         chunk_size: data points per chunk of the marginal (tensor ``data`` only).
         progress: show a tqdm bar (only if the run lasts more than about a second).
         dim_reduction: ``"sum"`` (squared norm, as the losses by default) or ``"mean"`` over the dims.
+        labels: ``(N,)`` integer class labels ``0..K-1`` of a tensor ``data`` (a marginal carries its own).
 
     Returns:
-        :class:`LossFloor` with the overall value, per-bin values and their standard errors.
+        :class:`LossFloor` with the overall value, per-bin values and their standard errors. With labels
+        (given here, or a labelled marginal) it is the conditional floor (a model ``f(x, t, y)``), with the
+        label-blind floor of the same draws in ``.unconditional``: both cost a pass over the data per draw.
     """
     objective = objective_name(objective, FLOOR_OBJECTIVES)
     _validate.positive_int(n_samples, "n_samples")
     _validate.positive_int(n_bins, "n_bins")
     _validate.positive_int(batch_size, "batch_size")
-    marginal = as_marginal(data, path, chunk_size)
+    marginal = as_marginal(data, path, chunk_size, labels)
+    labelled = getattr(marginal, "num_classes", None) is not None
     kind = OBJECTIVES[objective]
     dims = math.prod(getattr(marginal, "point_shape", ()))
     batch_size = max(1, min(batch_size, FLOOR_BATCH_ELEMENTS // dims))
     generator = torch.Generator().manual_seed(seed)
-    ts, cs = [], []
+    ts, cs, blind = [], [], []
     bar = tqdm(
         total=n_samples, desc=f"loss floor ({objective})", delay=1.0, disable=not progress, leave=False
     )
     with bar, torch.no_grad():
         for start in range(0, n_samples, batch_size):
-            x_data = draw_data(marginal, min(batch_size, n_samples - start), generator)
-            t, c = floor_terms(
+            x_data, y = draw_labelled(marginal, min(batch_size, n_samples - start), generator)
+            t, c, c_blind = _floor_terms(
                 marginal,
                 x_data,
                 kind,
+                None,
+                None,
+                y=y,
+                both=labelled,
                 weighting=weighting,
                 time_sampler=time_sampler,
                 t_eps=t_eps,
@@ -228,8 +336,11 @@ def loss_floor(
             )
             ts.append(t)
             cs.append(c)
+            blind.append(c_blind)
             bar.update(x_data.shape[0])
-    return summarize(torch.cat(ts), torch.cat(cs), n_bins, objective)
+    t = torch.cat(ts)
+    unconditional = summarize(t, torch.cat(blind), n_bins, objective) if labelled else None
+    return summarize(t, torch.cat(cs), n_bins, objective, unconditional)
 
 
 __all__ = [
@@ -237,6 +348,7 @@ __all__ = [
     "LossFloor",
     "as_marginal",
     "draw_data",
+    "draw_labelled",
     "floor_terms",
     "loss_floor",
     "summarize",

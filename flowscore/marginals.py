@@ -46,7 +46,7 @@ _LOCAL_MAX_DIM = 8
 """Blocks are centred at their own means up to this dimension (beyond it k-d blocks are hardly compact)."""
 _GROUP = 32
 """Columns per group in the search for competing points (a max over groups of 32 is cheap)."""
-_TARGET = 3e-5
+_TARGET = 1e-5
 """Relative error of the fields that the exact refinement is sized for, from a bound on the error of the
 streamed sums (the measured errors are well below it)."""
 _KAPPA = 2.0
@@ -262,11 +262,13 @@ class _Exact:
         self.ref_dist2 = torch.full((b,), math.inf, dtype=torch.float64, device=x.device)
 
     def add(self, rows: torch.Tensor, points: torch.Tensor, scores: torch.Tensor) -> None:
-        """Merge candidate pairs: ``rows`` ``(P,)``, their data ``points`` ``(P, D)`` float64 and streamed
-        logits ``scores`` ``(P,)`` (float64). Each (row, point) pair must be added at most once."""
+        """Merge candidate pairs: ``rows`` ``(P,)``, their data ``points`` ``(P, D)`` float64 (overwritten)
+        and streamed logits ``scores`` ``(P,)`` (float64). Each (row, point) pair must be added at most
+        once."""
         b = self.dist2.shape[0]
-        diff = self.x[rows] - self.alpha[rows, None] * points
+        diff = torch.addcmul(self.x[rows], points, self.alpha[rows, None], value=-1.0)
         dist2 = torch.einsum("pd,pd->p", diff, diff)
+        del diff
         new = torch.full((b,), math.inf, dtype=torch.float64, device=rows.device)
         new = new.scatter_reduce(0, rows, dist2, "amin")
         moved = new < self.dist2  # rows whose anchor changes
@@ -282,7 +284,8 @@ class _Exact:
         self.dist2 = best
         w = _decay(dist2 - best[rows], self.beta[rows])
         self.total = (self.total * keep).index_add(0, rows, w)
-        self.acc = (self.acc * keep[:, None]).index_add(0, rows, w[:, None] * (points - self.center))
+        offsets = points.sub_(self.center).mul_(w[:, None])  # in place: the caller's fresh gather
+        self.acc = (self.acc * keep[:, None]).index_add(0, rows, offsets)
         # the reference: the candidate with the highest streamed score (the exact nearest among equals)
         top = torch.full((b,), -math.inf, dtype=scores.dtype, device=rows.device)
         top = top.scatter_reduce(0, rows, scores, "amax")
@@ -509,10 +512,13 @@ class EmpiricalMarginal(Marginal):
         lo: int,
         hi: int,
         dtype: torch.dtype | None = None,
+        boost: torch.Tensor | None = None,
     ) -> Posterior:
         """One streamed pass over the blocks ``lo:hi`` in ``dtype`` (default the marginal's), with the exact
-        refinement of the competing points; rows whose error bound is still above the target are recomputed
-        with a float64 pass. ``x`` float64 ``(B, D)``, ``alpha > 0``, ``beta >= 0`` ``(B,)``."""
+        refinement of the competing points. ``x`` float64 ``(B, D)``, ``alpha > 0``, ``beta >= 0`` ``(B,)``.
+
+        Rows whose error bound is still above the target afterwards are computed again: with the cut widened
+        by what the bound asks for (``boost``, nats per row), and if that is not enough, in float64."""
         dtype = dtype or self.dtype
         b, d = x.shape
         s, radius = self._scale, self._radius
@@ -585,6 +591,8 @@ class EmpiricalMarginal(Marginal):
             # for it, the nats below which a point's weight no longer matters, log(10 r) for one competitor;
             # less by log(total weight), as the independent errors of many points average out
             need = torch.where(sharp, -math.inf, torch.log(10 * ratio) - total.log())
+            if boost is not None:
+                need = need + boost
             cut = (4 * err + need.clamp_min(0.0)).clamp_max(1e30)  # (m, B), below the final maximum
             cut = cut - (floor_m - new_m).clamp_min(0.0)  # below the running maximum new_m
             start = k0 * self._block
@@ -629,12 +637,17 @@ class EmpiricalMarginal(Marginal):
         total = exact.total + tie * acc_total
         offset = (exact.acc + tie[:, None] * acc) / total[:, None] - (exact.anchor - self._center)
         result = Posterior(exact.anchor, offset, total.log(), exact.dist2)
-        # a posteriori: the streamed remainder's error bound against the actual scale of the fields
+        # a posteriori: the streamed remainder's error bound (its terms summed in quadrature) against the
+        # row's actual field scale |E[noise|x]|
         noise = (x - alpha[:, None] * (exact.anchor + offset)).norm(dim=1) / beta_or_1
-        bound = alpha * tie * noise2.sqrt() / (total * beta_or_1 * noise.clamp_min(1.0))
-        redo = (~sharp & (bound > 10 * _TARGET)).nonzero().squeeze(1)
+        bound = alpha * tie * noise2.sqrt() / (total * beta_or_1 * noise.clamp_min(1e-3))
+        redo = (~sharp & (bound > 2 * _TARGET)).nonzero().squeeze(1)
         if redo.numel() and dtype != torch.float64:
-            part = self._stream(x[redo], alpha[redo], beta[redo], lo, hi, torch.float64)
+            if boost is None:  # the remainder's error falls like exp(-cut / 2): widen the cut accordingly
+                wider = 2 * torch.log(bound[redo] / _TARGET) + math.log(10)
+                part = self._stream(x[redo], alpha[redo], beta[redo], lo, hi, dtype, wider)
+            else:
+                part = self._stream(x[redo], alpha[redo], beta[redo], lo, hi, torch.float64)
             for whole, piece in zip(result, part, strict=True):
                 whole[redo] = piece
         return result
@@ -730,13 +743,13 @@ class EmpiricalMarginal(Marginal):
             return acc, acc_total
         rows, position, value, cut = (torch.cat(v) for v in zip(*pending, strict=True))
         keep = value >= running_max[rows] - cut
-        if bool(keep.any()):
-            exact.add(rows[keep], self._points(position[keep]), value[keep])
-        drop = ~keep
-        if bool(drop.any()):
-            rows, w = rows[drop], torch.exp(value[drop] - running_max[rows[drop]])
-            acc = acc.index_add(0, rows, w[:, None] * (self._points(position[drop]) - self._center))
-            acc_total = acc_total.index_add(0, rows, w)
+        step = max(1, _REFINE_ELEMENTS // self._flat_data.shape[1])  # pairs x dims per slice
+        for part in keep.nonzero().squeeze(1).split(step):
+            exact.add(rows[part], self._points(position[part]), value[part])
+        for part in (~keep).nonzero().squeeze(1).split(step):
+            r, w = rows[part], torch.exp(value[part] - running_max[rows[part]])
+            acc = acc.index_add(0, r, w[:, None] * (self._points(position[part]) - self._center))
+            acc_total = acc_total.index_add(0, r, w)
         return acc, acc_total
 
     # -- fields ---------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ the responsibilities :math:`r_k(x) \propto w_k N(x; \alpha_t m_k, v_k I)`:
     \nabla_x \log p_t(x) = -\sum_k r_k (x - \alpha_t m_k) / v_k.
 
 No formula divides by alpha_t or beta_t, so every field is finite on all of [0, 1] when all s_k > 0.
+
+With a class label :math:`c_k` per component, the class-conditional data distribution is the mixture of the
+components of class y with weights :math:`w_k / W_y`, :math:`W_y = \sum_{c_k = y} w_k`: the same formulas
+with the responsibilities restricted to those components. Classifier-free guidance with weight w gives
+:math:`(1 + w) f(x|y) - w f(x)` for any field f (:class:`~flowscore.marginals.Marginal`): the closed-form
+reference for guidance elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import torch
 
 from . import _validate
-from .marginals import Marginal, flat_batch, per_row
+from .marginals import Marginal, class_labels, flat_batch, per_row
 from .paths import GaussianPath, get_path
 
 
@@ -41,14 +47,19 @@ class GaussianMixture:
 
     Args:
         means: ``(K, *dims)`` component means (e.g. ``(K, D)``), finite floats.
-        stds: ``(K,)`` component standard deviations, all > 0.
+        stds: ``(K,)`` component standard deviations, all > 0, with squares representable in the dtype of
+            ``means`` (in float32, ``1e-19 <= s <= 1e19``; use float64 beyond, or
+            :class:`~flowscore.marginals.EmpiricalMarginal` for point masses).
         weights: ``(K,)`` non-negative, summing to 1 (within 1e-5); default uniform.
         path: optional default path for the marginal methods below.
+        labels: optional ``(K,)`` integer class of each component, ``0..C-1``: the marginal's fields then
+            take ``y=`` (``(B,)`` classes, ``-1`` = unconditional) and ``guidance=``.
 
     ``stds`` and ``weights`` are converted to the dtype and device of ``means``. The closed-form marginals
     on a path: ``gm.marginal(path)`` (an object like ``EmpiricalMarginal``), or directly
     ``gm.posterior_mean(x, t, path)``, ``gm.velocity``, ``gm.score``, ``gm.noise``, ``gm.log_prob`` (``path``
-    may be omitted when given here).
+    may be omitted when given here). They are computed in float64 and returned in the dtype of ``means``
+    (a ``ValueError`` where a value exceeds that dtype's range).
     """
 
     def __init__(
@@ -57,6 +68,8 @@ class GaussianMixture:
         stds: torch.Tensor,
         weights: torch.Tensor | None = None,
         path: GaussianPath | str | None = None,
+        *,
+        labels: torch.Tensor | None = None,
     ):
         means = _validate.batch(means, "means")
         _validate.finite(means, "means")
@@ -64,6 +77,15 @@ class GaussianMixture:
         stds = self._vector(stds, "stds", k, means)
         if not bool((stds > 0).all()):
             raise ValueError("stds must all be > 0 (a zero std is a point mass: use EmpiricalMarginal)")
+        info = torch.finfo(means.dtype)
+        squares = stds.pow(2)
+        if not bool(((squares >= info.tiny) & (squares <= info.max)).all()):
+            bad = float(stds[(squares < info.tiny) | (squares > info.max)][0])
+            raise ValueError(
+                f"stds holds {bad:g}, whose square is not representable in {means.dtype} "
+                f"(it must lie in [{math.sqrt(info.tiny):.1g}, {math.sqrt(info.max):.1g}]); use float64 "
+                "means and stds, or EmpiricalMarginal for point masses"
+            )
         if weights is None:
             weights = torch.full((k,), 1.0 / k, dtype=means.dtype, device=means.device)
         weights = self._vector(weights, "weights", k, means)
@@ -72,8 +94,13 @@ class GaussianMixture:
         self.means, self.stds, self.weights = means, stds, weights / weights.sum()
         self.point_shape = means.shape[1:]
         self._flat_means = means.reshape(k, -1)
-        self._log_w = torch.log(self.weights)
+        self.labels = None if labels is None else class_labels(labels, k).to(means.device)
+        self.num_classes = None if self.labels is None else int(self.labels.max()) + 1
         self.path = None if path is None else get_path(path)
+        # float64 copies for the closed forms (no underflow of s^2 or of the densities)
+        self._means64 = self._flat_means.double()
+        self._var64 = self.stds.double().pow(2)
+        self._log_w64 = torch.log(self.weights.double())
 
     @staticmethod
     def _vector(v: object, name: str, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,12 +114,19 @@ class GaussianMixture:
         return self.means.shape[0]
 
     def __repr__(self) -> str:
-        return f"GaussianMixture(K={len(self)}, point_shape={tuple(self.point_shape)})"
+        classes = "" if self.num_classes is None else f", num_classes={self.num_classes}"
+        return f"GaussianMixture(K={len(self)}, point_shape={tuple(self.point_shape)}{classes})"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws, shaped ``(n, *dims)``: ``k ~ Categorical(weights)``, ``x = m_k + s_k * N(0, I)``."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        return self.sample_with_labels(n, generator)[0]
+
+    def sample_with_labels(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws ``(n, *dims)`` and their classes ``(n,)`` (the class of the component drawn; all
+        ``-1`` for a mixture without labels)."""
+        _validate.positive_int(n, "n")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(
             (n, self._flat_means.shape[1]),
@@ -101,14 +135,15 @@ class GaussianMixture:
             device=self.means.device,
         )
         flat = self._flat_means[k] + self.stds[k].unsqueeze(1) * noise
-        return flat.reshape((n,) + tuple(self.point_shape))
+        labels = torch.full_like(k, -1) if self.labels is None else self.labels[k]
+        return flat.reshape((n,) + tuple(self.point_shape)), labels
 
     def log_prob_data(self, x: torch.Tensor) -> torch.Tensor:
         """``(B,)`` :math:`\\log \\sum_k w_k N(x; m_k, s_k^2 I)` at ``x`` (``(B, *dims)``)."""
         flat = flat_batch(_validate.tensor(x, "x"), self.point_shape)
         _validate.same_kind(self.means, x, "means", "x")
-        logits, _ = _component_log_probs(flat, self._flat_means, self.stds.pow(2), self._log_w)
-        return torch.logsumexp(logits, 1)
+        logits, _ = _component_log_probs(flat.double(), self._means64, self._var64, self._log_w64)
+        return torch.logsumexp(logits, 1).to(x.dtype)
 
     def marginal(self, path: GaussianPath | str | None = None) -> MixtureMarginal:
         """The closed-form marginal of this mixture on ``path`` (same methods as ``EmpiricalMarginal``)."""
@@ -142,10 +177,11 @@ class GaussianMixture:
 class MixtureMarginal(Marginal):
     """Closed-form marginal fields of a :class:`GaussianMixture` on a Gaussian path.
 
-    Methods ``posterior_mean``, ``noise``, ``velocity``, ``score``, ``field``, ``log_prob`` as in
+    Methods ``posterior_mean``, ``noise``, ``velocity``, ``score``, ``field``, ``log_prob`` (each with
+    optional class labels ``y`` and, for the fields, ``guidance``) as in
     :class:`~flowscore.marginals.EmpiricalMarginal`, from the formulas of the module docstring: finite on
     all of [0, 1] (no division by alpha_t or beta_t; the variances v_k >= alpha_t^2 s_k^2 + beta_t^2 > 0).
-    Queries ``x`` must share the dtype and device of the mixture's means.
+    Computed in float64; queries ``x`` must share the dtype and device of the mixture's means.
     """
 
     def __init__(self, mixture: GaussianMixture, path: GaussianPath | str):
@@ -157,26 +193,44 @@ class MixtureMarginal(Marginal):
             raise ValueError(f"path must be a GaussianPath or a path name, got {type(path).__name__}")
         self.point_shape = mixture.point_shape
         self.dtype, self.device = mixture.means.dtype, mixture.means.device
+        self.num_classes = mixture.num_classes
 
     def __repr__(self) -> str:
         return f"MixtureMarginal({self.mixture!r}, path={self.path!r})"
 
-    def _components(self, x: torch.Tensor, t: torch.Tensor):
-        """Schedule ``(alpha, beta, d_alpha, d_beta)`` as ``(B, 1)``, responsibilities ``r`` ``(B, K)``,
-        ``z = (x - alpha m_k) / v_k`` ``(B, K, D)`` and the ``(B, K)`` log-joint
-        ``log w_k N(x; alpha m_k, v_k I)``."""
+    def sample_data(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws of ``x_data`` ``(n, *dims)`` and their classes ``(n,)`` (-1 without labels)."""
+        return self.mixture.sample_with_labels(n, generator)
+
+    def _components(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """Float64 schedule ``(alpha, beta, d_alpha, d_beta)`` as ``(B, 1)``, responsibilities ``r``
+        ``(B, K)``, ``z = (x - alpha m_k) / v_k`` ``(B, K, D)`` and the ``(B, K)`` log-joint
+        ``log w_k N(x; alpha m_k, v_k I)``; rows with a class ``y >= 0`` only weigh that class's components
+        (their other log-joints are -inf)."""
         b = x.shape[0]
-        schedule = self.path.schedule(t).map(lambda v: per_row(v, b))
-        alpha, beta, d_alpha, d_beta = schedule
+        x = x.double()
+        schedule = self.path.schedule(t.double()).map(lambda v: per_row(v, b))
+        alpha, beta, _, _ = schedule
         mix = self.mixture
-        var = alpha.pow(2) * mix.stds.pow(2) + beta.pow(2)  # (B, K)
-        centers = alpha.unsqueeze(2) * mix._flat_means  # (B, K, D)
-        logits, residual = _component_log_probs(x, centers, var, mix._log_w)
+        var = alpha.pow(2) * mix._var64 + beta.pow(2)  # (B, K)
+        centers = alpha.unsqueeze(2) * mix._means64  # (B, K, D)
+        logits, residual = _component_log_probs(x, centers, var, mix._log_w64)
+        if y is not None:
+            other = (y[:, None] >= 0) & (mix.labels[None, :] != y[:, None])
+            logits = logits.masked_fill(other, -math.inf)
+            missing = ~torch.isfinite(logits.amax(1))
+            if bool(missing.any()):
+                label = int(y[missing][0])
+                raise ValueError(f"y asks for class {label}, which has no component in this mixture")
         resp = torch.softmax(logits, 1)
         return schedule, resp, residual / var.unsqueeze(2), logits
 
-    def _flat_field(self, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        schedule, resp, z = self._components(x, t)[:3]
+    def _flat_field(
+        self, kind: str, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        schedule, resp, z = self._components(x, t, y)[:3]
         alpha, beta, d_alpha, _ = schedule
         weighted_z = torch.einsum("bk,bkd->bd", resp, z)  # sum_k r_k (x - alpha m_k) / v_k
         if kind == "score":
@@ -184,10 +238,18 @@ class MixtureMarginal(Marginal):
         noise = beta * weighted_z
         if kind == "noise":
             return noise
-        s2 = self.mixture.stds.pow(2)
-        data = resp @ self.mixture._flat_means + alpha * torch.einsum("bk,bkd->bd", resp * s2, z)
+        mix = self.mixture
+        data = resp @ mix._means64 + alpha * torch.einsum("bk,bkd->bd", resp * mix._var64, z)
         # u = alpha' E[x_data|x] + beta' E[noise|x]; beta' beta in closed form (finite at t = 1)
         return data if kind == "data" else d_alpha * data + schedule.beta_d_beta * weighted_z
 
-    def _flat_log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self._components(x, t)[3], 1)
+    def _flat_log_prob(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p_t(x)``, or ``log p_t(x|y) = logsumexp_{c_k = y}(log w_k N) - log W_y`` for labelled
+        rows."""
+        out = torch.logsumexp(self._components(x, t, y)[3], 1)
+        if y is not None:
+            mix = self.mixture
+            class_weight = torch.zeros(mix.num_classes, dtype=torch.float64, device=x.device)
+            class_weight.index_add_(0, mix.labels, mix.weights.double())
+            out = out - torch.where(y >= 0, class_weight[y.clamp_min(0)].log(), 0.0)
+        return out

@@ -393,8 +393,9 @@ class EmpiricalMarginal(Marginal):
         self._center = flat64.mean(0)
         self._class_means = [flat64[members].mean(0) if len(members) else None for members in classes]
         blocks, self._class_blocks = [], [0]
-        for members in classes:
-            blocks += [members[part] for part in _spatial_blocks(flat64[members], block)]
+        for members in classes:  # an empty class has no blocks
+            if len(members):
+                blocks += [members[part] for part in _spatial_blocks(flat64[members], block)]
             self._class_blocks.append(len(blocks))
         index = torch.zeros(len(blocks), block, dtype=torch.long, device=self.device)
         self._valid = [len(part) for part in blocks]
@@ -449,60 +450,45 @@ class EmpiricalMarginal(Marginal):
     # -- the posterior ----------------------------------------------------------------------------------
     def _posterior(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
         """The :class:`Posterior` at the flat batch ``x`` (given the classes ``y``; -1 rows: all data)."""
-        b, d = x.shape
         x64 = x.double()
-        if self.dtype == torch.float64 and bool((x64.abs() > _MAX_ABS_FLOAT64).any()):
-            raise ValueError(
-                f"x holds values above {_MAX_ABS_FLOAT64:g} in magnitude; rescale the data and x"
-            )
-        schedule = self.path.schedule(t.double())
-        alpha, beta = (v.expand(b) for v in schedule[:2])
+        low, high = x64.detach().aminmax()
+        if self.dtype == torch.float64 and max(-float(low), float(high)) > _MAX_ABS_FLOAT64:
+            raise ValueError(f"x holds values above {_MAX_ABS_FLOAT64:g} in magnitude; rescale data and x")
+        alpha, beta = (v.expand(x.shape[0]) for v in self.path.schedule(t.double())[:2])
         everything = (0, self._class_blocks[-1], self._center)
-        groups: list[tuple[torch.Tensor | None, tuple]] = [(None, everything)]
-        if y is not None:
-            groups = []
-            for label in torch.unique(y).tolist():
-                rows = (y == label).nonzero().squeeze(1)
-                if label < 0:
-                    groups.append((rows, everything))
-                    continue
-                lo, hi = self._class_blocks[label], self._class_blocks[label + 1]
-                if lo == hi:
-                    raise ValueError(f"y asks for class {label}, which has no data points")
-                groups.append((rows, (lo, hi, self._class_means[label])))
-        out = Posterior(
-            torch.empty(b, d, dtype=torch.float64, device=x.device),
-            torch.empty(b, d, dtype=torch.float64, device=x.device),
-            torch.empty(b, dtype=torch.float64, device=x.device),
-            torch.empty(b, dtype=torch.float64, device=x.device),
-        )
-        for rows, (lo, hi, mean) in groups:
-            sel = slice(None) if rows is None else rows
-            part = self._block_posterior(x64[sel], alpha[sel], beta[sel], lo, hi, mean)
-            for whole, piece in zip(out, part, strict=True):
-                whole[sel] = piece
-        return out
+        if y is None:
+            return self._block_posterior(x64, alpha, beta, *everything)
+        parts = []
+        for label in torch.unique(y).tolist():
+            rows = (y == label).nonzero().squeeze(1)
+            lo, hi, mean = everything if label < 0 else (*self._class_blocks[label : label + 2], None)
+            if lo == hi:
+                raise ValueError(f"y asks for class {label}, which has no data points")
+            mean = self._class_means[label] if mean is None else mean
+            parts.append((rows, self._block_posterior(x64[rows], alpha[rows], beta[rows], lo, hi, mean)))
+        return _gather_rows(parts, x64)
 
     def _block_posterior(
         self, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, lo: int, hi: int, mean: torch.Tensor
     ) -> Posterior:
         """The posterior over the blocks ``lo:hi`` (one class, or all data) at float64 queries ``x``."""
-        b, d = x.shape
-        anchor = torch.empty(b, d, dtype=torch.float64, device=x.device)
-        offset, log_sum, dist2 = torch.empty_like(anchor), x.new_empty(b), x.new_empty(b)
+        b = x.shape[0]
         # alpha = 0 (t = 0 on linear, vp): every point is equally likely, the posterior is uniform
         flat = alpha == 0
+        parts = []
         if bool(flat.any()):
-            first = self._points(torch.tensor([lo * self._block], device=x.device))
-            count = sum(self._valid[lo:hi])
-            anchor[flat], offset[flat] = first, mean - first
-            log_sum[flat], dist2[flat] = math.log(count), x[flat].pow(2).sum(1)
-        rest = (~flat).nonzero().squeeze(1)
-        if rest.numel():
-            part = self._stream(x[rest], alpha[rest], beta[rest], lo, hi)
-            for whole, piece in zip((anchor, offset, log_sum, dist2), part, strict=True):
-                whole[rest] = piece
-        return Posterior(anchor, offset, log_sum, dist2)
+            rows = flat.nonzero().squeeze(1)
+            first = self._points(torch.tensor([lo * self._block], device=x.device)).expand(len(rows), -1)
+            count = sum(self._valid[lo:hi])  # the points of the blocks lo:hi
+            flat_log_sum = torch.full((len(rows),), math.log(count), dtype=torch.float64, device=x.device)
+            uniform = Posterior(first, mean - first, flat_log_sum, x[rows].pow(2).sum(1))
+            parts.append((rows, uniform))
+        if not bool(flat.all()):
+            rows = (~flat).nonzero().squeeze(1)
+            whole = len(rows) == b
+            part = self._stream(x if whole else x[rows], alpha[rows], beta[rows], lo, hi)
+            parts.append((None if whole else rows, part))
+        return _gather_rows(parts, x)
 
     def _stream(
         self,
@@ -692,7 +678,8 @@ class EmpiricalMarginal(Marginal):
         best = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
         step = max(1, _WORK_ELEMENTS_CPU // x.shape[0])
         for k0 in range(lo, hi, step):
-            centers, radii = self._block_mean[k0 : k0 + step], self._block_spread[k0 : k0 + step]
+            k1 = min(k0 + step, hi)
+            centers, radii = self._block_mean[k0:k1], self._block_spread[k0:k1]
             # |x - alpha c|^2 by one matmul, made an upper bound by the float64 rounding of that expansion
             size = x.pow(2).sum(1, keepdim=True) + (alpha[:, None] * centers.norm(dim=1)).pow(2)
             gap2 = size - 2 * alpha[:, None] * (x @ centers.T)
@@ -780,6 +767,25 @@ class EmpiricalMarginal(Marginal):
         anchor = -0.5 * post.dist2 / beta.pow(2)
         log_norm = d * torch.log(beta) + 0.5 * d * math.log(2 * math.pi) + counts.log()
         return anchor + post.log_sum - log_norm
+
+
+def _gather_rows(parts: list[tuple[torch.Tensor | None, Posterior]], x: torch.Tensor) -> Posterior:
+    """One :class:`Posterior` for the rows of ``x`` from ``(rows, posterior of those rows)`` parts (rows
+    None: all of them, returned as is)."""
+    if len(parts) == 1 and (parts[0][0] is None or len(parts[0][0]) == x.shape[0]):
+        rows, only = parts[0]
+        return only if rows is None else Posterior(*(v[torch.argsort(rows)] for v in only))
+    b, d = x.shape
+    out = Posterior(
+        x.new_empty(b, d, dtype=torch.float64),
+        x.new_empty(b, d, dtype=torch.float64),
+        x.new_empty(b, dtype=torch.float64),
+        x.new_empty(b, dtype=torch.float64),
+    )
+    for rows, part in parts:
+        for whole, piece in zip(out, part, strict=True):
+            whole[rows] = piece
+    return out
 
 
 def _weighted_sum(weights: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from flowscore import get_path
-from flowscore.floor import LossFloor, floor_terms, loss_floor
+from flowscore.floor import FLOOR_BATCH_ELEMENTS, LossFloor, floor_terms, loss_floor
 from flowscore.marginals import EmpiricalMarginal
 from flowscore.mixtures import GaussianMixture
 
@@ -154,3 +158,110 @@ def test_floor_of_a_gaussian_matches_its_closed_form(name):
     got = loss_floor(mixture.marginal(name), objective="flow", n_samples=20_000, t_eps=t_eps, progress=False)
     assert abs(got.value - want) < 4 * got.standard_error
     assert got.standard_error < 0.02 * want
+
+
+# -- labels: the conditional floor ---------------------------------------------------------------------------
+DATA_LABELLED = np.array([-1.2, -0.6, 1.4, 2.1])
+CLASSES = torch.tensor([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("name, objective", [("linear", "cfm"), ("vp", "cfm")])
+def test_conditional_floor_matches_quadrature_per_class(name, objective):
+    # the model sees the class of x_data: the floor is the class-weighted floor of each class's data alone
+    data = torch.tensor(DATA_LABELLED)[:, None]
+    f = loss_floor(data, name, objective, labels=CLASSES, n_samples=40_000, seed=2, progress=False)
+    assert f.conditional and f.unconditional is not None and not f.unconditional.conditional
+    want_cond = sum(
+        0.5 * quadrature_floor(DATA_LABELLED[2 * k : 2 * k + 2], name, "velocity", 1e-3) for k in (0, 1)
+    )
+    want_uncond = quadrature_floor(DATA_LABELLED, name, "velocity", 1e-3)
+    assert abs(f.value - want_cond) < 4 * f.standard_error, (f.value, want_cond)
+    assert abs(f.unconditional.value - want_uncond) < 4 * f.unconditional.standard_error
+    # the label is informative here: the conditional floor is clearly lower
+    assert f.unconditional.value - f.value > 5 * (f.standard_error + f.unconditional.standard_error)
+    assert f.label_dropout_value(0.1) == pytest.approx(0.9 * f.value + 0.1 * f.unconditional.value)
+    assert f.label_dropout_value(0.0) == f.value
+    assert json.loads(json.dumps(f.to_dict()))["unconditional"]["conditional"] is False
+
+
+def test_uninformative_labels_give_the_unconditional_floor():
+    data = torch.randn(30, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    one_class = loss_floor(data, "vp", "dsm", labels=torch.zeros(30, dtype=torch.long), n_samples=3000,
+                           t_eps=0.05, seed=4, progress=False)  # fmt: skip
+    assert one_class.value == pytest.approx(one_class.unconditional.value, rel=1e-9)
+    # and the label-blind floor of the same draws is the floor computed without labels
+    blind = loss_floor(data, "vp", "dsm", n_samples=3000, t_eps=0.05, seed=4, progress=False)
+    assert one_class.unconditional.value == pytest.approx(blind.value, rel=1e-9)
+    assert not blind.conditional and blind.unconditional is None
+    assert blind.label_dropout_value(0.3) == blind.value
+
+
+def test_conditional_floor_terms_use_the_class_field():
+    # the per-draw term with labels is (T(x|x_data) - T(x|y))^2, T(x|y) written out over the class here
+    data = torch.tensor(DATA_LABELLED)[:, None]
+    marginal = EmpiricalMarginal(data, "linear", labels=CLASSES)
+    x_data, y = data[[0, 2, 3, 1]], CLASSES[[0, 2, 3, 1]]
+    t = torch.tensor([0.2, 0.5, 0.8, 0.95], dtype=torch.float64)
+    noise = torch.randn(4, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, got = floor_terms(marginal, x_data, "velocity", t, noise, y=y)
+    x = t[:, None] * x_data + (1 - t[:, None]) * noise
+    points = torch.stack([data[CLASSES == c][:, 0] for c in y.tolist()])  # (4, 2): each row's class
+    w = torch.softmax(-((x - t[:, None] * points) ** 2) / (2 * (1 - t[:, None]) ** 2), dim=1)
+    exact = (w * (points - x) / (1 - t[:, None])).sum(1)  # linear path: u(x|x_i) = (x_i - x) / (1 - t)
+    target = x_data[:, 0] - noise[:, 0]
+    assert torch.allclose(got, (target - exact) ** 2, rtol=1e-9)
+
+
+def test_labels_arguments():
+    data = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="labels go with a data tensor"):
+        loss_floor(EmpiricalMarginal(data, "linear"), labels=CLASSES, progress=False)
+    with pytest.raises(ValueError, match="shaped"):
+        loss_floor(data, "linear", labels=torch.zeros(3, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="p_uncond"):
+        loss_floor(data, "linear", n_samples=10, progress=False).label_dropout_value(1.5)
+
+
+def test_labelled_mixture_floor():
+    # a labelled mixture carries its labels: the floor is conditional, and lower
+    mixture = GaussianMixture(
+        torch.tensor([[-2.0], [2.0]], dtype=torch.float64),
+        torch.tensor([0.5, 0.5]),
+        labels=torch.tensor([0, 1]),
+    )
+    f = loss_floor(mixture.marginal("linear"), objective="cfm", n_samples=4000, progress=False)
+    assert f.conditional and f.value < f.unconditional.value
+
+
+MEMORY_CHILD = """
+import sys, torch
+from pathlib import Path
+import flowscore as fs
+def peak():
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith("VmHWM:"))
+fs.loss_floor(torch.randn(10, 5), "linear", n_samples=10, progress=False)  # library warm-up
+before = peak()
+fs.loss_floor(torch.randn(10, 100_000), "linear", "cfm", n_samples=int(sys.argv[1]), progress=False)
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc")
+def test_floor_memory_is_bounded_for_wide_data():
+    # (10, 100000) data (4 MB): draws x dims per batch are capped (FLOOR_BATCH_ELEMENTS), the marginal
+    # streams, and its exact refinement works in slices, so the peak does not grow with the draws (unbounded
+    # it reached 14.5 GB for 5 steps of a training run). glibc's mmap threshold is pinned so that freed
+    # buffers leave the resident set at once: the peak then measures the live tensors
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+    def peak_growth(n: int) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(n)], capture_output=True, text=True, check=True, env=env
+        )
+        return int(out.stdout.split()[-1])
+
+    batch_tensor = FLOOR_BATCH_ELEMENTS * 8  # one float64 tensor of a whole batch of draws
+    few, many = peak_growth(45), peak_growth(90)  # both reach the batch cap (41 draws of 100000 dims)
+    assert many < 20 * batch_tensor, many / 2**20
+    assert abs(many - few) < batch_tensor, (few / 2**20, many / 2**20)

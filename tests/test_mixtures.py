@@ -28,19 +28,19 @@ def mixture_1d(dtype=torch.float64) -> GaussianMixture:
     )
 
 
-def quadrature_1d(x: float, t: float, path) -> dict[str, float]:
-    """Posterior expectations over x_data by numerical integration of p_data(x_data) N(x; a x_data, b^2)."""
+def quadrature_1d(x: float, t: float, path, components=None) -> dict[str, float]:
+    """Posterior expectations over x_data by numerical integration of p_data(x_data) N(x; a x_data, b^2);
+    ``components`` ``(means, stds, weights)`` of the 1-D mixture, default the module's."""
     a, b, da, db = (float(v) for v in reference_schedule(path.name, torch.tensor([t], dtype=torch.float64)))
+    means, stds, weights = components or (MEANS_1D, STDS_1D, WEIGHTS_1D)
 
     def p_data(z):
-        return sum(
-            w * stats.norm.pdf(z, m[0], s) for m, s, w in zip(MEANS_1D, STDS_1D, WEIGHTS_1D, strict=True)
-        )
+        return sum(w * stats.norm.pdf(z, m[0], s) for m, s, w in zip(means, stds, weights, strict=True))
 
     def joint(z):
         return p_data(z) * stats.norm.pdf(x, a * z, b)
 
-    points = [m[0] for m in MEANS_1D] + [x / a if a > 1e-3 else 0.0]
+    points = [m[0] for m in means] + [x / a if a > 1e-3 else 0.0]
     opts = {"limit": 400, "points": points, "epsabs": 0.0, "epsrel": 1e-10}
     z0 = integrate.quad(joint, -8, 8, **opts)[0]
     mean = integrate.quad(lambda z: z * joint(z), -8, 8, **opts)[0] / z0
@@ -204,3 +204,91 @@ def test_mixture_methods_are_its_marginal_on_the_given_or_default_path():
         assert torch.equal(getattr(GaussianMixture(means, stds), name)(x, t, "vp"), getattr(m, name)(x, t))
     with pytest.raises(ValueError, match="path"):
         GaussianMixture(means, stds).velocity(x, t)
+
+
+# -- class labels: conditional and classifier-free-guided fields in closed form ----------------------------
+LABELS_1D = [0, 1, 0]  # components -1.5 and 2.0 are class 0, component 0.5 is class 1
+
+
+def class_components(label: int):
+    """The class's components with their weights renormalised: the class-conditional data distribution."""
+    keep = [k for k, c in enumerate(LABELS_1D) if c == label]
+    total = sum(WEIGHTS_1D[k] for k in keep)
+    return [MEANS_1D[k] for k in keep], [STDS_1D[k] for k in keep], [WEIGHTS_1D[k] / total for k in keep]
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_conditional_and_guided_fields_match_quadrature(name):
+    path = get_path(name)
+    mix = GaussianMixture(
+        torch.tensor(MEANS_1D, dtype=torch.float64),
+        torch.tensor(STDS_1D, dtype=torch.float64),
+        torch.tensor(WEIGHTS_1D, dtype=torch.float64),
+        labels=torch.tensor(LABELS_1D),
+    )
+    m = mix.marginal(path)
+    assert m.num_classes == 2
+    xs = [-1.0, 0.3]
+    x = torch.tensor(xs, dtype=torch.float64)[:, None]
+    y = torch.tensor([0, 1])  # rows without a label are the unconditional field (tested above)
+    for t in (0.3, 0.9):
+        for i, xv in enumerate(xs):
+            label = int(y[i])
+            uncond = quadrature_1d(xv, t, path)
+            cond = quadrature_1d(xv, t, path, class_components(label))
+            for kind in ("data", "noise", "velocity", "score"):
+                got = float(m.field(kind, x, t, y=y)[i, 0])
+                assert got == pytest.approx(cond[kind], rel=1e-7, abs=1e-9), (name, t, kind, label)
+                guided = (1 + 2.0) * cond[kind] - 2.0 * uncond[kind]
+                got = float(m.field(kind, x, t, y=y, guidance=2.0)[i, 0])
+                assert got == pytest.approx(guided, rel=1e-7, abs=1e-8), (name, t, kind, label)
+            assert float(m.log_prob(x, t, y=y)[i]) == pytest.approx(cond["log_prob"], rel=1e-8)
+
+
+def test_sample_with_labels_and_class_checks():
+    mix = GaussianMixture(
+        torch.tensor([[-5.0], [0.0], [5.0]]), torch.tensor([0.1, 0.1, 0.1]), labels=torch.tensor([1, 0, 1])
+    )
+    x, y = mix.sample_with_labels(3000, generator=torch.Generator().manual_seed(0))
+    nearest = (x - mix.means.T).abs().argmin(1)  # well separated: the component drawn
+    assert torch.equal(y, torch.tensor([1, 0, 1])[nearest])
+    assert abs(float((y == 0).float().mean()) - 1 / 3) < 0.03
+    m = mix.marginal("linear")
+    with pytest.raises(ValueError, match="2 classes"):
+        m.velocity(torch.zeros(2, 1), 0.5, y=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        m.velocity(torch.zeros(2, 1), 0.5, guidance=1.0)
+    gap = GaussianMixture(torch.zeros(2, 1), torch.ones(2), labels=torch.tensor([0, 2]))  # class 1 empty
+    with pytest.raises(ValueError, match="no component"):
+        gap.marginal("vp").score(torch.zeros(1, 1), 0.5, y=torch.tensor([1]))
+    with pytest.raises(ValueError, match="labels"):
+        GaussianMixture(torch.zeros(2, 1), torch.ones(2), labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="labels"):
+        GaussianMixture(torch.zeros(2, 1), torch.ones(2), labels=torch.tensor([0, 1, 1]))
+
+
+def test_tiny_stds_in_float32():
+    means = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    # a std whose square underflows float32 (1e-30): refused with a clear message, not NaN
+    with pytest.raises(ValueError, match="stds holds 1e-30.*float32"):
+        GaussianMixture(means, torch.tensor([1e-30, 1.0]))
+    with pytest.raises(ValueError, match="stds holds 1e\\+30"):
+        GaussianMixture(means, torch.tensor([1e30, 1.0]))
+    # representable but tiny: the float32 fields are the float64 ones (computed in float64 inside)
+    small = GaussianMixture(means, torch.tensor([1e-15, 0.5]))
+    exact = GaussianMixture(means.double(), torch.tensor([1e-15, 0.5], dtype=torch.float64))
+    x = torch.tensor([[0.3, 0.9], [1.8, -0.7], [10.0, 10.0]])
+    for name in PATHS:
+        for t in (0.0, 0.5, 0.99):
+            for kind in ("velocity", "score", "data"):
+                got, want = (
+                    small.marginal(name).field(kind, x, t),
+                    exact.marginal(name).field(kind, x.double(), t),
+                )
+                torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+            assert torch.isfinite(small.marginal(name).log_prob(x, t)).all()
+    # at t = 1 within a few s of the tiny component: the score is about -(x - m) / s^2 = -2e15
+    near = torch.tensor([[2e-15, 1.0]])
+    got, want = small.marginal("linear").score(near, 1.0), exact.marginal("linear").score(near.double(), 1.0)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0.0)
+    assert torch.isfinite(small.log_prob_data(x)).all()

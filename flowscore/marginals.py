@@ -527,21 +527,24 @@ class EmpiricalMarginal(Marginal):
 
         exact = _Exact(x, alpha, beta, self._center)
         big_m = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)  # running max logit
-        # a lower bound of the final running maximum: of the exact largest logit, less the streamed
-        # scores' worst error (and a margin for rounding)
-        floor_m = self._lower_max(x, alpha, factor / (2 * alpha * s * s), lo, hi)
-        floor_m = (
-            floor_m
-            - _KAPPA * eps * factor * (far * rho_max + alpha * rho_max**2 / 2)
-            - 1e-9 * (1 + floor_m.abs())
-        )
+        # a lower bound of the final running maximum (the exact largest logit's, less the streamed scores'
+        # worst error and a margin for rounding): it keeps the early chunks, met while the running maximum
+        # is still low, from collecting candidates; worth its cost when there are several chunks
+        per_chunk = self._chunk(b) // self._block
+        floor_m = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
+        if hi - lo > 2 * per_chunk:
+            floor_m = self._lower_max(x, alpha, factor / (2 * alpha * s * s), lo, hi)
+            floor_m = (
+                floor_m
+                - _KAPPA * eps * factor * (far * rho_max + alpha * rho_max**2 / 2)
+                - 1e-9 * (1 + floor_m.abs())
+            )
         acc = torch.zeros(b, d, dtype=torch.float64, device=x.device)  # streamed sum_i w_i (x_i - c)
         acc_total = torch.zeros(b, dtype=torch.float64, device=x.device)  # streamed sum_i w_i
         lower = torch.zeros(b, dtype=torch.float64, device=x.device)  # lower bound of all the weight
         noise2 = torch.zeros(b, dtype=torch.float64, device=x.device)  # bound^2 of the streamed error
         pending: list[tuple[torch.Tensor, ...]] = []
         n_pending = 0
-        per_chunk = self._chunk(b) // self._block
         if not self._local:  # one query, and one error bound, for all blocks
             y, y2, shift, query = self._queries(x, alpha, factor, self._center[None], dtype)
             unit_radius = self._block_radius[lo:hi].amax()[None]

@@ -212,11 +212,12 @@ def _posterior_shift(
     exact float64 distances. Where beta = 0 the posterior is the own point: shift 0.
     """
     b = x.shape[0]
-    offset, log_sum, idx = EmpiricalMarginal(reference, path)._posterior(x, t)
+    posterior = EmpiricalMarginal(reference, path)._posterior(x, t)
+    anchor, offset, log_sum = posterior.anchor, posterior.offset, posterior.log_sum
     alpha, beta = (per_row(v, b).double() for v in path.schedule(t)[:2])
     singular = beta == 0
     beta = torch.where(singular, torch.ones_like(beta), beta)
-    x64, own64, anchor = x.double(), own.double(), reference[idx].double()
+    x64, own64 = x.double(), own.double()
 
     def log_weight(point: torch.Tensor) -> torch.Tensor:
         return -0.5 * ((x64 - alpha * point) / beta).pow(2).sum(1)

@@ -582,17 +582,15 @@ class EmpiricalMarginal(Marginal):
             need = torch.where(sharp, -math.inf, torch.log(10 * ratio) - total.log())
             if boost is not None:
                 need = need + boost
-            cut = (4 * err + need.clamp_min(0.0)).clamp_max(1e30)  # (m, B), below the final maximum
-            cut = cut - (floor_m - new_m).clamp_min(0.0)  # below the running maximum new_m
+            cut = (4 * err + need.clamp_min(0.0)).clamp_max(1e30)  # (units, B), below the final maximum
             start = k0 * self._block
-            rows, position, value, cut_at = _candidates(scores, group_max, cut, start)
+            # collected below the running maximum new_m, less where the final one is known to be higher
+            collect = cut - (floor_m - new_m).clamp_min(0.0)
+            rows, position, value = _candidates(scores, group_max, collect, start)
+            unit = (position - start).div(width, rounding_mode="floor")
             weights = torch.exp(scores.clamp_min(floor)) if grad else scores.clamp_min_(floor).exp_()
             if position.numel():  # the candidates are summed exactly instead
-                unit, column = (
-                    (position - start).div(width, rounding_mode="floor"),
-                    (position - start) % width,
-                )
-                flat_pos = (unit * b + rows) * width + column
+                flat_pos = (unit * b + rows) * width + (position - start) % width
                 flat = weights.reshape(-1)
                 flat = (
                     flat.index_put((flat_pos,), flat.new_zeros(()))
@@ -614,7 +612,7 @@ class EmpiricalMarginal(Marginal):
             heaviest = torch.minimum(block_max - new_m, 2 * err - cut).exp()
             noise2 = noise2 * rescale**2 + (per_weight.pow(2) * heaviest * block_total).sum(0)
             big_m = new_m
-            pending.append((rows, position, value + new_m[rows], cut_at))
+            pending.append((rows, position, value + new_m[rows], cut[unit, rows].double()))
             n_pending += rows.shape[0]
             if n_pending * d > _REFINE_ELEMENTS:
                 acc, acc_total = self._flush(exact, pending, acc, acc_total, big_m)
@@ -827,8 +825,8 @@ def _candidates(
 ) -> tuple[torch.Tensor, ...]:
     """The entries of a chunk's relative logits ``scores`` ``(units, B, width)`` (table positions ``start``
     on) with ``score >= -cut`` (``cut`` ``(units, B)``), found from the maxima ``group_max``
-    ``(units, B, groups)`` of groups of ``_GROUP`` columns. Returns their rows, table positions, relative
-    logits and cuts, ``(P,)`` each."""
+    ``(units, B, groups)`` of groups of ``_GROUP`` columns. Returns their rows, table positions and relative
+    logits (float64), ``(P,)`` each."""
     _, b, groups = group_max.shape
     hit_block, hit_row, hit_group = (group_max >= -cut[..., None]).nonzero().unbind(1)
     flat_group = (hit_block * b + hit_row) * groups + hit_group
@@ -836,4 +834,4 @@ def _candidates(
     cut_at = cut[hit_block, hit_row]
     pair, member = (values >= -cut_at[:, None]).nonzero().unbind(1)
     position = start + hit_block[pair] * scores.shape[2] + hit_group[pair] * _GROUP + member
-    return hit_row[pair], position, values[pair, member].double(), cut_at[pair].double()
+    return hit_row[pair], position, values[pair, member].double()

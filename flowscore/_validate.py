@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 
+import numpy as np
 import torch
 
 _VALUE_CHECKS: ContextVar[bool] = ContextVar("flowscore_value_checks", default=True)
@@ -162,3 +163,56 @@ def choice(value: str, options: tuple[str, ...] | list[str], name: str) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, options))}")
     return value
+
+
+# -- class labels --------------------------------------------------------------------------------------------
+def labels(y: object, batch: int, name: str = "y") -> torch.Tensor:
+    """Labels of a batch passed to a model: an integer tensor ``(B,)`` with values >= -1 (-1: no label)."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(
+            f"{name} must be an integer tensor of class labels shaped ({batch},), got {type(y).__name__}"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class labels (-1 = no label), got dtype {y.dtype}")
+    if y.shape != (batch,):
+        raise ValueError(f"{name} must be shaped ({batch},) like the batch, got {tuple(y.shape)}")
+    if value_checks_enabled() and y.numel() and int(y.min()) < -1:
+        raise ValueError(f"{name} holds {int(y.min())}; class labels are 0..K-1, and -1 means no label")
+    return y
+
+
+def class_labels(values: object, n: int, name: str = "labels", *, whole_floats: bool = False) -> torch.Tensor:
+    """Class labels of ``n`` data points as an int64 tensor ``(n,)`` with values ``0..K-1``, or ValueError.
+
+    A tensor or NumPy array of integers; with ``whole_floats`` (labels read from files) also floats that are
+    whole numbers. Refused: booleans, NaN/Inf, fractions, negative values (-1 is only for queries and label
+    dropout) and a length other than ``n``.
+    """
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    if not isinstance(array, np.ndarray):
+        raise ValueError(
+            f"{name}: class labels must be an integer tensor or array, got {type(values).__name__}"
+        )
+    if array.dtype.kind not in ("iuf" if whole_floats else "iu"):
+        nan = array.dtype.kind == "f" and bool(np.isnan(array).any())
+        hint = " with NaN" if nan else ("; cast with .long()" if array.dtype.kind == "f" else "")
+        raise ValueError(f"{name}: class labels must be integers 0..K-1, got dtype {array.dtype}{hint}")
+    if array.shape != (n,):
+        raise ValueError(
+            f"{name}: class labels must be shaped ({n},), one per data point, got shape {array.shape}"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: class labels contain NaN or Inf; labels are integers 0..K-1")
+        fractions = array[array != np.round(array)]
+        if fractions.size:
+            raise ValueError(f"{name}: class labels must be whole numbers 0..K-1, found {fractions[0]!r}")
+    if array.size and array.min() < 0:
+        raise ValueError(
+            f"{name}: class labels must be 0..K-1, found {array.min()!r} (-1 = 'no label' is for sampling "
+            "and label dropout, not for data)"
+        )
+    if array.size and array.max() >= 2**31:
+        raise ValueError(f"{name}: class label {array.max()!r} is too large; number the classes 0..K-1")
+    out = torch.from_numpy(array.astype(np.int64))
+    return out.to(values.device) if isinstance(values, torch.Tensor) else out

@@ -17,19 +17,8 @@ Model = Callable[..., torch.Tensor]
 """``model(x, t) -> (B, *dims)`` or ``model(x, t, y) -> (B, *dims)``."""
 
 
-def check_labels(y: object, batch: int, name: str = "y") -> torch.Tensor:
-    """``y`` as an integer tensor ``(B,)`` with values >= -1, or ``ValueError``."""
-    if not isinstance(y, torch.Tensor):
-        raise ValueError(
-            f"{name} must be an integer tensor of class labels shaped ({batch},), got {type(y).__name__}"
-        )
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class labels (-1 = no label), got dtype {y.dtype}")
-    if y.shape != (batch,):
-        raise ValueError(f"{name} must be shaped ({batch},) like the batch, got {tuple(y.shape)}")
-    if _validate.value_checks_enabled() and y.numel() and int(y.min()) < -1:
-        raise ValueError(f"{name} holds {int(y.min())}; class labels are 0..K-1, and -1 means no label")
-    return y
+check_labels = _validate.labels
+"""The check of a batch's labels (``flowscore._validate.labels``): integer ``(B,)``, values >= -1."""
 
 
 def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -219,35 +219,10 @@ def _checked(array: np.ndarray, origin: str) -> torch.Tensor:
 
 
 def check_class_labels(labels: object, n: int, origin: str = "labels") -> torch.Tensor:
-    """Class labels as an int64 tensor ``(n,)`` with values ``0..K-1``; one-line ``ValueError`` otherwise.
-
-    Accepts a NumPy array or tensor of integers, or of floats that are whole numbers; refuses booleans,
-    NaN/Inf, fractions, negative values and a length other than ``n``. ``origin`` names the source in the
-    message.
-    """
-    array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
-    if not isinstance(array, np.ndarray):
-        raise ValueError(f"{origin}: class labels must be an array of integers, got {type(labels).__name__}")
-    if array.dtype.kind not in "iuf":
-        raise ValueError(f"{origin}: class labels must be integers 0..K-1, got dtype {array.dtype}")
-    if array.shape != (n,):
-        raise ValueError(
-            f"{origin}: class labels must be shaped ({n},), one per data point, got shape {array.shape}"
-        )
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ValueError(f"{origin}: class labels contain NaN or Inf; labels are integers 0..K-1")
-        if not (array == np.round(array)).all():
-            bad = array[array != np.round(array)][0]
-            raise ValueError(f"{origin}: class labels must be whole numbers 0..K-1, found {bad!r}")
-    if array.size and array.min() < 0:
-        raise ValueError(
-            f"{origin}: class labels must be 0..K-1, found {array.min()!r} (-1 = 'no label' is for sampling "
-            "and label dropout, not for data)"
-        )
-    if array.size and array.max() >= 2**31:
-        raise ValueError(f"{origin}: class label {array.max()!r} is too large; number the classes 0..K-1")
-    return torch.from_numpy(array.astype(np.int64))
+    """Class labels read from data as an int64 tensor ``(n,)`` with values ``0..K-1``: integers, or floats
+    that are whole numbers (as files often store them); one-line ``ValueError`` naming ``origin`` otherwise
+    (:func:`flowscore._validate.class_labels`)."""
+    return _validate.class_labels(labels, n, origin, whole_floats=True)
 
 
 def num_classes(labels: torch.Tensor) -> int:

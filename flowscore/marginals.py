@@ -80,26 +80,6 @@ def per_row(v: torch.Tensor, b: int) -> torch.Tensor:
     return v.expand(b).reshape(b, 1)
 
 
-def class_labels(labels: object, n: int, name: str = "labels") -> torch.Tensor:
-    """Class labels of ``n`` data points as an int64 tensor ``(n,)`` with values ``0..K-1``, or ValueError.
-
-    Integer tensors only (a float tensor, even of whole numbers, is refused: cast it with ``.long()``).
-    """
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be an integer tensor shaped ({n},), got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        nan = labels.dtype.is_floating_point and bool(torch.isnan(labels).any())
-        raise ValueError(
-            f"{name} must hold integer class labels 0..K-1, got dtype {labels.dtype}"
-            + (" with NaN" if nan else "; cast with .long() if the values are whole numbers")
-        )
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must be shaped ({n},), one label per data point, got {tuple(labels.shape)}")
-    if int(labels.min()) < 0:
-        raise ValueError(f"{name} holds {int(labels.min())}; data labels are 0..K-1 (-1 is only for queries)")
-    return labels.long()
-
-
 class Marginal:
     """Shared interface of the exact marginals (empirical data, Gaussian mixture).
 
@@ -373,7 +353,9 @@ class EmpiricalMarginal(Marginal):
                 "distances in float64; rescale the data"
             )
         self._flat_data = flat
-        self.labels = None if labels is None else class_labels(labels, flat.shape[0]).to(self.device)
+        self.labels = (
+            None if labels is None else _validate.class_labels(labels, flat.shape[0]).to(self.device)
+        )
         self.num_classes = None if self.labels is None else int(self.labels.max()) + 1
         self._build(flat.double())
 

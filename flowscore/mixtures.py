@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import _validate
-from .marginals import Marginal, class_labels, flat_batch, per_row
+from .marginals import Marginal, flat_batch, per_row
 from .paths import GaussianPath, get_path
 
 
@@ -94,7 +94,7 @@ class GaussianMixture:
         self.means, self.stds, self.weights = means, stds, weights / weights.sum()
         self.point_shape = means.shape[1:]
         self._flat_means = means.reshape(k, -1)
-        self.labels = None if labels is None else class_labels(labels, k).to(means.device)
+        self.labels = None if labels is None else _validate.class_labels(labels, k).to(means.device)
         self.num_classes = None if self.labels is None else int(self.labels.max()) + 1
         self.path = None if path is None else get_path(path)
         # float64 copies for the closed forms (no underflow of s^2 or of the densities)

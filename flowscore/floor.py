@@ -150,11 +150,7 @@ def _floor_terms(
     weight = loss_weight(path, t, kind, weighting, time_sampler=time_sampler, t_eps=t_eps)
 
     def term(labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
-            exact = marginal_target(marginal, kind, x, t)
-        else:
-            with torch.no_grad():
-                exact = marginal.field(kind, x, t, y=labels)
+        exact = marginal_target(marginal, kind, x, t, labels)
         return weight * squared_error(conditional, exact, dim_reduction)
 
     return t, term(y), (term(None) if both else None)

@@ -280,10 +280,21 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-def marginal_target(marginal: Marginal, kind: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The exact marginal field of ``kind`` ("velocity" or "score") at ``(x, t)``, without gradient."""
+def marginal_target(
+    marginal: Marginal, kind: str, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The exact marginal field of ``kind`` ("velocity" or "score") at ``(x, t)``, without gradient; with
+    labels ``y`` the class-conditional field (``y = -1``: of all the data) of a labelled marginal, e.g.
+    ``EmpiricalMarginal(data, path, labels=...)``."""
     with torch.no_grad():
-        return marginal.velocity(x, t) if kind == "velocity" else marginal.score(x, t)
+        if y is None:
+            return marginal.velocity(x, t) if kind == "velocity" else marginal.score(x, t)
+        if getattr(marginal, "num_classes", None) is None:
+            raise ValueError(
+                "labels y with fm/sm need a labelled marginal (EmpiricalMarginal(data, path, labels=...)), "
+                "whose class-conditional field is the target"
+            )
+        return marginal.field(kind, x, t, y=y)
 
 
 def conditional_target(
@@ -434,7 +445,7 @@ def fm(
     marginal = _as_marginal(marginal)
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = marginal_target(marginal, "velocity", x, t)  # u_t(x), exact
+    target = marginal_target(marginal, "velocity", x, t, y)  # u_t(x) (or u_t(x | y)), exact
     weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
     return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
 
@@ -504,7 +515,7 @@ def sm(
     marginal = _as_marginal(marginal)
     path = marginal.path
     t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = marginal_target(marginal, "score", x, t)  # grad log p_t(x), exact
+    target = marginal_target(marginal, "score", x, t, y)  # grad log p_t(x) (or given y), exact
     weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
     return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
 

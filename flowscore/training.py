@@ -48,6 +48,7 @@ from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfi
     VECTOR_DEFAULTS,
     TrainConfig,
 )
+from .floor import loss_floor
 from .losses import sample_time
 from .models import CUSTOM, check_description, describe, model_config, model_from_config, parameter_count
 from .paths import GaussianPath, get_path
@@ -374,14 +375,10 @@ def _loss_target(config: TrainConfig, prepared: _Prepared) -> Any:
             f"objective {config.objective} regresses on the exact marginal of the whole data set, which a "
             "DataLoader does not give; use cfm or dsm, or pass the data as tensors"
         )
-    if prepared.labels is not None:
-        raise ValueError(
-            f"objective {config.objective} with class labels needs the class-conditional exact marginal; use "
-            "cfm or dsm (the same expected gradient), or labels=false"
-        )
     from .marginals import EmpiricalMarginal
 
-    return EmpiricalMarginal(prepared.train, prepared.path)
+    # with labels the target of a labelled point is its class's exact field (-1 after dropout: all the data)
+    return EmpiricalMarginal(prepared.train, prepared.path, labels=prepared.labels)
 
 
 def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
@@ -449,51 +446,35 @@ def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dic
         return None
     if config.coupling != "independent" or config.reference_size:
         return None
-    try:
-        from .floor import loss_floor
-    except ImportError:
-        return None
     n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
-
-    def floor(points: torch.Tensor) -> dict[str, Any]:
-        return loss_floor(
-            points.cpu(), prepared.path, config.objective, n_samples=n_samples,
-            weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
-            seed=config.seed, progress=progress,
-        ).to_dict()  # fmt: skip
-
-    if prepared.labels is None:
-        return floor(train)
-    return _labelled_floor(floor, train, prepared.labels.cpu(), config.p_uncond)
+    labels = None if prepared.labels is None else prepared.labels.cpu()
+    floor = loss_floor(
+        train.cpu(), prepared.path, config.objective, n_samples=n_samples, labels=labels,
+        weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
+        seed=config.seed, progress=progress,
+    )  # fmt: skip
+    if labels is None:
+        return floor.to_dict()
+    return _labelled_floor(floor, config.p_uncond)
 
 
-def _labelled_floor(floor: Any, train: torch.Tensor, labels: torch.Tensor, p_uncond: float) -> dict[str, Any]:
-    r"""The floor of the loss trained with label dropout: :math:`p F + (1 - p) \sum_k \pi_k F_k`.
+def _labelled_floor(floor: Any, p_uncond: float) -> dict[str, Any]:
+    r"""The floor of the loss trained with label dropout: :math:`p\,C + (1 - p)\,C_y`.
 
     With probability ``p = p_uncond`` a point's label is -1 and the best prediction is the exact marginal
-    field of all the data (floor ``F``); otherwise it is the field of its class k (floor ``F_k``, the floor
-    of class k's points alone), k having the share ``pi_k`` of the points. The predictions for different
-    labels are separate functions, so the floor is that mixture. ``floor(points)`` gives a
-    ``LossFloor.to_dict()``; each class gets as many draws as the whole set (the cost is shared out, as the
-    cost of a floor grows with the points). Returns ``{"value", "standard_error", "p_uncond",
-    "unconditional": {...}, "conditional": {"value", "standard_error", "per_class"}}``.
+    field of all the data (floor ``C``, ``floor.unconditional``); otherwise it is the field of its class
+    (the conditional floor ``C_y``, ``floor.value``). The predictions for different labels are separate
+    functions, so the floor is that mixture (``LossFloor.label_dropout_value``). Both floors come from the
+    same draws, so the standard error is bounded by the sum of the two weighted errors. Returns
+    ``floor.to_dict()`` with ``value`` and ``standard_error`` of the mixture and ``p_uncond``.
     """
-    counts = torch.bincount(labels)
-    shares = counts.double() / counts.sum()
-    per_class = [floor(train[labels == k]) if counts[k] > 0 else None for k in range(len(counts))]
-    cond = sum(float(shares[k]) * f["value"] for k, f in enumerate(per_class) if f is not None)
-    cond_var = sum(
-        float(shares[k]) ** 2 * f["standard_error"] ** 2 for k, f in enumerate(per_class) if f is not None
-    )
-    whole = floor(train) if p_uncond > 0 else {"value": 0.0, "standard_error": 0.0}
-    value = p_uncond * whole["value"] + (1 - p_uncond) * cond
-    error = math.sqrt(p_uncond**2 * whole["standard_error"] ** 2 + (1 - p_uncond) ** 2 * cond_var)
+    whole = floor.unconditional
     return {
-        "value": value, "standard_error": error, "p_uncond": p_uncond,
-        "unconditional": {"value": whole["value"], "standard_error": whole["standard_error"]},
-        "conditional": {"value": cond, "standard_error": math.sqrt(cond_var),
-                        "per_class": [None if f is None else f["value"] for f in per_class]},
-    }  # fmt: skip
+        **floor.to_dict(),
+        "value": floor.label_dropout_value(p_uncond),
+        "standard_error": (1 - p_uncond) * floor.standard_error + p_uncond * whole.standard_error,
+        "p_uncond": p_uncond,
+    }
 
 
 # -- the trainer -------------------------------------------------------------------------------------------

@@ -359,26 +359,24 @@ def test_guided_sampling_follows_the_guided_ode():
     assert ((got - MU[0]) @ away).mean() > ((plain - MU[0]) @ away).mean() + 0.2
 
 
-def test_labelled_loss_floor_mixes_the_unconditional_and_class_floors():
-    """Each class is one point repeated: its own floor is 0 (the marginal field is the conditional one), so
-    the floor of training with label dropout p is p times the floor of the whole set."""
-    from flowscore.training import _labelled_floor
-
+def test_labelled_loss_floor_mixes_the_unconditional_and_class_floors(tmp_path):
+    """Each class is one point repeated: its own floor is 0 (the class's marginal field is the conditional
+    target itself), so the floor a labelled run logs for label dropout p is p times the floor of the whole
+    set, computed independently here on other draws."""
     points = torch.tensor([[-1.0, 0.5]] * 30 + [[2.0, -1.0]] * 10)
     labels = torch.tensor([0] * 30 + [1] * 10)
-    path = fs.get_path("linear")
-
-    def floor(x):
-        return fs.loss_floor(x, path, "cfm", n_samples=4000, seed=3, progress=False).to_dict()
-
-    whole = floor(points)
-    assert whole["value"] > 0.1
-    result = _labelled_floor(floor, points, labels, 0.25)
-    assert result["conditional"]["per_class"] == pytest.approx([0.0, 0.0], abs=1e-9)
-    assert result["value"] == pytest.approx(0.25 * whole["value"], rel=1e-9)
-    assert result["standard_error"] == pytest.approx(0.25 * whole["standard_error"], rel=1e-6)
-    # without dropout the floor is the class-weighted mean of the class floors (two classes of two points)
-    two = torch.tensor([[-1.0, 0.0], [-1.0, 1.0], [2.0, 0.0], [3.0, 0.0]])
-    result = _labelled_floor(floor, two, torch.tensor([0, 0, 1, 1]), 0.0)
-    expected = 0.5 * floor(two[:2])["value"] + 0.5 * floor(two[2:])["value"]
-    assert result["value"] == pytest.approx(expected, rel=1e-12) and result["unconditional"]["value"] == 0.0
+    config = fs.TrainConfig(
+        steps=2, batch_size=8, warmup=0, p_uncond=0.25, n_holdout=0, checkpoint_every=2, device="cpu"
+    )
+    fs.Trainer(config, tmp_path / "run", data=(points, labels), progress=False).train()
+    run = fs.load_run(tmp_path / "run")
+    encoded = run.normalizer.encode(points)
+    whole = fs.loss_floor(encoded, run.path, "cfm", n_samples=20_000, seed=7, progress=False)
+    got = run.loss_floor
+    assert got["p_uncond"] == 0.25 and whole.value > 0.1
+    assert abs(got["value"] - 0.25 * whole.value) < 4 * math.hypot(
+        got["standard_error"], 0.25 * whole.standard_error
+    )
+    assert abs(got["unconditional"]["value"] - whole.value) < 4 * math.hypot(
+        got["unconditional"]["standard_error"], whole.standard_error
+    )

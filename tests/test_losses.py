@@ -10,7 +10,7 @@ import torch
 from conftest import make_path, reference_schedule
 from scipy import stats
 
-from flowscore import get_path
+from flowscore import EmpiricalMarginal, get_path
 from flowscore.losses import (
     cfm,
     dsm,
@@ -340,3 +340,30 @@ def test_bad_model_and_marginal_raise_value_error():
         objective_loss("ddpm", lambda x, t: x, x_data, "linear")
     with pytest.raises(ValueError, match="x_data"):
         cfm(lambda x, t: x, torch.zeros(4), "linear")
+
+
+def test_fm_and_sm_with_labels_regress_on_the_class_field(batch):
+    """With labels y the target is the exact field of the class's own points (y = -1: of all the points)."""
+    x_data, noise, t = batch
+    g = torch.Generator().manual_seed(8)
+    data = torch.randn(12, 3, generator=g, dtype=DT)
+    labels = torch.tensor([0, 1, 2] * 4)
+    labelled = EmpiricalMarginal(data, "vp", labels=labels)
+    linear = LinearModel(3)
+    model = lambda x, t, y=None: linear(x, t) + (0 if y is None else y[:, None] * 0.1)  # noqa: E731
+    for loss in (fm, sm):
+        for k in (0, 2):
+            y = torch.full((64,), k)
+            class_k = EmpiricalMarginal(data[labels == k], "vp")
+            want = loss(lambda x, tt, y=y: model(x, tt, y), x_data, class_k, t, noise, reduction="none")
+            got = loss(model, x_data, labelled, t, noise, y=y, reduction="none")
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        none = torch.full((64,), -1)
+        whole = EmpiricalMarginal(data, "vp")
+        unlabelled = loss(
+            lambda x, tt, none=none: model(x, tt, none), x_data, whole, t, noise, reduction="none"
+        )
+        got = loss(model, x_data, labelled, t, noise, y=none, reduction="none")
+        torch.testing.assert_close(got, unlabelled, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="labelled marginal"):
+        fm(model, x_data, EmpiricalMarginal(data, "vp"), t, noise, y=torch.zeros(64, dtype=torch.long))

@@ -208,7 +208,6 @@ class Wrong(nn.Module):
         ({"data": (DATA[0], torch.full((600,), float("nan")))}, {}, "NaN"),
         ({"data": torch.full((5, 2), float("nan"))}, {}, "NaN"),
         ({"data": [1, 2, 3]}, {}, "pair|tensor"),
-        ({"data": DATA}, {"objective": "fm"}, "class-conditional exact marginal"),
     ],
 )
 def test_bad_models_and_data_are_refused_before_anything_is_written(tmp_path, kwargs, config, match):

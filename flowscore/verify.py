@@ -73,9 +73,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _io, _validate
+from .conditioning import call_model
 from .conversions import conversion_coefficients
-from .data import IMAGE_SETS, TOYS, Normalizer, load
-from .floor import LossFloor, draw_data, loss_floor
+from .data import IMAGE_SETS, TOYS, Normalizer, labelled_toy, load, load_labelled
+from .floor import LossFloor, draw_labelled, loss_floor
 from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_loss, objective_name
 from .marginals import EmpiricalMarginal
 from .models import build_model
@@ -246,25 +247,28 @@ def batch_terms(
     noise: torch.Tensor,
     t_eps: float,
     prior: PriorMean | None = None,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gap, control, l_marg)``, each ``(B,)`` with graph: per draw, the gap ``l_cond - l_marg``, the
     prior-mean control variate (mean 0; zeros without ``prior``) and the marginal loss ``l_marg``.
 
     One forward pass of the network serves both losses (common random numbers): ``objective`` is ``cfm`` or
-    ``dsm``, its marginal twin (``fm``/``sm``) takes its exact target from ``marginal``.
+    ``dsm``, its marginal twin (``fm``/``sm``) takes its exact target from ``marginal``. With class labels
+    ``y`` (``(B,)``) the network is ``model(x, t, y)`` and the marginal target is the class's exact field.
     """
     kind = OBJECTIVES[objective]
     x = marginal.path.sample(x_data, t, noise)
     if prior is not None:
         x_prior, factor = _control_terms(marginal.path, kind, prior, x_data, t, noise)
-        out, out_prior = model(torch.cat([x, x_prior]), torch.cat([t, t])).split(x.shape[0])
+        both = None if y is None else torch.cat([y, y])
+        out, out_prior = call_model(model, torch.cat([x, x_prior]), torch.cat([t, t]), both).split(x.shape[0])
     else:
-        out = model(x, t)
+        out = call_model(model, x, t, y)
 
-    def cached(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+    def cached(x: torch.Tensor, tt: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return out
 
-    kw: dict[str, Any] = {"prediction": kind, "t_eps": t_eps, "reduction": "none"}
+    kw: dict[str, Any] = {"prediction": kind, "t_eps": t_eps, "reduction": "none", "y": y}
     per_cond = objective_loss(objective, cached, x_data, marginal.path, t, noise, **kw)
     per_marg = objective_loss(MARGINAL_TWIN[objective], cached, x_data, marginal, t, noise, **kw)
     control = (out_prior * factor).flatten(1).sum(1) if prior is not None else torch.zeros_like(per_marg)
@@ -308,18 +312,18 @@ class TimeDesign:
 
 def _draws(
     data: Any, n: int, design: TimeDesign, generator: torch.Generator, antithetic: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` draws ``(x_data, t, noise, weight, bin)``; antithetic: ``n/2`` draws, then the same with
-    ``-noise``."""
+) -> tuple[torch.Tensor, ...]:
+    """``n`` draws ``(x_data, t, noise, weight, bin, y)`` (``y`` the labels, or None); antithetic: ``n/2``
+    draws, then the same with ``-noise``."""
     m = n // 2 if antithetic else n
-    x_data = draw_data(data, m, generator).to(dtype)
+    x_data, y = draw_labelled(data, m, generator)
+    x_data = x_data.to(dtype)
     t, weight, which = design.sample(m, generator, dtype)
     noise = torch.randn(x_data.shape, generator=generator, dtype=dtype)
     if not antithetic:
-        return x_data, t, noise, weight, which
-    twice = (torch.cat([v, v]) for v in (x_data, t, weight, which))
-    x_data, t, weight, which = twice
-    return x_data, t, torch.cat([noise, -noise]), weight, which
+        return x_data, t, noise, weight, which, y
+    x_data, t, weight, which = (torch.cat([v, v]) for v in (x_data, t, weight, which))
+    return x_data, t, torch.cat([noise, -noise]), weight, which, None if y is None else torch.cat([y, y])
 
 
 def _units(values: torch.Tensor, antithetic: bool) -> torch.Tensor:
@@ -344,7 +348,7 @@ def batch_gradients(
     antithetic: bool,
     n_bins: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(d, g, gaps, bin_sq)`` of one batch of ``draws = (x_data, t, noise, weight, bin)``.
+    """``(d, g, gaps, bin_sq)`` of one batch of ``draws = (x_data, t, noise, weight, bin, y)``.
 
     ``d = grad mean(weight (gap + control))`` and ``g = grad mean(weight l_marg)`` (``(P,)``); ``gaps``: the
     weighted loss gaps of the independent units (draws or antithetic pairs). With ``n_bins`` the batch is
@@ -353,7 +357,7 @@ def batch_gradients(
     divided by the bin's units estimates their mean square (larger where they differ: importance sampling
     is then less efficient, never biased). Without ``n_bins``, ``bin_sq`` is None.
     """
-    x_data, t, noise, weight, which = draws
+    x_data, t, noise, weight, which, y = draws
     params = [p for p in model.parameters() if p.requires_grad]
     parts = (
         [torch.ones_like(which, dtype=torch.bool)] if n_bins is None else [which == m for m in range(n_bins)]
@@ -364,8 +368,9 @@ def batch_gradients(
         if not bool(part.any()):
             bin_sq.append(0.0)
             continue
+        labels = None if y is None else y[part]
         gap, control, per_marg = batch_terms(
-            model, marginal, objective, x_data[part], t[part], noise[part], t_eps, prior
+            model, marginal, objective, x_data[part], t[part], noise[part], t_eps, prior, labels
         )
         w = weight[part]
         units = _units(w * (gap + control), antithetic).sum() / n_units
@@ -406,7 +411,8 @@ def compare_gradients(
     ``min_batches`` batches on (``target_se=None``: neither), or ``max_samples`` draws are used (at least
     two batches); ``stats.stopped`` says which. ``n_batches`` instead fixes the number of batches (no early
     stop). Variance reduction (module docstring, item 2): ``antithetic`` noise pairs (the batch size must be
-    even), the prior-mean ``control_variate`` (needs a ``.data`` tensor in ``data``; off otherwise) and
+    even), the prior-mean ``control_variate`` (needs a ``.data`` tensor in ``data``; off otherwise, and off
+    with class labels, where the network's labels correlate with ``x_data - mean``) and
     ``importance`` sampling of t (after ``PILOT_BATCHES`` uniform batches, if more batches may follow). All
     three leave the expected difference unchanged.
     """
@@ -425,7 +431,9 @@ def compare_gradients(
     t_eps = _check_t_eps(DEFAULT_T_EPS[objective] if t_eps is None else t_eps)
     data = marginal if data is None else data
     points = getattr(data, "data", None)
-    prior = PriorMean.of(points) if control_variate and isinstance(points, torch.Tensor) else None
+    labelled = getattr(data, "labels", None) is not None
+    usable = control_variate and isinstance(points, torch.Tensor) and not labelled
+    prior = PriorMean.of(points) if usable else None
     dtype = next(model.parameters()).dtype
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
@@ -496,12 +504,32 @@ def load_points(
     return Normalizer.fit(points).encode(points) if normalize else points
 
 
-def make_model(point_shape: tuple[int, ...] | torch.Size, seed: int = 0) -> nn.Module:
-    """The package's MLP (``MODEL_OPTIONS``) for points of ``point_shape``, initialised from ``seed`` without
-    touching the global random state."""
+def load_labels(
+    data: str | os.PathLike[str], n_data: int = DEFAULT_N_DATA, seed: int = 0, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(points, labels)``: :func:`load_points` with the data set's class labels ``(N,)``: ``"digits"``,
+    ``"mnist"``, an ``.npz`` with an array ``y``, or a toy with its components as classes
+    (:func:`flowscore.data.labelled_toy`). ``ValueError`` for data without labels."""
+    n_data = _validate.positive_int(n_data, "n_data")
+    if isinstance(data, str) and data in TOYS:
+        points, labels = labelled_toy(data, n_data, seed)
+    else:
+        points, labels = load_labelled(data, n=n_data, seed=seed)
+    if labels is None:
+        raise ValueError(
+            f"data {str(data)!r} has no class labels; use digits, mnist, a toy or a .npz with 'y'"
+        )
+    return (Normalizer.fit(points).encode(points) if normalize else points), labels
+
+
+def make_model(
+    point_shape: tuple[int, ...] | torch.Size, seed: int = 0, num_classes: int | None = None
+) -> nn.Module:
+    """The package's MLP (``MODEL_OPTIONS``) for points of ``point_shape`` (with a class embedding for
+    ``num_classes`` labels), initialised from ``seed`` without touching the global random state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model("mlp", tuple(point_shape), **MODEL_OPTIONS)
+        return build_model("mlp", tuple(point_shape), num_classes=num_classes, **MODEL_OPTIONS)
 
 
 def _threads(n: int | None) -> contextlib.AbstractContextManager:
@@ -516,6 +544,7 @@ def run_verify(
     path: str = "linear",
     objective: str = "cfm",
     *,
+    labels: torch.Tensor | bool | None = None,
     n_data: int = DEFAULT_N_DATA,
     batch_size: int = DEFAULT_BATCH_SIZE,
     target_se: float = DEFAULT_TARGET_SE,
@@ -537,6 +566,10 @@ def run_verify(
         data: see :func:`load_points`.
         path: path name ("linear", "vp", "vp-linear", "ve").
         objective: "cfm" (FM vs CFM; alias "flow") or "dsm" (SM vs DSM; alias "score").
+        labels: class labels: True takes the data set's own (:func:`load_labels`), a tensor ``(N,)`` goes
+            with tensor ``data``. The network is then ``f(x, t, y)``, both losses see the labels and the
+            marginal twin's target is the class's exact field: the conditional theorems; the loss floor is the
+            conditional one (the label-blind floor is reported next to it).
         n_data: at most this many data points (toys: exactly).
         batch_size: draws per batch (even with ``antithetic``).
         target_se: the sample grows until the relative standard error is at most this ...
@@ -568,10 +601,16 @@ def run_verify(
     if floor_samples is not None:
         _validate.positive_int(floor_samples, "floor_samples")
     with _threads(num_threads):
-        points = load_points(data, n_data, seed, normalize)
-        marginal = EmpiricalMarginal(points, get_path(path))
+        if labels is True:
+            if isinstance(data, torch.Tensor):
+                raise ValueError("labels=True needs a data set name or file; pass the labels tensor instead")
+            points, labels = load_labels(data, n_data, seed, normalize)
+        else:
+            points = load_points(data, n_data, seed, normalize)
+        labels = None if labels is None or labels is False else labels
+        marginal = EmpiricalMarginal(points, get_path(path), labels=labels)
         stats = compare_gradients(
-            make_model(points.shape[1:], seed),
+            make_model(points.shape[1:], seed, marginal.num_classes),
             marginal,
             canonical,
             batch_size=batch_size,
@@ -607,6 +646,8 @@ def run_verify(
         **summary,
         "loss_floor": floor.value,
         "loss_floor_standard_error": floor.standard_error,
+        "labels": labels is not None,
+        "loss_floor_label_blind": None if floor.unconditional is None else floor.unconditional.value,
         "canonical_objective": canonical,
         "marginal_objective": MARGINAL_TWIN[canonical],
         "verdict": result_verdict,
@@ -616,7 +657,9 @@ def run_verify(
         "max_samples": max_samples,
         "variance_reduction": [
             name
-            for name, on in zip(VARIANCE_REDUCTIONS, (antithetic, control_variate, importance), strict=True)
+            for name, on in zip(
+                VARIANCE_REDUCTIONS, (antithetic, control_variate and labels is None, importance), strict=True
+            )
             if on
         ],
         "t_eps": t_eps,
@@ -667,6 +710,7 @@ def format_table(result: dict[str, Any]) -> str:
     z_gap = (gap - c) / math.hypot(gap_se, c_se) if gap_se or c_se else 0.0
     t_eps = result["t_eps"]
     shape = " x ".join(map(str, result["data_shape"]))
+    floor_name = "loss floor C" + (" (given the labels)" if result["labels"] else "")
     reductions = ", ".join(result["variance_reduction"]) or "none"
     rows = [
         f"flowscore verify: grad L_{marg} = grad L_{cond} and L_{cond} - L_{marg} = C",
@@ -677,7 +721,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"  {'quantity':<40}{'value':>14}{'std. error':>14}",
         f"  {f'|mean(g_{cond} - g_{marg})| / |mean(g_{marg})|':<40}{rel:>14.5f}{rel_se:>14.5f}",
         f"  {'loss gap L_' + cond + ' - L_' + marg:<40}{gap:>14.5f}{gap_se:>14.5f}",
-        f"  {'loss floor C':<40}{c:>14.5f}{c_se:>14.5f}",
+        f"  {floor_name:<40}{c:>14.5f}{c_se:>14.5f}",
+        *(
+            [f"  {'loss floor without the labels':<40}{result['loss_floor_label_blind']:>14.5f}"]
+            if result["loss_floor_label_blind"] is not None
+            else []
+        ),
         "",
         f"  gap - floor: z = {z_gap:+.2f} ({'consistent' if abs(z_gap) <= SIGNIFICANCE else 'SIGNIFICANT'})",
         f"  {verdict_line(result)}",
@@ -774,6 +823,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"{DEFAULT_T_EPS['dsm']:g} dsm)",
     )
     parser.add_argument(
+        "--labels",
+        action="store_true",
+        help="check the class-conditional theorems: the network sees the data set's labels (digits, mnist, "
+        "a .npz with 'y', a toy's components)",
+    )
+    parser.add_argument(
         "--plain",
         action="store_true",
         help="no variance reduction (independent noise, no control variate, uniform t)",
@@ -821,11 +876,15 @@ def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> i
     nothing written)."""
     try:
         check_arguments(args)
-        points = load_points(args.data, args.n_data, args.seed)
+        if args.labels:
+            points, labels = load_labels(args.data, args.n_data, args.seed)
+        else:
+            points, labels = load_points(args.data, args.n_data, args.seed), None
         result = run_verify(
             points,
             args.path,
             args.objective,
+            labels=labels,
             n_data=args.n_data,
             batch_size=args.batch_size,
             target_se=args.target_se,
@@ -869,6 +928,7 @@ __all__ = [
     "check_arguments",
     "compare_gradients",
     "format_table",
+    "load_labels",
     "load_points",
     "main",
     "make_model",

@@ -12,7 +12,7 @@ import torch
 from conftest import reference_schedule
 
 import flowscore.verify as verify
-from flowscore.data import toy
+from flowscore.data import labelled_toy, toy
 from flowscore.floor import loss_floor
 from flowscore.marginals import EmpiricalMarginal
 from flowscore.verify import DEFAULT_T_EPS, compare_gradients, make_model
@@ -144,3 +144,48 @@ def test_a_decisive_difference_stops_the_sample_early():
     rel, se = stats.relative()
     assert stats.stopped == "decisive" and stats.n_batches == 10 and rel > verify.DECISIVE * se
     assert verify.verdict(rel, se, 1e-6)[0] == "differ"
+
+
+class LabelBlindMarginal:
+    """A labelled marginal whose fields ignore the labels: the wrong target for a network that sees them."""
+
+    def __init__(self, marginal: EmpiricalMarginal):
+        self.inner, self.path, self.num_classes = marginal, marginal.path, marginal.num_classes
+        self.data, self.labels = marginal.data, marginal.labels
+
+    def velocity(self, x, t):
+        return self.inner.velocity(x, t)
+
+    def score(self, x, t):
+        return self.inner.score(x, t)
+
+    def field(self, kind, x, t, y=None):
+        return self.inner.field(kind, x, t)
+
+
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_conditional_theorems_with_labels_and_the_label_blind_negative_control(objective):
+    """With class labels the network is f(x, t, y) and the marginal twin regresses on the class's exact
+    field: the gradients agree and the gap is the (lower) conditional floor; regressing on the label-blind
+    field instead is a significant difference."""
+    points, labels = labelled_toy("8gaussians", 400, seed=1)
+    marginal = EmpiricalMarginal(points, "linear", labels=labels)
+    model = make_model((2,), seed=0, num_classes=8)
+    kw = dict(n_batches=30, batch_size=BATCH, seed=2, progress=False)
+    s = compare_gradients(model, marginal, objective, **kw).summary()
+    assert s["grad_relative_difference"] <= 3 * s["grad_relative_standard_error"]
+    assert s["grad_relative_standard_error"] < 0.05
+    floor = loss_floor(
+        marginal,
+        objective=objective,
+        n_samples=30 * BATCH,
+        t_eps=DEFAULT_T_EPS[objective],
+        seed=7,
+        progress=False,
+    )
+    assert floor.value < floor.unconditional.value - 3 * floor.standard_error  # informative labels
+    assert abs(s["loss_gap"] - floor.value) <= 3 * math.hypot(
+        s["loss_gap_standard_error"], floor.standard_error
+    )
+    blind = compare_gradients(model, LabelBlindMarginal(marginal), objective, **kw).summary()
+    assert blind["grad_relative_difference"] > 5 * blind["grad_relative_standard_error"]

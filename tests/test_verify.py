@@ -166,6 +166,26 @@ def test_digits_run_with_the_mlp_on_flattened_images():
     assert result["data_shape"] == [1, 8, 8] and math.isfinite(result["loss_gap"])
 
 
+def test_labels_flag_checks_the_conditional_theorem_and_reports_both_floors(tmp_path, capsys):
+    """--labels: the network sees the classes (a .npz with y here), the table shows the conditional floor and
+    the label-blind one; data without labels is refused in one line before the run."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.stack([3.0 * y, np.zeros(300)], 1) + 0.3 * rng.standard_normal((300, 2))
+    np.savez(tmp_path / "l.npz", x=x, y=y)
+    out = tmp_path / "v.json"
+    assert main(parse(["--data", str(tmp_path / "l.npz"), "--labels", "--json", str(out), *SMALL])) == 0
+    text = capsys.readouterr().out
+    assert "given the labels" in text and "without the labels" in text
+    result = run_verify(str(tmp_path / "l.npz"), labels=True, n_batches=2, batch_size=64, progress=False)
+    assert result["labels"] and result["loss_floor"] < result["loss_floor_label_blind"]
+    assert main(parse(["--data", str(tmp_path / "l.npz"), *SMALL])) == 0  # the same data, label-blind
+    capsys.readouterr()
+    np.save(tmp_path / "plain.npy", x)
+    assert main(parse(["--data", str(tmp_path / "plain.npy"), "--labels", *SMALL])) == 2
+    assert "no class labels" in capsys.readouterr().err
+
+
 def test_run_verify_is_reproducible_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)

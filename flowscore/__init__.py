@@ -6,7 +6,7 @@ the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> 
 plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
-from . import adapters, couplings, data, grids, losses, samplers, solvers
+from . import adapters, couplings, data, grids, losses, preconditioning, samplers, solvers
 from ._validate import validation
 from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
 from .config import TrainConfig
@@ -27,6 +27,7 @@ from .paths import (
     VPLinearPath,
     get_path,
 )
+from .preconditioning import Preconditioned
 from .runs import Run, load_run
 from .samplers import encode, sample, sample_ode, sample_sde
 from .training import Trainer
@@ -47,6 +48,8 @@ __all__ = [
     "adapters",
     "KINDS",
     "PATHS",
+    "Preconditioned",
+    "preconditioning",
     "Run",
     "Schedule",
     "TrainConfig",

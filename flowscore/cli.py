@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -333,6 +334,11 @@ def _check_train_out(run_dir: str, resume: bool) -> None:
         )
 
 
+def _print_warning(message, category, *_args, **_kwargs) -> None:
+    """A warning as one line on stderr (``warning: ...``), without the source location."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import Trainer
 
@@ -340,7 +346,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_train_out(run_dir, args.resume)
     cfg = resume_config(args) if args.resume else train_config(args)
     try:
-        result = Trainer(cfg, run_dir, progress=not args.no_progress).train(resume=args.resume)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            result = Trainer(cfg, run_dir, progress=not args.no_progress).train(resume=args.resume)
     except KeyboardInterrupt:
         step = runs.checkpoint_step(run_dir)
         if step is None:

@@ -67,6 +67,9 @@ FIELD_HELP: dict[str, str] = {
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_max\": 50}' for ve",
     "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
+    "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
+    "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
+    "pass yourself is used as given",
     "steps": "optimizer steps (with --resume: the new total)",
     "batch_size": "points per step (split over torchrun processes; a DataLoader given to the Trainer "
     "sets its own)",
@@ -124,6 +127,7 @@ class TrainConfig:
     path_options: dict[str, Any] = field(default_factory=dict)
     objective: str = "cfm"
     prediction: str = "velocity"
+    precondition: bool = True
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -216,7 +220,7 @@ class TrainConfig:
         if self.n_holdout is not None:
             _validate.integer(self.n_holdout, "n_holdout", minimum=0)
         _validate.integer(self.warmup, "warmup", minimum=0)
-        for name in ("loss_floor", "labels", "compile", "tensorboard"):
+        for name in ("loss_floor", "labels", "compile", "tensorboard", "precondition"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _validate.number(self.p_uncond, "p_uncond", low=0, high=1, high_open=True)

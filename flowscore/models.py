@@ -392,9 +392,10 @@ CUSTOM = "custom"
 
 
 def builtin_config(model: object) -> dict[str, Any] | None:
-    """``model.config()`` for flowscore's :class:`MLP` and :class:`UNet` (DDP and compiled wrappers looked
-    through), None for any other model."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    """``model.config()`` for flowscore's :class:`MLP` and :class:`UNet` (preconditioning, DDP and compiled
+    wrappers looked through), None for any other model."""
+    inner = getattr(model, "wrapped_network", model)  # flowscore.Preconditioned
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     inner = (
         getattr(inner, "module", inner) if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
     )

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _io, checkpoint, models
+from . import _io, checkpoint, models, preconditioning
 from . import data as datasets
 from .config import PATH_NAMES, TrainConfig
 from .paths import GaussianPath, get_path
@@ -368,10 +368,11 @@ def _check_labels(
 
 
 def _stored_config(values: object) -> TrainConfig:
-    """The ``TrainConfig`` of a stored dict. A run stored before class labels existed has no ``labels`` key
-    and was trained without them: it keeps ``labels=False``, so that it loads and resumes as it was."""
-    if isinstance(values, dict) and "labels" not in values:
-        values = {**values, "labels": False}
+    """The ``TrainConfig`` of a stored dict. A run stored before class labels (or preconditioning) existed
+    has no ``labels`` (``precondition``) key and was trained without them: it keeps ``False``, so that it
+    loads and resumes as it was."""
+    if isinstance(values, dict):
+        values = {**{"labels": False, "precondition": False}, **values}
     return TrainConfig.from_dict(values)
 
 
@@ -481,7 +482,11 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
     return Run(
         config=run_file.config,
         path=run_file.path,
-        model=model.eval().requires_grad_(False),
+        model=preconditioning.for_run(
+            model, run_file.path, run_file.config.prediction, run_file.config.precondition
+        )
+        .eval()
+        .requires_grad_(False),
         prediction=run_file.config.prediction,
         normalizer=run_file.normalizer,
         held_out=run_file.held_out,

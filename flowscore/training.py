@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _validate, checkpoint, couplings, losses, resources, runs, sources
+from . import _validate, checkpoint, couplings, losses, preconditioning, resources, runs, sources
 from . import data as datasets
 from .conditioning import drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
@@ -393,7 +394,8 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
             "points it is drawn from (without replacement, and never from a DataLoader); pass a smaller "
             "--reference-size"
         )
-    model, was_training = prepared.model, prepared.model.training
+    was_training = prepared.model.training
+    model = preconditioning.for_run(prepared.model, prepared.path, config.prediction, config.precondition)
     target = _loss_target(config, prepared)
     try:
         with torch.no_grad(), _autocast(config, x_data.device):
@@ -409,7 +411,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
             f"it is called as {call} and must return a tensor shaped like x"
         ) from None
     finally:
-        model.train(was_training)
+        prepared.model.train(was_training)
     if not bool(torch.isfinite(loss)):
         raise ValueError(f"the {config.objective} loss is not finite at t = 0.5 with this configuration")
 
@@ -584,6 +586,13 @@ class Trainer:
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
             prepared = _prepare(config, device, dist.world, model=self.model, data=self.data)
+            wrap = (prepared.path, config.prediction, config.precondition)
+            wrapped = preconditioning.for_run(prepared.model, *wrap)
+            warning = preconditioning.quality_warning(
+                config.prediction, isinstance(wrapped, preconditioning.Preconditioned)
+            )
+            if warning and dist.main and not resume:
+                warnings.warn(warning, preconditioning.QualityWarning, stacklevel=2)
             with resources.using_threads(prepared.threads):
                 result = self._run(config, prepared, device, dist, resume)
             dist.barrier()  # no rank tears the group down while another still talks to it
@@ -750,6 +759,10 @@ class _Loop:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
             self.net = torch.compile(self.net)
+        self.net = preconditioning.for_run(self.net, prepared.path, config.prediction, config.precondition)
+        self.ema_model = preconditioning.for_run(
+            self.ema, prepared.path, config.prediction, config.precondition
+        )
         self.stream = prepared.stream
         self.tensorboard: Any = None
         self.optimizer = torch.optim.AdamW(
@@ -927,7 +940,7 @@ class _Loop:
         """A sample grid of the EMA model into the TensorBoard log (its own generator: see tblog)."""
         prepared = self.prepared
         self.tensorboard.samples(
-            self.step, self.ema, prepared.path, self.config.prediction, tuple(prepared.train.shape[1:]),
+            self.step, self.ema_model, prepared.path, self.config.prediction, tuple(prepared.train.shape[1:]),
             prepared.normalizer.decode, prepared.num_classes if prepared.labels is not None else None,
             self.config.seed, self.device,
         )  # fmt: skip

@@ -66,7 +66,7 @@ def labelled_run(tmp_path_factory) -> tuple[str, str]:
 def test_cli_trains_a_conditional_model_on_npz_labels(labelled_run):
     _, run_dir = labelled_run
     run = fs.load_run(run_dir)
-    assert run.labelled and run.num_classes == 3 and run.model.config()["num_classes"] == 3
+    assert run.labelled and run.num_classes == 3 and fs.models.builtin_config(run.model)["num_classes"] == 3
     assert run.config.p_uncond == 0.2 and sum(run.class_counts) == 2700
     assert run.held_out_labels.shape == (300,)
 

@@ -1,0 +1,201 @@
+"""The quality matrix: every path x objective x prediction, sampled by the default ODE and SDE samplers.
+
+Each cell trains ``TrainConfig(data=toy, path=..., objective=..., prediction=...)`` with every other field
+at its default except ``steps`` (the same budget for every cell, ``--steps``), then draws ``N`` samples with
+the default ODE sampler and the default SDE sampler at their default steps, and reports
+
+    ratio = mean_k W2(samples, A_k) / mean_k W2(B_k, A_k)
+
+over ``K`` pairs (A_k, B_k) of fresh independent draws of the toy (the averaged floor of
+``bench_quality.py``). cfm and dsm run on three toys; fm and sm (exact marginal targets, O(batch x N) per
+step) on one toy with ``--small-n`` points: a perfect fm/sm model reproduces its training set, so there
+B_k are ``N`` draws (with replacement) from a fresh set of as many points as the run trained on.
+``--baseline`` adds the cells of the linear path without preconditioning (``precondition=False``): the state
+before issue 11. Goal: every cell <= 1.3.
+
+Cells run in ``--workers`` processes of one thread each; finished cells are kept in ``--cache`` (JSON lines),
+so an interrupted run resumes and ``--report`` rewrites the table alone. Writes ``bench/results/matrix.md``.
+Run: ``nice -n 19 python bench/bench_matrix.py [--steps 4000] [--workers 2] [--baseline]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOYS = ("moons", "8gaussians", "checkerboard")
+DEFAULT_TOYS = ("moons", "8gaussians")
+PATHS = ("linear", "vp", "vp-linear", "ve")
+PREDICTIONS = ("velocity", "score", "noise", "data")
+GOAL = 1.3
+
+
+def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for toy, path, objective, prediction in itertools.product(args.toys, PATHS, ("cfm", "dsm"), PREDICTIONS):
+        out.append(dict(toy=toy, path=path, objective=objective, prediction=prediction, precondition=True))
+    for path, objective, prediction in itertools.product(("linear",), ("fm", "sm"), PREDICTIONS):
+        out.append(dict(toy=args.toys[0], path=path, objective=objective, prediction=prediction,
+                        precondition=True, data_n=args.small_n))  # fmt: skip
+    if args.baseline:
+        for objective, prediction in itertools.product(("cfm", "dsm"), PREDICTIONS):
+            out.append(dict(toy=args.toys[0], path="linear", objective=objective, prediction=prediction,
+                            precondition=False))  # fmt: skip
+    return out
+
+
+def key(cell: dict[str, Any], steps: int) -> str:
+    return json.dumps({**cell, "steps": steps}, sort_keys=True)
+
+
+def measure(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
+    """Trains one cell and measures the W2 ratios of its ODE and SDE samples (one thread)."""
+    cell, steps, n, pairs = job
+    torch.set_num_threads(1)
+    from flowscore import data, workflows
+    from flowscore.metrics import w2
+    from flowscore.samplers import DEFAULT_ODE_SAMPLER
+    from flowscore.training import TrainConfig, Trainer, load_run
+
+    options = {k: v for k, v in cell.items() if k != "toy"}
+    config = TrainConfig(data=cell["toy"], steps=steps, threads=1, loss_floor=False, **options)
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        Trainer(config, os.path.join(work, "run"), progress=False).train()
+        train_s = time.perf_counter() - start
+        run = load_run(os.path.join(work, "run"))
+        run_points = cell.get("data_n", 0) - run.held_out.shape[0]  # the training points of a small set
+        ode = workflows.sample_run(run, n, sampler=DEFAULT_ODE_SAMPLER, seed=1, threads=1)
+        sde = workflows.sample_run(run, n, sampler="sde", seed=2, threads=1)
+    floors, odes, sdes = [], [], []
+    for k in range(pairs):
+        a, b = data.toy(cell["toy"], n, seed=10_001 + 2 * k), data.toy(cell["toy"], n, seed=10_002 + 2 * k)
+        if "data_n" in cell:  # a perfect fm/sm model reproduces its small training set: the floor of one
+            train = data.toy(cell["toy"], run_points, seed=20_000 + k)
+            b = train[torch.randint(run_points, (n,), generator=torch.Generator().manual_seed(k))]
+        floors.append(w2(b, a))
+        odes.append(w2(torch.from_numpy(ode), a) if np.isfinite(ode).all() else float("inf"))
+        sdes.append(w2(torch.from_numpy(sde), a) if np.isfinite(sde).all() else float("inf"))
+    floor = float(np.mean(floors))
+    return {**cell, "steps": steps, "train_s": train_s, "floor": floor,
+            "ratio_ode": float(np.mean(odes)) / floor, "ratio_sde": float(np.mean(sdes)) / floor}  # fmt: skip
+
+
+def load_cache(file: str) -> dict[str, dict[str, Any]]:
+    done = {}
+    if os.path.exists(file):
+        with open(file) as handle:
+            for line in handle:
+                if line.strip():
+                    r = json.loads(line)
+                    cell = {k: r[k] for k in ("toy", "path", "objective", "prediction", "precondition")}
+                    if "data_n" in r:
+                        cell["data_n"] = r["data_n"]
+                    done[key(cell, r["steps"])] = r
+    return done
+
+
+def _fmt(r: dict[str, Any] | None, field: str) -> str:
+    if r is None:
+        return "–"
+    v = r[field]
+    text = "inf" if not np.isfinite(v) else f"{v:.2f}"
+    return f"**{text}**" if not v <= GOAL else text
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    from flowscore.samplers import DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS
+
+    main = [r for r in results if r["precondition"] and "data_n" not in r]
+    small = [r for r in results if "data_n" in r]
+    base = [r for r in results if not r["precondition"]]
+    worst = max((max(r["ratio_ode"], r["ratio_sde"]) for r in main + small), default=float("nan"))
+    lines = [
+        "# The quality matrix: every path x objective x prediction, ODE and SDE",
+        "",
+        f"`python bench/bench_matrix.py --steps {args.steps} --n {args.n} --pairs {args.pairs}` on "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per cell "
+        f"({args.workers} cells at a time). Each cell: `TrainConfig(data=toy, path, objective, prediction)`, "
+        f"{args.steps} steps, every other field at its default (preconditioned built-in MLP, default "
+        f"weighting and time sampler); then {args.n} samples by the default ODE sampler "
+        f"({DEFAULT_ODE_SAMPLER}, {DEFAULT_ODE_STEPS} steps) and the default SDE (Euler-Maruyama, "
+        f"{DEFAULT_SDE_STEPS} steps). Ratio = mean_k W2(samples, A_k) / mean_k W2(B_k, A_k) over "
+        f"{args.pairs} pairs of fresh draws; goal <= {GOAL} (bold: missed). Worst cell: {worst:.2f}.",
+        "",
+        "| toy | path | objective | velocity ODE / SDE | score ODE / SDE | noise ODE / SDE | data ODE / SDE "
+        "| train s (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def table(rows: list[dict[str, Any]]) -> None:
+        groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((r["toy"], r["path"], r["objective"]), {})[r["prediction"]] = r
+        for (toy, path, objective), by in groups.items():
+            parts = [f"{_fmt(by.get(p), 'ratio_ode')} / {_fmt(by.get(p), 'ratio_sde')}" for p in PREDICTIONS]
+            mean_s = np.mean([r["train_s"] for r in by.values()])
+            lines.append(f"| {toy} | {path} | {objective} | " + " | ".join(parts) + f" | {mean_s:.0f} |")
+
+    table(main)
+    if small:
+        lines += ["", f"fm and sm (exact marginal targets) on {small[0]['data_n']} training points:", ""]
+        lines += lines[8:10]
+        table(small)
+    if base:
+        lines += ["", "Before: the same cells without preconditioning (`precondition=False`):", ""]
+        lines += lines[8:10]
+        table(base)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3000, help="training steps of every cell")
+    parser.add_argument("--n", type=int, default=2000, help="samples and fresh data points per set")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs of fresh reference draws to average")
+    parser.add_argument("--toys", nargs="+", default=list(DEFAULT_TOYS), help=f"of {TOYS} or any toy")
+    parser.add_argument("--small-n", type=int, default=512, help="training points of the fm and sm cells")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also the linear path without preconditioning"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=[], help="run only cells whose description has these")
+    parser.add_argument("--cache", default=os.path.join(HERE, "results", "matrix.jsonl"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "matrix.md"))
+    parser.add_argument("--report", action="store_true", help="rewrite the table from the cache alone")
+    args = parser.parse_args()
+    done = load_cache(args.cache)
+    todo = [c for c in cells(args) if key(c, args.steps) not in done]
+    todo = [c for c in todo if all(word in json.dumps(c) for word in args.only)]
+    if not args.report and todo:
+        print(f"{len(todo)} cells to run ({len(done)} cached)", flush=True)
+        jobs = [(c, args.steps, args.n, args.pairs) for c in todo]
+        with mp.get_context("spawn").Pool(args.workers) as pool, open(args.cache, "a") as cache:
+            for r in pool.imap_unordered(measure, jobs):
+                cache.write(json.dumps(r) + "\n")
+                cache.flush()
+                raw = "" if r["precondition"] else "(raw) "
+                name = f"{r['toy']} {r['path']} {r['objective']} {r['prediction']} {raw}"
+                print(f"{name}ODE {r['ratio_ode']:.2f} "
+                      f"SDE {r['ratio_sde']:.2f} ({r['train_s']:.0f} s)", flush=True)  # fmt: skip
+        done = load_cache(args.cache)
+    results = [done[key(c, args.steps)] for c in cells(args) if key(c, args.steps) in done]
+    text = report(results, args)
+    with open(args.out, "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

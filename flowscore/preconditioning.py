@@ -1,0 +1,146 @@
+r"""Preconditioning of a network, for any Gaussian path and any prediction.
+
+A network ``F`` is wrapped so that the model predicts ``kind`` (velocity, score, noise or data) as
+
+.. math::  v(x, t) = c_\mathrm{out}(t)\,F(c_\mathrm{in}(t)\,x,\ t), \qquad
+           \mathrm{model}(x, t) = \mathrm{convert}_{velocity \to kind}(v(x, t), x, t),
+
+with ``V = alpha^2 sigma_data^2 + beta^2`` (the variance of ``x`` for data of per-coordinate standard
+deviation ``sigma_data``):
+
+* ``c_in = 1 / sqrt(V)``: ``F``'s input has unit variance at every ``t``;
+* ``c_out = sqrt(alpha'^2 sigma_data^2 + beta'^2)``, the standard deviation of the conditional velocity
+  ``alpha' x_data + beta' noise``: ``F``'s regression target has unit variance at every ``t`` (EDM's
+  input and output scalings, Karras et al. 2022, appendix B.6, on any path);
+* the conversion out of the velocity (:func:`flowscore.conversions.conversion_coefficients`) is finite on
+  the whole of ``[0, 1]`` for the noise and data predictions: it never divides by ``alpha``.
+
+Why the network is always a velocity network: a network that outputs a noise (or score) prediction
+directly has its error multiplied by ``beta / alpha`` on the way to the data prediction and the velocity,
+which is what made unpreconditioned noise and score models sample badly near the noise end. EDM's skip
+connection ``c_skip x`` (the best linear predictor of the target) removes that for the data prediction, but
+its residual target learned far more slowly than the plain scaled velocity on clustered data
+(docs/theory.md, "Preconditioning"), so flowscore takes no skip and parameterises
+every prediction through the velocity. For a fixed objective and weighting the four predictions are then
+the same model trained on the same loss; the prediction decides only what the model returns.
+
+Endpoints: ``c_in`` is finite on ``[0, 1]`` (``V > 0``). Where ``beta'`` diverges (``vp-linear`` at
+``t = 1``), ``c_out`` uses ``beta beta'`` in closed form over ``beta`` clamped to at least ``BETA_FLOOR``
+(different from ``beta'`` only within about ``1e-8`` of ``t = 1``). The score diverges where ``beta = 0``:
+a score model's conversion is taken at ``t`` clamped to at most ``1 - T_CLAMP``.
+
+The time input of ``F`` is ``t`` itself (every path's ``t`` is in ``[0, 1]``, which is what the built-in
+models' time embeddings expect).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _validate
+from .conditioning import call_model
+from .conversions import KINDS, Schedule, conversion_coefficients
+from .models import builtin_config
+from .paths import GaussianPath, get_path
+
+BETA_FLOOR = 1e-4
+"""Lower clamp on ``beta`` in ``c_out`` where ``beta'`` diverges (``vp-linear`` at t = 1)."""
+T_CLAMP = 1e-6
+"""A score model's conversion is taken at ``min(t, 1 - T_CLAMP)`` (the score diverges where beta = 0)."""
+
+
+def scalings(schedule: Schedule, sigma_data: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_in, c_out)``, each shaped like the schedule's entries (formulas in the module docstring).
+
+    ``sigma_data > 0`` is the data's per-coordinate standard deviation (1 for data standardised per
+    coordinate, as the trainer does).
+    """
+    a, b = schedule.alpha, schedule.beta
+    s2 = sigma_data**2
+    c_in = (a**2 * s2 + b**2).rsqrt()
+    d_beta = schedule.d_beta  # where it diverges (beta = 0 on vp-linear): beta beta' / clamped beta
+    d_beta = torch.where(torch.isfinite(d_beta), d_beta, schedule.beta_d_beta / b.clamp(min=BETA_FLOOR))
+    c_out = (schedule.d_alpha**2 * s2 + d_beta**2).sqrt()
+    return c_in, c_out
+
+
+class Preconditioned(nn.Module):
+    """``model(x, t[, y]) = convert(c_out net(c_in x, t[, y]))`` from the velocity to ``prediction``: a
+    network preconditioned for a path and a prediction (module docstring).
+
+    ``net``: any module called as ``net(x, t)`` (or ``net(x, t, y)`` with labels) returning a tensor
+    shaped like ``x`` (``(B, *dims)``, ``t`` ``(B,)``). ``path``: a path or its name. ``prediction``: what
+    the wrapped model predicts, read by :func:`flowscore.sample` (``model.prediction``). ``sigma_data``:
+    the data's per-coordinate standard deviation (1 for standardised data). The wrapper adds no weights:
+    its state dict is the network's, under the prefix ``net.``.
+
+    The trainer applies it to the built-in models by default (``TrainConfig.precondition``); wrap your own
+    network with it to get the same scalings::
+
+        model = fs.Preconditioned(MyNet(), "linear", prediction="noise")
+    """
+
+    def __init__(
+        self, net: nn.Module, path: GaussianPath | str, prediction: str = "velocity", sigma_data: float = 1.0
+    ):
+        super().__init__()
+        if not callable(net):
+            raise ValueError(f"net must be callable as net(x, t), got {type(net).__name__}")
+        self.net = net
+        self.path = get_path(path)
+        self.prediction = _validate.choice(prediction, KINDS, "prediction")
+        self.sigma_data = _validate.number(sigma_data, "sigma_data", low=0.0, low_open=True)
+
+    @property
+    def wrapped_network(self) -> nn.Module:
+        """The network ``F`` (read by :func:`flowscore.models.builtin_config`)."""
+        return self.net
+
+    def config(self) -> dict[str, Any]:
+        """JSON description of the scalings (the network is described separately)."""
+        return {"path": self.path.config(), "prediction": self.prediction, "sigma_data": self.sigma_data}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        t64 = t.detach().to(torch.float64)
+        c_in, c_out = (
+            c.to(x.dtype).reshape(shape) for c in scalings(self.path._schedule(t64), self.sigma_data)
+        )
+        velocity = c_out * call_model(self.net, c_in * x, t, y)
+        if self.prediction == "velocity":
+            return velocity
+        if self.prediction == "score":
+            t64 = t64.clamp(max=1.0 - T_CLAMP)
+        c_value, c_x = conversion_coefficients(self.path._schedule(t64), "velocity", self.prediction)
+        return c_value.to(x.dtype).reshape(shape) * velocity + c_x.to(x.dtype).reshape(shape) * x
+
+
+def for_run(net: nn.Module, path: GaussianPath, prediction: str, precondition: bool) -> nn.Module:
+    """The model a run trains and samples: ``Preconditioned(net, path, prediction)`` when ``precondition``
+    and ``net`` is one of flowscore's built-in networks (also inside DDP or ``torch.compile``); any other
+    network as given (wrap it yourself to precondition it)."""
+    return Preconditioned(net, path, prediction) if precondition and builtin_config(net) is not None else net
+
+
+class QualityWarning(UserWarning):
+    """A training choice that the quality matrix (``bench/bench_matrix.py``) shows to sample badly."""
+
+
+def quality_warning(prediction: str, preconditioned: bool) -> str | None:
+    """The warning for training a ``prediction`` model without preconditioning, or None.
+
+    A raw noise or score output is divided by ``alpha_t`` on its way to the data prediction and the velocity,
+    so its error is amplified near the noise end (and a raw data output's velocity by ``1/beta_t`` near the
+    data end); at the budget that trains a good velocity model such models sample far worse
+    (``bench/results/matrix.md``). A raw velocity model is fine.
+    """
+    if preconditioned or prediction == "velocity":
+        return None
+    return (
+        f"a {prediction} prediction without preconditioning samples far worse than a preconditioned one at "
+        "the same training budget (bench/results/matrix.md); use precondition=True (--precondition) with the "
+        "built-in models, or wrap your network in flowscore.Preconditioned"
+    )

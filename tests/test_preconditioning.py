@@ -1,0 +1,163 @@
+"""Preconditioning: the scalings against float64 Monte Carlo and closed forms, the wrapper against exact
+Gaussian marginals, and the trainer's use of it (stored weights, old runs, sample quality per prediction).
+
+Ground truth: ``path.target`` (the conditional targets, independent of the scalings), the closed-form
+marginal fields of a Gaussian (``GaussianMixture``), and W2 against fresh draws of the data.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import flowscore as fs
+from flowscore import data, workflows
+from flowscore.metrics import w2
+from flowscore.preconditioning import Preconditioned, QualityWarning, scalings
+from flowscore.runs import _stored_config
+
+PATHS = ("linear", "vp", "vp-linear", "ve")
+
+
+@pytest.mark.parametrize("name", PATHS)
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_the_network_input_and_target_have_unit_variance(name, sigma_data):
+    """c_in x and (conditional velocity target) / c_out have unit variance at every t (float64 Monte Carlo,
+    data N(0, sigma_data^2); the target from path.target)."""
+    path = fs.get_path(name)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    for t_value in (0.0, 0.05, 0.4, 0.9, 0.999):
+        t = torch.full((n,), t_value, dtype=torch.float64)
+        x_data = sigma_data * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        noise = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        c_in, c_out = (c[:, None] for c in scalings(path.schedule(t), sigma_data))
+        assert float((c_in * path.sample(x_data, t, noise)).var()) == pytest.approx(1.0, abs=0.02)
+        assert float((path.target(x_data, t, noise) / c_out).var()) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("name", PATHS)
+@pytest.mark.parametrize("kind", fs.KINDS)
+def test_every_prediction_is_finite_on_the_closed_interval(name, kind):
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        model = Preconditioned(lambda x, t: torch.ones_like(x), name, kind)
+        x = torch.randn(t.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        assert torch.isfinite(model(x, t.to(dtype))).all()
+
+
+@pytest.mark.parametrize("name", PATHS)
+@pytest.mark.parametrize("kind", fs.KINDS)
+def test_a_network_that_knows_the_velocity_gives_every_prediction_exactly(name, kind):
+    """An oracle network returning the conditional velocity / c_out: the model of each kind returns that
+    kind's conditional target, written out here (noise, x_data, -noise / beta, the velocity)."""
+    path = fs.get_path(name)
+    g = torch.Generator().manual_seed(1)
+    x_data = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    x = path.sample(x_data, t, noise)
+    s = path.schedule(t)
+    velocity = s.d_alpha[:, None] * x_data + s.d_beta[:, None] * noise
+
+    def oracle(x_in, t_in):
+        return velocity / scalings(path.schedule(t_in))[1][:, None]
+
+    expected = {"velocity": velocity, "noise": noise, "data": x_data, "score": -noise / s.beta[:, None]}[kind]
+    torch.testing.assert_close(Preconditioned(oracle, path, kind)(x, t), expected, rtol=1e-8, atol=1e-8)
+
+
+def test_the_wrapper_passes_labels_and_adds_no_weights():
+    net = fs.models.MLP(2, width=16, depth=2, num_classes=3)
+    model = Preconditioned(net, "linear", "noise")
+    assert [k.removeprefix("net.") for k in model.state_dict()] == list(net.state_dict())
+    x, t = torch.randn(5, 2), torch.rand(5)
+    y = torch.tensor([0, 1, 2, -1, 0])
+    c_in, c_out = (c.float()[:, None] for c in scalings(model.path.schedule(t.double())))
+    velocity = c_out * net(c_in * x, t, y)
+    noise = fs.get_path("linear").convert(velocity, x, t, "velocity", "noise")
+    torch.testing.assert_close(model(x, t, y), noise, rtol=1e-5, atol=1e-6)
+    assert model.prediction == "noise"
+    assert fs.models.builtin_config(model) == net.config()
+    with pytest.raises(ValueError, match="prediction"):
+        Preconditioned(net, "linear", "epsilon")
+    with pytest.raises(ValueError, match="sigma_data"):
+        Preconditioned(net, "linear", sigma_data=0.0)
+
+
+def test_runs_store_the_network_and_load_preconditioned(tmp_path):
+    config = fs.TrainConfig(data="moons", steps=20, batch_size=32, warmup=0, loss_floor=False, device="cpu",
+                            objective="dsm", prediction="noise", width=16, depth=2)  # fmt: skip
+    fs.Trainer(config, tmp_path / "run", progress=False).train()
+    run = fs.load_run(tmp_path / "run")
+    assert isinstance(run.model, Preconditioned) and run.model.prediction == "noise"
+    raw = fs.TrainConfig(**{**config.to_dict(), "precondition": False})
+    with pytest.warns(QualityWarning):
+        fs.Trainer(raw, tmp_path / "raw", progress=False).train()
+    assert isinstance(fs.load_run(tmp_path / "raw").model, fs.models.MLP)
+    # a run written before the field existed was not preconditioned, and loads as it was trained
+    stored = config.to_dict()
+    del stored["precondition"]
+    assert _stored_config(stored).precondition is False
+
+
+class _UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t[:, None]], 1))
+
+
+def test_a_model_you_pass_is_used_as_given(tmp_path):
+    config = fs.TrainConfig(steps=5, batch_size=16, warmup=0, loss_floor=False, device="cpu")
+    net = _UserNet()
+    fs.Trainer(config, tmp_path / "run", model=net, data=torch.randn(200, 2)).train()
+    assert fs.load_run(tmp_path / "run", model=_UserNet()).model.__class__ is _UserNet
+
+
+@pytest.mark.parametrize(
+    "path, objective, prediction",
+    [("linear", "dsm", "noise"), ("linear", "cfm", "score"), ("linear", "dsm", "data")],
+)
+def test_preconditioned_models_of_several_predictions_sample_well(tmp_path, path, objective, prediction):
+    """A few cells of bench/bench_matrix.py at a small budget, against a generous bound on W2 / floor (the
+    bench holds the real figures)."""
+    config = fs.TrainConfig(data="8gaussians", path=path, objective=objective, prediction=prediction,
+                            steps=1200, batch_size=256, warmup=100, loss_floor=False, device="cpu",
+                            width=64, depth=3, threads=1)  # fmt: skip
+    fs.Trainer(config, tmp_path / "run", progress=False).train()
+    run = fs.load_run(tmp_path / "run")
+    n = 1000
+    a, b = data.toy("8gaussians", n, seed=10_001), data.toy("8gaussians", n, seed=10_002)
+    floor = w2(b, a)
+    for sampler in (None, "sde"):
+        samples = workflows.sample_run(run, n, sampler=sampler, seed=3, threads=1)
+        assert w2(torch.from_numpy(samples), a) / floor < 2.0, sampler
+
+
+def test_training_a_raw_noise_model_warns_and_the_cli_says_it_in_one_line(tmp_path):
+    base = dict(
+        data="moons", steps=2, batch_size=16, warmup=0, loss_floor=False, device="cpu", width=8, depth=1
+    )
+    with pytest.warns(QualityWarning, match="noise prediction without preconditioning"):
+        fs.Trainer(fs.TrainConfig(prediction="noise", precondition=False, **base), tmp_path / "a").train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fs.Trainer(fs.TrainConfig(prediction="noise", **base), tmp_path / "b").train()
+        fs.Trainer(fs.TrainConfig(precondition=False, **base), tmp_path / "c").train()
+    out = subprocess.run(
+        [sys.executable, "-m", "flowscore", "train", "--data", "moons", "--steps", "2", "--batch-size", "16",
+         "--warmup", "0", "--no-loss-floor", "--width", "8", "--depth", "1", "--prediction", "score",
+         "--no-precondition", "--no-progress", "--out", str(tmp_path / "cli")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "preconditioning" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: a score prediction without preconditioning")

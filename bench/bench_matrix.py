@@ -55,6 +55,12 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+def priority(cell: dict[str, Any]) -> tuple:
+    """Run order: the "before" cells, then one cell per prediction of every path and toy, then the rest."""
+    first = {("cfm", "velocity"), ("dsm", "noise"), ("cfm", "data"), ("dsm", "score")}
+    return (cell["precondition"], "data_n" in cell, (cell["objective"], cell["prediction"]) not in first)
+
+
 def key(cell: dict[str, Any], steps: int) -> str:
     return json.dumps({**cell, "steps": steps}, sort_keys=True)
 
@@ -178,6 +184,7 @@ def main() -> None:
     done = load_cache(args.cache)
     todo = [c for c in cells(args) if key(c, args.steps) not in done]
     todo = [c for c in todo if all(word in json.dumps(c) for word in args.only)]
+    todo.sort(key=priority)
     if not args.report and todo:
         print(f"{len(todo)} cells to run ({len(done)} cached)", flush=True)
         jobs = [(c, args.steps, args.n, args.pairs) for c in todo]

@@ -58,7 +58,8 @@ def run_dir(workdir: str) -> str:
 
 def test_image_run_uses_a_unet_and_maps_the_pixel_range_to_minus_one_one(run_dir: str) -> None:
     run = load_run(run_dir)
-    assert isinstance(run.model, UNet) and (run.model.base, run.model.levels) == (8, 1)
+    net = run.model.wrapped_network  # the built-in UNet, preconditioned by default
+    assert isinstance(net, UNet) and (net.base, net.levels) == (8, 1)
     assert run.data_shape == (1, 8, 8) and run.step == TRAIN_STEPS
     # the normalizer maps [0, 16] onto [-1, 1]: shift 8, scale 8 (both extremes occur in the training split)
     extremes = torch.tensor([PIXEL_LO, PIXEL_HI]).reshape(2, 1, 1, 1).expand(2, 1, 8, 8)

@@ -129,18 +129,24 @@ class QualityWarning(UserWarning):
     """A training choice that the quality matrix (``bench/bench_matrix.py``) shows to sample badly."""
 
 
-def quality_warning(prediction: str, preconditioned: bool) -> str | None:
-    """The warning for training a ``prediction`` model without preconditioning, or None.
+RAW_OK = {"velocity": ("velocity",), "score": ("velocity", "score", "noise")}
+"""Per objective space (cfm/fm: velocity, dsm/sm: score), the predictions that train well without
+preconditioning in ``bench/bench_matrix.py`` (its "before" rows)."""
 
-    A raw noise or score output is divided by ``alpha_t`` on its way to the data prediction and the velocity,
-    so its error is amplified near the noise end (and a raw data output's velocity by ``1/beta_t`` near the
-    data end); at the budget that trains a good velocity model such models sample far worse
-    (``bench/results/matrix.md``). A raw velocity model is fine.
+
+def quality_warning(space: str, prediction: str, preconditioned: bool) -> str | None:
+    """The warning for training a ``prediction`` model without preconditioning on an objective regressing
+    in ``space`` ("velocity" for cfm/fm, "score" for dsm/sm), or None.
+
+    A raw noise or score output is divided by ``alpha_t`` on its way to the velocity, and a raw data
+    output by ``beta_t`` on its way to the velocity and the score, so its error is amplified near one end;
+    at the budget that trains a good velocity model such cells sample far worse (``bench/results/matrix.md``).
     """
-    if preconditioned or prediction == "velocity":
+    if preconditioned or prediction in RAW_OK[space]:
         return None
+    objectives = "cfm/fm" if space == "velocity" else "dsm/sm"
     return (
-        f"a {prediction} prediction without preconditioning samples far worse than a preconditioned one at "
-        "the same training budget (bench/results/matrix.md); use precondition=True (--precondition) with the "
-        "built-in models, or wrap your network in flowscore.Preconditioned"
+        f"a {prediction} prediction trained with {objectives} without preconditioning samples far worse than "
+        "a preconditioned one at the same budget (bench/results/matrix.md); use precondition=True "
+        "(--precondition) with the built-in models, or wrap your network in flowscore.Preconditioned"
     )

@@ -589,7 +589,9 @@ class Trainer:
             wrap = (prepared.path, config.prediction, config.precondition)
             wrapped = preconditioning.for_run(prepared.model, *wrap)
             warning = preconditioning.quality_warning(
-                config.prediction, isinstance(wrapped, preconditioning.Preconditioned)
+                losses.OBJECTIVES[config.objective],
+                config.prediction,
+                isinstance(wrapped, preconditioning.Preconditioned),
             )
             if warning and dist.main and not resume:
                 warnings.warn(warning, preconditioning.QualityWarning, stacklevel=2)

@@ -97,8 +97,7 @@ def test_runs_store_the_network_and_load_preconditioned(tmp_path):
     run = fs.load_run(tmp_path / "run")
     assert isinstance(run.model, Preconditioned) and run.model.prediction == "noise"
     raw = fs.TrainConfig(**{**config.to_dict(), "precondition": False})
-    with pytest.warns(QualityWarning):
-        fs.Trainer(raw, tmp_path / "raw", progress=False).train()
+    fs.Trainer(raw, tmp_path / "raw", progress=False).train()  # dsm/noise trains well raw: no warning
     assert isinstance(fs.load_run(tmp_path / "raw").model, fs.models.MLP)
     # a run written before the field existed was not preconditioned, and loads as it was trained
     stored = config.to_dict()
@@ -146,12 +145,14 @@ def test_training_a_raw_noise_model_warns_and_the_cli_says_it_in_one_line(tmp_pa
     base = dict(
         data="moons", steps=2, batch_size=16, warmup=0, loss_floor=False, device="cpu", width=8, depth=1
     )
-    with pytest.warns(QualityWarning, match="noise prediction without preconditioning"):
+    with pytest.warns(QualityWarning, match="noise prediction trained with cfm/fm without preconditioning"):
         fs.Trainer(fs.TrainConfig(prediction="noise", precondition=False, **base), tmp_path / "a").train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fs.Trainer(fs.TrainConfig(prediction="noise", **base), tmp_path / "b").train()
         fs.Trainer(fs.TrainConfig(precondition=False, **base), tmp_path / "c").train()
+        raw_dsm_noise = fs.TrainConfig(objective="dsm", prediction="noise", precondition=False, **base)
+        fs.Trainer(raw_dsm_noise, tmp_path / "d").train()
     out = subprocess.run(
         [sys.executable, "-m", "flowscore", "train", "--data", "moons", "--steps", "2", "--batch-size", "16",
          "--warmup", "0", "--no-loss-floor", "--width", "8", "--depth", "1", "--prediction", "score",
@@ -160,4 +161,4 @@ def test_training_a_raw_noise_model_warns_and_the_cli_says_it_in_one_line(tmp_pa
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if "preconditioning" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: a score prediction without preconditioning")
+    assert len(lines) == 1 and lines[0].startswith("warning: a score prediction trained with cfm/fm without")

@@ -139,10 +139,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{DEFAULT_SDE_STEPS} steps). Ratio = mean_k W2(samples, A_k) / mean_k W2(B_k, A_k) over "
         f"{args.pairs} pairs of fresh draws; goal <= {GOAL} (bold: missed). Worst cell: {worst:.2f}.",
         "",
+    ]
+    header = [
         "| toy | path | objective | velocity ODE / SDE | score ODE / SDE | noise ODE / SDE | data ODE / SDE "
         "| train s (mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    lines += header
 
     def table(rows: list[dict[str, Any]]) -> None:
         groups: dict[tuple, dict[str, dict[str, Any]]] = {}
@@ -156,11 +159,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     table(main)
     if small:
         lines += ["", f"fm and sm (exact marginal targets) on {small[0]['data_n']} training points:", ""]
-        lines += lines[8:10]
+        lines += header
         table(small)
     if base:
         lines += ["", "Before: the same cells without preconditioning (`precondition=False`):", ""]
-        lines += lines[8:10]
+        lines += header
         table(base)
     return "\n".join(lines) + "\n"
 

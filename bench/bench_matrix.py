@@ -35,7 +35,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOYS = ("moons", "8gaussians", "checkerboard")
-DEFAULT_TOYS = ("moons", "8gaussians")
 PATHS = ("linear", "vp", "vp-linear", "ve")
 PREDICTIONS = ("velocity", "score", "noise", "data")
 GOAL = 1.3
@@ -173,7 +172,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="training steps of every cell")
     parser.add_argument("--n", type=int, default=2000, help="samples and fresh data points per set")
     parser.add_argument("--pairs", type=int, default=3, help="pairs of fresh reference draws to average")
-    parser.add_argument("--toys", nargs="+", default=list(DEFAULT_TOYS), help=f"of {TOYS} or any toy")
+    parser.add_argument("--toys", nargs="+", default=list(TOYS))
     parser.add_argument("--small-n", type=int, default=512, help="training points of the fm and sm cells")
     parser.add_argument(
         "--baseline", action="store_true", help="also the linear path without preconditioning"

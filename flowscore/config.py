@@ -70,6 +70,8 @@ FIELD_HELP: dict[str, str] = {
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
     "pass yourself is used as given",
+    "data_std": "standard deviation each feature of vector data is scaled to (EDM's sigma_data; images are "
+    "mapped to [-1, 1]); also the sigma_data of the preconditioning",
     "steps": "optimizer steps (with --resume: the new total)",
     "batch_size": "points per step (split over torchrun processes; a DataLoader given to the Trainer "
     "sets its own)",
@@ -85,8 +87,8 @@ FIELD_HELP: dict[str, str] = {
     "model": "network: auto (MLP for vectors, UNet for images), mlp or unet",
     "width": "MLP hidden units or UNet base channels; none: the model's default",
     "depth": "MLP hidden layers or UNet levels; none: the model's default",
-    "weighting": "loss weighting lambda(t): auto (none for cfm/fm, noise for dsm/sm), noise, likelihood or "
-    "none",
+    "weighting": "loss weighting lambda(t): auto (noise for dsm/sm; for cfm/fm none, but noise on a "
+    "preconditioned ve path), noise, likelihood or none",
     "time_sampler": "distribution of the training times t",
     "t_eps": "training times lie in [t_eps, 1 - t_eps]",
     "coupling": "pairing of noise and data in each batch (cfm, dsm): independent, ot (exact minibatch "
@@ -128,6 +130,7 @@ class TrainConfig:
     objective: str = "cfm"
     prediction: str = "velocity"
     precondition: bool = True
+    data_std: float = 0.5
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -203,8 +206,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_weighting(self) -> str | None:
+        """``weighting`` with "auto" resolved: "noise" for dsm/sm; for cfm/fm none, except on the ``ve`` path
+        with preconditioning, where the velocity's scale spans orders of magnitude over t and the "noise"
+        weighting makes the network's error count the same at every t (docs/theory.md, section 16)."""
         if self.weighting == "auto":
-            return "noise" if OBJECTIVES[self.objective] == "score" else None
+            if OBJECTIVES[self.objective] == "score" or (self.path == "ve" and self.precondition):
+                return "noise"
+            return None
         return self.weighting
 
     def validate(self) -> None:
@@ -224,6 +232,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _validate.number(self.p_uncond, "p_uncond", low=0, high=1, high_open=True)
+        _validate.number(self.data_std, "data_std", low=0, low_open=True)
         _validate.integer(self.seed, "seed", minimum=0)
         _validate.number(self.lr, "lr", low=0, low_open=True)
         _validate.number(self.weight_decay, "weight_decay", low=0)

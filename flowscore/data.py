@@ -295,7 +295,8 @@ def is_image(data_shape: tuple[int, ...] | torch.Size) -> bool:
 class Normalizer:
     """Affine map ``encode(x) = (x - shift) / scale`` fitted on training data; ``decode`` inverts it.
 
-    Vectors ``(N, D)``: per-feature mean and standard deviation (a constant feature gets scale 1).
+    Vectors ``(N, D)``: per-feature mean and standard deviation, scaled so that encoded features have
+    standard deviation ``std`` (a constant feature gets scale 1).
     Images ``(N, C, H, W)``: one pixel range ``[lo, hi]`` mapped to ``[-1, 1]``. ``shift`` and ``scale``
     broadcast over the per-point shape; ``state_dict()`` holds them as float32 tensors.
     """
@@ -309,18 +310,20 @@ class Normalizer:
         self.shift, self.scale = shift.float(), scale.float()
 
     @classmethod
-    def fit(cls, data: torch.Tensor) -> Normalizer:
-        """Fits on ``data`` ``(N, D)`` or ``(N, C, H, W)`` (see the class docstring)."""
+    def fit(cls, data: torch.Tensor, std: float = 1.0) -> Normalizer:
+        """Fits on ``data`` ``(N, D)`` or ``(N, C, H, W)`` (see the class docstring); ``std > 0``: the
+        standard deviation of encoded vector features (images: always the range ``[-1, 1]``)."""
+        std = _validate.number(std, "std", low=0.0, low_open=True)
         data = _validate.batch(data, "data").double()
         if is_image(data.shape[1:]):
             lo, hi = data.min(), data.max()
             half = (hi - lo) / 2
             scale = half if half > 0 else torch.ones_like(half)
             return cls(((hi + lo) / 2).reshape(1, 1, 1), scale.reshape(1, 1, 1))
-        std = (
+        spread = (
             data.std(0, unbiased=False) if data.shape[0] > 1 else torch.ones(data.shape[1:], dtype=data.dtype)
         )
-        return cls(data.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+        return cls(data.mean(0), torch.where(spread > 0, spread / std, torch.ones_like(spread)))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - shift) / scale``, same shape and dtype as ``x``."""

@@ -35,7 +35,7 @@ models' time embeddings expect).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from .conversions import KINDS, Schedule, conversion_coefficients
 from .models import builtin_config
 from .paths import GaussianPath, get_path
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 BETA_FLOOR = 1e-4
 """Lower clamp on ``beta`` in ``c_out`` where ``beta'`` diverges (``vp-linear`` at t = 1)."""
 T_CLAMP = 1e-6
@@ -55,8 +58,8 @@ T_CLAMP = 1e-6
 def scalings(schedule: Schedule, sigma_data: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c_in, c_out)``, each shaped like the schedule's entries (formulas in the module docstring).
 
-    ``sigma_data > 0`` is the data's per-coordinate standard deviation (1 for data standardised per
-    coordinate, as the trainer does).
+    ``sigma_data > 0`` is the data's per-coordinate standard deviation (the trainer scales vector data to
+    ``TrainConfig.data_std`` and passes it here).
     """
     a, b = schedule.alpha, schedule.beta
     s2 = sigma_data**2
@@ -74,7 +77,7 @@ class Preconditioned(nn.Module):
     ``net``: any module called as ``net(x, t)`` (or ``net(x, t, y)`` with labels) returning a tensor
     shaped like ``x`` (``(B, *dims)``, ``t`` ``(B,)``). ``path``: a path or its name. ``prediction``: what
     the wrapped model predicts, read by :func:`flowscore.sample` (``model.prediction``). ``sigma_data``:
-    the data's per-coordinate standard deviation (1 for standardised data). The wrapper adds no weights:
+    the data's per-coordinate standard deviation. The wrapper adds no weights:
     its state dict is the network's, under the prefix ``net.``.
 
     The trainer applies it to the built-in models by default (``TrainConfig.precondition``); wrap your own
@@ -118,11 +121,13 @@ class Preconditioned(nn.Module):
         return c_value.to(x.dtype).reshape(shape) * velocity + c_x.to(x.dtype).reshape(shape) * x
 
 
-def for_run(net: nn.Module, path: GaussianPath, prediction: str, precondition: bool) -> nn.Module:
-    """The model a run trains and samples: ``Preconditioned(net, path, prediction)`` when ``precondition``
-    and ``net`` is one of flowscore's built-in networks (also inside DDP or ``torch.compile``); any other
-    network as given (wrap it yourself to precondition it)."""
-    return Preconditioned(net, path, prediction) if precondition and builtin_config(net) is not None else net
+def for_run(net: nn.Module, path: GaussianPath, config: TrainConfig) -> nn.Module:
+    """The model a run trains and samples: ``Preconditioned(net, path, config.prediction, config.data_std)``
+    when ``config.precondition`` and ``net`` is one of flowscore's built-in networks (also inside DDP or
+    ``torch.compile``); any other network as given (wrap it yourself to precondition it)."""
+    if not config.precondition or builtin_config(net) is None:
+        return net
+    return Preconditioned(net, path, config.prediction, sigma_data=config.data_std)
 
 
 class QualityWarning(UserWarning):

@@ -368,11 +368,11 @@ def _check_labels(
 
 
 def _stored_config(values: object) -> TrainConfig:
-    """The ``TrainConfig`` of a stored dict. A run stored before class labels (or preconditioning) existed
-    has no ``labels`` (``precondition``) key and was trained without them: it keeps ``False``, so that it
-    loads and resumes as it was."""
+    """The ``TrainConfig`` of a stored dict. A run stored before class labels, preconditioning or
+    ``data_std`` existed has no such key and was trained without them (unit-variance data): it keeps
+    ``labels=False``, ``precondition=False``, ``data_std=1``, so that it loads and resumes as it was."""
     if isinstance(values, dict):
-        values = {**{"labels": False, "precondition": False}, **values}
+        values = {**{"labels": False, "precondition": False, "data_std": 1.0}, **values}
     return TrainConfig.from_dict(values)
 
 
@@ -482,11 +482,7 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
     return Run(
         config=run_file.config,
         path=run_file.path,
-        model=preconditioning.for_run(
-            model, run_file.path, run_file.config.prediction, run_file.config.precondition
-        )
-        .eval()
-        .requires_grad_(False),
+        model=preconditioning.for_run(model, run_file.path, run_file.config).eval().requires_grad_(False),
         prediction=run_file.config.prediction,
         normalizer=run_file.normalizer,
         held_out=run_file.held_out,

@@ -287,7 +287,7 @@ def _prepare(
     if stream is None:
         n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
         train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
-        normalizer = datasets.Normalizer.fit(train)
+        normalizer = datasets.Normalizer.fit(train, std=config.data_std)
         sha = _checksum(raw, labels)
     else:  # streamed: used as it comes
         train, held_out = raw, raw[:0].clone()
@@ -395,7 +395,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
             "--reference-size"
         )
     was_training = prepared.model.training
-    model = preconditioning.for_run(prepared.model, prepared.path, config.prediction, config.precondition)
+    model = preconditioning.for_run(prepared.model, prepared.path, config)
     target = _loss_target(config, prepared)
     try:
         with torch.no_grad(), _autocast(config, x_data.device):
@@ -586,8 +586,7 @@ class Trainer:
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
             prepared = _prepare(config, device, dist.world, model=self.model, data=self.data)
-            wrap = (prepared.path, config.prediction, config.precondition)
-            wrapped = preconditioning.for_run(prepared.model, *wrap)
+            wrapped = preconditioning.for_run(prepared.model, prepared.path, config)
             warning = preconditioning.quality_warning(
                 losses.OBJECTIVES[config.objective],
                 config.prediction,
@@ -761,10 +760,8 @@ class _Loop:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
             self.net = torch.compile(self.net)
-        self.net = preconditioning.for_run(self.net, prepared.path, config.prediction, config.precondition)
-        self.ema_model = preconditioning.for_run(
-            self.ema, prepared.path, config.prediction, config.precondition
-        )
+        self.net = preconditioning.for_run(self.net, prepared.path, config)
+        self.ema_model = preconditioning.for_run(self.ema, prepared.path, config)
         self.stream = prepared.stream
         self.tensorboard: Any = None
         self.optimizer = torch.optim.AdamW(

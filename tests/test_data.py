@@ -90,6 +90,11 @@ def test_normalizer_vectors_and_images():
     z = norm.encode(torch.tensor(v, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(0), 1, atol=1e-5)
+    v32 = torch.tensor(v, dtype=torch.float32)
+    half = Normalizer.fit(v32, std=0.5).encode(v32)
+    np.testing.assert_allclose(half.double().numpy().std(0), 0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="std"):
+        Normalizer.fit(v32, std=0.0)
     imgs = torch.tensor(rng.integers(0, 17, size=(40, 1, 8, 8)), dtype=torch.float32)
     inorm = Normalizer.fit(imgs)
     zi = inorm.encode(imgs)

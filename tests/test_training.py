@@ -254,7 +254,7 @@ def test_load_run_contents_and_loss_floor(tmp_path):
     assert run.path.config() == {"name": "linear"}
     assert not run.model.training
     # held-out points are data-space moons points not in the training set, and the normalizer is the
-    # mean/std of the other 500 (float64 recomputation)
+    # mean/std of the other 500, scaled to data_std (float64 recomputation)
     from flowscore.data import load, split
 
     train, held_out = split(load("moons", n=600, seed=0), 100, seed=0)
@@ -262,7 +262,7 @@ def test_load_run_contents_and_loss_floor(tmp_path):
     t64 = train.double()
     torch.testing.assert_close(run.normalizer.shift.double(), t64.mean(0), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(
-        run.normalizer.scale.double(), t64.std(0, unbiased=False), rtol=1e-6, atol=1e-7
+        run.normalizer.scale.double(), t64.std(0, unbiased=False) / config.data_std, rtol=1e-6, atol=1e-7
     )
     floor = run.loss_floor
     assert floor is not None and floor["value"] > 0

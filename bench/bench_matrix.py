@@ -10,8 +10,8 @@ over ``K`` pairs (A_k, B_k) of fresh independent draws of the toy (the averaged 
 ``bench_quality.py``). cfm and dsm run on three toys; fm and sm (exact marginal targets, O(batch x N) per
 step) on one toy with ``--small-n`` points: a perfect fm/sm model reproduces its training set, so there
 B_k are ``N`` draws (with replacement) from a fresh set of as many points as the run trained on.
-``--baseline`` adds the cells of the linear path without preconditioning (``precondition=False``): the state
-before issue 11. Goal: every cell <= 1.3.
+``--baseline`` adds the cells of the linear path without preconditioning and with unit-variance data
+(``precondition=False, data_std=1``): the state before issue 11. Goal: every cell <= 1.3.
 
 Cells run in ``--workers`` processes of one thread each; finished cells are kept in ``--cache`` (JSON lines),
 so an interrupted run resumes and ``--report`` rewrites the table alone. Writes ``bench/results/matrix.md``.
@@ -50,7 +50,7 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.baseline:
         for objective, prediction in itertools.product(("cfm", "dsm"), PREDICTIONS):
             out.append(dict(toy=args.toys[0], path="linear", objective=objective, prediction=prediction,
-                            precondition=False))  # fmt: skip
+                            precondition=False, data_std=1.0))  # fmt: skip
     return out
 
 
@@ -105,8 +105,9 @@ def load_cache(file: str) -> dict[str, dict[str, Any]]:
                 if line.strip():
                     r = json.loads(line)
                     cell = {k: r[k] for k in ("toy", "path", "objective", "prediction", "precondition")}
-                    if "data_n" in r:
-                        cell["data_n"] = r["data_n"]
+                    for extra in ("data_n", "data_std"):
+                        if extra in r:
+                            cell[extra] = r[extra]
                     done[key(cell, r["steps"])] = r
     return done
 
@@ -161,7 +162,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines += header
         table(small)
     if base:
-        lines += ["", "Before: the same cells without preconditioning (`precondition=False`):", ""]
+        lines += [
+            "",
+            "Before: the same cells without preconditioning, unit-variance data "
+            "(`precondition=False, data_std=1`):",
+            "",
+        ]
         lines += header
         table(base)
     return "\n".join(lines) + "\n"

@@ -40,6 +40,9 @@ PATH_NAMES = ("linear", "vp", "vp-linear", "ve")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 MAX_BATCH_SIZE = 2**31 - 1
+DATA_STD = 0.5
+"""The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
+sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "path": PATH_NAMES,
@@ -130,7 +133,7 @@ class TrainConfig:
     objective: str = "cfm"
     prediction: str = "velocity"
     precondition: bool = True
-    data_std: float = 0.5
+    data_std: float = DATA_STD
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None

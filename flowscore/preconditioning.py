@@ -35,7 +35,7 @@ models' time embeddings expect).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -101,10 +101,6 @@ class Preconditioned(nn.Module):
     def wrapped_network(self) -> nn.Module:
         """The network ``F`` (read by :func:`flowscore.models.builtin_config`)."""
         return self.net
-
-    def config(self) -> dict[str, Any]:
-        """JSON description of the scalings (the network is described separately)."""
-        return {"path": self.path.config(), "prediction": self.prediction, "sigma_data": self.sigma_data}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)

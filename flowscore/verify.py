@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from . import _io, _validate
 from .conditioning import call_model
+from .config import DATA_STD
 from .conversions import conversion_coefficients
 from .data import IMAGE_SETS, TOYS, Normalizer, labelled_toy, load, load_labelled
 from .floor import LossFloor, draw_labelled, loss_floor
@@ -486,7 +487,8 @@ def load_points(
     seed: int = 0,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """The data as ``flowscore train`` sees it: ``(N, *dims)`` float32, normalised (``Normalizer.fit``).
+    """The data as ``flowscore train`` sees it: ``(N, *dims)`` float32, normalised (``Normalizer.fit`` to
+    the default ``data_std``).
 
     ``data``: a toy name (``n_data`` points), ``"digits"``, ``"mnist"`` or an ``.npy``/``.npz`` file, read by
     :func:`flowscore.data.load` (at most ``n_data`` points: a random subset of a larger set, by ``seed``), or
@@ -501,7 +503,7 @@ def load_points(
         points = points.float()
     else:
         points = load(data, n=n_data, seed=seed)
-    return Normalizer.fit(points).encode(points) if normalize else points
+    return Normalizer.fit(points, std=DATA_STD).encode(points) if normalize else points
 
 
 def load_labels(
@@ -519,7 +521,7 @@ def load_labels(
         raise ValueError(
             f"data {str(data)!r} has no class labels; use digits, mnist, a toy or a .npz with 'y'"
         )
-    return (Normalizer.fit(points).encode(points) if normalize else points), labels
+    return (Normalizer.fit(points, std=DATA_STD).encode(points) if normalize else points), labels
 
 
 def make_model(

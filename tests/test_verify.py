@@ -13,6 +13,7 @@ import torch
 from conftest import is_png, run_cli
 
 import flowscore.verify as verify
+from flowscore.config import DATA_STD
 from flowscore.verify import (
     JSON_KEYS,
     GradientStatistics,
@@ -157,7 +158,7 @@ def test_images_npz_and_npy_files_are_read_as_train_reads_them(tmp_path):
     points = load_points(str(tmp_path / "v.npy"), n_data=100, seed=1)
     assert points.shape == (100, 3)  # a random subset of n_data points ...
     assert torch.allclose(points.mean(0), torch.zeros(3), atol=1e-5)  # ... normalised as train does
-    assert torch.allclose(points.std(0, unbiased=False), torch.ones(3), atol=1e-5)
+    assert torch.allclose(points.std(0, unbiased=False), torch.full((3,), DATA_STD), atol=1e-5)
 
 
 def test_digits_run_with_the_mlp_on_flattened_images():

@@ -40,6 +40,23 @@ PREDICTIONS = ("velocity", "score", "noise", "data")
 GOAL = 1.3
 
 
+FINDINGS = """What the matrix taught (docs/theory.md, section 16):
+
+* Raw networks: a score, noise or data prediction trained with cfm, and a data prediction trained with dsm,
+  sample far worse than a velocity ("before" rows): the conversion to the velocity divides the network's
+  error by alpha (noise, score) or beta (data) near one end. Preconditioning (every prediction through one
+  velocity network with unit-variance input and target) makes the four predictions one model: each row
+  above is (nearly) constant across its predictions.
+* EDM's skip connection (c_skip x + c_out F) was tried first: its residual target is uncorrelated with x by
+  construction and the MLP on 8gaussians barely learned it. flowscore takes no skip.
+* The vp path with unit-variance data makes the velocity uncorrelated with x; on symmetric data
+  (8gaussians) every network stayed at zero (W2 / floor 2.6). Data are scaled to data_std = 0.5 instead.
+* ve with cfm failed (3.9 / 4.5) with the unweighted loss: the velocity's scale spans orders of magnitude
+  over t and t near 0 dominates. The auto weighting is "noise" there (uniform in the network's error); ve
+  cfm and ve dsm are then the same loss, hence their identical rows.
+"""
+
+
 def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for toy, path, objective, prediction in itertools.product(args.toys, PATHS, ("cfm", "dsm"), PREDICTIONS):
@@ -170,6 +187,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ]
         lines += header
         table(base)
+    lines += ["", FINDINGS.rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from . import _validate
 from .conditioning import call_model
 from .conversions import KINDS, Schedule, conversion_coefficients
+from .losses import OBJECTIVES
 from .models import builtin_config
 from .paths import GaussianPath, get_path
 
@@ -135,14 +136,18 @@ RAW_OK = {"velocity": ("velocity",), "score": ("velocity", "score", "noise")}
 preconditioning in ``bench/bench_matrix.py`` (its "before" rows)."""
 
 
-def quality_warning(space: str, prediction: str, preconditioned: bool) -> str | None:
-    """The warning for training a ``prediction`` model without preconditioning on an objective regressing
-    in ``space`` ("velocity" for cfm/fm, "score" for dsm/sm), or None.
+def quality_warning(config: TrainConfig, model: nn.Module) -> str | None:
+    """The warning for training ``model`` under ``config`` without preconditioning where that samples badly
+    (a prediction outside :data:`RAW_OK` of the objective's space), or None.
 
     A raw noise or score output is divided by ``alpha_t`` on its way to the velocity, and a raw data
     output by ``beta_t`` on its way to the velocity and the score, so its error is amplified near one end;
     at the budget that trains a good velocity model such cells sample far worse (``bench/results/matrix.md``).
     """
+    space, prediction = OBJECTIVES[config.objective], config.prediction
+    preconditioned = isinstance(model, Preconditioned) or (
+        config.precondition and builtin_config(model) is not None
+    )
     if preconditioned or prediction in RAW_OK[space]:
         return None
     objectives = "cfm/fm" if space == "velocity" else "dsm/sm"

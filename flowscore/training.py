@@ -586,12 +586,7 @@ class Trainer:
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
             prepared = _prepare(config, device, dist.world, model=self.model, data=self.data)
-            wrapped = preconditioning.for_run(prepared.model, prepared.path, config)
-            warning = preconditioning.quality_warning(
-                losses.OBJECTIVES[config.objective],
-                config.prediction,
-                isinstance(wrapped, preconditioning.Preconditioned),
-            )
+            warning = preconditioning.quality_warning(config, prepared.model)
             if warning and dist.main and not resume:
                 warnings.warn(warning, preconditioning.QualityWarning, stacklevel=2)
             with resources.using_threads(prepared.threads):

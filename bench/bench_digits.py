@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from flowscore import _io, data, plots, workflows
+from flowscore.models import builtin_config
 from flowscore.samplers import DEFAULT_ODE_STEPS as ODE_STEPS
 from flowscore.samplers import DEFAULT_SDE_STEPS as SDE_STEPS
 from flowscore.training import TrainConfig, Trainer, load_run
@@ -92,6 +93,7 @@ def report(
     c = run.config
     log = run.log[-1]
     n_params = sum(p.numel() for p in run.model.parameters())
+    unet = builtin_config(run.model)  # the UNet inside the preconditioning
     floor = run.loss_floor["value"] if run.loss_floor else None
     floor_text = f"{floor:.4g}" if floor is not None else "not computed"
     lines = [
@@ -101,7 +103,7 @@ def report(
         f"{torch.__version__}, {torch.get_num_threads()} thread(s) (a shared 2-core machine).",
         "",
         f"Settings (`TrainConfig(data='digits')` defaults{' + overrides' if args.cli else ''}): "
-        f"UNet base {run.model.base}, levels {run.model.levels} ({n_params:,} parameters), "
+        f"UNet base {unet['base']}, levels {unet['levels']} ({n_params:,} parameters), "
         f"{c.objective}/{c.prediction} on the {c.path} path, {c.steps} steps, batch {c.batch_size}, "
         f"lr {c.lr} (warm-up {c.warmup}, {c.lr_schedule}), EMA {c.ema_decay}, grad clip {c.grad_clip}; "
         f"{run.held_out.shape[0]} held-out digits, the rest trained on.",

@@ -32,6 +32,7 @@ from bench_digits import nearest_distance, real_split
 
 from flowscore import _io, plots, workflows
 from flowscore.conditioning import guided_model
+from flowscore.models import builtin_config
 from flowscore.samplers import DEFAULT_ODE_SAMPLER as ODE_SAMPLER
 from flowscore.samplers import DEFAULT_ODE_STEPS as ODE_STEPS
 from flowscore.samplers import sample
@@ -73,6 +74,7 @@ def report(
 ) -> str:
     c = run.config
     n_params = sum(p.numel() for p in run.model.parameters())
+    unet = builtin_config(run.model)  # the UNet inside the preconditioning
     weights = sorted({r["w"] for r in rows})
     lines = [
         "# Digits with labels: class-conditional samples and classifier-free guidance",
@@ -81,7 +83,7 @@ def report(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (a shared 2-core machine).",
         "",
         f"Settings (`TrainConfig(data='digits')` defaults{' + overrides' if args.cli else ''}): class-"
-        f"conditional UNet base {run.model.base}, levels {run.model.levels}, {run.num_classes} classes "
+        f"conditional UNet base {unet['base']}, levels {unet['levels']}, {run.num_classes} classes "
         f"({n_params:,} parameters), label dropout p_uncond = {c.p_uncond}, {c.objective}/{c.prediction} "
         f"on the {c.path} path, {c.steps} steps, batch {c.batch_size}, lr {c.lr}; "
         f"{run.held_out.shape[0]} held-out digits. Training {train_s:.0f} s; sampling {sample_s:.0f} s "

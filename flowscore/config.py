@@ -291,6 +291,23 @@ def check_device(name: object) -> str:
     return name
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of a config's ``device`` (``"auto"``: CUDA when available); ``ValueError`` if unusable."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def field_types() -> dict[str, tuple[type, bool]]:
     """``{field: (base type, accepts None)}`` of :class:`TrainConfig`, read from its annotations."""
     hints = typing.get_type_hints(TrainConfig)

@@ -357,9 +357,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"interrupted; the checkpoint of step {step} is kept; continue with "
             f"`flowscore train --out {run_dir} --resume`"
         ) from None
-    floor = result.get("loss_floor")
-    floor_text = "" if floor is None else f", loss floor {floor:.4g}"
-    print(f"trained {run_dir}: step {result['step']}, loss (EMA) {result['loss_ema']:.4g}{floor_text}")
+    from .floor import excess_text
+
+    floor = excess_text(
+        result["loss_ema"], result.get("loss_floor"), result.get("loss_floor_standard_error"),
+        result.get("loss_floor_absent"),
+    )  # fmt: skip
+    print(f"trained {run_dir}: step {result['step']}, loss (EMA) {result['loss_ema']:.4g}; {floor}")
     return 0
 
 

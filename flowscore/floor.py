@@ -138,6 +138,18 @@ class LossFloor:
         return (1 - p) * self.value + p * self.unconditional.value
 
 
+def excess_text(loss: float, value: float | None, standard_error: float | None, absent: str | None) -> str:
+    """``"loss floor F +- se (excess E +- se, ...)"``: the loss's excess over the floor with the floor's
+    standard error (a Monte Carlo estimate: an excess within 2 standard errors of 0, negative included, is 0
+    within noise); ``"no loss floor: why"`` without a floor."""
+    if value is None:
+        return f"no loss floor: {absent or 'not computed'}"
+    se = standard_error or 0.0
+    excess = loss - value
+    verdict = "0 within noise" if abs(excess) <= 2 * se else ("above" if excess > 0 else "BELOW the floor")
+    return f"loss floor {value:.4g} ± {se:.2g} (excess {excess:+.3g} ± {se:.2g}: {verdict})"
+
+
 def floor_terms(
     marginal: Any,
     x_data: torch.Tensor,
@@ -393,6 +405,7 @@ __all__ = [
     "as_marginal",
     "draw_data",
     "draw_labelled",
+    "excess_text",
     "floor_terms",
     "loss_floor",
     "summarize",

@@ -433,7 +433,7 @@ def _floor_value(run: Any) -> tuple[float | None, float | None]:
     floor = getattr(run, "loss_floor", None)
     if floor is None:
         return None, None
-    if isinstance(floor, dict):
+    if isinstance(floor, dict) or hasattr(floor, "standard_error"):  # a dict or a LossFloor
         return floor.get("value"), floor.get("standard_error")
     if isinstance(floor, (tuple, list)):
         return float(floor[0]), (float(floor[1]) if len(floor) > 1 else None)

@@ -166,6 +166,11 @@ class Objective:
         :attr:`floor_absent`)."""
         return None
 
+    def quality_warning(self, net: nn.Module) -> str | None:
+        """A warning for training ``net`` on this objective where that is known to sample badly, or None
+        (the default); the trainer shows it when a run starts."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """What a run stores about the objective (JSON): its name, class, prediction and ``two_time``;
         built-in objectives add their options so that they can be rebuilt (:func:`objective_from_dict`)."""

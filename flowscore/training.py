@@ -3,11 +3,16 @@
 The run folder it writes (and :func:`load_run`) is described in :mod:`flowscore.runs`; the settings in
 :mod:`flowscore.config` (both re-exported here).
 
-Each step draws its randomness (batch indices, times, noise, label dropout) from one ``torch.Generator``
-seeded by ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a crash ends with
-weights bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank draws the same
-global batch and trains on its slice; DDP averages the gradients, so the update equals the one-process
-update.
+The loop knows nothing about noise levels: the :class:`~flowscore.objectives.Objective` (the built-in one
+of ``config.objective``, or your own ``objective=``) draws a batch's times, noise, coupling and references,
+wraps the network (preconditioning) and returns the per-sample loss; the loop averages it and steps AdamW.
+
+Each step draws its randomness (batch indices, label dropout, then the objective's draws) from one
+``torch.Generator`` seeded by ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a
+crash ends with weights bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank
+draws the same global batch; a built-in objective draws on the whole of it and each rank trains on its
+slice, so with DDP averaging the gradients the update equals the one-process update. Your own objective
+gets its rank's slice and a generator of that rank's own.
 
 Bring your own: ``Trainer(config, run_dir, model=MyNet(), data=...)`` trains any ``nn.Module`` called as
 ``model(x, t)`` (or ``model(x, t, y)`` with labels) on a tensor, a pair ``(x, y)``, a ``Dataset`` (read into
@@ -51,7 +56,7 @@ from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfi
 )
 from .floor import LossFloor
 from .models import CUSTOM, check_description, describe, model_config, model_from_config
-from .objectives import GaussianObjective, Objective, QualityWarning, objective_from_config
+from .objectives import BUILTIN, Objective, QualityWarning, objective_from_config
 from .paths import GaussianPath, get_path
 from .resources import TRAINING_PASSES, step_memory  # noqa: F401  (re-exported)
 from .runs import (  # noqa: F401  (re-exported: the run folder format)
@@ -530,12 +535,7 @@ class Trainer:
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
             prepared = _prepare(config, device, dist.world, self.model, self.data, self.objective)
-            objective = prepared.objective
-            warning = (
-                objective.quality_warning(prepared.model)
-                if isinstance(objective, GaussianObjective)
-                else None
-            )
+            warning = prepared.objective.quality_warning(prepared.model)
             if warning and dist.main and not resume:
                 warnings.warn(warning, QualityWarning, stacklevel=2)
             with resources.using_threads(prepared.threads):
@@ -955,7 +955,7 @@ def _check_same_objective(run_dir: Path, stored: object, given: Objective) -> No
     mine = given.to_dict()
     if stored.get("name") == mine["name"] and stored.get("class") == mine["class"]:
         return
-    if stored.get("name") not in ("cfm", "dsm", "fm", "sm") and isinstance(given, GaussianObjective):
+    if stored.get("name") not in BUILTIN and mine["name"] in BUILTIN:
         raise ValueError(
             f"run {str(run_dir)!r} was trained with your own objective ({stored.get('class')}); pass it "
             "again: Trainer(..., objective=...)"

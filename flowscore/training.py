@@ -351,7 +351,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
         with torch.no_grad(), _autocast(config, x_data.device):
             try:
                 generator = torch.Generator(x_data.device).manual_seed(0)
-                loss = objective.per_sample(model, objective.draw(x_data, y, generator), generator).mean()
+                per_sample = objective.per_sample(model, objective.draw(x_data, y, generator), generator)
             except (TypeError, RuntimeError, IndexError) as err:
                 raise ValueError(
                     f"the model failed on a batch of 2 points ({type(err).__name__}: "
@@ -362,6 +362,13 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
                 _check_no_label(model, x_data, config.p_uncond)
     finally:
         prepared.model.train(was_training)
+    if not isinstance(per_sample, torch.Tensor) or tuple(per_sample.shape) != (x_data.shape[0],):
+        got = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+        raise ValueError(
+            f"the objective {type(objective).__name__} must return the per-sample losses shaped (B,) = "
+            f"({x_data.shape[0]},), got {got}"
+        )
+    loss = per_sample.mean()
     if not bool(torch.isfinite(loss)):
         raise ValueError(
             f"the {objective.name} loss is not finite on a batch of 2 points with this configuration"

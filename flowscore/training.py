@@ -881,9 +881,9 @@ class _Loop:
         """A sample grid of the EMA model into the TensorBoard log (its own generator: see tblog)."""
         prepared = self.prepared
         self.tensorboard.samples(
-            self.step, self.ema_model, prepared.path, self.config.prediction, tuple(prepared.train.shape[1:]),
-            prepared.normalizer.decode, prepared.num_classes if prepared.labels is not None else None,
-            self.config.seed, self.device,
+            self.step, self.ema_model, prepared.path, self.objective.prediction,
+            tuple(prepared.train.shape[1:]), prepared.normalizer.decode,
+            prepared.num_classes if prepared.labels is not None else None, self.config.seed, self.device,
         )  # fmt: skip
 
     def run(self, progress: bool) -> dict[str, Any]:

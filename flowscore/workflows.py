@@ -513,7 +513,8 @@ def plot_run(
     figures: list[tuple[str, Any]] = []  # (file name, draw(file))
     if len(steps):
         floor, floor_err = _floor_value(run)
-        objective = str(getattr(run.config, "objective", "loss"))
+        stored = getattr(run, "objective", None) or {}  # the objective trained (your own one's name)
+        objective = str(stored.get("name") or getattr(run.config, "objective", "loss"))
         figures.append(("loss.png", lambda f: plots.plot_loss(
             steps, losses, f, floor=floor, floor_err=floor_err, objective=objective)))  # fmt: skip
     if kind == "images":

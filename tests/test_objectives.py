@@ -286,6 +286,7 @@ def test_objective_and_config_fields_are_not_both_given(tmp_path):
     with pytest.raises(ValueError, match="must be a flowscore.Objective"):
         fs.Trainer(fs.TrainConfig(steps=2, **BASE), tmp_path / "r", model=fresh(), data=data,
                    objective=lambda *a: 0, progress=False).train()  # fmt: skip
+
     class Scalar(MyCFM):
         def loss(self, model, x_data, y=None, generator=None):
             return super().loss(model, x_data, y, generator).mean()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import (
+    DIRECTION_DENOMINATORS,
     EDGE_TIMES,
     PATH_NAMES,
     REFERENCE,
@@ -376,3 +377,141 @@ def test_custom_path_derivatives_by_autograd_of_user_callables() -> None:
     torch.testing.assert_close(path.d_beta(t), -torch.ones_like(t))
     explicit = get_path("custom", alpha=lambda s: s**2, beta=lambda s: 1 - s, d_alpha=lambda s: 3 * s)
     torch.testing.assert_close(explicit.d_alpha(t), 3 * t)
+
+
+# -- linear with sigma_min (Lipman et al.'s OT path): alpha = t, beta = 1 - (1 - sigma_min) t
+SIGMA_MIN = 0.1
+CLOSED_T = torch.linspace(0, 1, 101, dtype=F64)  # the closed interval: beta > 0 everywhere
+
+
+def sigma_min_reference(t: torch.Tensor, sigma_min: float = SIGMA_MIN) -> tuple[torch.Tensor, ...]:
+    """(alpha, beta, alpha', beta', g^2) from sympy: the schedule, its derivatives and
+    g^2 = 2 beta^2 (alpha'/alpha - beta'/beta), lambdified to float64 (inf where sympy's value at 0 is)."""
+    sympy = pytest.importorskip("sympy")
+    s = sympy.Symbol("t")
+    alpha, beta = s, 1 - (1 - sympy.Rational(str(sigma_min))) * s
+    d_alpha, d_beta = sympy.diff(alpha, s), sympy.diff(beta, s)
+    g_sq = 2 * beta**2 * (d_alpha / alpha - d_beta / beta)
+    out = []
+    for expr in (alpha, beta, d_alpha, d_beta, g_sq):
+        fn = sympy.lambdify(s, expr, "math")
+        at_zero = expr.subs(s, 0)
+        zero = float(at_zero) if at_zero.is_finite else math.inf
+        out.append(torch.tensor([float(fn(v)) if v > 0 else zero for v in t.tolist()], dtype=F64))
+    return tuple(out)
+
+
+def test_linear_sigma_min_schedule_matches_sympy() -> None:
+    """alpha, beta, their derivatives and g^2 against sympy; beta_0 = 1, beta_1 = sigma_min; g^2(1) = 2
+    sigma_min; the default linear path is unchanged (and stores no option)."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    alpha, beta, d_alpha, d_beta, g_sq = sigma_min_reference(CLOSED_T)
+    for got, want in zip(path.schedule(CLOSED_T)[:4], (alpha, beta, d_alpha, d_beta), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+    assert path.beta(torch.tensor([0.0, 1.0], dtype=F64)).tolist() == [1.0, SIGMA_MIN]
+    interior = CLOSED_T[1:]
+    torch.testing.assert_close(path.diffusion_sq(interior), g_sq[1:], rtol=1e-12, atol=0)
+    assert path.diffusion_sq(1.0).item() == pytest.approx(2 * SIGMA_MIN, rel=1e-6)
+    assert path.config() == {"name": "linear", "sigma_min": SIGMA_MIN}
+    assert get_path("linear").config() == {"name": "linear"}
+    assert get_path("linear", sigma_min=0).beta(1.0).item() == 0.0
+    for bad in (-0.1, 1.0, math.nan, "0.1"):
+        with pytest.raises(ValueError, match="sigma_min"):
+            get_path("linear", sigma_min=bad)
+
+
+def sigma_min_targets(t: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """x and the four conditional targets of the sigma_min path, written from the sympy schedule."""
+    alpha, beta, d_alpha, d_beta, _ = sigma_min_reference(t)
+    x_data, noise = batch_for(t, dims=(3,), seed=seed)
+    return {
+        "x": bcast(alpha, x_data) * x_data + bcast(beta, x_data) * noise,
+        "data": x_data,
+        "noise": noise,
+        "velocity": bcast(d_alpha, x_data) * x_data + bcast(d_beta, x_data) * noise,
+        "score": -noise / bcast(beta, x_data),
+    }
+
+
+@pytest.mark.parametrize("src", KINDS)
+@pytest.mark.parametrize("dst", KINDS)
+def test_linear_sigma_min_conversions_are_exact_and_finite_up_to_t_1(src: str, dst: str) -> None:
+    """Each of the 12 conversions maps the sympy-built target of ``src`` to that of ``dst`` on (0, 1] (t = 1
+    included: beta_1 = sigma_min > 0); at t = 0 (alpha = 0) exactly the directions that divide by alpha
+    raise, as on the plain linear path."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    t = CLOSED_T[1:]
+    want = sigma_min_targets(t)
+    got = path.convert(want[src], want["x"], t, src, dst)
+    torch.testing.assert_close(got, want[dst], rtol=1e-10, atol=1e-10)
+    back = path.convert(got, want["x"], t, dst, src)
+    torch.testing.assert_close(back, want[src], rtol=1e-10, atol=1e-10)
+    at_zero = torch.zeros(3, dtype=F64)
+    start = sigma_min_targets(at_zero)
+    check_finite_or_value_error(
+        lambda: path.convert(start[src], start["x"], at_zero, src, dst),
+        expect_error=src != dst and "alpha" in DIRECTION_DENOMINATORS[(src, dst)],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_linear_sigma_min_is_finite_at_the_data_end(dtype: torch.dtype) -> None:
+    """At t = 1 every path feature is finite: conditional score and log-density (beta = sigma_min), both
+    velocity forms, g^2, the prior, and every prediction of the preconditioned wrapper on [0, 1]."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    gen = torch.Generator().manual_seed(4)
+    x_data, noise = (
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+    )
+    for t_value in (1.0 - 1e-7, 1.0):
+        for method in PATH_METHOD_DENOMINATORS:
+            if method != "diffusion_sq":
+                out = call_path_method(path, method, x_data, noise, torch.full((3,), t_value, dtype=dtype))
+                assert torch.isfinite(out).all(), (method, t_value)
+    x = path.sample(x_data, 1.0, noise)
+    torch.testing.assert_close(path.conditional_score(x, x_data, 1.0), -noise / SIGMA_MIN)
+    assert path.prior_std == 1.0
+    from flowscore import Preconditioned
+
+    t = torch.linspace(0, 1, 1001, dtype=dtype)
+    for kind in KINDS:
+        model = Preconditioned(lambda x, t: torch.ones_like(x), path, kind, sigma_data=0.5)
+        assert torch.isfinite(model(torch.randn(t.shape[0], 3, generator=gen, dtype=dtype), t)).all(), kind
+
+
+def test_linear_sigma_min_marginal_of_a_gaussian_matches_its_closed_form() -> None:
+    """data N(m, s^2 I): x_t ~ N(t m, v I) with v = t^2 s^2 + beta_t^2, score -(x - t m)/v, velocity
+    m + (t s^2 + beta beta') (x - t m)/v (E[x_data|x] and E[noise|x] of a Gaussian pair), on [0, 1]."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    m, s = torch.tensor([[0.7, -1.2]], dtype=F64), 0.6
+    mixture = GaussianMixture(m, torch.tensor([s], dtype=F64))
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    x = 2 * torch.randn(11, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    beta, d_beta = 1 - (1 - SIGMA_MIN) * t, -(1 - SIGMA_MIN)
+    v = (t**2 * s**2 + beta**2)[:, None]
+    centred = x - t[:, None] * m
+    normal = torch.distributions.Normal(t[:, None] * m, v.sqrt())
+    torch.testing.assert_close(
+        mixture.log_prob(x, t, path), normal.log_prob(x).sum(1), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(mixture.score(x, t, path), -centred / v, rtol=1e-12, atol=1e-12)
+    want_velocity = m + (t[:, None] * s**2 + beta[:, None] * d_beta) * centred / v
+    torch.testing.assert_close(mixture.velocity(x, t, path), want_velocity, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_sigma_min_time_of_sigma_inverts_sigma_of_t() -> None:
+    """grids: sigma = beta/alpha = (1 - (1 - sigma_min) t)/t is inverted exactly (the closed form used to
+    assume sigma_min = 0), and a log-SNR grid ends at sigma(1) = sigma_min."""
+    from flowscore.grids import sigma_of_t, t_of_sigma, time_grid
+
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    t = torch.linspace(0.01, 1, 50, dtype=F64)
+    sigma = (1 - (1 - SIGMA_MIN) * t) / t
+    torch.testing.assert_close(sigma_of_t(path, t), sigma, rtol=1e-14, atol=0)
+    torch.testing.assert_close(t_of_sigma(path, sigma), t, rtol=1e-13, atol=1e-15)
+    times = time_grid(path, 10, "logsnr")
+    log_sigma = torch.log(sigma_of_t(path, times[1:]))
+    assert times[0] == 0 and times[-1] == 1 and log_sigma[-1].item() == pytest.approx(math.log(SIGMA_MIN))
+    steps = log_sigma.diff()  # evenly spaced in log sigma from sigma_max = 80 (capped) to sigma_min
+    torch.testing.assert_close(steps, steps[:1].expand_as(steps), rtol=1e-10, atol=0)

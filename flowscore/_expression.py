@@ -61,11 +61,11 @@ def _build(node: ast.AST, fail: Callable[[str], ValueError]) -> Node:
     if isinstance(node, ast.Constant):
         value = node.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(f"the constant {value!r} is not a real number")
+            raise fail(f"the constant {repr(value)[:20]} is not a real number")
         try:
             number = float(value)
         except OverflowError:
-            raise fail(f"the constant {value} is too large") from None
+            raise fail("a number is too large for a float") from None
         return lambda t: torch.tensor(number, dtype=t.dtype, device=t.device)
     if isinstance(node, ast.Name):
         if node.id == "t":
@@ -73,7 +73,7 @@ def _build(node: ast.AST, fail: Callable[[str], ValueError]) -> Node:
         if node.id in CONSTANTS:
             number = CONSTANTS[node.id]
             return lambda t: torch.tensor(number, dtype=t.dtype, device=t.device)
-        raise fail(f"unknown name {node.id!r} (allowed: t, {', '.join(CONSTANTS)})")
+        raise fail(f"unknown name {node.id[:20]!r} (allowed: t, {', '.join(CONSTANTS)})")
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         op, left, right = _BINARY[type(node.op)], _build(node.left, fail), _build(node.right, fail)
         return lambda t: op(left(t), right(t))

@@ -190,3 +190,76 @@ def test_sb_couple_draws_source_rows_from_the_absolute_epsilon_plan() -> None:
     near = x_source[perm] + 0.02 * x_data  # a clear optimum: the permutation
     assert torch.equal(pairing(near, x_source, "ot"), perm)
     torch.testing.assert_close(sb_couple(x_source, near, 0.05, generator=gen), x_source[perm], rtol=0, atol=0)
+
+
+# -- data to data: the sigma -> 0 limit between two Gaussians, against the closed-form OT map
+def sqrtm_spd(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric positive definite square root, by eigendecomposition (float64)."""
+    values, vectors = torch.linalg.eigh(m)
+    return vectors @ torch.diag(values.sqrt()) @ vectors.T
+
+
+GAUSS_M0, GAUSS_M1 = torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([-0.5, 3.0], dtype=F64)
+GAUSS_S0 = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=F64)
+GAUSS_S1 = torch.tensor([[0.3, -0.4], [-0.4, 1.5]], dtype=F64)  # does not commute with S0
+
+
+def gaussian_ot_matrix() -> torch.Tensor:
+    """A = S0^{-1/2} (S0^{1/2} S1 S0^{1/2})^{1/2} S0^{-1/2}: the OT map x -> m1 + A (x - m0) of N(m0, S0) to
+    N(m1, S1) for the squared distance."""
+    root = sqrtm_spd(GAUSS_S0)
+    inv_root = torch.linalg.inv(root)
+    return inv_root @ sqrtm_spd(root @ GAUSS_S1 @ root) @ inv_root
+
+
+def flow_map(velocity) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, c) with x(1) = M x(0) + c for the flow of a velocity field affine in x, integrated by fs.sample
+    (rk4, 200 uniform steps) from x_init = [0, e1, e2] in float64."""
+    from flowscore import sample
+
+    x_init = torch.cat([torch.zeros(1, 2, dtype=F64), torch.eye(2, dtype=F64)])
+    end = sample(velocity, "linear", x_init=x_init, sampler="rk4", steps=200, grid="uniform")
+    return (end[1:] - end[:1]).T, end[0]
+
+
+def test_two_gaussians_ot_flow_reaches_the_closed_form_ot_map_and_the_independent_flow_does_not() -> None:
+    """Data to data between N(m0, S0) and N(m1, S1) (non-commuting covariances), sigma = 0 (straight pairs):
+    the exact marginal velocity of the OT coupling, v_t(x) = m1 - m0 + (A - I)((1-t) I + t A)^{-1}(x - m_t),
+    integrated from x_init gives the closed-form OT map m1 + A (x - m0) (A symmetric positive definite with
+    A S0 A = S1); that of the independent coupling, v_t(x) = m1 - m0 + C_t V_t^{-1}(x - m_t) with
+    V_t = (1-t)^2 S0 + t^2 S1, C_t = t S1 - (1-t) S0, also pushes N(m0, S0) to N(m1, S1) (M S0 M^T = S1) but
+    by another map (not symmetric), with a larger transport cost."""
+    a = gaussian_ot_matrix()
+    eye = torch.eye(2, dtype=F64)
+    torch.testing.assert_close(a, a.T, rtol=0, atol=1e-12)
+    assert bool((torch.linalg.eigvalsh(a) > 0).all())
+    torch.testing.assert_close(a @ GAUSS_S0 @ a, GAUSS_S1, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(GAUSS_S0 @ GAUSS_S1, GAUSS_S1 @ GAUSS_S0)
+
+    def mean_at(t: torch.Tensor) -> torch.Tensor:
+        return (1 - t)[:, None] * GAUSS_M0 + t[:, None] * GAUSS_M1
+
+    def ot_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mix = (1 - t)[:, None, None] * eye + t[:, None, None] * a  # (B, 2, 2)
+        gain = (a - eye) @ torch.linalg.inv(mix)
+        return GAUSS_M1 - GAUSS_M0 + (gain @ (x - mean_at(t))[..., None])[..., 0]
+
+    def independent_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t[:, None, None]
+        var = (1 - tt) ** 2 * GAUSS_S0 + tt**2 * GAUSS_S1
+        cov = tt * GAUSS_S1 - (1 - tt) * GAUSS_S0
+        return GAUSS_M1 - GAUSS_M0 + (cov @ torch.linalg.inv(var) @ (x - mean_at(t))[..., None])[..., 0]
+
+    m_ot, c_ot = flow_map(ot_velocity)
+    torch.testing.assert_close(m_ot, a, rtol=0, atol=1e-8)
+    torch.testing.assert_close(c_ot, GAUSS_M1 - a @ GAUSS_M0, rtol=0, atol=1e-8)
+    m_ind, c_ind = flow_map(independent_velocity)
+    torch.testing.assert_close(m_ind @ GAUSS_S0 @ m_ind.T, GAUSS_S1, rtol=0, atol=1e-8)
+    torch.testing.assert_close(c_ind, GAUSS_M1 - m_ind @ GAUSS_M0, rtol=0, atol=1e-8)
+    assert float((m_ind - m_ind.T).abs().max()) > 0.05  # not symmetric: not the gradient of a convex map
+
+    def cost(m: torch.Tensor) -> float:  # E ||M (x - m0) + m1 - x||^2 for x ~ N(m0, S0)
+        d = m - eye
+        return float(torch.trace(d @ GAUSS_S0 @ d.T) + ((GAUSS_M1 - GAUSS_M0) ** 2).sum())
+
+    assert cost(m_ind) > cost(a) + 1e-3, (cost(m_ind), cost(a))

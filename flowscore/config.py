@@ -36,7 +36,7 @@ PER_DATA_FIELDS = tuple(VECTOR_DEFAULTS)
 """The fields whose default depends on the data set (None until :meth:`TrainConfig.fill_defaults`)."""
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "threads", "compile", "tensorboard")
 """Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
-PATH_NAMES = ("linear", "vp", "vp-linear", "ve")
+PATH_NAMES = ("linear", "vp", "vp-linear", "ve", "custom")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 MAX_BATCH_SIZE = 2**31 - 1
@@ -66,8 +66,10 @@ FIELD_HELP: dict[str, str] = {
     "model that guidance needs; used when the data has labels",
     "data_n": "points of the data set to use (toys: how many to draw; images and files: a random subset); "
     "none: the whole set",
-    "path": "the Gaussian path x = alpha_t x_data + beta_t noise",
-    "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_max\": 50}' for ve",
+    "path": "the Gaussian path x = alpha_t x_data + beta_t noise (custom: alpha and beta as expressions "
+    "in t in path_options)",
+    "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_min\": 0.1}' for linear, "
+    '\'{"sigma_max": 50}\' for ve, \'{"alpha": "t", "beta": "1 - t"}\' for custom',
     "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
@@ -266,7 +268,7 @@ class TrainConfig:
             )
         if not isinstance(self.path_options, dict):
             raise ValueError(f"path_options must be a dict, got {type(self.path_options).__name__}")
-        get_path(self.path, **self.path_options)
+        get_path(self.path, **self.path_options).config()  # refuses a path that a run cannot store
         check_device(self.device)
 
 

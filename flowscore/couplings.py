@@ -8,9 +8,11 @@ B noise draws of a batch with its B data points by the permutation that minimise
 x_{data,i} - \varepsilon_{j(i)}\rVert^2` (exact minibatch optimal transport, POT's ``ot.emd``; Tong et al.
 2023, Pooladian et al. 2023). ``"sinkhorn"`` solves the entropic problem (POT's ``ot.sinkhorn``, in the log
 domain when ``reg`` is small) on the cost divided by its batch mean, with regularisation ``reg`` (so ``reg``
-does not depend on the data's scale or dimension), and draws for each data point i its noise index from row i
-of the plan. With labels ``y`` the pairing stays within a label (class-aware OT: one problem per label). Every
-data point keeps its row, its time and its label; only the noise moves. Under ``torchrun``, :func:`couple`
+does not depend on the data's scale or dimension; ``reg_absolute=True``: ``reg`` is the absolute epsilon, as
+Schrödinger-bridge CFM needs, :mod:`flowscore.bridges`), and draws for each data point i its noise index from
+row i of the plan (:func:`entropic_plan` returns the plan itself). With labels ``y`` the pairing stays within
+a label (class-aware OT: one problem per label). Every data point keeps its row, its time and its label; only
+the noise moves. Under ``torchrun``, :func:`couple`
 must see the GLOBAL batch (the same on every rank) before it is sliced, so that 1 and N processes train on the
 same pairs; the trainer does so (``TrainConfig.coupling``, ``--coupling``). The exact assignment is the same
 on every path (it depends on the inner products of noise and data only). The regression then learns the
@@ -92,26 +94,54 @@ def _exact_pairing(cost: torch.Tensor) -> torch.Tensor:
     return pairing
 
 
-def _sinkhorn_pairing(cost: torch.Tensor, reg: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``(B,)`` noise index of each data row drawn from row i of the entropic plan (cost / its mean).
+def _sinkhorn_plan(cost: torch.Tensor, reg: float, absolute: bool = False) -> torch.Tensor | object:
+    """The ``(B, B)`` float64 entropic plan of ``cost`` (divided by its mean unless ``absolute``) at ``reg``.
 
-    The plain iteration runs in numpy on the CPU (POT's torch backend costs more per iteration there), the
-    log-domain one in torch (POT's numpy log-sum-exp is slower); on an accelerator both run on the device.
+    A numpy array from the plain iteration on the CPU (POT's torch backend costs more per iteration there),
+    else a tensor on the cost's device from the log-domain one (POT's numpy log-sum-exp is slower).
     """
     ot = _import_ot()
     b = cost.shape[0]
-    scaled = cost / cost.mean().clamp_min(torch.finfo(torch.float64).tiny)
+    scaled = cost if absolute else cost / cost.mean().clamp_min(torch.finfo(torch.float64).tiny)
     # the plain iteration (fast) while exp(-cost / reg) stays well above float64's underflow, else log domain
     method = "sinkhorn" if float(scaled.max()) < _SINKHORN_PLAIN_MAX * reg else "sinkhorn_log"
     weights = torch.full((b,), 1.0 / b, dtype=torch.float64, device=cost.device)
     on_cpu = cost.device.type == "cpu" and method == "sinkhorn"
     weights, scaled = (weights.numpy(), scaled.numpy()) if on_cpu else (weights, scaled)
-    plan = ot.sinkhorn(
+    return ot.sinkhorn(
         weights, weights, scaled, reg, method=method, numItermax=_SINKHORN_MAX_ITER, stopThr=1e-6
     )
-    plan = torch.from_numpy(plan) if on_cpu else plan
+
+
+def _sinkhorn_pairing(
+    cost: torch.Tensor, reg: float, generator: torch.Generator | None, absolute: bool = False
+) -> torch.Tensor:
+    """``(B,)`` noise index of each data row, drawn from row i of the plan of :func:`_sinkhorn_plan`."""
+    plan = _sinkhorn_plan(cost, reg, absolute)
+    plan = plan if isinstance(plan, torch.Tensor) else torch.from_numpy(plan)
     device = generator.device if generator is not None else cost.device
     return torch.multinomial(plan.to(device), 1, generator=generator).squeeze(1).to(cost.device)
+
+
+def entropic_plan(
+    x_data: torch.Tensor, noise: torch.Tensor, reg: float = DEFAULT_REG, *, reg_absolute: bool = False
+) -> torch.Tensor:
+    r"""``(B, B)`` float64 entropic OT plan between the uniform laws on the rows of ``x_data`` (rows of the
+    plan) and of ``noise`` (columns): the minimiser of :math:`\langle P, C\rangle - \epsilon H(P)` with
+    :math:`C_{ij} = \lVert x_{data,i} - \varepsilon_j\rVert^2` and marginals 1/B (POT's ``ot.sinkhorn``).
+
+    ``reg_absolute=False`` (what ``coupling="sinkhorn"`` uses by default): :math:`\epsilon` = ``reg`` times
+    the batch's mean cost, so ``reg`` does not depend on the data's scale. ``reg_absolute=True``:
+    :math:`\epsilon` = ``reg`` in the units of the squared distances (Schrödinger-bridge CFM uses
+    :math:`\epsilon = 2\sigma^2`, :func:`flowscore.bridges.sb_couple`). ``noise`` may be any source batch.
+    """
+    x_data = _validate.finite(_validate.batch(x_data, "x_data"), "x_data")
+    noise = _validate.finite(_validate.tensor(noise, "noise"), "noise")
+    _validate.same_shape(x_data, noise, "x_data", "noise")
+    reg = _validate.number(reg, "coupling_reg", 0.0, low_open=True)
+    b = x_data.shape[0]
+    plan = _sinkhorn_plan(_squared_distances(x_data.reshape(b, -1), noise.reshape(b, -1)), reg, reg_absolute)
+    return (plan if isinstance(plan, torch.Tensor) else torch.from_numpy(plan)).to(x_data.device)
 
 
 def pairing(
@@ -120,6 +150,7 @@ def pairing(
     coupling: str = "ot",
     *,
     reg: float = DEFAULT_REG,
+    reg_absolute: bool = False,
     y: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -133,6 +164,8 @@ def pairing(
             may repeat).
         reg: Sinkhorn regularisation relative to the mean cost (``"sinkhorn"`` only); smaller is closer to
             ``"ot"`` and takes more iterations.
+        reg_absolute: ``reg`` is the absolute epsilon, in the units of the squared distances, not relative
+            to the batch's mean cost (:func:`entropic_plan`; SB-CFM's ``2 sigma^2``).
         y: ``(B,)`` integer labels: pairs are made within each label (``-1`` is a label of its own).
         generator: draws the Sinkhorn pairs (on its device). ``"ot"`` draws nothing: it is deterministic.
     """
@@ -152,7 +185,10 @@ def pairing(
         if rows.numel() < 2:
             continue
         cost = _squared_distances(flat_data[rows], flat_noise[rows])
-        local = _exact_pairing(cost) if coupling == "ot" else _sinkhorn_pairing(cost, reg, generator)
+        if coupling == "ot":
+            local = _exact_pairing(cost)
+        else:
+            local = _sinkhorn_pairing(cost, reg, generator, reg_absolute)
         paired[rows] = rows[local]
     return paired
 
@@ -163,6 +199,7 @@ def couple(
     coupling: str = "independent",
     *,
     reg: float = DEFAULT_REG,
+    reg_absolute: bool = False,
     y: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -173,7 +210,9 @@ def couple(
     """
     if coupling == "independent":
         return noise
-    return noise[pairing(x_data, noise, coupling, reg=reg, y=y, generator=generator)]
+    return noise[
+        pairing(x_data, noise, coupling, reg=reg, reg_absolute=reg_absolute, y=y, generator=generator)
+    ]
 
 
 # -- reference targets ---------------------------------------------------------------------------------------
@@ -292,4 +331,4 @@ def reference_target(
     return target + (c_value.unsqueeze(1) * shift).to(target.dtype).reshape(target.shape)
 
 
-__all__ = ["COUPLINGS", "DEFAULT_REG", "couple", "pairing", "reference_target", "rows_in"]
+__all__ = ["COUPLINGS", "DEFAULT_REG", "couple", "entropic_plan", "pairing", "reference_target", "rows_in"]

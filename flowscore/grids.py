@@ -68,8 +68,8 @@ def _vp_linear_t(path: VPLinearPath, sigma: torch.Tensor) -> torch.Tensor:
 def _closed_form_t(path: GaussianPath, sigma: torch.Tensor) -> torch.Tensor | None:
     kind = type(path)
     with torch.no_grad():
-        if kind is LinearPath:  # sigma = (1 - t) / t
-            return 1 / (1 + sigma)
+        if kind is LinearPath:  # sigma = (1 - (1 - sigma_min) t) / t
+            return 1 / (1 - path.sigma_min + sigma)
         if kind is CosinePath:  # sigma = cot(pi t / 2)
             return (2 / math.pi) * torch.atan2(torch.ones_like(sigma), sigma)
         if kind is VPLinearPath:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import _validate, conversions
+from . import _expression, _validate, conversions
 from .conversions import KINDS, Schedule
 
 
@@ -265,24 +265,36 @@ class GaussianPath:
 
 
 class LinearPath(GaussianPath):
-    """``"linear"``: alpha = t, beta = 1 - t (conditional optimal transport, rectified flow).
+    r"""``"linear"``: alpha = t, beta = 1 - (1 - sigma_min) t (conditional optimal transport, rectified flow).
 
-    Not variance preserving: alpha^2 + beta^2 = t^2 + (1 - t)^2. Velocity target ``x_data - noise``.
+    ``sigma_min = 0`` (the default) is the straight line alpha = t, beta = 1 - t, velocity target
+    ``x_data - noise``. ``sigma_min`` in (0, 1) is Lipman et al.'s OT path with a minimum noise: the path
+    ends at the data blurred by N(0, sigma_min^2 I) (beta_1 = sigma_min), velocity target
+    ``x_data - (1 - sigma_min) noise``; beta > 0 on all of [0, 1], so the score, the conversions and the
+    diffusion coefficient are finite at t = 1 too (g^2(1) = 2 sigma_min). Not torchcfm's
+    ``ConditionalFlowMatcher(sigma)``, which is the path beta = sqrt((1 - t)^2 + sigma^2) (docs/theory.md,
+    "sigma_min and torchcfm's sigma"). Not variance preserving.
     """
 
     name = "linear"
+
+    def __init__(self, sigma_min: float = 0.0):
+        self.sigma_min = _validate.number(sigma_min, "sigma_min", 0.0, 1.0, high_open=True)
+
+    def options(self):
+        return {"sigma_min": self.sigma_min} if self.sigma_min else {}
 
     def _alpha(self, t):
         return t.clone()
 
     def _beta(self, t):
-        return 1 - t
+        return 1 - t if not self.sigma_min else (1 - t) + self.sigma_min * t  # exact at both ends
 
     def _d_alpha(self, t):
         return torch.ones_like(t)
 
     def _d_beta(self, t):
-        return -torch.ones_like(t)
+        return torch.full_like(t, -(1 - self.sigma_min))
 
 
 class CosinePath(GaussianPath):
@@ -405,38 +417,84 @@ def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> 
     return torch.zeros_like(t) if grad is None else grad.detach()
 
 
-class CustomPath(GaussianPath):
-    """A path from user callables ``alpha(t)``, ``beta(t)`` acting elementwise on a tensor ``t``.
+Definition = Callable[[torch.Tensor], torch.Tensor] | str
+CHECK_POINTS = 1025
+"""Times in [0, 1] (evenly spaced, float64) on which a custom path from expressions is checked."""
 
-    ``d_alpha``/``d_beta`` default to autograd of ``alpha``/``beta``. The callables should satisfy
+
+class CustomPath(GaussianPath):
+    """A path from ``alpha(t)``, ``beta(t)``: callables acting elementwise on a tensor ``t``, or expression
+    strings in ``t``.
+
+    ``d_alpha``/``d_beta`` default to autograd of ``alpha``/``beta``. The definitions should satisfy
     ``beta >= 0``; for a generative path, ``alpha_0 = 0`` and ``beta_1 = 0`` (or small).
+
+    **From expressions** (``get_path("custom", alpha="t", beta="1 - t")``): numbers, ``t``, ``pi``, ``e``,
+    ``+ - * / **`` and the functions of :data:`flowscore._expression.FUNCTIONS` (sin, cos, exp, log, sqrt,
+    ...), parsed without ``eval``. Such a path is checked on :data:`CHECK_POINTS` times in [0, 1] (alpha,
+    beta and both derivatives finite, beta >= 0; else ``ValueError`` naming the first bad t), and it can be
+    stored: :meth:`config` holds the strings, so a run (``TrainConfig(path="custom", path_options={"alpha":
+    "t", "beta": "1 - t"})``) reloads it. A path holding any Python callable cannot be stored.
     """
 
     name = "custom"
 
     def __init__(
         self,
-        alpha: Callable[[torch.Tensor], torch.Tensor],
-        beta: Callable[[torch.Tensor], torch.Tensor],
-        d_alpha: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        d_beta: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        alpha: Definition,
+        beta: Definition,
+        d_alpha: Definition | None = None,
+        d_beta: Definition | None = None,
     ):
-        for name, fn in (("alpha", alpha), ("beta", beta), ("d_alpha", d_alpha), ("d_beta", d_beta)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"custom path: {name} must be callable, got {type(fn).__name__}")
-        self.alpha_fn, self.beta_fn, self.d_alpha_fn, self.d_beta_fn = alpha, beta, d_alpha, d_beta
+        given = {"alpha": alpha, "beta": beta, "d_alpha": d_alpha, "d_beta": d_beta}
+        fns = {}
+        for key, fn in given.items():
+            if isinstance(fn, str):
+                fns[key] = _expression.compile_expression(fn, f"custom path: {key}")
+            elif fn is not None and not callable(fn):
+                raise ValueError(
+                    f"custom path: {key} must be callable or an expression string in t, got "
+                    f"{type(fn).__name__}"
+                )
+            else:
+                fns[key] = fn
+        self._given = given
+        self.alpha_fn, self.beta_fn, self.d_alpha_fn, self.d_beta_fn = (fns[k] for k in given)
+        if self.storable:
+            self._check_on_grid()
+
+    @property
+    def storable(self) -> bool:
+        """Whether every definition is an expression string (then :meth:`config` can store the path)."""
+        return all(v is None or isinstance(v, str) for v in self._given.values())
+
+    def _check_on_grid(self) -> None:
+        t = torch.linspace(0, 1, CHECK_POINTS, dtype=torch.float64)
+        values = dict(zip(("alpha", "beta", "d_alpha", "d_beta"), self._schedule(t)[:4], strict=True))
+        for key, value in values.items():
+            bad = ~torch.isfinite(value) | ((value < 0) if key == "beta" else torch.zeros_like(t, dtype=bool))
+            if bool(bad.any()):
+                t_bad, v_bad = t[bad][0].item(), value[bad][0].item()
+                rule = "finite and >= 0" if key == "beta" else "finite"
+                raise ValueError(
+                    f"custom path: {key} must be {rule} on [0, 1], got {v_bad:g} at t = {t_bad:g}"
+                )
 
     def callables(self) -> dict[str, Any]:
-        """The constructor's callables; ``CustomPath(**path.callables())`` rebuilds the path."""
-        return {
-            "alpha": self.alpha_fn,
-            "beta": self.beta_fn,
-            "d_alpha": self.d_alpha_fn,
-            "d_beta": self.d_beta_fn,
-        }
+        """The constructor's definitions (callables or strings); ``CustomPath(**path.callables())``
+        rebuilds the path."""
+        return dict(self._given)
+
+    def options(self):
+        return {k: v for k, v in self._given.items() if v is not None} if self.storable else {}
 
     def config(self):
-        raise ValueError("a custom path holds Python callables and cannot be stored in a checkpoint")
+        if not self.storable:
+            raise ValueError(
+                "a custom path holds Python callables and cannot be stored in a checkpoint; declare it from "
+                "expression strings, e.g. get_path('custom', alpha='t', beta='1 - t')"
+            )
+        return super().config()
 
     def _call(self, fn, t):
         return torch.as_tensor(fn(t), dtype=t.dtype, device=t.device).expand_as(t).clone()
@@ -465,7 +523,8 @@ PATHS: dict[str, type[GaussianPath]] = {
 
 def get_path(name: str | GaussianPath, **options: Any) -> GaussianPath:
     """A path by name: ``"linear"``, ``"vp"``, ``"vp-linear"``, ``"ve"`` or ``"custom"`` (with ``alpha=``,
-    ``beta=`` callables). ``options`` are the schedule constants, e.g. ``get_path("ve", sigma_max=50)``.
+    ``beta=`` callables or expression strings in t). ``options`` are the schedule constants, e.g.
+    ``get_path("ve", sigma_max=50)``, ``get_path("linear", sigma_min=0.1)``.
 
     Given a path instance, returns it unchanged when there are no ``options``, else a new path of the same
     kind with those options applied over its own (an unknown option raises ``ValueError``).

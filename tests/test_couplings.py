@@ -14,7 +14,7 @@ import torch
 from conftest import PATH_NAMES, make_path, reference_targets
 
 from flowscore import checkpoint
-from flowscore.couplings import couple, pairing
+from flowscore.couplings import couple, entropic_plan, pairing
 from flowscore.data import toy
 from flowscore.losses import cfm, dsm
 from flowscore.marginals import EmpiricalMarginal
@@ -82,6 +82,35 @@ def test_sinkhorn_pairs_interpolate_between_ot_and_independent():
     assert ot_cost <= means[0] < means[1] < means[2]
     assert means[0] < ot_cost * 1.1
     assert means[2] == pytest.approx(random_cost, rel=0.1)
+
+
+def log_domain_sinkhorn(cost: torch.Tensor, eps: float, iterations: int = 2000) -> torch.Tensor:
+    """The entropic plan with uniform marginals: plain float64 log-domain Sinkhorn written here (no POT)."""
+    b = cost.shape[0]
+    log_w = torch.full((b,), -math.log(b), dtype=DT)
+    f, g = torch.zeros(b, dtype=DT), torch.zeros(b, dtype=DT)
+    for _ in range(iterations):
+        f = eps * (log_w - torch.logsumexp((g[None, :] - cost) / eps, 1))
+        g = eps * (log_w - torch.logsumexp((f[:, None] - cost) / eps, 0))
+    return torch.exp((f[:, None] + g[None, :] - cost) / eps)
+
+
+def test_entropic_plan_relative_and_absolute_regularisation_against_an_independent_sinkhorn():
+    """reg_absolute=True: epsilon = reg; default: epsilon = reg x mean cost. Both plans equal a log-domain
+    Sinkhorn written here; scaling the points by c leaves the relative plan unchanged, while the absolute
+    plan at (c x, c^2 eps) is the plan at (x, eps) and at (c x, eps) another one."""
+    x_data, noise = batch(11, 6)
+    cost = ((x_data[:, None] - noise[None]) ** 2).sum(-1)
+    absolute = entropic_plan(x_data, noise, 0.8, reg_absolute=True)
+    torch.testing.assert_close(absolute, log_domain_sinkhorn(cost, 0.8), rtol=1e-4, atol=1e-7)
+    relative = entropic_plan(x_data, noise, 0.1)
+    torch.testing.assert_close(
+        relative, log_domain_sinkhorn(cost, 0.1 * float(cost.mean())), rtol=1e-4, atol=1e-7
+    )
+    torch.testing.assert_close(entropic_plan(3 * x_data, 3 * noise, 0.1), relative, rtol=1e-4, atol=1e-7)
+    scaled = entropic_plan(2 * x_data, 2 * noise, 0.8 * 4, reg_absolute=True)
+    torch.testing.assert_close(scaled, absolute, rtol=1e-4, atol=1e-7)
+    assert float((entropic_plan(2 * x_data, 2 * noise, 0.8, reg_absolute=True) - absolute).abs().sum()) > 0.1
 
 
 def test_sinkhorn_pairs_are_reproducible_with_the_generator():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import (
+    DIRECTION_DENOMINATORS,
     EDGE_TIMES,
     PATH_NAMES,
     REFERENCE,
@@ -376,3 +377,290 @@ def test_custom_path_derivatives_by_autograd_of_user_callables() -> None:
     torch.testing.assert_close(path.d_beta(t), -torch.ones_like(t))
     explicit = get_path("custom", alpha=lambda s: s**2, beta=lambda s: 1 - s, d_alpha=lambda s: 3 * s)
     torch.testing.assert_close(explicit.d_alpha(t), 3 * t)
+
+
+# -- linear with sigma_min (Lipman et al.'s OT path): alpha = t, beta = 1 - (1 - sigma_min) t
+SIGMA_MIN = 0.1
+CLOSED_T = torch.linspace(0, 1, 101, dtype=F64)  # the closed interval: beta > 0 everywhere
+
+
+def sigma_min_reference(t: torch.Tensor, sigma_min: float = SIGMA_MIN) -> tuple[torch.Tensor, ...]:
+    """(alpha, beta, alpha', beta', g^2) from sympy: the schedule, its derivatives and
+    g^2 = 2 beta^2 (alpha'/alpha - beta'/beta), lambdified to float64 (inf where sympy's value at 0 is)."""
+    sympy = pytest.importorskip("sympy")
+    s = sympy.Symbol("t")
+    alpha, beta = s, 1 - (1 - sympy.Rational(str(sigma_min))) * s
+    d_alpha, d_beta = sympy.diff(alpha, s), sympy.diff(beta, s)
+    g_sq = 2 * beta**2 * (d_alpha / alpha - d_beta / beta)
+    out = []
+    for expr in (alpha, beta, d_alpha, d_beta, g_sq):
+        fn = sympy.lambdify(s, expr, "math")
+        at_zero = expr.subs(s, 0)
+        zero = float(at_zero) if at_zero.is_finite else math.inf
+        out.append(torch.tensor([float(fn(v)) if v > 0 else zero for v in t.tolist()], dtype=F64))
+    return tuple(out)
+
+
+def test_linear_sigma_min_schedule_matches_sympy() -> None:
+    """alpha, beta, their derivatives and g^2 against sympy; beta_0 = 1, beta_1 = sigma_min; g^2(1) = 2
+    sigma_min; the default linear path is unchanged (and stores no option)."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    alpha, beta, d_alpha, d_beta, g_sq = sigma_min_reference(CLOSED_T)
+    for got, want in zip(path.schedule(CLOSED_T)[:4], (alpha, beta, d_alpha, d_beta), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+    assert path.beta(torch.tensor([0.0, 1.0], dtype=F64)).tolist() == [1.0, SIGMA_MIN]
+    interior = CLOSED_T[1:]
+    torch.testing.assert_close(path.diffusion_sq(interior), g_sq[1:], rtol=1e-12, atol=0)
+    assert path.diffusion_sq(1.0).item() == pytest.approx(2 * SIGMA_MIN, rel=1e-6)
+    assert path.config() == {"name": "linear", "sigma_min": SIGMA_MIN}
+    assert get_path("linear").config() == {"name": "linear"}
+    assert get_path("linear", sigma_min=0).beta(1.0).item() == 0.0
+    for bad in (-0.1, 1.0, math.nan, "0.1"):
+        with pytest.raises(ValueError, match="sigma_min"):
+            get_path("linear", sigma_min=bad)
+
+
+def sigma_min_targets(t: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """x and the four conditional targets of the sigma_min path, written from the sympy schedule."""
+    alpha, beta, d_alpha, d_beta, _ = sigma_min_reference(t)
+    x_data, noise = batch_for(t, dims=(3,), seed=seed)
+    return {
+        "x": bcast(alpha, x_data) * x_data + bcast(beta, x_data) * noise,
+        "data": x_data,
+        "noise": noise,
+        "velocity": bcast(d_alpha, x_data) * x_data + bcast(d_beta, x_data) * noise,
+        "score": -noise / bcast(beta, x_data),
+    }
+
+
+@pytest.mark.parametrize("src", KINDS)
+@pytest.mark.parametrize("dst", KINDS)
+def test_linear_sigma_min_conversions_are_exact_and_finite_up_to_t_1(src: str, dst: str) -> None:
+    """Each of the 12 conversions maps the sympy-built target of ``src`` to that of ``dst`` on (0, 1] (t = 1
+    included: beta_1 = sigma_min > 0); at t = 0 (alpha = 0) exactly the directions that divide by alpha
+    raise, as on the plain linear path."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    t = CLOSED_T[1:]
+    want = sigma_min_targets(t)
+    got = path.convert(want[src], want["x"], t, src, dst)
+    torch.testing.assert_close(got, want[dst], rtol=1e-10, atol=1e-10)
+    back = path.convert(got, want["x"], t, dst, src)
+    torch.testing.assert_close(back, want[src], rtol=1e-10, atol=1e-10)
+    at_zero = torch.zeros(3, dtype=F64)
+    start = sigma_min_targets(at_zero)
+    check_finite_or_value_error(
+        lambda: path.convert(start[src], start["x"], at_zero, src, dst),
+        expect_error=src != dst and "alpha" in DIRECTION_DENOMINATORS[(src, dst)],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_linear_sigma_min_is_finite_at_the_data_end(dtype: torch.dtype) -> None:
+    """At t = 1 every path feature is finite: conditional score and log-density (beta = sigma_min), both
+    velocity forms, g^2, the prior, and every prediction of the preconditioned wrapper on [0, 1]."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    gen = torch.Generator().manual_seed(4)
+    x_data, noise = (
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+        torch.randn(3, 2, generator=gen, dtype=dtype),
+    )
+    for t_value in (1.0 - 1e-7, 1.0):
+        for method in PATH_METHOD_DENOMINATORS:
+            if method != "diffusion_sq":
+                out = call_path_method(path, method, x_data, noise, torch.full((3,), t_value, dtype=dtype))
+                assert torch.isfinite(out).all(), (method, t_value)
+    x = path.sample(x_data, 1.0, noise)
+    torch.testing.assert_close(path.conditional_score(x, x_data, 1.0), -noise / SIGMA_MIN)
+    assert path.prior_std == 1.0
+    from flowscore import Preconditioned
+
+    t = torch.linspace(0, 1, 1001, dtype=dtype)
+    for kind in KINDS:
+        model = Preconditioned(lambda x, t: torch.ones_like(x), path, kind, sigma_data=0.5)
+        assert torch.isfinite(model(torch.randn(t.shape[0], 3, generator=gen, dtype=dtype), t)).all(), kind
+
+
+def test_linear_sigma_min_marginal_of_a_gaussian_matches_its_closed_form() -> None:
+    """data N(m, s^2 I): x_t ~ N(t m, v I) with v = t^2 s^2 + beta_t^2, score -(x - t m)/v, velocity
+    m + (t s^2 + beta beta') (x - t m)/v (E[x_data|x] and E[noise|x] of a Gaussian pair), on [0, 1]."""
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    m, s = torch.tensor([[0.7, -1.2]], dtype=F64), 0.6
+    mixture = GaussianMixture(m, torch.tensor([s], dtype=F64))
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    x = 2 * torch.randn(11, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    beta, d_beta = 1 - (1 - SIGMA_MIN) * t, -(1 - SIGMA_MIN)
+    v = (t**2 * s**2 + beta**2)[:, None]
+    centred = x - t[:, None] * m
+    normal = torch.distributions.Normal(t[:, None] * m, v.sqrt())
+    torch.testing.assert_close(
+        mixture.log_prob(x, t, path), normal.log_prob(x).sum(1), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(mixture.score(x, t, path), -centred / v, rtol=1e-12, atol=1e-12)
+    want_velocity = m + (t[:, None] * s**2 + beta[:, None] * d_beta) * centred / v
+    torch.testing.assert_close(mixture.velocity(x, t, path), want_velocity, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_sigma_min_time_of_sigma_inverts_sigma_of_t() -> None:
+    """grids: sigma = beta/alpha = (1 - (1 - sigma_min) t)/t is inverted exactly (the closed form used to
+    assume sigma_min = 0), and a log-SNR grid ends at sigma(1) = sigma_min."""
+    from flowscore.grids import sigma_of_t, t_of_sigma, time_grid
+
+    path = get_path("linear", sigma_min=SIGMA_MIN)
+    t = torch.linspace(0.01, 1, 50, dtype=F64)
+    sigma = (1 - (1 - SIGMA_MIN) * t) / t
+    torch.testing.assert_close(sigma_of_t(path, t), sigma, rtol=1e-14, atol=0)
+    torch.testing.assert_close(t_of_sigma(path, sigma), t, rtol=1e-13, atol=1e-15)
+    times = time_grid(path, 10, "logsnr")
+    log_sigma = torch.log(sigma_of_t(path, times[1:]))
+    assert times[0] == 0 and times[-1] == 1 and log_sigma[-1].item() == pytest.approx(math.log(SIGMA_MIN))
+    steps = log_sigma.diff()  # evenly spaced in log sigma from sigma_max = 80 (capped) to sigma_min
+    torch.testing.assert_close(steps, steps[:1].expand_as(steps), rtol=1e-10, atol=0)
+
+
+# -- custom paths declared from expression strings
+def test_custom_path_from_expressions_matches_hand_formulas_and_round_trips() -> None:
+    """alpha = sin(pi t / 2)^2, beta = exp(-2 t) (1 - t) + 0.01: values against the formulas written here,
+    derivatives against hand derivatives; the config holds the strings and rebuilds the same path."""
+    path = get_path("custom", alpha="sin(pi * t / 2) ** 2", beta="exp(-2 * t) * (1 - t) + 0.01")
+    t = CLOSED_T
+    alpha, beta = torch.sin(math.pi * t / 2) ** 2, torch.exp(-2 * t) * (1 - t) + 0.01
+    d_alpha = math.pi * torch.sin(math.pi * t / 2) * torch.cos(math.pi * t / 2)
+    d_beta = -torch.exp(-2 * t) * (2 * (1 - t) + 1)
+    for got, want in zip(path.schedule(t)[:4], (alpha, beta, d_alpha, d_beta), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    config = path.config()
+    assert config == {
+        "name": "custom",
+        "alpha": "sin(pi * t / 2) ** 2",
+        "beta": "exp(-2 * t) * (1 - t) + 0.01",
+    }
+    rebuilt = get_path(config.pop("name"), **config)
+    torch.testing.assert_close(rebuilt.schedule(t)[:4], path.schedule(t)[:4], rtol=0, atol=0)
+    explicit = get_path("custom", alpha="t", beta="1 - t", d_alpha="2", d_beta="-1")  # given derivatives win
+    assert explicit.d_alpha(0.3).item() == 2.0 and explicit.config()["d_alpha"] == "2"
+    assert repr(explicit) == "CustomPath(alpha='t', beta='1 - t', d_alpha='2', d_beta='-1')"
+
+
+@pytest.mark.parametrize(
+    ("beta", "pattern"),
+    [
+        ("__import__('os').system('true')", "only the functions"),
+        ("t.real", "Attribute is not allowed"),
+        ("open('f')", "only the functions"),
+        ("[t][0]", "not allowed"),
+        ("lambda: 1", "Lambda is not allowed"),
+        ("1 - t if t else 0", "IfExp is not allowed"),
+        ("t < 1", "Compare is not allowed"),
+        ("exp(t, 2)", "exactly one argument"),
+        ("sqrt(x=t)", "exactly one argument"),
+        ("y", "unknown name 'y'"),
+        ("True", "not a real number"),
+        ("'1'", "not a real number"),
+        ("1 -", "not a valid expression"),
+        ("9" * 400, "too large"),
+        ("-" * 80 + "t", "nested too deeply"),
+        ("", "non-empty"),
+        (
+            "1 - 2 * t",
+            r"beta must be finite and >= 0 on \[0, 1\], got -0.00195312 at t = 0.500977",
+        ),  # 513/1024
+        ("log(t)", "beta must be finite"),
+        ("sqrt(1 - t)", "d_beta must be finite"),
+        ("10 ** 10 ** 10 * (1 - t)", "beta must be finite"),
+        (3, "callable or an expression string"),
+    ],
+)
+def test_custom_path_refuses_anything_but_the_whitelisted_grammar(beta, pattern: str) -> None:
+    """One-line ValueError naming the reason; nothing is evaluated with eval (the os call never runs)."""
+    with pytest.raises(ValueError, match=pattern) as info:
+        get_path("custom", alpha="t", beta=beta)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_a_custom_path_with_callables_still_works_but_cannot_be_stored() -> None:
+    from flowscore import TrainConfig
+
+    path = get_path("custom", alpha=lambda t: t, beta="1 - t")  # mixed: usable, not storable
+    assert path.beta(0.25).item() == 0.75 and path.options() == {}
+    with pytest.raises(ValueError, match="cannot be stored.*expression strings"):
+        path.config()
+    with pytest.raises(ValueError, match="cannot be stored"):
+        TrainConfig(data="moons", path="custom", path_options={"alpha": lambda t: t, "beta": "1 - t"})
+    with pytest.raises(ValueError, match="bad options for path 'custom'"):
+        TrainConfig(data="moons", path="custom")
+
+
+def test_torchcfm_sigma_is_the_path_beta_sqrt_of_one_minus_t_squared_plus_sigma_squared() -> None:
+    """torchcfm's ConditionalFlowMatcher(sigma) from a N(0, I) source, x = t x1 + (1 - t) x0 + sigma eps,
+    has the marginals and the marginal velocity of the custom path alpha = t, beta = sqrt((1-t)^2 + sigma^2):
+    the least-squares regression of torchcfm's target x1 - x0 on x (fixed x1, t; float64 Monte Carlo) is the
+    path's conditional velocity u(x | x1), and x has the path's conditional std. Not linear's sigma_min."""
+    cfm = pytest.importorskip("torchcfm.conditional_flow_matching")
+    sigma, n = 0.3, 400_000
+    matcher = cfm.ConditionalFlowMatcher(sigma=sigma)
+    path = get_path("custom", alpha="t", beta=f"sqrt((1 - t) ** 2 + {sigma} ** 2)")
+    gen = torch.Generator().manual_seed(6)
+    for t_value in (0.2, 0.7):
+        x1 = torch.full((n, 1), 1.5, dtype=F64)
+        x0, eps = torch.randn(n, 1, generator=gen, dtype=F64), torch.randn(n, 1, generator=gen, dtype=F64)
+        t = torch.full((n,), t_value, dtype=F64)
+        x = matcher.sample_xt(x0, x1, t, eps)
+        u = matcher.compute_conditional_flow(x0, x1, t, x)
+        design = torch.cat([x, torch.ones_like(x)], 1)
+        slope, intercept = torch.linalg.lstsq(design, u).solution[:, 0].tolist()
+        probe = torch.tensor([[0.0], [1.0]], dtype=F64)
+        want = path.conditional_velocity(probe, x1[:2], t[:2])[:, 0]  # intercept, intercept + slope
+        assert intercept == pytest.approx(want[0].item(), abs=0.01)
+        assert slope == pytest.approx((want[1] - want[0]).item(), abs=0.01)
+        assert x.std().item() == pytest.approx(path.beta(t_value).item(), rel=0.01)
+    assert path.prior_std == pytest.approx(math.sqrt(1 + sigma**2))  # its t = 0 law is not N(0, I)
+    assert abs(path.beta(0.7).item() - get_path("linear", sigma_min=sigma).beta(0.7).item()) > 0.05
+
+
+# -- paths stored in runs
+RUN_TINY = dict(
+    data="moons", data_n=600, n_holdout=100, width=16, depth=2, batch_size=32, warmup=5, checkpoint_every=20,
+    log_every=10, loss_floor=False, device="cpu", lr_schedule="constant",
+)  # fmt: skip
+
+
+def run_weights(run_dir) -> dict[str, torch.Tensor]:
+    from flowscore import checkpoint
+
+    tensors, _ = checkpoint.load_checkpoint(run_dir / "checkpoint.safetensors")
+    return {k: v for k, v in tensors.items() if k.startswith(("model", "ema"))}
+
+
+def train_tiny(run_dir, steps: int, resume: bool = False, **changes):
+    from flowscore import TrainConfig, Trainer
+
+    config = TrainConfig.from_dict({**RUN_TINY, "steps": steps, **changes})
+    Trainer(config, run_dir, progress=False).train(resume=resume)
+
+
+def test_linear_sigma_min_and_a_custom_path_round_trip_through_a_run_and_resume_exactly(tmp_path) -> None:
+    """The run stores the path's options; load_run rebuilds it (beta_1 = sigma_min); a run stopped at step 20
+    and resumed to 40 has the weights of an uninterrupted one; the custom path written as the same formula
+    trains to the same weights bit for bit; plain linear trains to others; the model samples finitely."""
+    from flowscore import load_run, sample
+
+    sigma_min = {"path": "linear", "path_options": {"sigma_min": SIGMA_MIN}}
+    custom = {"path": "custom", "path_options": {"alpha": "t", "beta": f"(1 - t) + {SIGMA_MIN} * t"}}
+    train_tiny(tmp_path / "full", 40, **sigma_min)
+    train_tiny(tmp_path / "part", 20, **sigma_min)
+    train_tiny(tmp_path / "part", 40, resume=True, **sigma_min)
+    train_tiny(tmp_path / "custom", 40, **custom)
+    train_tiny(tmp_path / "plain", 40)
+    run = load_run(tmp_path / "full")
+    assert (
+        run.path.config() == {"name": "linear", "sigma_min": SIGMA_MIN}
+        and run.path.beta(torch.ones((), dtype=F64)).item() == 0.1
+    )
+    assert run.config.path_options == {"sigma_min": SIGMA_MIN}
+    assert load_run(tmp_path / "custom").path.config() == {"name": "custom", **custom["path_options"]}
+    full, part = run_weights(tmp_path / "full"), run_weights(tmp_path / "part")
+    custom_w, plain = run_weights(tmp_path / "custom"), run_weights(tmp_path / "plain")
+    assert full.keys() == part.keys() == custom_w.keys()
+    assert all(torch.equal(full[k], part[k]) and torch.equal(full[k], custom_w[k]) for k in full)
+    assert not any(torch.equal(full[k], plain[k]) for k in full)
+    assert torch.isfinite(sample(run.model, run.path, 64, steps=8)).all()

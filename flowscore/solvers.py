@@ -293,9 +293,11 @@ def sample_unipc(
 
     Each step runs the predictor UniP-p on the last p outputs; the model's output at the predicted point
     then corrects that point (UniC-p) before the next step, so the order of accuracy is p + 1 with one model
-    call per step. ``order`` p in {1, 2, 3} (default 2: order 3). Warm-up and the last steps use lower orders
-    (p <= number of outputs, and p <= steps left, as diffusers' ``lower_order_final``); there is no
-    corrector after the last step. Arguments as :func:`sample_ddim`.
+    call per step. ``order`` p in {1, 2, 3} (default 2: order 3). The warm-up steps use lower orders (p <=
+    number of outputs so far); the later steps keep order p up to the end, since there is no corrector
+    after the last step and a lower-order last predictor would cap the global order at 2. A last step to
+    beta = 0 (lambda = +inf) is the first-order :math:`x = \alpha D` (as diffusers' ``lower_order_final``,
+    with which this agrees on such grids). Arguments as :func:`sample_ddim`.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -322,7 +324,7 @@ def sample_unipc(
         else:
             history = (history + [(pred, lam[i])])[-order:]
         h = lam[i + 1] - lam[i]
-        o = min(order, len(history), n - i) if math.isfinite(h) and history else 1
+        o = min(order, len(history)) if math.isfinite(h) and history else 1
         phi1 = -math.expm1(-h)
         x_next = (s[i + 1] / s[i]) * x + (a[i + 1] * phi1) * pred
         if o > 1:

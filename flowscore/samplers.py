@@ -136,7 +136,17 @@ def _fixed_step(field: Field, method: str, x: torch.Tensor, t: torch.Tensor, h: 
     return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def _dopri5(field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+DOPRI5_MAX_STEPS = 10_000
+"""Default bound on the adaptive steps of ``"dopri5"`` (``max_steps``): a stiff field would otherwise make it
+take steps without end."""
+_DOPRI5_EVALS_PER_STEP = 6  # dopri5's stages after the first (first same as last)
+
+
+def _dopri5(
+    field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, atol: float, max_steps: int
+) -> torch.Tensor:
+    """torchdiffeq's dopri5 on ``times``, stopped with ``ValueError`` after about ``max_steps`` steps (counted
+    as ``6 max_steps + 2`` evaluations of ``field``, steps rejected by the error control included)."""
     try:
         from torchdiffeq import odeint
     except ImportError:
@@ -144,11 +154,21 @@ def _dopri5(field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, ato
             "method 'dopri5' needs torchdiffeq: pip install torchdiffeq (or flowscore[ode]); "
             "the fixed-step methods euler, midpoint, heun, rk4 need nothing"
         ) from None
-    batch = x.shape[0]
+    batch, calls, limit = x.shape[0], [0], _DOPRI5_EVALS_PER_STEP * max_steps + 2
+
+    def bounded(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > limit:
+            raise ValueError(
+                f"dopri5 took more than max_steps = {max_steps} steps (a stiff or non-smooth field at rtol = "
+                f"{rtol:g}, atol = {atol:g}); raise max_steps, loosen rtol/atol, or use a fixed-step sampler"
+            )
+        return field(y, t.expand(batch).contiguous())
+
     # step_t: the adaptive steps land exactly on the last time instead of overshooting it and interpolating,
     # so the field is never evaluated outside [0, 1]
     return odeint(
-        lambda t, y: field(y, t.expand(batch).contiguous()),
+        bounded,
         x,
         times,
         method="dopri5",
@@ -166,6 +186,7 @@ def integrate(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
     callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +194,8 @@ def integrate(
 
     The engine of :func:`sample_ode` and of ``flowscore.likelihood``. ``x``: ``(B, *dims)``, the state at
     ``times[0]``; ``times``: ``(T,)``. Fixed-step methods take one step per interval; ``dopri5`` steps
-    adaptively (``rtol``, ``atol``) and reports the state at each entry of ``times``. Returns the state at
+    adaptively (``rtol``, ``atol``; ``ValueError`` after ``max_steps`` steps) and reports the state at each
+    entry of ``times``. Returns the state at
     ``times[-1]``, and with ``return_trajectory`` also the ``(T, B, *dims)`` states at every entry of
     ``times``. ``callback``, if given, is called after each fixed step with a dict ``{"i", "t", "t_next",
     "x"}`` (the state after step ``i``); dopri5 calls it once, at the end.
@@ -182,7 +204,8 @@ def integrate(
     _validate.choice(method, METHODS, "method")
     times = _times(times, x, increasing=False)
     if method == "dopri5":
-        trajectory = _dopri5(field, x, times, rtol, atol)
+        max_steps = _validate.positive_int(max_steps, "max_steps")
+        trajectory = _dopri5(field, x, times, rtol, atol, max_steps)
         if callback is not None:
             grid = times.tolist()
             callback({"i": len(grid) - 2, "t": grid[0], "t_next": grid[-1], "x": trajectory[-1]})
@@ -207,6 +230,7 @@ def sample_ode(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
     callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +243,8 @@ def sample_ode(
             increasing samples (noise -> data), decreasing encodes (data -> noise).
         method: ``"euler"`` (order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"`` (order 2, 2
             evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of ``times``;
-            ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``.
+            ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``, stopped with
+            ``ValueError`` after ``max_steps`` steps.
         return_trajectory: also return the ``(T, B, *dims)`` states at every entry of ``times``.
         callback: called after each step, see :func:`integrate`.
 
@@ -235,6 +260,7 @@ def sample_ode(
         method,
         rtol=rtol,
         atol=atol,
+        max_steps=max_steps,
         return_trajectory=return_trajectory,
         callback=callback,
     )
@@ -504,6 +530,7 @@ def _run(
     diffusion: Diffusion,
     rtol: float,
     atol: float,
+    max_steps: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off)."""
@@ -522,7 +549,9 @@ def _run(
             velocity, score, x, grid, path=path, diffusion=diffusion, generator=generator, callback=callback
         )
     ode_grid = grid[:-1] if final else grid
-    x = integrate(velocity, x, ode_grid, sampler, rtol=rtol, atol=atol, callback=callback)
+    x = integrate(
+        velocity, x, ode_grid, sampler, rtol=rtol, atol=atol, max_steps=max_steps, callback=callback
+    )
     if final:
         n = x.shape[0]
         x = final_step(path, velocity, x, ode_grid[-1].expand(n).contiguous(), grid[-1])
@@ -587,6 +616,7 @@ def sample(
     diffusion: Diffusion = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -615,6 +645,7 @@ def sample(
             (:func:`flowscore.conditioning.guided_model`), for every sampler and prediction.
         callback: called after every step with a dict ``{"i", "t", "t_next", "x", "nfe", ...}``.
         return_nfe: also return the number of model calls (a guided call on ``[x, x]`` counts once).
+        rtol, atol, max_steps: ``"dopri5"``'s tolerances and bound on its steps (:func:`integrate`).
 
     The grid: it starts at ``t_start`` if given, else at t = 0 if every prediction the sampler evaluates there
     is finite (the velocity, the score for ``"sde"``, the data prediction for the log-SNR samplers; from a
@@ -695,6 +726,7 @@ def sample(
             diffusion=diffusion,
             rtol=rtol,
             atol=atol,
+            max_steps=max_steps,
             generator=generator,
         )
     return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"sampler {sampler!r}")
@@ -720,6 +752,7 @@ def encode(
     t_eps: float = 1e-3,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple:
     """Map data to noise with the probability-flow ODE: the inverse of :func:`sample` with the same solvers.
@@ -779,6 +812,7 @@ def encode(
             diffusion=None,
             rtol=rtol,
             atol=atol,
+            max_steps=max_steps,
             generator=None,
         )
     return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"encode with {sampler!r}")

@@ -528,3 +528,26 @@ def test_defaults_and_bad_arguments():
         encode(gauss.velocity, "linear", _prior(4, 1), times=[0.0, 1.0])
     with pytest.raises(ValueError, match="ODE sampler"):
         encode(gauss.velocity, "linear", _prior(4, 1), sampler="sde")
+
+
+def test_dopri5_on_a_stiff_field_stops_after_max_steps():
+    """dx/dt = -1e7 (x - cos t): explicit dopri5 needs about 1e7 / 3.3 steps for stability, so it ran for
+    minutes; now it stops with a ValueError after max_steps steps (6 evaluations each, plus 2)."""
+    pytest.importorskip("torchdiffeq")
+    calls = []
+
+    def stiff(x, t):
+        calls.append(1)
+        return -1e7 * (x - torch.cos(t)[:, None])
+
+    x = torch.zeros(3, 1, dtype=F64)
+    with pytest.raises(ValueError, match="max_steps = 50"):
+        sample_ode(stiff, x, [0.0, 1.0], "dopri5", max_steps=50)
+    assert len(calls) <= 6 * 50 + 2
+    with pytest.raises(ValueError, match="max_steps"):
+        sample(stiff, "linear", 3, sampler="dopri5", shape=(1,), dtype=F64, max_steps=20)
+    with pytest.raises(ValueError, match="max_steps"):
+        sample_ode(stiff, x, [0.0, 1.0], "dopri5", max_steps=0)
+    # a smooth field is unaffected: the exact solution of dx/dt = -x is x0 e^{-t}
+    out = sample_ode(lambda x, t: -x, torch.ones(2, 1, dtype=F64), [0.0, 1.0], "dopri5", rtol=1e-9, atol=1e-9)
+    assert (out - math.exp(-1)).abs().max() < 1e-7

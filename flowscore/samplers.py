@@ -571,6 +571,71 @@ def _model_and_prediction(model: object, prediction: str | None) -> str:
     return _validate.choice(prediction, KINDS, "prediction")
 
 
+DEFAULT_SHAPE = (2,)
+"""One sample's shape when ``shape`` is not given and the model does not know it (:func:`data_shape_of`)."""
+
+
+def _inner_networks(model: object) -> list[object]:
+    """``model`` and the networks it wraps (``Preconditioned``, ``torch.compile``, DDP, adapters)."""
+    seen: list[object] = []
+    while model is not None and all(model is not m for m in seen):
+        seen.append(model)
+        nxt = getattr(model, "wrapped_network", None)
+        for name in ("_orig_mod", "module", "model"):
+            if nxt is None and isinstance(getattr(model, name, None), torch.nn.Module):
+                nxt = getattr(model, name)
+        model = nxt
+    return seen
+
+
+def data_shape_of(model: object) -> tuple[int, ...] | None:
+    """The shape of one sample that ``model`` is built for, or None where it is not known.
+
+    The ``data_shape`` attribute of the model or of a network it wraps (``Preconditioned``, compiled, DDP)
+    if one has it; else ``(dim,)`` for flowscore's built-in MLP (``config()["dim"]``). A built-in UNet knows
+    its channels but not its image size: None (its channels are still checked by :func:`sample`).
+    """
+    from .models import MLP
+
+    for net in _inner_networks(model):
+        shape = getattr(net, "data_shape", None)
+        if shape is not None:
+            shape = tuple(shape)
+            if all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape) and shape:
+                return shape
+    for net in _inner_networks(model):
+        if isinstance(net, MLP):
+            return (net.dim,)
+    return None
+
+
+def _sample_shape(model: object, shape: Sequence[int] | None) -> tuple[int, ...]:
+    """``shape`` checked against what the model is built for, or that shape (or DEFAULT_SHAPE) if None."""
+    from .models import UNet
+
+    known = data_shape_of(model)
+    unet = next((net for net in _inner_networks(model) if isinstance(net, UNet)), None)
+    if shape is None:
+        if known is None and unet is not None:
+            raise ValueError(
+                f"the UNet (channels = {unet.channels}) does not know its image size: pass "
+                "shape=(C, H, W) (a run's data_shape: shape=run.data_shape)"
+            )
+        return known or DEFAULT_SHAPE
+    shape = tuple(shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(
+            f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
+        )
+    if known is not None and shape != known:
+        raise ValueError(
+            f"shape {shape} differs from the data shape {known} the model was built for; omit shape"
+        )
+    if unet is not None and (len(shape) != 3 or shape[0] != unet.channels):
+        raise ValueError(f"shape {shape} does not fit the UNet: it needs (C, H, W) with C = {unet.channels}")
+    return shape
+
+
 def _explicit_times(times: object, increasing: bool) -> torch.Tensor:
     if not isinstance(times, torch.Tensor):
         times = torch.as_tensor(list(times), dtype=torch.float64)  # type: ignore[arg-type]
@@ -604,7 +669,7 @@ def sample(
     steps: int | None = None,
     grid: str | None = None,
     times: Sequence[float] | torch.Tensor | None = None,
-    shape: tuple[int, ...] = (2,),
+    shape: tuple[int, ...] | None = None,
     x_init: torch.Tensor | None = None,
     t_start: float | None = None,
     y: torch.Tensor | None = None,
@@ -629,6 +694,9 @@ def sample(
             :func:`flowscore.conditioning.call_model`, with ``t`` shaped ``(n,)``.
         path: the Gaussian path, an instance or a name.
         n: number of samples (may be omitted with ``x_init``).
+        shape: the shape of one sample; None: what the model is built for (:func:`data_shape_of`: a
+            ``data_shape`` attribute, or a built-in MLP's ``(dim,)``), else :data:`DEFAULT_SHAPE`. A shape
+            that differs from the model's raises ``ValueError``; a built-in UNet needs it (its image size).
         prediction: ``"velocity"``, ``"score"``, ``"noise"`` or ``"data"``; None: the model's ``prediction``
             attribute if it has one (the wrappers of :mod:`flowscore.adapters` do), else ``"velocity"``.
         sampler: one of :data:`SAMPLERS`: the ODE samplers :data:`ODE_SAMPLERS` (euler, midpoint, heun,
@@ -675,11 +743,7 @@ def sample(
         if n is None:
             raise ValueError("n (the number of samples) is required unless x_init is given")
         n = _validate.positive_int(n, "n")
-        shape = tuple(shape)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
-            raise ValueError(
-                f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
-            )
+        shape = _sample_shape(model, shape)
     if y is not None:
         check_labels(y, n)
     fn = guided_model(model, y, guidance)

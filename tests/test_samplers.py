@@ -551,3 +551,33 @@ def test_dopri5_on_a_stiff_field_stops_after_max_steps():
     # a smooth field is unaffected: the exact solution of dx/dt = -x is x0 e^{-t}
     out = sample_ode(lambda x, t: -x, torch.ones(2, 1, dtype=F64), [0.0, 1.0], "dopri5", rtol=1e-9, atol=1e-9)
     assert (out - math.exp(-1)).abs().max() < 1e-7
+
+
+def test_sample_infers_the_data_shape_from_a_built_in_model():
+    """README: ``fs.sample(run.model, run.path, 1000)`` on a 10-D run failed (the shape defaulted to (2,))."""
+    from flowscore.models import build_model
+    from flowscore.preconditioning import Preconditioned
+
+    torch.manual_seed(0)
+    model = Preconditioned(build_model("mlp", (10,), width=16, depth=1), "linear")
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    out = sample(model, "linear", 7, steps=3, generator=gen())
+    assert out.shape == (7, 10)
+    assert torch.equal(out, sample(model, "linear", 7, steps=3, shape=(10,), generator=gen()))
+    with pytest.raises(ValueError, match=r"differs from the data shape \(10,\)"):
+        sample(model, "linear", 7, steps=3, shape=(2,))
+    unet = build_model("unet", (1, 8, 8))
+    with pytest.raises(ValueError, match="shape=run.data_shape"):
+        sample(unet, "linear", 2, steps=2)
+    with pytest.raises(ValueError, match="C = 1"):
+        sample(unet, "linear", 2, steps=2, shape=(3, 8, 8))
+    assert sample(unet, "linear", 2, steps=2, shape=(1, 8, 8)).shape == (2, 1, 8, 8)
+
+    class Own(torch.nn.Module):  # any model may say it with a data_shape attribute
+        data_shape = (3,)
+
+        def forward(self, x, t):
+            return -x
+
+    assert sample(Own(), "linear", 4, steps=2).shape == (4, 3)
+    assert sample(lambda x, t: -x, "linear", 4, steps=2).shape == (4, 2)  # unknown: the default (2,)

@@ -581,3 +581,27 @@ def test_sample_infers_the_data_shape_from_a_built_in_model():
 
     assert sample(Own(), "linear", 4, steps=2).shape == (4, 3)
     assert sample(lambda x, t: -x, "linear", 4, steps=2).shape == (4, 2)  # unknown: the default (2,)
+
+
+def test_encode_from_the_data_end_with_the_exact_marginal_of_a_data_set():
+    """README's ``fs.encode(m.velocity, path, x)`` with ``m = EmpiricalMarginal``: its fields are singular
+    at t = 1 (they divide by beta_1 = 0), which made encode fail with NaN at its first step. It now starts
+    at 1 - t_eps there, taking x as the state at that time: encoding the states that the ODE from the prior
+    draws z reaches at 1 - t_eps gives z back (the ODE map is invertible), converging with the steps."""
+    from flowscore.data import toy
+    from flowscore.grids import time_grid
+    from flowscore.marginals import EmpiricalMarginal
+    from flowscore.samplers import encode
+
+    path = make_path("linear")
+    m = EmpiricalMarginal(toy("moons", 256, seed=0).double(), path)
+    z = _prior(400, 2, seed=1)
+    times = time_grid(path, 80, "logsnr", t_start=0.0, t_end=1 - 1e-3)
+    x = sample(m.velocity, path, x_init=z, times=times)
+    noise, nfe = encode(m.velocity, path, x, steps=80, return_nfe=True)
+    assert nfe == 80 + 1  # the probing call at t = 1 counts
+    assert (noise - z).abs().max() < 0.02
+    # a model finite at t = 1 starts there, its probing output reused by the first step (no extra call)
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    code, nfe = encode(gauss.velocity, path, x, steps=10, return_nfe=True)
+    assert nfe == 10 and torch.equal(code, encode(gauss.velocity, path, x, steps=10, t_start=1.0))

@@ -736,7 +736,9 @@ def sample(
         grid: one of :data:`flowscore.grids.GRIDS` (None: :data:`DEFAULT_GRID` of the sampler; ``shift`` for
             ``"shift"``); see :func:`flowscore.grids.time_grid`.
         times: an explicit increasing grid in [0, 1] instead of ``steps``, ``grid`` and ``t_start``.
-        x_init: ``(n, *shape)`` start states at ``t_start`` (default 0) instead of prior draws.
+        x_init: ``(n, *shape)`` start states instead of prior draws, at ``t_start`` if given, else where the
+            grid starts (below): t = 0, or ``t_eps`` where a prediction the sampler needs is singular at 0
+            (a score or noise model on ``linear``, ``vp``): ``x_init`` then stands for the state at ``t_eps``.
         y, guidance: integer labels ``(n,)`` (-1: none) and the classifier-free guidance weight w: the
             model becomes ``(1 + w) f(x, t, y) - w f(x, t, -1)`` in one batched call
             (:func:`flowscore.conditioning.guided_model`), for every sampler and prediction.
@@ -859,6 +861,12 @@ def encode(
     samplers step on the noise prediction (the mirror image of sampling) and end at ``t_end`` with it; the
     velocity integrators end with :func:`final_step` where the velocity is singular at ``t_end``. Other
     arguments as :func:`sample`. Returns ``(B, *dims)`` states at ``t_end`` (and the trajectory, and the NFE).
+
+    Accuracy at the noise end: where alpha = 0 at ``t_end`` (t = 0 on ``linear``, ``vp``: sigma = infinity),
+    the log-SNR samplers' last step is the first-order ``x = beta E`` from the grid's last finite sigma
+    (``sigma_max``, 80 by default): the noise prediction's change beyond it is neglected, a relative error
+    floor of order ``1 / sigma_max`` that more steps do not remove. Pass ``times=`` from
+    :func:`flowscore.grids.time_grid` with a larger ``sigma_max`` (and more steps), or end at ``t_end > 0``.
     """
     path = get_path(path)
     prediction = _model_and_prediction(model, prediction)

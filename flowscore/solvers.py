@@ -17,7 +17,9 @@ and the solvers differ in the polynomial (in lambda) that stands in for ``D``: c
 through the last two or three model outputs (``dpm++2m``, ``dpm++3m``, DPM-Solver++ multistep, orders 2 and
 3), or UniPC's predictor-corrector (``unipc``: UniP-p plus the UniC corrector, order p + 1, no extra model
 call). Multistep solvers warm up with lower orders (the first step is order 1, the second order <= 2), so
-their global order holds once those first local errors are small, as at the noise end where D varies slowly.
+their global order holds once those first local errors are small, as at the noise end where D varies slowly:
+``dpm++3m`` is of order 3 from high noise only; started on an interior interval (where D varies from the
+first step) its warm-up can cap it at order 2. UniPC's corrector lifts its warm-up: order p + 1 anywhere.
 
 Endpoints. ``x / beta`` is infinite where beta = 0, so the last step to the data end (t = 1 on ``linear``,
 ``vp``, ``vp-linear``; lambda = +inf) is the first-order step :math:`x = \alpha_1 D`, as in k-diffusion and
@@ -243,8 +245,10 @@ def sample_dpmpp_3m(
 ) -> torch.Tensor:
     r"""DPM-Solver++(3M): the data prediction as the quadratic in lambda through the last three outputs,
     integrated exactly against :math:`e^{-(h-u)}` (:math:`\varphi_2, \varphi_3`; k-diffusion's
-    ``dpmpp_3m_sde`` with eta = 0). Order 3, one model call per step, warm-up of orders 1 and 2. Arguments as
-    :func:`sample_ddim`."""
+    ``dpmpp_3m_sde`` with eta = 0). One model call per step, warm-up of orders 1 and 2. Order 3 only when it
+    starts at high noise (the data prediction nearly constant over the warm-up steps, as from t = 0 or
+    ``sigma_max``); from an interior time (``t_start``, ``times=``) the warm-up's local errors can make it
+    order 2: use ``unipc`` there. Arguments as :func:`sample_ddim`."""
     return _multistep(_grid_model(model, path, prediction, times), x, 3, callback)
 
 

@@ -605,3 +605,27 @@ def test_encode_from_the_data_end_with_the_exact_marginal_of_a_data_set():
     gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
     code, nfe = encode(gauss.velocity, path, x, steps=10, return_nfe=True)
     assert nfe == 10 and torch.equal(code, encode(gauss.velocity, path, x, steps=10, t_start=1.0))
+
+
+def test_x_init_stands_for_the_state_where_the_grid_starts():
+    """sample's docstring: x_init starts at t_start if given, else at t = 0, or at t_eps where the sampler
+    needs a prediction singular at 0 (a noise model's data prediction on linear)."""
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    x0 = _prior(6, 2)
+    for prediction, first in (("velocity", 0.0), ("noise", 1e-3)):
+        seen = []
+        sample(
+            gauss.model(prediction), "linear", x_init=x0, prediction=prediction, steps=4, callback=seen.append
+        )
+        assert seen[0]["t"] == first, prediction
+    seen = []
+    sample(
+        gauss.model("noise"),
+        "linear",
+        x_init=x0,
+        prediction="noise",
+        steps=4,
+        t_start=0.2,
+        callback=seen.append,
+    )
+    assert seen[0]["t"] == 0.2

@@ -319,3 +319,22 @@ def test_unipc_order_is_p_plus_one_on_an_interior_interval(order):
         errors.append(float((out - reference).abs().max()))
     observed = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(abs(o - (order + 1)) < 0.35 for o in observed), (errors, observed)
+
+
+def test_dpmpp_3m_is_order_three_from_high_noise_only():
+    """What its docstring says: from sigma = 1e4 at least order 3; on the interior interval sigma 10 -> 0.1
+    its warm-up steps (orders 1, 2) make it order 2. Against the exact ODE map of Gaussian data on vp."""
+    from flowscore.solvers import sample_dpmpp_3m
+
+    gauss, observed = Gaussian("vp", 1.0, 2.0), {}
+    for sigma_hi, sigma_lo in ((1e4, 0.05), (10.0, 0.1)):
+        t_a, t_b = float(t_of_sigma("vp", sigma_hi)), float(t_of_sigma("vp", sigma_lo))
+        x = _x()
+        exact = gauss.ode_map(x, t_a, t_b)
+        errors = []
+        for steps in (64, 128):
+            times = time_grid("vp", steps, "logsnr", t_start=t_a, t_end=t_b)
+            out = sample_dpmpp_3m(gauss.model("data"), x, times, path=make_path("vp"), prediction="data")
+            errors.append(float((out - exact).abs().max()))
+        observed[sigma_hi] = math.log2(errors[0] / errors[1])
+    assert observed[1e4] > 2.7 and abs(observed[10.0] - 2) < 0.3, observed

@@ -32,25 +32,30 @@ from . import _validate
 from ._validate import validation
 from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
-from .grids import GRIDS, SHIFT, time_grid
+from .grids import GRIDS, SHIFT, check_times, time_grid
 from .paths import GaussianPath, get_path
-from .solvers import EXPONENTIAL, sample_dpmpp_2m_sde
+from .sampler_registry import REGISTRY, names, spec
+from .solvers import EXPONENTIAL, LastCall, sample_dpmpp_2m_sde
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Diffusion = None | float | str | Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None] | None
 
-FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
-METHODS = FIXED_METHODS + ("dopri5",)
+# every table below is derived from the one registry (flowscore.sampler_registry.REGISTRY)
+METHODS = names(family="t")
 """Integrators of the velocity in t (:func:`integrate`, :func:`sample_ode`)."""
-ODE_SAMPLERS = METHODS + tuple(EXPONENTIAL)
+FIXED_METHODS = names(family="t", adaptive=False)
+ODE_SAMPLERS = names(stochastic=False)
 """Every deterministic sampler: the velocity integrators and :data:`flowscore.solvers.EXPONENTIAL`."""
-SDE_SAMPLERS = ("sde", "dpm++2m-sde")
+SDE_SAMPLERS = names(stochastic=True)
 """Stochastic samplers: Euler--Maruyama (:func:`sample_sde`) and the stochastic DPM-Solver++(2M)."""
-SAMPLERS = ODE_SAMPLERS + SDE_SAMPLERS
+SAMPLERS = tuple(REGISTRY)
 DIFFUSIONS = ("bounded", "score-sde")
-# model evaluations per step of the fixed-grid methods
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+CALLS_PER_STEP = {name: s.calls_per_step for name, s in REGISTRY.items()}
+"""Model calls per step of every sampler (dopri5: per adaptive step); exact counts:
+:func:`flowscore.sampler_registry.planned_calls`."""
+EVALS_PER_STEP = {name: CALLS_PER_STEP[name] for name in FIXED_METHODS}
+"""Model calls per step of the fixed-grid velocity integrators (older name; see :data:`CALLS_PER_STEP`)."""
 
 
 # -- fields --------------------------------------------------------------------------------------------------
@@ -83,38 +88,11 @@ def as_field(model: Field, path: GaussianPath | str, prediction: str, kind: str 
     return field
 
 
-class _LastCallCache:
-    """Wraps a model so that a second call with the very same ``x`` and ``t`` objects reuses the output.
-
-    :func:`sample_sde` asks for the velocity and the score at the same point: with both fields built on one
-    cached model (``as_field``) the model runs once per step.
-    """
-
-    def __init__(self, model: Field):
-        self.model = model
-        self._key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._out: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self._key is None or self._key[0] is not x or self._key[1] is not t:
-            self._key, self._out = (x, t), self.model(x, t)
-        return self._out
-
-
 # -- time grids ----------------------------------------------------------------------------------------------
 def _times(times: Sequence[float] | torch.Tensor, x: torch.Tensor, increasing: bool = True) -> torch.Tensor:
-    """``times`` as a 1D tensor (dtype and device of ``x``), >= 2 entries, strictly monotone, in [0, 1]."""
-    if not isinstance(times, torch.Tensor):
-        times = torch.as_tensor(list(times), dtype=torch.float64)
-    times = _validate.tensor(times, "times").to(dtype=x.dtype, device=x.device)
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
-    steps = times[1:] - times[:-1]
-    if increasing and not bool((steps > 0).all()):
-        raise ValueError("times must be strictly increasing (t = 0 noise -> t = 1 data)")
-    if not increasing and not (bool((steps > 0).all()) or bool((steps < 0).all())):
-        raise ValueError("times must be strictly monotone")
-    return _validate.time(times, name="times")
+    """``times`` checked by :func:`flowscore.grids.check_times` (strictly increasing, or monotone either way
+    when not ``increasing``), in the dtype and device of ``x``."""
+    return check_times(times, increasing=True if increasing else None).to(dtype=x.dtype, device=x.device)
 
 
 # -- ODE -----------------------------------------------------------------------------------------------------
@@ -139,7 +117,6 @@ def _fixed_step(field: Field, method: str, x: torch.Tensor, t: torch.Tensor, h: 
 DOPRI5_MAX_STEPS = 10_000
 """Default bound on the adaptive steps of ``"dopri5"`` (``max_steps``): a stiff field would otherwise make it
 take steps without end."""
-_DOPRI5_EVALS_PER_STEP = 6  # dopri5's stages after the first (first same as last)
 
 
 def _dopri5(
@@ -154,7 +131,7 @@ def _dopri5(
             "method 'dopri5' needs torchdiffeq: pip install torchdiffeq (or flowscore[ode]); "
             "the fixed-step methods euler, midpoint, heun, rk4 need nothing"
         ) from None
-    batch, calls, limit = x.shape[0], [0], _DOPRI5_EVALS_PER_STEP * max_steps + 2
+    batch, calls, limit = x.shape[0], [0], spec("dopri5").calls_per_step * max_steps + 2
 
     def bounded(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
@@ -384,20 +361,7 @@ def sample_sde(
 DEFAULT_SAMPLER = "unipc"
 """The ODE sampler of :func:`sample` and :func:`encode` when ``sampler=None`` (for every prediction; chosen
 from ``bench/bench_fewstep.py``, see ``bench/results/fewstep.md``)."""
-DEFAULT_STEPS = {
-    "euler": 100,
-    "midpoint": 50,
-    "heun": 50,
-    "rk4": 25,
-    "dopri5": 1,
-    "ddim": 50,
-    "dpm++2m": 25,
-    "dpm++3m": 25,
-    "unipc": 50,
-    "edm-heun": 13,
-    "sde": 1000,
-    "dpm++2m-sde": 100,
-}
+DEFAULT_STEPS = {name: s.default_steps for name, s in REGISTRY.items()}
 """Steps when ``steps=None``, per sampler (dopri5 adapts its steps: the grid only sets the reported times)."""
 DEFAULT_ODE_SAMPLER = DEFAULT_SAMPLER
 """The ODE solver of :func:`sample` (and of ``flowscore sample``, ``eval``, ``plot``) when none is named."""
@@ -410,17 +374,16 @@ def default_steps(sampler: str) -> int:
     return DEFAULT_STEPS[_validate.choice(sampler, SAMPLERS, "sampler")]
 
 
-DEFAULT_GRID = {name: "logsnr" for name in ("ddim", "dpm++2m", "dpm++3m", "unipc", "dpm++2m-sde")}
-DEFAULT_GRID.update({name: "uniform" for name in (*METHODS, "sde")})
-DEFAULT_GRID["edm-heun"] = "karras"
+DEFAULT_GRID = {name: s.default_grid for name, s in REGISTRY.items()}
 """Grid when ``grid=None``, per sampler."""
 
 
 def defaults(sampler: str | None = None, steps: int | None = None, grid: str | None = None):
     """``(sampler, steps, grid)`` with every None replaced by flowscore's default (validated)."""
-    sampler = DEFAULT_SAMPLER if sampler is None else _validate.choice(sampler, SAMPLERS, "sampler")
-    steps = DEFAULT_STEPS[sampler] if steps is None else _validate.positive_int(steps, "steps")
-    grid = DEFAULT_GRID[sampler] if grid is None else _validate.choice(grid, GRIDS, "grid")
+    declared = spec(DEFAULT_SAMPLER if sampler is None else sampler)
+    steps = declared.default_steps if steps is None else _validate.positive_int(steps, "steps")
+    grid = declared.default_grid if grid is None else _validate.choice(grid, GRIDS, "grid")
+    sampler = declared.name
     return sampler, steps, grid
 
 
@@ -562,15 +525,16 @@ def _run(
     max_steps: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off)."""
-    if sampler in EXPONENTIAL:
+    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off), by its family."""
+    family = spec(sampler).family
+    if family == "log-snr":
         return EXPONENTIAL[sampler](model, x, times, path=path, prediction=prediction, callback=callback)
     if sampler == "dpm++2m-sde":
         return sample_dpmpp_2m_sde(
             model, x, times, path=path, prediction=prediction, generator=generator, callback=callback
         )
     grid = times.to(dtype=x.dtype, device=x.device)
-    cached = _LastCallCache(model)
+    cached = LastCall(model)
     velocity = as_field(cached, path, prediction, "velocity")
     if sampler == "sde":
         score = as_field(cached, path, prediction, "score")
@@ -666,16 +630,7 @@ def _sample_shape(model: object, shape: Sequence[int] | None) -> tuple[int, ...]
 
 
 def _explicit_times(times: object, increasing: bool) -> torch.Tensor:
-    if not isinstance(times, torch.Tensor):
-        times = torch.as_tensor(list(times), dtype=torch.float64)  # type: ignore[arg-type]
-    times = _validate.tensor(times, "times").detach().to(device="cpu", dtype=torch.float64)
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
-    steps = times[1:] - times[:-1]
-    if not bool((steps > 0).all() if increasing else (steps < 0).all()):
-        direction = "increasing (noise -> data)" if increasing else "decreasing (data -> noise)"
-        raise ValueError(f"times must be strictly {direction}")
-    return _validate.time(times, name="times")
+    return check_times(times, increasing=increasing)  # type: ignore[arg-type]
 
 
 def _finish(x, monitor, counter, return_trajectory, return_nfe, x_start, what):

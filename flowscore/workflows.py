@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import resources
-from .samplers import DEFAULT_ODE_SAMPLER, EVALS_PER_STEP, default_steps
+from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, default_steps
 
 LABEL_SEED_OFFSET = 2**32
 """Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
@@ -83,7 +83,7 @@ def _threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
 
 
 def _passes(sampler: str) -> float:
-    return float(EVALS_PER_STEP.get(sampler, 6 if sampler == "dopri5" else 1))
+    return float(CALLS_PER_STEP[sampler])  # one table: flowscore.sampler_registry
 
 
 def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: int | None = None,

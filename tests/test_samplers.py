@@ -629,3 +629,35 @@ def test_x_init_stands_for_the_state_where_the_grid_starts():
         callback=seen.append,
     )
     assert seen[0]["t"] == 0.2
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "noise", "data"])
+@pytest.mark.parametrize("name", ["linear", "vp"])
+def test_declared_calls_per_step_equal_the_counted_model_calls(name, prediction):
+    """The one sampler registry: for every sampler and grid, the model calls counted by a counting model
+    equal the registry's count from its declared calls per step (edm-heun: 2 per step, 1 on the steps that
+    skip its corrector; the final step of the velocity integrators and of sde: 1), and return_nfe too."""
+    from flowscore.grids import GRIDS
+    from flowscore.sampler_registry import REGISTRY, planned_calls
+
+    gauss = GaussianData(name, torch.tensor([0.5, 0.0]), 0.8)
+    path = make_path(name)
+    for sampler, declared in REGISTRY.items():
+        if declared.adaptive:
+            continue
+        for grid in GRIDS:
+            calls, seen = [], []
+
+            def model(x, t, calls=calls):
+                calls.append(1)
+                return gauss.field(prediction, x, t)
+
+            _, nfe = sample(
+                model, path, 3, prediction=prediction, sampler=sampler, steps=6, grid=grid, dtype=F64,
+                callback=seen.append, return_nfe=True,
+            )  # fmt: skip
+            times = torch.tensor([seen[0]["t"]] + [s["t_next"] for s in seen], dtype=F64)
+            final = sampler == "sde" or (declared.family == "t" and prediction == "data")
+            expected = planned_calls(sampler, times, path, final_step=final)
+            assert len(calls) == nfe == expected, (sampler, grid, len(calls), expected)
+    assert REGISTRY["edm-heun"].calls_per_step == 2 and REGISTRY["rk4"].calls_per_step == 4

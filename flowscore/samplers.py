@@ -24,7 +24,9 @@ deterministic step of :func:`final_step`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -155,12 +157,27 @@ def _dopri5(
     )
 
 
+def _sampler_or_method(sampler: str | None, method: str | None, default: str, what: str) -> str:
+    """``sampler``, or the deprecated ``method=`` keyword (DeprecationWarning), or ``default``."""
+    if method is not None:
+        warnings.warn(
+            f"{what}(method=...) is deprecated: pass sampler=... (one name for it everywhere)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if sampler is not None and sampler != method:
+            raise ValueError(f"pass sampler= only (got sampler={sampler!r} and the older method={method!r})")
+        sampler = method
+    return default if sampler is None else sampler
+
+
 def integrate(
     field: Field,
     x: torch.Tensor,
     times: torch.Tensor,
-    method: str = "rk4",
+    sampler: str | None = None,
     *,
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = DOPRI5_MAX_STEPS,
@@ -170,7 +187,8 @@ def integrate(
     """Solve :math:`dx/dt = field(x, t)` along a strictly monotone grid ``times`` (either direction).
 
     The engine of :func:`sample_ode` and of ``flowscore.likelihood``. ``x``: ``(B, *dims)``, the state at
-    ``times[0]``; ``times``: ``(T,)``. Fixed-step methods take one step per interval; ``dopri5`` steps
+    ``times[0]``; ``times``: ``(T,)``; ``sampler``: one of :data:`METHODS` (default ``"rk4"``; ``method=`` is
+    its deprecated older name). Fixed-step methods take one step per interval; ``dopri5`` steps
     adaptively (``rtol``, ``atol``; ``ValueError`` after ``max_steps`` steps) and reports the state at each
     entry of ``times``. Returns the state at
     ``times[-1]``, and with ``return_trajectory`` also the ``(T, B, *dims)`` states at every entry of
@@ -178,7 +196,7 @@ def integrate(
     "x"}`` (the state after step ``i``); dopri5 calls it once, at the end.
     """
     x = _validate.batch(x, "x")
-    _validate.choice(method, METHODS, "method")
+    method = _validate.choice(_sampler_or_method(sampler, method, "rk4", "integrate"), METHODS, "sampler")
     times = _times(times, x, increasing=False)
     if method == "dopri5":
         max_steps = _validate.positive_int(max_steps, "max_steps")
@@ -203,8 +221,9 @@ def sample_ode(
     velocity_field: Field,
     x: torch.Tensor,
     times: Sequence[float] | torch.Tensor,
-    method: str = "euler",
+    sampler: str | None = None,
     *,
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = DOPRI5_MAX_STEPS,
@@ -218,10 +237,10 @@ def sample_ode(
         x: ``(B, *dims)`` starting points at ``times[0]`` (prior draws when ``times[0] = 0``).
         times: 1D strictly monotone grid in [0, 1] (t = 0 noise, t = 1 data), ``T >= 2`` entries;
             increasing samples (noise -> data), decreasing encodes (data -> noise).
-        method: ``"euler"`` (order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"`` (order 2, 2
-            evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of ``times``;
-            ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``, stopped with
-            ``ValueError`` after ``max_steps`` steps.
+        sampler: ``"euler"`` (the default; order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"``
+            (order 2, 2 evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of
+            ``times``; ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``,
+            stopped with ``ValueError`` after ``max_steps`` steps. ``method=``: its deprecated older name.
         return_trajectory: also return the ``(T, B, *dims)`` states at every entry of ``times``.
         callback: called after each step, see :func:`integrate`.
 
@@ -234,7 +253,7 @@ def sample_ode(
         velocity_field,
         x,
         times,
-        method,
+        _sampler_or_method(sampler, method, "euler", "sample_ode"),
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
@@ -633,11 +652,41 @@ def _explicit_times(times: object, increasing: bool) -> torch.Tensor:
     return check_times(times, increasing=increasing)  # type: ignore[arg-type]
 
 
-def _finish(x, monitor, counter, return_trajectory, return_nfe, x_start, what):
+@dataclass(frozen=True)
+class SampleResult:
+    """What :func:`sample` and :func:`encode` return with ``return_info=True`` (the same fields always).
+
+    Attributes:
+        x: ``(n, *shape)`` the samples (or the codes of :func:`encode`).
+        nfe: the number of model calls (a guided call on ``[x, x]`` counts once).
+        times: ``(T,)`` float64, the grid the sampler ran on (dopri5: the reported times).
+        trajectory: ``(T, n, *shape)`` the states at ``times`` with ``return_trajectory=True``, else None.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    times: torch.Tensor
+    trajectory: torch.Tensor | None = None
+
+
+def _warn_flags(return_info: bool, return_nfe: bool, return_trajectory: bool, what: str) -> None:
+    if not return_info and (return_nfe or return_trajectory):
+        warnings.warn(
+            f"{what}(..., return_nfe=/return_trajectory=) returning a tuple is deprecated: pass "
+            "return_info=True for a SampleResult(x, nfe, times, trajectory) (return_trajectory=True: states)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+def _finish(x, monitor, counter, times, return_info, return_trajectory, return_nfe, x_start, what):
     monitor.check(x, what)
+    trajectory = torch.stack([x_start, *monitor.states]) if return_trajectory else None
+    if return_info:
+        return SampleResult(x, counter.calls, times, trajectory)
     out: tuple = (x,)
     if return_trajectory:
-        out += (torch.stack([x_start, *monitor.states]),)
+        out += (trajectory,)
     if return_nfe:
         out += (counter.calls,)
     return out[0] if len(out) == 1 else out
@@ -670,7 +719,8 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     return_trajectory: bool = False,
-) -> torch.Tensor | tuple:
+    return_info: bool = False,
+) -> torch.Tensor | tuple | SampleResult:
     """Draw ``n`` samples ``(n, *shape)`` from a model of any prediction, noise (t = 0) -> data (t = 1).
 
     Args:
@@ -698,7 +748,10 @@ def sample(
             model becomes ``(1 + w) f(x, t, y) - w f(x, t, -1)`` in one batched call
             (:func:`flowscore.conditioning.guided_model`), for every sampler and prediction.
         callback: called after every step with a dict ``{"i", "t", "t_next", "x", "nfe", ...}``.
-        return_nfe: also return the number of model calls (a guided call on ``[x, x]`` counts once).
+        return_info: return a :class:`SampleResult` ``(x, nfe, times, trajectory)``, the same fields always.
+        return_trajectory: keep the states on the grid (``SampleResult.trajectory``).
+        return_nfe: deprecated (with ``return_trajectory`` and without ``return_info``, the older tuples):
+            the number of model calls, ``SampleResult.nfe``.
         rtol, atol, max_steps: ``"dopri5"``'s tolerances and bound on its steps (:func:`integrate`).
 
     The grid: it starts at ``t_start`` if given, else at t = 0 if every prediction the sampler evaluates there
@@ -713,9 +766,11 @@ def sample(
     Runs under ``torch.no_grad()`` with the value checks off inside the loop; the samples are checked to be
     finite once at the end (``ValueError`` naming the first step where NaN or Inf appeared).
 
-    Returns: ``(n, *shape)`` samples; with ``return_trajectory`` also the ``(T, n, *shape)`` states on the
-    grid; with ``return_nfe`` also the number of model calls (in that order).
+    Returns: ``(n, *shape)`` samples; with ``return_info`` a :class:`SampleResult`. (Deprecated: without
+    ``return_info``, ``return_trajectory`` adds the ``(T, n, *shape)`` states and ``return_nfe`` the number
+    of model calls to a tuple, in that order.)
     """
+    _warn_flags(return_info, return_nfe, return_trajectory, "sample")
     path = get_path(path)
     prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
@@ -779,7 +834,9 @@ def sample(
             max_steps=max_steps,
             generator=generator,
         )
-    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"sampler {sampler!r}")
+    return _finish(
+        out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
+    )
 
 
 def encode(
@@ -804,7 +861,8 @@ def encode(
     atol: float = 1e-5,
     max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
-) -> torch.Tensor | tuple:
+    return_info: bool = False,
+) -> torch.Tensor | tuple | SampleResult:
     """Map data to noise with the probability-flow ODE: the inverse of :func:`sample` with the same solvers.
 
     Integrates from ``t_start`` (default t = 1, or ``1 - t_eps`` where a prediction the sampler needs is
@@ -823,6 +881,7 @@ def encode(
     floor of order ``1 / sigma_max`` that more steps do not remove. Pass ``times=`` from
     :func:`flowscore.grids.time_grid` with a larger ``sigma_max`` (and more steps), or end at ``t_end > 0``.
     """
+    _warn_flags(return_info, return_nfe, return_trajectory, "encode")
     path = get_path(path)
     prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
@@ -875,4 +934,14 @@ def encode(
             max_steps=max_steps,
             generator=None,
         )
-    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"encode with {sampler!r}")
+    return _finish(
+        out,
+        monitor,
+        counter,
+        times,
+        return_info,
+        return_trajectory,
+        return_nfe,
+        x,
+        f"encode with {sampler!r}",
+    )

@@ -661,3 +661,32 @@ def test_declared_calls_per_step_equal_the_counted_model_calls(name, prediction)
             expected = planned_calls(sampler, times, path, final_step=final)
             assert len(calls) == nfe == expected, (sampler, grid, len(calls), expected)
     assert REGISTRY["edm-heun"].calls_per_step == 2 and REGISTRY["rk4"].calls_per_step == 4
+
+
+def test_one_vocabulary_sampler_and_a_named_result():
+    """``sampler`` is the one name (``method=`` still works, with a DeprecationWarning); return_info gives a
+    SampleResult whose fields do not depend on flags (the old tuples still work, deprecated)."""
+    import warnings
+
+    import flowscore as fs
+
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    x0 = _prior(5, 2)
+    new = sample_ode(gauss.velocity, x0, [0.0, 0.5, 1.0], "rk4")
+    with pytest.warns(DeprecationWarning, match="sampler="):
+        old = sample_ode(gauss.velocity, x0, [0.0, 0.5, 1.0], method="rk4")
+    assert torch.equal(new, old)
+    with pytest.raises(ValueError, match="sampler= only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sample_ode(gauss.velocity, x0, [0.0, 1.0], "euler", method="rk4")
+    res = sample(gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_info=True)
+    assert isinstance(res, fs.SampleResult) and res.nfe == 12 and res.trajectory is None
+    torch.testing.assert_close(res.times, torch.linspace(0, 1, 4, dtype=F64))
+    assert (res.x - gauss.ode_map(x0, 1.0)).abs().max() < 1e-3  # rk4, 3 steps, on the closed-form map
+    res = sample(
+        gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_info=True, return_trajectory=True
+    )
+    assert res.trajectory.shape == (4, 5, 2) and torch.equal(res.trajectory[-1], res.x)
+    with pytest.warns(DeprecationWarning, match="return_info=True"):
+        x, nfe = sample(gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_nfe=True)
+    assert nfe == 12 and torch.equal(x, res.x)

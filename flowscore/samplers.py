@@ -572,7 +572,7 @@ def _run(
     return x
 
 
-def _model_and_prediction(model: object, prediction: str | None) -> str:
+def _model_and_prediction(model: object, prediction: str | None, sampler: str | None = None) -> str:
     if not callable(model):
         raise ValueError(
             f"model must be callable as model(x, t) or model(x, t, y), got {type(model).__name__}"
@@ -580,7 +580,8 @@ def _model_and_prediction(model: object, prediction: str | None) -> str:
     if prediction is None:  # a wrapped model (flowscore.adapters) says what it predicts
         prediction = getattr(model, "prediction", None)
         prediction = prediction if isinstance(prediction, str) and prediction in KINDS else "velocity"
-    return _validate.choice(prediction, KINDS, "prediction")
+    accepts = KINDS if sampler is None else spec(sampler).accepts
+    return _validate.choice(prediction, accepts, "prediction")
 
 
 DEFAULT_SHAPE = (2,)
@@ -772,8 +773,8 @@ def sample(
     """
     _warn_flags(return_info, return_nfe, return_trajectory, "sample")
     path = get_path(path)
-    prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
+    prediction = _model_and_prediction(model, prediction, sampler)
     t_eps = _validate.t_eps(t_eps, allow_zero=False)
     if x_init is not None:
         x_init = _validate.batch(x_init, "x_init")
@@ -883,9 +884,9 @@ def encode(
     """
     _warn_flags(return_info, return_nfe, return_trajectory, "encode")
     path = get_path(path)
-    prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
-    if sampler not in ODE_SAMPLERS:
+    prediction = _model_and_prediction(model, prediction, sampler)
+    if not spec(sampler).encodes:
         raise ValueError(f"encode needs an ODE sampler, one of {ODE_SAMPLERS}; got {sampler!r}")
     t_eps = _validate.t_eps(t_eps, allow_zero=False)
     x = _validate.batch(x_data, "x_data")

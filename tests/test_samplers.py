@@ -282,7 +282,7 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     x0 = _prior(4, 1)
     with pytest.raises(ValueError, match="monotone"):
         sample_ode(gauss.velocity, x0, [0.0, 0.5, 0.4], "euler")
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="unknown sampler .rk45."):
         sample_ode(gauss.velocity, x0, [0.0, 1.0], "rk45")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sample_ode(gauss.velocity, x0, [0.0, 1.5], "euler")

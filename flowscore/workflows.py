@@ -195,15 +195,14 @@ def sample_run(
             labels = draw_labels(run, stop - start, label, label_generator)
             if labels is not None:
                 all_labels[start:stop] = labels.numpy()
-            x = sample(
+            res = sample(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
-                guidance=guidance if labels is not None else 0.0,
+                guidance=guidance if labels is not None else 0.0, return_info=True,
             )  # fmt: skip
             if trajectory:
-                x, states = x
-                paths.append(decode(states.detach()).float().numpy())
-            out[start:stop] = decode(x.detach()).float().numpy()
+                paths.append(decode(res.trajectory.detach()).float().numpy())
+            out[start:stop] = decode(res.x.detach()).float().numpy()
     result: tuple[Any, ...] = (out, np.concatenate(paths, axis=1)) if trajectory else (out,)
     if return_labels:
         result += (all_labels if getattr(run, "labelled", False) else None,)

@@ -38,7 +38,7 @@ from scipy.integrate import solve_ivp
 import flowscore as fs
 from flowscore.adapters import to_denoiser
 from flowscore.grids import GRIDS, t_of_sigma
-from flowscore.samplers import EVALS_PER_STEP, ODE_SAMPLERS, defaults
+from flowscore.samplers import CALLS_PER_STEP, ODE_SAMPLERS, defaults
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import diffusers_dpm_solver, k_diffusion_sampling  # noqa: E402
@@ -115,7 +115,7 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def flowscore_steps(sampler: str, budget: int) -> int:
     if sampler == "edm-heun":
         return (budget + 1) // 2
-    return max(1, budget // EVALS_PER_STEP.get(sampler, 1))
+    return max(1, budget // CALLS_PER_STEP[sampler])
 
 
 def run_flowscore(model, x0, t0, ref) -> list[dict]:

@@ -30,7 +30,7 @@ from .paths import (
 )
 from .preconditioning import Preconditioned
 from .runs import Run, load_run
-from .samplers import encode, sample, sample_ode, sample_sde
+from .samplers import SampleResult, encode, sample, sample_ode, sample_sde
 from .training import Trainer
 
 __version__ = "0.1.0"
@@ -77,6 +77,7 @@ __all__ = [
     "losses",
     "mmd",
     "sample",
+    "SampleResult",
     "sample_ode",
     "sample_sde",
     "validation",

@@ -22,6 +22,7 @@ Every wrapped flowscore model carries a ``prediction`` attribute, which ``flowsc
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -165,13 +166,29 @@ def _discrete_scales(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return a, sigma * a
 
 
+def _old_keyword(new_value: str, old_value: str | None, new: str, old: str, default: str, what: str) -> str:
+    """``new_value``, or the deprecated keyword ``old`` (DeprecationWarning) holding that diffusers word."""
+    if old_value is None:
+        return new_value
+    warnings.warn(
+        f"{what}({old}=...) is deprecated: pass {new}=... (diffusers' words: "
+        f"{', '.join(DISCRETE_PREDICTIONS)}; prediction= is flowscore's kind: velocity, score, noise, data)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"pass {new}= only (got {new}={new_value!r} and the older {old}={old_value!r})")
+    return old_value
+
+
 def from_discrete(
     model: Callable,
     alphas_cumprod: torch.Tensor,
     path: GaussianPath | str,
-    prediction: str = "epsilon",
+    prediction_type: str = "epsilon",
     *,
     quantize: bool = False,
+    prediction: str | None = None,
 ) -> _Wrapped:
     """A flowscore model on ``path`` from a diffusers-style ``model(x_k, timestep)``.
 
@@ -182,10 +199,17 @@ def from_discrete(
     ``sqrt(1 - abar) x_k + sqrt(abar) v``. The wrapper predicts ``"noise"`` (epsilon, v) or ``"data"``
     (sample): its ``prediction`` attribute says which. Times whose sigma lies outside the discrete schedule
     raise ``ValueError``.
+
+    Words: ``prediction_type`` is the discrete model's, in diffusers' words (its ``prediction_type``:
+    epsilon, v_prediction, sample); the wrapper's ``prediction`` is flowscore's (noise or data).
+    ``prediction=`` for the diffusers word is the deprecated older keyword.
     """
     path = get_path(path)
     schedule = DiscreteSchedule(alphas_cumprod)
-    _validate.choice(prediction, DISCRETE_PREDICTIONS, "prediction")
+    prediction = _old_keyword(
+        prediction_type, prediction, "prediction_type", "prediction", "epsilon", "from_discrete"
+    )
+    _validate.choice(prediction, DISCRETE_PREDICTIONS, "prediction_type")
 
     def wrapped(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = _validate.batch(x, "x")
@@ -217,10 +241,14 @@ def to_discrete(
     path: GaussianPath | str,
     prediction: str,
     alphas_cumprod: torch.Tensor,
-    kind: str = "epsilon",
+    prediction_type: str = "epsilon",
+    *,
+    kind: str | None = None,
 ) -> _Wrapped:
-    """A diffusers-style ``f(x_k, timestep, y=None)`` predicting ``kind`` (epsilon, v_prediction, sample)
-    from a flowscore model predicting ``prediction`` on ``path``.
+    """A diffusers-style ``f(x_k, timestep, y=None)`` predicting ``prediction_type`` (diffusers' words:
+    epsilon, v_prediction, sample) from a flowscore model predicting ``prediction`` (flowscore's words:
+    velocity, score, noise, data) on ``path``. ``kind=`` is the deprecated older keyword of
+    ``prediction_type``.
 
     The inverse of :func:`from_discrete`: the timestep's sigma (interpolated for fractional timesteps), the
     flowscore time with that sigma, ``x = alpha_t x_k / sqrt(abar)``, the model's output converted to the
@@ -229,7 +257,8 @@ def to_discrete(
     path = get_path(path)
     schedule = DiscreteSchedule(alphas_cumprod)
     _validate.choice(prediction, KINDS, "prediction")
-    _validate.choice(kind, DISCRETE_PREDICTIONS, "kind")
+    kind = _old_keyword(prediction_type, kind, "prediction_type", "kind", "epsilon", "to_discrete")
+    _validate.choice(kind, DISCRETE_PREDICTIONS, "prediction_type")
 
     def discrete(x_k: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x_k = _validate.batch(x_k, "x")

@@ -368,7 +368,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- sample, eval, plot, demo ------------------------------------------------------------------------------
+def _sampler_steps(args: argparse.Namespace) -> int | None:
+    """``--sampler-steps``, or the deprecated ``sample --steps`` (one line on stderr says so)."""
+    if args.steps is None:
+        return args.sampler_steps
+    print(
+        "flowscore sample: --steps is deprecated, use --sampler-steps (steps of the sampler; train --steps "
+        "counts training steps)",
+        file=sys.stderr,
+    )
+    if args.sampler_steps is not None and args.sampler_steps != args.steps:
+        raise CLIError(
+            f"--steps {args.steps} and --sampler-steps {args.sampler_steps} differ",
+            "pass --sampler-steps only",
+        )
+    return args.steps
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    steps = _sampler_steps(args)
     _check_output_file(args.out, ".npy", "--out")
     if args.plot:
         _check_output_file(args.plot, ".png", "--plot")
@@ -385,18 +403,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels_file = None
     if run.labelled and args.label is None:
         labels_file = args.out[: -len(".npy")] + ".labels.npy"
-    workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=args.steps)
+    workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=steps)
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
     x, labels = workflows.sample_run(
-        run, args.n, sampler=args.sampler, steps=args.steps, grid=args.grid, seed=args.seed,
+        run, args.n, sampler=args.sampler, steps=steps, grid=args.grid, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,
         return_labels=True,
     )  # fmt: skip
     if not np.isfinite(x).all():
         raise CLIError(
             f"the {sampler} sampler produced NaN or Inf",
-            "use more --steps, or another --sampler (e.g. heun or rk4)",
+            "use more --sampler-steps, or another --sampler (e.g. heun or rk4)",
         )
     _io.save_npy(args.out, x)
     which = ""
@@ -510,10 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER})",
     )  # fmt: skip
     p.add_argument(
-        "--steps", type=_positive, default=None,
-        help=f"solver steps (default: {DEFAULT_ODE_STEPS} for {DEFAULT_ODE_SAMPLER}, {DEFAULT_SDE_STEPS} for "
-        "sde; the others: flowscore.samplers.DEFAULT_STEPS)",
+        "--sampler-steps", type=_positive, default=None, metavar="N",
+        help=f"steps of the sampler (default: {DEFAULT_ODE_STEPS} for {DEFAULT_ODE_SAMPLER}, "
+        f"{DEFAULT_SDE_STEPS} for sde; the others: flowscore.samplers.DEFAULT_STEPS)",
     )  # fmt: skip
+    p.add_argument(
+        "--steps", type=_positive, default=None, metavar="N", help="deprecated spelling of --sampler-steps"
+    )
     p.add_argument(
         "--grid", choices=GRIDS, default=None,
         help=f"time grid (default: {DEFAULT_GRID[DEFAULT_ODE_SAMPLER]} for {DEFAULT_ODE_SAMPLER}; the "

@@ -43,14 +43,17 @@ velocity is the best-conditioned parameterization.
 
 Every function here is a pure function of a :class:`Schedule` ``(alpha, beta, d_alpha, d_beta)`` (what
 ``path.schedule(t)`` returns); nothing here knows about paths. Products that stay finite where a factor does
-not are taken from the schedule's closed forms: ``beta * beta'`` (:attr:`Schedule.beta_d_beta`, finite at
-t = 1 on ``vp-linear`` where beta' diverges like ``1/sqrt(1 - t)``) and ``beta * det_v =
-alpha' beta^2 - alpha beta beta'``. So ``score -> velocity`` and ``velocity -> score`` keep their exact
-finite limits there. The endpoints of the paths make some directions
-singular: alpha = 0 at t = 0 (``linear``, ``vp``), beta = 0 at t = 1 (``linear``, ``vp``, ``vp-linear``).
-There the coefficients are infinite and :func:`convert` raises ``ValueError`` naming the direction and the
-time, never returning NaN or Inf. A custom path can add singular points (alpha = t^2 also has det_v = 0 at
-t = 0). Stay inside ``[eps, 1 - eps]`` (the losses and samplers do, and say so).
+not are taken from the schedule's closed forms: ``beta * beta'`` (:attr:`Schedule.beta_d_beta`, finite at t =
+1 on ``vp-linear`` where beta' diverges like ``1/sqrt(1 - t)``) and ``beta * det_v = alpha' beta^2 - alpha
+beta beta'``. So ``score -> velocity`` and ``velocity -> score`` keep their exact finite limits there; on such
+a path (:attr:`Schedule.has_product`) ``velocity -> data/noise`` are likewise taken times beta over ``beta *
+det_v`` so that they do not use ``beta'`` alone (which ``vp-linear`` clamps near t = 1, see its docstring) and
+agree with ``velocity -> score`` at every t (``noise = -beta * score``); ``noise -> velocity`` keeps the
+path's ``beta'``, the same finite convention as its velocity target. The endpoints of the paths make some
+directions singular: alpha = 0 at t = 0 (``linear``, ``vp``), beta = 0 at t = 1 (``linear``, ``vp``,
+``vp-linear``). There the coefficients are infinite and :func:`convert` raises ``ValueError`` naming the
+direction and the time, never returning NaN or Inf. A custom path can add singular points (alpha = t^2 also
+has det_v = 0 at t = 0). Stay inside ``[eps, 1 - eps]`` (the losses and samplers do, and say so).
 """
 
 from __future__ import annotations
@@ -90,6 +93,11 @@ class Schedule(_ScheduleFields):
         self = super().__new__(cls, alpha, beta, d_alpha, d_beta)
         self._beta_d_beta = beta_d_beta
         return self
+
+    @property
+    def has_product(self) -> bool:
+        """Whether ``beta * beta'`` has a closed form (the path's ``beta'`` diverges where ``beta = 0``)."""
+        return self._beta_d_beta is not None
 
     @property
     def beta_d_beta(self) -> torch.Tensor:
@@ -140,6 +148,11 @@ def conversion_coefficients(schedule: Schedule, src: str, dst: str) -> tuple[tor
         if dst == "score":  # (alpha u - alpha' x) / (beta det_v)
             bdet = schedule.beta_det_v
             return a / bdet, -da / bdet
+        if schedule.has_product:  # beta' diverges somewhere: both sides times beta, with beta beta' exact
+            bdet = schedule.beta_det_v
+            if dst == "data":  # (beta^2 u - beta beta' x) / (beta det_v)
+                return b**2 / bdet, -schedule.beta_d_beta / bdet
+            return -a * b / bdet, da * b / bdet  # noise: beta (alpha' x - alpha u) / (beta det_v)
         det = schedule.det_v
         if dst == "data":  # (beta u - beta' x) / det_v
             return b / det, -db / det

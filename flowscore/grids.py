@@ -1,9 +1,10 @@
 r"""Time grids for the samplers, and the map between flowscore's time t and the noise level sigma.
 
-The noise level of a Gaussian path is :math:`\sigma_t = \beta_t/\alpha_t` (k-diffusion's and EDM's sigma:
-``x / alpha_t = x_data + sigma_t * noise``), and :math:`\lambda_t = \log(\alpha_t/\beta_t) = -\log\sigma_t` is
-the half log-SNR in which the exponential integrators step. sigma decreases from the noise end (t = 0,
-sigma = inf where alpha_0 = 0) to the data end (t = 1, sigma = 0 where beta_1 = 0).
+The noise level of a Gaussian path is :math:`\sigma_t = \beta_t/\alpha_t` (k-diffusion's and EDM's sigma: ``x
+/ alpha_t = x_data + sigma_t * noise``); the log-SNR is :math:`\log(\alpha_t^2/\beta_t^2) = -2\log\sigma_t`
+(:func:`log_snr`, as ``path.log_snr``), and the exponential integrators step in half of it, :math:`\lambda_t =
+\log(\alpha_t/\beta_t) = -\log\sigma_t`. sigma decreases from the noise end (t = 0, sigma = inf where alpha_0
+= 0) to the data end (t = 1, sigma = 0 where beta_1 = 0).
 
 * :func:`sigma_of_t` and :func:`t_of_sigma`: the two directions, in float64. The inverse is in closed form on
   ``linear`` (t = 1 / (1 + sigma)), ``vp`` (t = (2/pi) atan(1/sigma)), ``vp-linear`` (a quadratic in 1 - t)
@@ -51,9 +52,10 @@ def sigma_of_t(path: GaussianPath | str, t: torch.Tensor | float) -> torch.Tenso
 
 
 def log_snr(path: GaussianPath | str, t: torch.Tensor | float) -> torch.Tensor:
-    r""":math:`\lambda_t = \log(\alpha_t/\beta_t) = -\log\sigma_t` in float64: -inf where alpha = 0, +inf
-    where beta = 0."""
-    return -torch.log(sigma_of_t(path, t))
+    r"""The log-SNR :math:`\log(\alpha_t^2/\beta_t^2) = -2\log\sigma_t` in float64: -inf where alpha = 0,
+    +inf where beta = 0. The one convention of flowscore (``path.log_snr`` is the same); the exponential
+    integrators step in half of it, :math:`\lambda_t = \log(\alpha_t/\beta_t)`."""
+    return -2 * torch.log(sigma_of_t(path, t))
 
 
 def _vp_linear_t(path: VPLinearPath, sigma: torch.Tensor) -> torch.Tensor:
@@ -131,6 +133,32 @@ def t_of_sigma(path: GaussianPath | str, sigma: torch.Tensor | float) -> torch.T
         t = torch.where(sigma <= lowest, torch.ones_like(t), t)
         t = torch.where(sigma >= highest, torch.zeros_like(t), t)
     return t.clamp(0.0, 1.0)
+
+
+def check_times(
+    times: torch.Tensor | list[float] | tuple[float, ...],
+    *,
+    increasing: bool | None = None,
+    name: str = "times",
+) -> torch.Tensor:
+    """``times`` as a float64 CPU 1D tensor, checked once for every sampler: at least 2 entries, in [0, 1],
+    strictly increasing (``increasing=True``), strictly decreasing (False) or strictly monotone either way
+    (None). ``ValueError`` otherwise."""
+    if not isinstance(times, torch.Tensor):
+        times = torch.as_tensor(list(times), dtype=F64)
+    times = _validate.tensor(times, name).detach().to(device="cpu", dtype=F64)
+    if times.dim() != 1 or times.shape[0] < 2:
+        raise ValueError(f"{name} must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
+    steps = times[1:] - times[:-1]
+    up, down = bool((steps > 0).all()), bool((steps < 0).all())
+    if increasing is None and not (up or down):
+        raise ValueError(f"{name} must be strictly monotone")
+    if increasing is not None and not (up if increasing else down):
+        direction = "increasing (t = 0 noise -> t = 1 data)" if increasing else "decreasing (data -> noise)"
+        raise ValueError(f"{name} must be strictly {direction}")
+    if bool((times < 0).any()) or bool((times > 1).any()) or bool(torch.isnan(times).any()):
+        raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data)")
+    return times
 
 
 # -- grids ---------------------------------------------------------------------------------------------------

@@ -135,12 +135,19 @@ def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: 
     """``(B,)`` ratio ``p_uniform(t) / p(t)`` of the uniform law on ``[t_eps, 1 - t_eps]`` to the sampler's.
 
     Multiplying a loss term by it makes the average over the sampler's times estimate the same integral over
-    t as uniform times (importance weighting). 1 for ``"uniform"``; ``"logit-normal"`` and samplers made by
-    :func:`logit_normal` know their density; any other callable raises ``ValueError``.
+    t as uniform times (importance weighting): its mean over the sampler's draws is 1. 1 for ``"uniform"``;
+    ``"logit-normal"`` and samplers made by :func:`logit_normal` know their density ``p_u`` on (0, 1); any
+    other callable raises ``ValueError``.
+
+    The two draw differently (:func:`sample_time`): ``"logit-normal"`` rescales ``u`` into
+    ``t = t_eps + (1 - 2 t_eps) u``, so the ratio is ``1 / p_u(u)``; a callable's draws are clamped into
+    ``[t_eps, 1 - t_eps]``, so inside the ratio is ``(1 / (1 - 2 t_eps)) / p_u(t)`` and the clamped draws
+    (point masses at the ends, which uniform times never hit) get weight 0.
     """
     if time_sampler == "uniform":
         return torch.ones_like(t)
-    if time_sampler == "logit-normal":
+    rescaled = time_sampler == "logit-normal"
+    if rescaled:
         time_sampler = logit_normal()
     density = getattr(time_sampler, "density", None)
     if not callable(density):
@@ -149,8 +156,13 @@ def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: 
             "or flowscore.losses.logit_normal(mean, std)), since it divides by that density to stay a bound; "
             "use one of those, or pass your own weighting callable"
         )
-    u = ((t - t_eps) / (1 - 2 * t_eps)).double()
-    return (1 / density(u)).to(t.dtype)
+    if rescaled:
+        u = ((t - t_eps) / (1 - 2 * t_eps)).double()
+        return (1 / density(u)).to(t.dtype)
+    low, high = (torch.tensor(v, dtype=t.dtype, device=t.device) for v in (t_eps, 1 - t_eps))
+    inside = (t > low) & (t < high)  # compared in t's dtype: sample_time clamped in it
+    ratio = 1 / ((1 - 2 * t_eps) * density(t.double()))
+    return torch.where(inside, ratio, torch.zeros_like(ratio)).to(t.dtype)
 
 
 def prepare_time(t: torch.Tensor | float, x_data: torch.Tensor, t_eps: float) -> torch.Tensor:

@@ -328,10 +328,10 @@ class VPLinearPath(GaussianPath):
     Endpoints: alpha_0 = exp(-T(0)/2) (about 0.0066 with the defaults, not exactly 0), beta_1 = 0, and
     ``beta'`` diverges like ``1/sqrt(1 - t)`` at t = 1. ``d_beta`` alone is therefore evaluated at
     ``min(t, 1 - t_clamp)`` (default ``t_clamp = 1e-5``, as in score_sde), which keeps it finite on all of
-    [0, 1]; it enters only the conditional velocity target and the ``velocity -> data/noise`` and
-    ``noise -> velocity`` conversions. Every product ``beta * beta'`` (the diffusion coefficient, the
-    ``score <-> velocity`` conversions, the marginal velocity of a mixture) uses the exact closed form
-    ``beta beta' = exp(-T) T' / 2``, whose limit at t = 1 is ``-beta_min / 2``.
+    [0, 1]; it enters only the conditional velocity target and the ``noise -> velocity`` conversion. Every
+    product ``beta * beta'`` (the diffusion coefficient, the ``score <-> velocity`` and ``velocity ->
+    data/noise`` conversions, the preconditioning's ``c_out``, the marginal velocity of a mixture) uses the
+    exact closed form ``beta beta' = exp(-T) T' / 2``, whose limit at t = 1 is ``-beta_min / 2``.
     """
 
     name = "vp-linear"

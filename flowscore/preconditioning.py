@@ -24,10 +24,12 @@ its residual target learned far more slowly than the plain scaled velocity on cl
 every prediction through the velocity. For a fixed objective and weighting the four predictions are then
 the same model trained on the same loss; the prediction decides only what the model returns.
 
-Endpoints: ``c_in`` is finite on ``[0, 1]`` (``V > 0``). Where ``beta'`` diverges (``vp-linear`` at
-``t = 1``), ``c_out`` uses ``beta beta'`` in closed form over ``beta`` clamped to at least ``BETA_FLOOR``
-(different from ``beta'`` only within about ``1e-8`` of ``t = 1``). The score diverges where ``beta = 0``:
-a score model's conversion is taken at ``t`` clamped to at most ``1 - T_CLAMP``.
+Endpoints: ``c_in`` is finite on ``[0, 1]`` (``V > 0``). On a path whose ``beta'`` diverges where
+``beta = 0`` and that gives ``beta beta'`` in closed form (``vp-linear`` at ``t = 1``), ``c_out`` uses
+``beta beta' / max(beta, BETA_FLOOR)``: the exact ``beta'`` wherever ``beta >= BETA_FLOOR`` (not the path's
+clamped ``d_beta``), bounded where ``beta`` is smaller. On any other path it uses ``beta'`` bounded by
+``D_BETA_CAP`` (a custom path whose ``beta'`` diverges: finite, never NaN). The score diverges where
+``beta = 0``: a score model's conversion is taken at ``t`` clamped to at most ``1 - T_CLAMP``.
 
 The time input of ``F`` is ``t`` itself (every path's ``t`` is in ``[0, 1]``, which is what the built-in
 models' time embeddings expect).
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
 
 BETA_FLOOR = 1e-4
 """Lower clamp on ``beta`` in ``c_out`` where ``beta'`` diverges (``vp-linear`` at t = 1)."""
+D_BETA_CAP = 1 / BETA_FLOOR
+"""Bound on ``|beta'|`` in ``c_out`` on a path without a closed-form ``beta beta'`` (a custom path whose
+``beta'`` diverges; NaN or Inf there counts as the bound)."""
 T_CLAMP = 1e-6
 """A score model's conversion is taken at ``min(t, 1 - T_CLAMP)`` (the score diverges where beta = 0)."""
 
@@ -63,8 +68,11 @@ def scalings(schedule: Schedule, sigma_data: float = 1.0) -> tuple[torch.Tensor,
     a, b = schedule.alpha, schedule.beta
     s2 = sigma_data**2
     c_in = (a**2 * s2 + b**2).rsqrt()
-    d_beta = schedule.d_beta  # where it diverges (beta = 0 on vp-linear): beta beta' / clamped beta
-    d_beta = torch.where(torch.isfinite(d_beta), d_beta, schedule.beta_d_beta / b.clamp(min=BETA_FLOOR))
+    if schedule.has_product:  # beta' diverges where beta = 0 (vp-linear): beta beta' / clamped beta
+        d_beta = schedule.beta_d_beta / b.clamp(min=BETA_FLOOR)
+    else:  # beta' alone; where it diverges (a custom path) bounded by D_BETA_CAP
+        d_beta = torch.nan_to_num(schedule.d_beta, nan=D_BETA_CAP, posinf=D_BETA_CAP, neginf=-D_BETA_CAP)
+        d_beta = d_beta.clamp(-D_BETA_CAP, D_BETA_CAP)
     c_out = (schedule.d_alpha**2 * s2 + d_beta**2).sqrt()
     return c_in, c_out
 

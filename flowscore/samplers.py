@@ -24,7 +24,9 @@ deterministic step of :func:`final_step`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -32,25 +34,30 @@ from . import _validate
 from ._validate import validation
 from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
-from .grids import GRIDS, SHIFT, time_grid
+from .grids import GRIDS, SHIFT, check_times, time_grid
 from .paths import GaussianPath, get_path
-from .solvers import EXPONENTIAL, sample_dpmpp_2m_sde
+from .sampler_registry import REGISTRY, names, spec
+from .solvers import EXPONENTIAL, LastCall, sample_dpmpp_2m_sde
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Diffusion = None | float | str | Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None] | None
 
-FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
-METHODS = FIXED_METHODS + ("dopri5",)
+# every table below is derived from the one registry (flowscore.sampler_registry.REGISTRY)
+METHODS = names(family="t")
 """Integrators of the velocity in t (:func:`integrate`, :func:`sample_ode`)."""
-ODE_SAMPLERS = METHODS + tuple(EXPONENTIAL)
+FIXED_METHODS = names(family="t", adaptive=False)
+ODE_SAMPLERS = names(stochastic=False)
 """Every deterministic sampler: the velocity integrators and :data:`flowscore.solvers.EXPONENTIAL`."""
-SDE_SAMPLERS = ("sde", "dpm++2m-sde")
+SDE_SAMPLERS = names(stochastic=True)
 """Stochastic samplers: Euler--Maruyama (:func:`sample_sde`) and the stochastic DPM-Solver++(2M)."""
-SAMPLERS = ODE_SAMPLERS + SDE_SAMPLERS
+SAMPLERS = tuple(REGISTRY)
 DIFFUSIONS = ("bounded", "score-sde")
-# model evaluations per step of the fixed-grid methods
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+CALLS_PER_STEP = {name: s.calls_per_step for name, s in REGISTRY.items()}
+"""Model calls per step of every sampler (dopri5: per adaptive step); exact counts:
+:func:`flowscore.sampler_registry.planned_calls`."""
+EVALS_PER_STEP = {name: CALLS_PER_STEP[name] for name in FIXED_METHODS}
+"""Model calls per step of the fixed-grid velocity integrators (older name; see :data:`CALLS_PER_STEP`)."""
 
 
 # -- fields --------------------------------------------------------------------------------------------------
@@ -83,38 +90,11 @@ def as_field(model: Field, path: GaussianPath | str, prediction: str, kind: str 
     return field
 
 
-class _LastCallCache:
-    """Wraps a model so that a second call with the very same ``x`` and ``t`` objects reuses the output.
-
-    :func:`sample_sde` asks for the velocity and the score at the same point: with both fields built on one
-    cached model (``as_field``) the model runs once per step.
-    """
-
-    def __init__(self, model: Field):
-        self.model = model
-        self._key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._out: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self._key is None or self._key[0] is not x or self._key[1] is not t:
-            self._key, self._out = (x, t), self.model(x, t)
-        return self._out
-
-
 # -- time grids ----------------------------------------------------------------------------------------------
 def _times(times: Sequence[float] | torch.Tensor, x: torch.Tensor, increasing: bool = True) -> torch.Tensor:
-    """``times`` as a 1D tensor (dtype and device of ``x``), >= 2 entries, strictly monotone, in [0, 1]."""
-    if not isinstance(times, torch.Tensor):
-        times = torch.as_tensor(list(times), dtype=torch.float64)
-    times = _validate.tensor(times, "times").to(dtype=x.dtype, device=x.device)
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
-    steps = times[1:] - times[:-1]
-    if increasing and not bool((steps > 0).all()):
-        raise ValueError("times must be strictly increasing (t = 0 noise -> t = 1 data)")
-    if not increasing and not (bool((steps > 0).all()) or bool((steps < 0).all())):
-        raise ValueError("times must be strictly monotone")
-    return _validate.time(times, name="times")
+    """``times`` checked by :func:`flowscore.grids.check_times` (strictly increasing, or monotone either way
+    when not ``increasing``), in the dtype and device of ``x``."""
+    return check_times(times, increasing=True if increasing else None).to(dtype=x.dtype, device=x.device)
 
 
 # -- ODE -----------------------------------------------------------------------------------------------------
@@ -136,7 +116,16 @@ def _fixed_step(field: Field, method: str, x: torch.Tensor, t: torch.Tensor, h: 
     return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def _dopri5(field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+DOPRI5_MAX_STEPS = 10_000
+"""Default bound on the adaptive steps of ``"dopri5"`` (``max_steps``): a stiff field would otherwise make it
+take steps without end."""
+
+
+def _dopri5(
+    field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, atol: float, max_steps: int
+) -> torch.Tensor:
+    """torchdiffeq's dopri5 on ``times``, stopped with ``ValueError`` after about ``max_steps`` steps (counted
+    as ``6 max_steps + 2`` evaluations of ``field``, steps rejected by the error control included)."""
     try:
         from torchdiffeq import odeint
     except ImportError:
@@ -144,11 +133,21 @@ def _dopri5(field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, ato
             "method 'dopri5' needs torchdiffeq: pip install torchdiffeq (or flowscore[ode]); "
             "the fixed-step methods euler, midpoint, heun, rk4 need nothing"
         ) from None
-    batch = x.shape[0]
+    batch, calls, limit = x.shape[0], [0], spec("dopri5").calls_per_step * max_steps + 2
+
+    def bounded(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > limit:
+            raise ValueError(
+                f"dopri5 took more than max_steps = {max_steps} steps (a stiff or non-smooth field at rtol = "
+                f"{rtol:g}, atol = {atol:g}); raise max_steps, loosen rtol/atol, or use a fixed-step sampler"
+            )
+        return field(y, t.expand(batch).contiguous())
+
     # step_t: the adaptive steps land exactly on the last time instead of overshooting it and interpolating,
     # so the field is never evaluated outside [0, 1]
     return odeint(
-        lambda t, y: field(y, t.expand(batch).contiguous()),
+        bounded,
         x,
         times,
         method="dopri5",
@@ -158,31 +157,50 @@ def _dopri5(field: Field, x: torch.Tensor, times: torch.Tensor, rtol: float, ato
     )
 
 
+def _sampler_or_method(sampler: str | None, method: str | None, default: str, what: str) -> str:
+    """``sampler``, or the deprecated ``method=`` keyword (DeprecationWarning), or ``default``."""
+    if method is not None:
+        warnings.warn(
+            f"{what}(method=...) is deprecated: pass sampler=... (one name for it everywhere)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if sampler is not None and sampler != method:
+            raise ValueError(f"pass sampler= only (got sampler={sampler!r} and the older method={method!r})")
+        sampler = method
+    return default if sampler is None else sampler
+
+
 def integrate(
     field: Field,
     x: torch.Tensor,
     times: torch.Tensor,
-    method: str = "rk4",
+    sampler: str | None = None,
     *,
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
     callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Solve :math:`dx/dt = field(x, t)` along a strictly monotone grid ``times`` (either direction).
 
     The engine of :func:`sample_ode` and of ``flowscore.likelihood``. ``x``: ``(B, *dims)``, the state at
-    ``times[0]``; ``times``: ``(T,)``. Fixed-step methods take one step per interval; ``dopri5`` steps
-    adaptively (``rtol``, ``atol``) and reports the state at each entry of ``times``. Returns the state at
+    ``times[0]``; ``times``: ``(T,)``; ``sampler``: one of :data:`METHODS` (default ``"rk4"``; ``method=`` is
+    its deprecated older name). Fixed-step methods take one step per interval; ``dopri5`` steps
+    adaptively (``rtol``, ``atol``; ``ValueError`` after ``max_steps`` steps) and reports the state at each
+    entry of ``times``. Returns the state at
     ``times[-1]``, and with ``return_trajectory`` also the ``(T, B, *dims)`` states at every entry of
     ``times``. ``callback``, if given, is called after each fixed step with a dict ``{"i", "t", "t_next",
     "x"}`` (the state after step ``i``); dopri5 calls it once, at the end.
     """
     x = _validate.batch(x, "x")
-    _validate.choice(method, METHODS, "method")
+    method = _validate.choice(_sampler_or_method(sampler, method, "rk4", "integrate"), METHODS, "sampler")
     times = _times(times, x, increasing=False)
     if method == "dopri5":
-        trajectory = _dopri5(field, x, times, rtol, atol)
+        max_steps = _validate.positive_int(max_steps, "max_steps")
+        trajectory = _dopri5(field, x, times, rtol, atol, max_steps)
         if callback is not None:
             grid = times.tolist()
             callback({"i": len(grid) - 2, "t": grid[0], "t_next": grid[-1], "x": trajectory[-1]})
@@ -203,10 +221,12 @@ def sample_ode(
     velocity_field: Field,
     x: torch.Tensor,
     times: Sequence[float] | torch.Tensor,
-    method: str = "euler",
+    sampler: str | None = None,
     *,
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
     callback: Callback = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +237,10 @@ def sample_ode(
         x: ``(B, *dims)`` starting points at ``times[0]`` (prior draws when ``times[0] = 0``).
         times: 1D strictly monotone grid in [0, 1] (t = 0 noise, t = 1 data), ``T >= 2`` entries;
             increasing samples (noise -> data), decreasing encodes (data -> noise).
-        method: ``"euler"`` (order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"`` (order 2, 2
-            evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of ``times``;
-            ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``.
+        sampler: ``"euler"`` (the default; order 1, 1 evaluation per step), ``"midpoint"`` and ``"heun"``
+            (order 2, 2 evaluations), ``"rk4"`` (order 4, 4 evaluations): one step per interval of
+            ``times``; ``"dopri5"`` (adaptive, order 5, torchdiffeq) with tolerances ``rtol``, ``atol``,
+            stopped with ``ValueError`` after ``max_steps`` steps. ``method=``: its deprecated older name.
         return_trajectory: also return the ``(T, B, *dims)`` states at every entry of ``times``.
         callback: called after each step, see :func:`integrate`.
 
@@ -232,9 +253,10 @@ def sample_ode(
         velocity_field,
         x,
         times,
-        method,
+        _sampler_or_method(sampler, method, "euler", "sample_ode"),
         rtol=rtol,
         atol=atol,
+        max_steps=max_steps,
         return_trajectory=return_trajectory,
         callback=callback,
     )
@@ -358,20 +380,7 @@ def sample_sde(
 DEFAULT_SAMPLER = "unipc"
 """The ODE sampler of :func:`sample` and :func:`encode` when ``sampler=None`` (for every prediction; chosen
 from ``bench/bench_fewstep.py``, see ``bench/results/fewstep.md``)."""
-DEFAULT_STEPS = {
-    "euler": 100,
-    "midpoint": 50,
-    "heun": 50,
-    "rk4": 25,
-    "dopri5": 1,
-    "ddim": 50,
-    "dpm++2m": 25,
-    "dpm++3m": 25,
-    "unipc": 50,
-    "edm-heun": 13,
-    "sde": 1000,
-    "dpm++2m-sde": 100,
-}
+DEFAULT_STEPS = {name: s.default_steps for name, s in REGISTRY.items()}
 """Steps when ``steps=None``, per sampler (dopri5 adapts its steps: the grid only sets the reported times)."""
 DEFAULT_ODE_SAMPLER = DEFAULT_SAMPLER
 """The ODE solver of :func:`sample` (and of ``flowscore sample``, ``eval``, ``plot``) when none is named."""
@@ -384,17 +393,16 @@ def default_steps(sampler: str) -> int:
     return DEFAULT_STEPS[_validate.choice(sampler, SAMPLERS, "sampler")]
 
 
-DEFAULT_GRID = {name: "logsnr" for name in ("ddim", "dpm++2m", "dpm++3m", "unipc", "dpm++2m-sde")}
-DEFAULT_GRID.update({name: "uniform" for name in (*METHODS, "sde")})
-DEFAULT_GRID["edm-heun"] = "karras"
+DEFAULT_GRID = {name: s.default_grid for name, s in REGISTRY.items()}
 """Grid when ``grid=None``, per sampler."""
 
 
 def defaults(sampler: str | None = None, steps: int | None = None, grid: str | None = None):
     """``(sampler, steps, grid)`` with every None replaced by flowscore's default (validated)."""
-    sampler = DEFAULT_SAMPLER if sampler is None else _validate.choice(sampler, SAMPLERS, "sampler")
-    steps = DEFAULT_STEPS[sampler] if steps is None else _validate.positive_int(steps, "steps")
-    grid = DEFAULT_GRID[sampler] if grid is None else _validate.choice(grid, GRIDS, "grid")
+    declared = spec(DEFAULT_SAMPLER if sampler is None else sampler)
+    steps = declared.default_steps if steps is None else _validate.positive_int(steps, "steps")
+    grid = declared.default_grid if grid is None else _validate.choice(grid, GRIDS, "grid")
+    sampler = declared.name
     return sampler, steps, grid
 
 
@@ -442,6 +450,35 @@ def _needs_final_step(path, prediction, sampler, t_last: float) -> bool:
     if sampler == "sde":
         return True
     return sampler in METHODS and not conversions_finite_at(path, prediction, _needs(sampler, True), t_last)
+
+
+class _Reuse:
+    """The model, whose first call on the very ``x`` object at the time ``t_value`` returns ``out`` (a call
+    already made) instead of calling it again."""
+
+    def __init__(self, model: Field, x: torch.Tensor, t_value: float, out: torch.Tensor):
+        self.model, self.x, self.t_value, self.out = model, x, t_value, out
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out, self.out = self.out, None
+        if out is not None and x is self.x and bool((t == self.t_value).all()):
+            return out
+        return self.model(x, t)
+
+
+def _probe_data_end(fn: _Counted, x: torch.Tensor, t_eps: float) -> tuple[float, Field]:
+    """Where :func:`encode` starts by default: t = 1 if the model's output on ``x`` is finite there (that
+    output is then reused by the first step: no extra model call), else ``1 - t_eps``.
+
+    The exact marginal of a finite data set (``EmpiricalMarginal``) is singular at t = 1 (its fields divide
+    by beta_1 = 0) though every conversion is finite there; such a model starts at ``1 - t_eps``.
+    """
+    t = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    with torch.no_grad(), validation(False):
+        out = call_model(fn, x, t)
+    if bool(torch.isfinite(out).all()):
+        return 1.0, _Reuse(fn, x, 1.0, out)
+    return 1.0 - t_eps, fn
 
 
 class _Counted:
@@ -504,17 +541,19 @@ def _run(
     diffusion: Diffusion,
     rtol: float,
     atol: float,
+    max_steps: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off)."""
-    if sampler in EXPONENTIAL:
+    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off), by its family."""
+    family = spec(sampler).family
+    if family == "log-snr":
         return EXPONENTIAL[sampler](model, x, times, path=path, prediction=prediction, callback=callback)
     if sampler == "dpm++2m-sde":
         return sample_dpmpp_2m_sde(
             model, x, times, path=path, prediction=prediction, generator=generator, callback=callback
         )
     grid = times.to(dtype=x.dtype, device=x.device)
-    cached = _LastCallCache(model)
+    cached = LastCall(model)
     velocity = as_field(cached, path, prediction, "velocity")
     if sampler == "sde":
         score = as_field(cached, path, prediction, "score")
@@ -522,7 +561,9 @@ def _run(
             velocity, score, x, grid, path=path, diffusion=diffusion, generator=generator, callback=callback
         )
     ode_grid = grid[:-1] if final else grid
-    x = integrate(velocity, x, ode_grid, sampler, rtol=rtol, atol=atol, callback=callback)
+    x = integrate(
+        velocity, x, ode_grid, sampler, rtol=rtol, atol=atol, max_steps=max_steps, callback=callback
+    )
     if final:
         n = x.shape[0]
         x = final_step(path, velocity, x, ode_grid[-1].expand(n).contiguous(), grid[-1])
@@ -531,7 +572,7 @@ def _run(
     return x
 
 
-def _model_and_prediction(model: object, prediction: str | None) -> str:
+def _model_and_prediction(model: object, prediction: str | None, sampler: str | None = None) -> str:
     if not callable(model):
         raise ValueError(
             f"model must be callable as model(x, t) or model(x, t, y), got {type(model).__name__}"
@@ -539,27 +580,114 @@ def _model_and_prediction(model: object, prediction: str | None) -> str:
     if prediction is None:  # a wrapped model (flowscore.adapters) says what it predicts
         prediction = getattr(model, "prediction", None)
         prediction = prediction if isinstance(prediction, str) and prediction in KINDS else "velocity"
-    return _validate.choice(prediction, KINDS, "prediction")
+    accepts = KINDS if sampler is None else spec(sampler).accepts
+    return _validate.choice(prediction, accepts, "prediction")
+
+
+DEFAULT_SHAPE = (2,)
+"""One sample's shape when ``shape`` is not given and the model does not know it (:func:`data_shape_of`)."""
+
+
+def _inner_networks(model: object) -> list[object]:
+    """``model`` and the networks it wraps (``Preconditioned``, ``torch.compile``, DDP, adapters)."""
+    seen: list[object] = []
+    while model is not None and all(model is not m for m in seen):
+        seen.append(model)
+        nxt = getattr(model, "wrapped_network", None)
+        for name in ("_orig_mod", "module", "model"):
+            if nxt is None and isinstance(getattr(model, name, None), torch.nn.Module):
+                nxt = getattr(model, name)
+        model = nxt
+    return seen
+
+
+def data_shape_of(model: object) -> tuple[int, ...] | None:
+    """The shape of one sample that ``model`` is built for, or None where it is not known.
+
+    The ``data_shape`` attribute of the model or of a network it wraps (``Preconditioned``, compiled, DDP)
+    if one has it; else ``(dim,)`` for flowscore's built-in MLP (``config()["dim"]``). A built-in UNet knows
+    its channels but not its image size: None (its channels are still checked by :func:`sample`).
+    """
+    from .models import MLP
+
+    for net in _inner_networks(model):
+        shape = getattr(net, "data_shape", None)
+        if shape is not None:
+            shape = tuple(shape)
+            if all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape) and shape:
+                return shape
+    for net in _inner_networks(model):
+        if isinstance(net, MLP):
+            return (net.dim,)
+    return None
+
+
+def _sample_shape(model: object, shape: Sequence[int] | None) -> tuple[int, ...]:
+    """``shape`` checked against what the model is built for, or that shape (or DEFAULT_SHAPE) if None."""
+    from .models import UNet
+
+    known = data_shape_of(model)
+    unet = next((net for net in _inner_networks(model) if isinstance(net, UNet)), None)
+    if shape is None:
+        if known is None and unet is not None:
+            raise ValueError(
+                f"the UNet (channels = {unet.channels}) does not know its image size: pass "
+                "shape=(C, H, W) (a run's data_shape: shape=run.data_shape)"
+            )
+        return known or DEFAULT_SHAPE
+    shape = tuple(shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(
+            f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
+        )
+    if known is not None and shape != known:
+        raise ValueError(
+            f"shape {shape} differs from the data shape {known} the model was built for; omit shape"
+        )
+    if unet is not None and (len(shape) != 3 or shape[0] != unet.channels):
+        raise ValueError(f"shape {shape} does not fit the UNet: it needs (C, H, W) with C = {unet.channels}")
+    return shape
 
 
 def _explicit_times(times: object, increasing: bool) -> torch.Tensor:
-    if not isinstance(times, torch.Tensor):
-        times = torch.as_tensor(list(times), dtype=torch.float64)  # type: ignore[arg-type]
-    times = _validate.tensor(times, "times").detach().to(device="cpu", dtype=torch.float64)
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
-    steps = times[1:] - times[:-1]
-    if not bool((steps > 0).all() if increasing else (steps < 0).all()):
-        direction = "increasing (noise -> data)" if increasing else "decreasing (data -> noise)"
-        raise ValueError(f"times must be strictly {direction}")
-    return _validate.time(times, name="times")
+    return check_times(times, increasing=increasing)  # type: ignore[arg-type]
 
 
-def _finish(x, monitor, counter, return_trajectory, return_nfe, x_start, what):
+@dataclass(frozen=True)
+class SampleResult:
+    """What :func:`sample` and :func:`encode` return with ``return_info=True`` (the same fields always).
+
+    Attributes:
+        x: ``(n, *shape)`` the samples (or the codes of :func:`encode`).
+        nfe: the number of model calls (a guided call on ``[x, x]`` counts once).
+        times: ``(T,)`` float64, the grid the sampler ran on (dopri5: the reported times).
+        trajectory: ``(T, n, *shape)`` the states at ``times`` with ``return_trajectory=True``, else None.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    times: torch.Tensor
+    trajectory: torch.Tensor | None = None
+
+
+def _warn_flags(return_info: bool, return_nfe: bool, return_trajectory: bool, what: str) -> None:
+    if not return_info and (return_nfe or return_trajectory):
+        warnings.warn(
+            f"{what}(..., return_nfe=/return_trajectory=) returning a tuple is deprecated: pass "
+            "return_info=True for a SampleResult(x, nfe, times, trajectory) (return_trajectory=True: states)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+def _finish(x, monitor, counter, times, return_info, return_trajectory, return_nfe, x_start, what):
     monitor.check(x, what)
+    trajectory = torch.stack([x_start, *monitor.states]) if return_trajectory else None
+    if return_info:
+        return SampleResult(x, counter.calls, times, trajectory)
     out: tuple = (x,)
     if return_trajectory:
-        out += (torch.stack([x_start, *monitor.states]),)
+        out += (trajectory,)
     if return_nfe:
         out += (counter.calls,)
     return out[0] if len(out) == 1 else out
@@ -575,7 +703,7 @@ def sample(
     steps: int | None = None,
     grid: str | None = None,
     times: Sequence[float] | torch.Tensor | None = None,
-    shape: tuple[int, ...] = (2,),
+    shape: tuple[int, ...] | None = None,
     x_init: torch.Tensor | None = None,
     t_start: float | None = None,
     y: torch.Tensor | None = None,
@@ -587,11 +715,13 @@ def sample(
     diffusion: Diffusion = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     return_trajectory: bool = False,
-) -> torch.Tensor | tuple:
+    return_info: bool = False,
+) -> torch.Tensor | tuple | SampleResult:
     """Draw ``n`` samples ``(n, *shape)`` from a model of any prediction, noise (t = 0) -> data (t = 1).
 
     Args:
@@ -599,6 +729,9 @@ def sample(
             :func:`flowscore.conditioning.call_model`, with ``t`` shaped ``(n,)``.
         path: the Gaussian path, an instance or a name.
         n: number of samples (may be omitted with ``x_init``).
+        shape: the shape of one sample; None: what the model is built for (:func:`data_shape_of`: a
+            ``data_shape`` attribute, or a built-in MLP's ``(dim,)``), else :data:`DEFAULT_SHAPE`. A shape
+            that differs from the model's raises ``ValueError``; a built-in UNet needs it (its image size).
         prediction: ``"velocity"``, ``"score"``, ``"noise"`` or ``"data"``; None: the model's ``prediction``
             attribute if it has one (the wrappers of :mod:`flowscore.adapters` do), else ``"velocity"``.
         sampler: one of :data:`SAMPLERS`: the ODE samplers :data:`ODE_SAMPLERS` (euler, midpoint, heun,
@@ -609,12 +742,18 @@ def sample(
         grid: one of :data:`flowscore.grids.GRIDS` (None: :data:`DEFAULT_GRID` of the sampler; ``shift`` for
             ``"shift"``); see :func:`flowscore.grids.time_grid`.
         times: an explicit increasing grid in [0, 1] instead of ``steps``, ``grid`` and ``t_start``.
-        x_init: ``(n, *shape)`` start states at ``t_start`` (default 0) instead of prior draws.
+        x_init: ``(n, *shape)`` start states instead of prior draws, at ``t_start`` if given, else where the
+            grid starts (below): t = 0, or ``t_eps`` where a prediction the sampler needs is singular at 0
+            (a score or noise model on ``linear``, ``vp``): ``x_init`` then stands for the state at ``t_eps``.
         y, guidance: integer labels ``(n,)`` (-1: none) and the classifier-free guidance weight w: the
             model becomes ``(1 + w) f(x, t, y) - w f(x, t, -1)`` in one batched call
             (:func:`flowscore.conditioning.guided_model`), for every sampler and prediction.
         callback: called after every step with a dict ``{"i", "t", "t_next", "x", "nfe", ...}``.
-        return_nfe: also return the number of model calls (a guided call on ``[x, x]`` counts once).
+        return_info: return a :class:`SampleResult` ``(x, nfe, times, trajectory)``, the same fields always.
+        return_trajectory: keep the states on the grid (``SampleResult.trajectory``).
+        return_nfe: deprecated (with ``return_trajectory`` and without ``return_info``, the older tuples):
+            the number of model calls, ``SampleResult.nfe``.
+        rtol, atol, max_steps: ``"dopri5"``'s tolerances and bound on its steps (:func:`integrate`).
 
     The grid: it starts at ``t_start`` if given, else at t = 0 if every prediction the sampler evaluates there
     is finite (the velocity, the score for ``"sde"``, the data prediction for the log-SNR samplers; from a
@@ -628,12 +767,14 @@ def sample(
     Runs under ``torch.no_grad()`` with the value checks off inside the loop; the samples are checked to be
     finite once at the end (``ValueError`` naming the first step where NaN or Inf appeared).
 
-    Returns: ``(n, *shape)`` samples; with ``return_trajectory`` also the ``(T, n, *shape)`` states on the
-    grid; with ``return_nfe`` also the number of model calls (in that order).
+    Returns: ``(n, *shape)`` samples; with ``return_info`` a :class:`SampleResult`. (Deprecated: without
+    ``return_info``, ``return_trajectory`` adds the ``(T, n, *shape)`` states and ``return_nfe`` the number
+    of model calls to a tuple, in that order.)
     """
+    _warn_flags(return_info, return_nfe, return_trajectory, "sample")
     path = get_path(path)
-    prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
+    prediction = _model_and_prediction(model, prediction, sampler)
     t_eps = _validate.t_eps(t_eps, allow_zero=False)
     if x_init is not None:
         x_init = _validate.batch(x_init, "x_init")
@@ -644,11 +785,7 @@ def sample(
         if n is None:
             raise ValueError("n (the number of samples) is required unless x_init is given")
         n = _validate.positive_int(n, "n")
-        shape = tuple(shape)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
-            raise ValueError(
-                f"shape must be a tuple of positive integers (the dims of one sample), got {shape!r}"
-            )
+        shape = _sample_shape(model, shape)
     if y is not None:
         check_labels(y, n)
     fn = guided_model(model, y, guidance)
@@ -695,9 +832,12 @@ def sample(
             diffusion=diffusion,
             rtol=rtol,
             atol=atol,
+            max_steps=max_steps,
             generator=generator,
         )
-    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"sampler {sampler!r}")
+    return _finish(
+        out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
+    )
 
 
 def encode(
@@ -720,28 +860,40 @@ def encode(
     t_eps: float = 1e-3,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    max_steps: int = DOPRI5_MAX_STEPS,
     return_trajectory: bool = False,
-) -> torch.Tensor | tuple:
+    return_info: bool = False,
+) -> torch.Tensor | tuple | SampleResult:
     """Map data to noise with the probability-flow ODE: the inverse of :func:`sample` with the same solvers.
 
     Integrates from ``t_start`` (default t = 1, or ``1 - t_eps`` where a prediction the sampler needs is
-    singular at t = 1, e.g. the noise prediction of a data model) down to ``t_end`` (default 0). ``x_data``:
-    ``(B, *dims)``; ``sampler``: one of :data:`ODE_SAMPLERS` (None: :data:`DEFAULT_SAMPLER`); ``times``: an
-    explicit decreasing grid. The log-SNR samplers step on the noise prediction (the mirror image of
-    sampling) and end at ``t_end`` with it; the velocity integrators end with :func:`final_step` where the
-    velocity is singular at ``t_end``. Other arguments as :func:`sample`. Returns ``(B, *dims)`` states at
-    ``t_end`` (and the trajectory, and the NFE).
+    singular at t = 1, e.g. the noise prediction of a data model, or where the model's own output on
+    ``x_data`` at t = 1 is not finite, e.g. the exact marginal of a finite data set, whose fields divide by
+    beta_1 = 0: one probing call, counted in the NFE, tells; ``x_data`` then stands for the state at ``1 -
+    t_eps``) down to ``t_end`` (default 0). ``x_data``: ``(B, *dims)``; ``sampler``: one of
+    :data:`ODE_SAMPLERS` (None: :data:`DEFAULT_SAMPLER`); ``times``: an explicit decreasing grid. The log-SNR
+    samplers step on the noise prediction (the mirror image of sampling) and end at ``t_end`` with it; the
+    velocity integrators end with :func:`final_step` where the velocity is singular at ``t_end``. Other
+    arguments as :func:`sample`. Returns ``(B, *dims)`` states at ``t_end`` (and the trajectory, and the NFE).
+
+    Accuracy at the noise end: where alpha = 0 at ``t_end`` (t = 0 on ``linear``, ``vp``: sigma = infinity),
+    the log-SNR samplers' last step is the first-order ``x = beta E`` from the grid's last finite sigma
+    (``sigma_max``, 80 by default): the noise prediction's change beyond it is neglected, a relative error
+    floor of order ``1 / sigma_max`` that more steps do not remove. Pass ``times=`` from
+    :func:`flowscore.grids.time_grid` with a larger ``sigma_max`` (and more steps), or end at ``t_end > 0``.
     """
+    _warn_flags(return_info, return_nfe, return_trajectory, "encode")
     path = get_path(path)
-    prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)
-    if sampler not in ODE_SAMPLERS:
+    prediction = _model_and_prediction(model, prediction, sampler)
+    if not spec(sampler).encodes:
         raise ValueError(f"encode needs an ODE sampler, one of {ODE_SAMPLERS}; got {sampler!r}")
     t_eps = _validate.t_eps(t_eps, allow_zero=False)
     x = _validate.batch(x_data, "x_data")
     if y is not None:
         check_labels(y, x.shape[0])
-    fn = guided_model(model, y, guidance)
+    counter = _Counted(guided_model(model, y, guidance))
+    fn: Field = counter
     if times is not None:
         times = _explicit_times(times, increasing=False)
     else:
@@ -749,6 +901,8 @@ def encode(
         first = _validate.number(t_start, "t_start", 0.0, 1.0) if t_start is not None else None
         if first is None:
             first = _start(path, prediction, sampler, 1.0, t_eps, None, False)
+            if first == 1.0:
+                first, fn = _probe_data_end(fn, x, t_eps)
         if not first > t_end:
             raise ValueError(
                 f"t_start ({first}) must be later than t_end ({t_end}): encode runs data -> noise"
@@ -764,11 +918,10 @@ def encode(
     final = sampler in METHODS and not conversions_finite_at(
         path, prediction, ("velocity",), float(times[-1])
     )
-    counter = _Counted(fn)
     monitor = _Monitor(counter, callback, return_trajectory)
     with torch.no_grad(), validation(False):
         out = _run(
-            counter,
+            fn,
             path,
             prediction,
             sampler,
@@ -779,6 +932,17 @@ def encode(
             diffusion=None,
             rtol=rtol,
             atol=atol,
+            max_steps=max_steps,
             generator=None,
         )
-    return _finish(out, monitor, counter, return_trajectory, return_nfe, x, f"encode with {sampler!r}")
+    return _finish(
+        out,
+        monitor,
+        counter,
+        times,
+        return_info,
+        return_trajectory,
+        return_nfe,
+        x,
+        f"encode with {sampler!r}",
+    )

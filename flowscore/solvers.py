@@ -6,7 +6,7 @@ state at ``times[-1]``. The model is called as ``model(x, t)`` with ``t`` shaped
 converted to the data prediction ``D`` (and the noise prediction ``E``) by the affine maps of
 :mod:`flowscore.conversions`, whose coefficients are computed once per grid point in float64.
 
-The exponential integrators solve the probability-flow ODE exactly in its linear part. With
+The exponential integrators solve the probability-flow ODE exactly in its linear part. With half the log-SNR
 :math:`\lambda = \log(\alpha/\beta)` it reads :math:`d(x/\beta)/d e^{\lambda} = D(x, t)`, so over a step
 :math:`h = \lambda_{i+1} - \lambda_i`
 
@@ -17,7 +17,9 @@ and the solvers differ in the polynomial (in lambda) that stands in for ``D``: c
 through the last two or three model outputs (``dpm++2m``, ``dpm++3m``, DPM-Solver++ multistep, orders 2 and
 3), or UniPC's predictor-corrector (``unipc``: UniP-p plus the UniC corrector, order p + 1, no extra model
 call). Multistep solvers warm up with lower orders (the first step is order 1, the second order <= 2), so
-their global order holds once those first local errors are small, as at the noise end where D varies slowly.
+their global order holds once those first local errors are small, as at the noise end where D varies slowly:
+``dpm++3m`` is of order 3 from high noise only; started on an interior interval (where D varies from the
+first step) its warm-up can cap it at order 2. UniPC's corrector lifts its warm-up: order p + 1 anywhere.
 
 Endpoints. ``x / beta`` is infinite where beta = 0, so the last step to the data end (t = 1 on ``linear``,
 ``vp``, ``vp-linear``; lambda = +inf) is the first-order step :math:`x = \alpha_1 D`, as in k-diffusion and
@@ -40,7 +42,9 @@ from typing import Any
 import torch
 
 from .conversions import KINDS, conversion_coefficients
+from .grids import check_times
 from .paths import GaussianPath
+from .sampler_registry import edm_heun_corrects
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None] | None
@@ -48,6 +52,29 @@ Callback = Callable[[dict[str, Any]], None] | None
 
 def _log(v: float) -> float:
     return -math.inf if v <= 0 else math.log(v)
+
+
+class LastCall:
+    """A model whose second call on the very same ``x`` object (and the same ``key``: the ``t`` object, or a
+    grid index) reuses the first output: one model call serves several fields at one point (the velocity
+    and the score of :func:`flowscore.samplers.sample_sde`, the data and noise predictions here). ``calls``
+    counts the model's calls."""
+
+    def __init__(self, model: Model):
+        self.model, self.calls = model, 0
+        self._x: torch.Tensor | None = None
+        self._key: object = None
+        self._out: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, key: object = None) -> torch.Tensor:
+        key = t if key is None else key
+        same_key = self._key is key or (
+            isinstance(key, int) and isinstance(self._key, int) and self._key == key
+        )
+        if self._out is None or self._x is not x or not same_key:
+            self._x, self._key, self._out = x, key, self.model(x, t)
+            self.calls += 1
+        return self._out
 
 
 class GridModel:
@@ -73,20 +100,20 @@ class GridModel:
                 kind: tuple(c.tolist() for c in conversion_coefficients(schedule, prediction, kind))
                 for kind in KINDS
             }
-        self.nfe = 0
-        self._key: tuple[torch.Tensor, int] | None = None
-        self._out: torch.Tensor | None = None
+        self._cache = LastCall(model)
 
     def __len__(self) -> int:
         return len(self.times)
 
     def output(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The model's raw output at ``(x, times[i])`` (cached for the same ``x`` object and ``i``)."""
-        if self._key is None or self._key[0] is not x or self._key[1] != i:
-            t = torch.full((x.shape[0],), self.times[i], dtype=x.dtype, device=x.device)
-            self._key, self._out = (x, i), self.model(x, t)
-            self.nfe += 1
-        return self._out
+        t = torch.full((x.shape[0],), self.times[i], dtype=x.dtype, device=x.device)
+        return self._cache(x, t, key=i)
+
+    @property
+    def nfe(self) -> int:
+        """The model calls so far."""
+        return self._cache.calls
 
     def finite(self, i: int, kind: str) -> bool:
         c_value, c_x = self._coef[kind][0][i], self._coef[kind][1][i]
@@ -142,20 +169,8 @@ def _emit(callback: Callback, i: int, gm: GridModel, x: torch.Tensor, denoised: 
         )
 
 
-def _check_grid(times: torch.Tensor) -> torch.Tensor:
-    times = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1D grid with at least 2 entries, got shape {tuple(times.shape)}")
-    steps = times[1:] - times[:-1]
-    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
-        raise ValueError("times must be strictly monotone")
-    if bool((times < 0).any()) or bool((times > 1).any()):
-        raise ValueError("times must lie in [0, 1] (t = 0 noise, t = 1 data)")
-    return times
-
-
 def _grid_model(model: Model, path: GaussianPath, prediction: str, times: torch.Tensor) -> GridModel:
-    return model if isinstance(model, GridModel) else GridModel(model, path, prediction, _check_grid(times))
+    return model if isinstance(model, GridModel) else GridModel(model, path, prediction, check_times(times))
 
 
 # -- DPM-Solver++ multistep (ddim = order 1) -----------------------------------------------------------------
@@ -243,8 +258,10 @@ def sample_dpmpp_3m(
 ) -> torch.Tensor:
     r"""DPM-Solver++(3M): the data prediction as the quadratic in lambda through the last three outputs,
     integrated exactly against :math:`e^{-(h-u)}` (:math:`\varphi_2, \varphi_3`; k-diffusion's
-    ``dpmpp_3m_sde`` with eta = 0). Order 3, one model call per step, warm-up of orders 1 and 2. Arguments as
-    :func:`sample_ddim`."""
+    ``dpmpp_3m_sde`` with eta = 0). One model call per step, warm-up of orders 1 and 2. Order 3 only when it
+    starts at high noise (the data prediction nearly constant over the warm-up steps, as from t = 0 or
+    ``sigma_max``); from an interior time (``t_start``, ``times=``) the warm-up's local errors can make it
+    order 2: use ``unipc`` there. Arguments as :func:`sample_ddim`."""
     return _multistep(_grid_model(model, path, prediction, times), x, 3, callback)
 
 
@@ -293,9 +310,11 @@ def sample_unipc(
 
     Each step runs the predictor UniP-p on the last p outputs; the model's output at the predicted point
     then corrects that point (UniC-p) before the next step, so the order of accuracy is p + 1 with one model
-    call per step. ``order`` p in {1, 2, 3} (default 2: order 3). Warm-up and the last steps use lower orders
-    (p <= number of outputs, and p <= steps left, as diffusers' ``lower_order_final``); there is no
-    corrector after the last step. Arguments as :func:`sample_ddim`.
+    call per step. ``order`` p in {1, 2, 3} (default 2: order 3). The warm-up steps use lower orders (p <=
+    number of outputs so far); the later steps keep order p up to the end, since there is no corrector
+    after the last step and a lower-order last predictor would cap the global order at 2. A last step to
+    beta = 0 (lambda = +inf) is the first-order :math:`x = \alpha D` (as diffusers' ``lower_order_final``,
+    with which this agrees on such grids). Arguments as :func:`sample_ddim`.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -322,7 +341,7 @@ def sample_unipc(
         else:
             history = (history + [(pred, lam[i])])[-order:]
         h = lam[i + 1] - lam[i]
-        o = min(order, len(history), n - i) if math.isfinite(h) and history else 1
+        o = min(order, len(history)) if math.isfinite(h) and history else 1
         phi1 = -math.expm1(-h)
         x_next = (s[i + 1] / s[i]) * x + (a[i + 1] * phi1) * pred
         if o > 1:
@@ -361,7 +380,7 @@ def sample_edm_heun(
         data, noise = gm.predict(x, i, "data"), gm.predict(x, i, "noise")
         a_next, b_next = gm.alpha[i + 1], gm.beta[i + 1]
         x_next = a_next * data + b_next * noise
-        if gm.alpha[i] > 0 and a_next > 0 and b_next > 0:
+        if edm_heun_corrects(gm.alpha[i], a_next, b_next):
             noise2 = gm.predict(x_next, i + 1, "noise")
             c = a_next * gm.beta[i] / gm.alpha[i]
             x_next = a_next * data + (0.5 * b_next) * (noise + noise2) + (0.5 * c) * (noise - noise2)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import resources
-from .samplers import DEFAULT_ODE_SAMPLER, EVALS_PER_STEP, default_steps
+from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, default_steps
 
 LABEL_SEED_OFFSET = 2**32
 """Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
@@ -83,7 +83,7 @@ def _threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
 
 
 def _passes(sampler: str) -> float:
-    return float(EVALS_PER_STEP.get(sampler, 6 if sampler == "dopri5" else 1))
+    return float(CALLS_PER_STEP[sampler])  # one table: flowscore.sampler_registry
 
 
 def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
@@ -195,15 +195,14 @@ def sample_run(
             labels = draw_labels(run, stop - start, label, label_generator)
             if labels is not None:
                 all_labels[start:stop] = labels.numpy()
-            x = sample(
+            res = sample(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
-                guidance=guidance if labels is not None else 0.0,
+                guidance=guidance if labels is not None else 0.0, return_info=True,
             )  # fmt: skip
             if trajectory:
-                x, states = x
-                paths.append(decode(states.detach()).float().numpy())
-            out[start:stop] = decode(x.detach()).float().numpy()
+                paths.append(decode(res.trajectory.detach()).float().numpy())
+            out[start:stop] = decode(res.x.detach()).float().numpy()
     result: tuple[Any, ...] = (out, np.concatenate(paths, axis=1)) if trajectory else (out,)
     if return_labels:
         result += (all_labels if getattr(run, "labelled", False) else None,)

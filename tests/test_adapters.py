@@ -9,6 +9,7 @@ x_k = sqrt(abar) x_data + sqrt(1 - abar) noise with sigma_k = sqrt((1 - abar)/ab
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -179,3 +180,26 @@ def test_wrap_time(convention):
         assert seen["t"].dtype == torch.long
     with pytest.raises(ValueError, match="convention"):
         wrap_time(model, "seconds")
+
+
+def test_discrete_adapters_speak_flowscore_outside_and_diffusers_inside():
+    """``prediction`` is flowscore's kind, ``prediction_type`` diffusers' (as diffusers names it); the older
+    keywords (``from_discrete(prediction="epsilon")``, ``to_discrete(kind=...)``) still work, deprecated,
+    with the same outputs (checked against the posterior of Gaussian data in closed form)."""
+    abar = _abar()
+    k, x_k = torch.tensor([3, 100, 640, 998]), _batch(4)
+    a, b = abar[k].sqrt()[:, None], (1 - abar[k]).sqrt()[:, None]
+    data, noise = posterior(x_k, a, b)
+    new = to_discrete(linear_velocity, "linear", "velocity", abar, prediction_type="v_prediction")
+    assert torch.allclose(new(x_k, k), a * noise - b * data, atol=1e-9)
+    with pytest.warns(DeprecationWarning, match="prediction_type"):
+        old = to_discrete(linear_velocity, "linear", "velocity", abar, kind="v_prediction")
+    assert torch.equal(old(x_k, k), new(x_k, k))
+    t, x = torch.tensor([0.2, 0.5, 0.8, 0.95], dtype=F64), _batch(4)
+    back = from_discrete(new, abar, "linear", prediction_type="v_prediction")
+    with pytest.warns(DeprecationWarning, match="prediction_type"):
+        back_old = from_discrete(new, abar, "linear", prediction="v_prediction")
+    assert back.prediction == back_old.prediction == "noise" and torch.equal(back(x, t), back_old(x, t))
+    with pytest.raises(ValueError, match="prediction_type= only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from_discrete(new, abar, "linear", prediction_type="sample", prediction="epsilon")

@@ -78,7 +78,7 @@ def test_train_precedence_defaults_toml_flags(run_dir: str) -> None:
 def test_sample_is_far_closer_to_the_data_than_the_prior(run_dir: str, workdir: str, capsys) -> None:
     out = os.path.join(workdir, "samples.npy")
     code, stdout, _ = run_cli(capsys, "sample", "--run", run_dir, "--n", "1000", "--sampler", "heun",
-                              "--steps", "40", "--out", out, "--seed", "1")  # fmt: skip
+                              "--sampler-steps", "40", "--out", out, "--seed", "1")  # fmt: skip
     assert code == 0 and "wrote" in stdout
     samples = np.load(out)
     assert samples.shape == (1000, 2) and np.isfinite(samples).all()
@@ -95,7 +95,8 @@ def test_sample_is_far_closer_to_the_data_than_the_prior(run_dir: str, workdir: 
 def test_sample_with_a_few_step_sampler_and_grid_matches_the_api(run_dir: str, workdir: str, capsys) -> None:
     out = os.path.join(workdir, "few.npy")
     code, stdout, _ = run_cli(capsys, "sample", "--run", run_dir, "--n", "300", "--sampler", "dpm++3m",
-                              "--grid", "karras", "--steps", "12", "--out", out, "--seed", "2")  # fmt: skip
+                              "--grid", "karras", "--sampler-steps", "12", "--out", out,
+                              "--seed", "2")  # fmt: skip
     assert code == 0 and "dpm++3m" in stdout
     run = load_run(run_dir)
     x = fs.sample(run.model, run.path, 300, prediction=run.prediction, sampler="dpm++3m", grid="karras",
@@ -386,7 +387,7 @@ def test_every_shown_default_of_the_other_commands_is_the_code_default(capsys, m
     shown = _shown_defaults(_help(capsys, monkeypatch, "sample"))
     assert shown["--sampler"] == fs.samplers.DEFAULT_ODE_SAMPLER
     ode_steps, sde_steps = re.match(
-        rf"(\d+) for {fs.samplers.DEFAULT_ODE_SAMPLER}, (\d+) for sde", shown["--steps"]
+        rf"(\d+) for {fs.samplers.DEFAULT_ODE_SAMPLER}, (\d+) for sde", shown["--sampler-steps"]
     ).groups()
     assert shown["--grid"].startswith(f"{fs.samplers.DEFAULT_GRID[fs.samplers.DEFAULT_ODE_SAMPLER]} for ")
     # what the code does with sampler/steps left out: the same draws as with the shown values

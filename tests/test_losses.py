@@ -190,9 +190,10 @@ def test_likelihood_weighting_divides_by_the_time_density():
     got = loss_weight(path, t, "score", "likelihood", time_sampler="logit-normal", t_eps=eps)
     vp_g2 = math.pi / torch.tan(math.pi * t / 2)  # 2 beta (alpha' beta - alpha beta') / alpha on vp
     torch.testing.assert_close(got, vp_g2 * ratio, rtol=1e-10, atol=0)
-    lognormal = logit_normal(0.5, 0.8)
-    z = (np.log(u / (1 - u)) - 0.5) / 0.8
-    ratio = torch.from_numpy(0.8 * u * (1 - u) / stats.norm.pdf(z))
+    lognormal = logit_normal(0.5, 0.8)  # a callable: its draws are clamped, not rescaled (sample_time)
+    tn = t.numpy()
+    z = (np.log(tn / (1 - tn)) - 0.5) / 0.8
+    ratio = torch.from_numpy(0.8 * tn * (1 - tn) / stats.norm.pdf(z) / (1 - 2 * eps))
     got = loss_weight(path, t, "velocity", "likelihood", time_sampler=lognormal, t_eps=eps)
     torch.testing.assert_close(got, 4 / vp_g2 * ratio, rtol=1e-10, atol=0)
     g = torch.Generator().manual_seed(0)

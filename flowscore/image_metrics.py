@@ -221,15 +221,15 @@ def evaluate_images(
 ) -> dict[str, float | None]:
     """``fid``, ``precision``, ``recall`` and ``nn_ratio`` of an image run's samples (data space).
 
-    ``m = min(n, len(samples), N_train)`` samples against ``m`` training images drawn with ``seed`` (FID,
-    precision and recall with k = 3, in Inception features; the training features are cached) and
-    ``nn_ratio`` of the m samples against all training images, with ``min(m, M)`` held-out images as the
-    reference. Samples are clamped to the training data's pixel range. All None for a non-image run, FID,
-    precision and recall None with ``fid_features=False`` or for a run whose training data cannot be
-    reloaded (then ``nn_ratio`` too)."""
+    ``m = min(n, N_train)`` samples (``samples`` first, more drawn with the run's default ODE sampler when
+    they are fewer) against ``m`` training images drawn with ``seed`` (FID, precision and recall with k = 3,
+    in Inception features; the training features are cached) and ``nn_ratio`` of the m samples against all
+    training images, with ``min(m, M)`` held-out images as the reference. Samples are clamped to the
+    training data's pixel range. All None for a non-image run; FID, precision and recall None with
+    ``fid_features=False``; all None for a run whose training data cannot be reloaded."""
     from . import resources
     from .data import is_image
-    from .workflows import image_range
+    from .workflows import image_range, sample_run
 
     out: dict[str, float | None] = dict.fromkeys(IMAGE_KEYS)
     if not is_image(tuple(run.data_shape)) or tuple(run.data_shape)[0] not in (1, 3):
@@ -239,7 +239,10 @@ def evaluate_images(
     if train is None or value_range is None:
         return out
     lo, hi = value_range
-    m = min(n, len(samples), train.shape[0])
+    m = min(n, train.shape[0])
+    if len(samples) < m:
+        extra = sample_run(run, m - len(samples), seed=seed + 3, threads=threads, progress=progress)
+        samples = np.concatenate([np.asarray(samples), extra])
     x = torch.as_tensor(samples[:m]).float().clamp(lo, hi)
     held = torch.as_tensor(run.held_out).float()
     out["nn_ratio"] = nn_ratio(x, train, held[: min(m, held.shape[0])])

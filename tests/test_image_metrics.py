@@ -189,3 +189,36 @@ def test_image_metrics_are_none_for_non_image_runs() -> None:
         data_shape = (2,)
 
     assert im.evaluate_images(Run(), np.zeros((4, 2)), n=4) == dict.fromkeys(im.IMAGE_KEYS)
+
+
+def test_evaluate_images_clamps_the_samples_and_compares_them_with_training_images(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from flowscore.data import Normalizer
+
+    monkeypatch.setenv("FLOWSCORE_CACHE", str(tmp_path))
+    gen = torch.Generator().manual_seed(4)
+    train = torch.randint(0, 17, (40, 1, 4, 4), generator=gen).float()
+    held = torch.randint(0, 17, (20, 1, 4, 4), generator=gen).float()
+    samples = (torch.rand(12, 1, 4, 4, generator=gen) * 24 - 4).numpy()  # some pixels outside 0..16
+    seen = []
+
+    def pixels_as_features(images, value_range, **kw):  # stands for Inception: features = the pixels
+        seen.append(torch.as_tensor(images).clone())
+        return torch.as_tensor(images).double().flatten(1).numpy()
+
+    monkeypatch.setattr(inception, "inception_features", pixels_as_features)
+    monkeypatch.setattr(im, "training_images", lambda run: train)
+    eight = torch.full((1, 1, 1), 8.0)  # pixel range 0..16 -> [-1, 1]
+    run = SimpleNamespace(data_shape=(1, 4, 4), held_out=held, normalizer=Normalizer(eight, eight))
+    out = im.evaluate_images(run, samples, n=10, seed=0, progress=False, threads=1)
+    reference, fake = seen
+    assert torch.equal(fake, torch.from_numpy(samples[:10]).clamp(0, 16))  # the first n, clamped to 0..16
+    rows = {r.numpy().tobytes() for r in train}
+    assert reference.shape == (10, 1, 4, 4) and all(r.numpy().tobytes() in rows for r in reference)
+    a, b = reference.double().flatten(1).numpy(), fake.double().flatten(1).numpy()
+    assert out["fid"] == pytest.approx(_closed_form(a.mean(0), np.cov(a.T), b.mean(0), np.cov(b.T)), rel=1e-6)
+    assert (out["precision"], out["recall"]) == pytest.approx(_brute_precision_recall(a, b, 3))
+    nearest = lambda p: np.sqrt(((p[:, None] - train.flatten(1).numpy()[None]) ** 2).sum(-1)).min(1)  # noqa: E731
+    expected = nearest(b).mean() / nearest(held[:10].flatten(1).double().numpy()).mean()
+    assert out["nn_ratio"] == pytest.approx(expected, rel=1e-6)

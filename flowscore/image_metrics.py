@@ -193,8 +193,8 @@ def reference_features(
 
 def training_images(run: Any) -> torch.Tensor | None:
     """The run's training images (data space) reloaded from ``run.config.data`` and split as the trainer
-    did, or None when the run was trained on data passed in code or the data no longer match the run's
-    checksum."""
+    did, or None when the run was trained on data passed in code, or the data cannot be read or no longer
+    match the run's checksum."""
     from . import data as datasets
     from .runs import read_run_file
     from .training import _checksum
@@ -202,7 +202,10 @@ def training_images(run: Any) -> torch.Tensor | None:
     config = run.config
     if not config.data:
         return None
-    raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
+    try:
+        raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
+    except (ValueError, OSError):  # the file moved or its package is gone: no training images
+        return None
     if _checksum(raw, labels if config.labels else None) != read_run_file(run.run_dir).data_sha256:
         return None
     train, _ = datasets.split(raw, int(torch.as_tensor(run.held_out).shape[0]), seed=config.seed)

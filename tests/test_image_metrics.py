@@ -222,3 +222,14 @@ def test_evaluate_images_clamps_the_samples_and_compares_them_with_training_imag
     nearest = lambda p: np.sqrt(((p[:, None] - train.flatten(1).numpy()[None]) ** 2).sum(-1)).min(1)  # noqa: E731
     expected = nearest(b).mean() / nearest(held[:10].flatten(1).double().numpy()).mean()
     assert out["nn_ratio"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_images_are_none_when_the_data_cannot_be_reloaded(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    gone = SimpleNamespace(
+        config=SimpleNamespace(data=str(tmp_path / "moved.npz"), data_n=None, seed=0, labels=True)
+    )
+    assert im.training_images(gone) is None
+    in_code = SimpleNamespace(config=SimpleNamespace(data="", data_n=None, seed=0, labels=True))
+    assert im.training_images(in_code) is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,8 @@ def evaluate_images(
     in Inception features; the training features are cached) and ``nn_ratio`` of the m samples against all
     training images, with ``min(m, M)`` held-out images as the reference. Samples are clamped to the
     training data's pixel range. All None for a non-image run; FID, precision and recall None with
-    ``fid_features=False``; all None for a run whose training data cannot be reloaded."""
+    ``fid_features=False`` or without the Inception weights (a warning says what to install); all None
+    for a run whose training data cannot be reloaded."""
     from . import resources
     from .data import is_image
     from .workflows import image_range, sample_run
@@ -250,6 +252,9 @@ def evaluate_images(
     held = torch.as_tensor(run.held_out).float()
     out["nn_ratio"] = nn_ratio(x, train, held[: min(m, held.shape[0])])
     if not fid_features or m < 4:
+        return out
+    if not inception.available():
+        warnings.warn(f"FID, precision and recall skipped: {inception.INSTALL_HINT}", stacklevel=2)
         return out
     pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[:m]
     count = threads if threads is not None else resources.choose_threads(2 * 5.7e9 * inception.BATCH)

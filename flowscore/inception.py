@@ -80,7 +80,8 @@ def _max3(x: torch.Tensor, stride: int = 2, padding: int = 0) -> torch.Tensor:
     return F.max_pool2d(x, 3, stride, padding)
 
 
-# Per block: its kind and the stride-2 / unpadded ("valid") convolutions (all others: stride 1, "same").
+# The stem's convolutions, the mixed blocks and their kinds, and the convolutions with stride 2 or no
+# padding ("valid"); every other convolution has stride 1 and "same" padding. read_archive checks them.
 _STEM = ("conv", "conv_1", "conv_2", "conv_3", "conv_4")
 _BLOCKS = (
     ("mixed", "A"), ("mixed_1", "A"), ("mixed_2", "A"), ("mixed_3", "B"), ("mixed_4", "C"), ("mixed_5", "C"),

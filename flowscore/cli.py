@@ -446,8 +446,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_output_file(args.json, ".json", "--json")
     run = load_run_or_fail(args.run)
     result = workflows.evaluate_run(
-        run, n=args.n, seed=args.seed, likelihood=not args.no_likelihood, threads=args.threads
-    )
+        run, n=args.n, seed=args.seed, likelihood=not args.no_likelihood, threads=args.threads,
+        fid=not args.no_fid,
+    )  # fmt: skip
     print(workflows.format_eval(result))
     if args.json:
         _io.save_json(args.json, result)
@@ -563,15 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="W2 and MMD to held-out data next to their floors, and held-out NLL")
+    p = sub.add_parser(
+        "eval", help="W2 and MMD to held-out data next to their floors, held-out NLL; images: FID, nn_ratio"
+    )
     p.add_argument("--run", required=True, metavar="RUN_DIR")
     p.add_argument(
         "--n", type=_positive, default=2000,
         help="points per set, for the samples, W2, MMD and the likelihood; capped at half the held-out data "
-        "(default: 2000)",
+        "(images: also the samples and training images of FID, precision, recall, nn_ratio) (default: 2000)",
     )  # fmt: skip
     p.add_argument("--json", metavar="FILE.json", help="also write the numbers as JSON")
     p.add_argument("--no-likelihood", action="store_true", help="skip the held-out likelihood (bits/dim)")
+    p.add_argument(
+        "--no-fid", action="store_true",
+        help="image runs: skip FID, precision and recall (Inception-v3 features; nn_ratio is still given)",
+    )  # fmt: skip
     p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
     _add_threads(p)
     p.set_defaults(func=cmd_eval)

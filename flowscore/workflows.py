@@ -46,8 +46,12 @@ EVAL_KEYS = (
     "bits_per_dim",
     "dequantized",
     "per_class",
+    "fid",
+    "precision",
+    "recall",
+    "nn_ratio",
 )
-"""The keys of :func:`evaluate_run`'s result, in order."""
+"""The keys of :func:`evaluate_run`'s result, in order (the last four: :mod:`flowscore.image_metrics`)."""
 CLASS_KEYS = ("label", "n", "w2", "w2_floor", "w2_ratio", "mmd", "mmd_floor")
 """The keys of each entry of ``per_class`` in :func:`evaluate_run`'s result."""
 
@@ -294,6 +298,7 @@ def evaluate_run(
     samples: EvalSamples | None = None,
     likelihood: bool = True,
     threads: int | None = None,
+    fid: bool = True,
 ) -> dict[str, Any]:
     """W2 and MMD of ODE and SDE samples to held-out data, their floors, and the held-out likelihood.
 
@@ -307,8 +312,11 @@ def evaluate_run(
     ``dequantized``: True when the held-out data are integers (pixel levels), whose likelihood is then
     taken with uniform dequantisation over unit bins, so that ``bits_per_dim`` is an upper bound on the
     discrete model's bits (>= 0 in expectation). ``likelihood=False`` skips it (the three keys are None).
-    ``samples`` (from :func:`draw_samples`) are drawn if not given.
+    ``samples`` (from :func:`draw_samples`) are drawn if not given. Image runs also get ``fid``,
+    ``precision``, ``recall`` (``fid=False`` skips them) and ``nn_ratio`` on up to ``n`` ODE samples
+    (:func:`flowscore.image_metrics.evaluate_images`); None for other runs.
     """
+    from .image_metrics import evaluate_images
     from .likelihood import bits_per_dim
     from .metrics import MAX_W2_POINTS, mmd, w2
 
@@ -352,6 +360,7 @@ def evaluate_run(
     result["per_class"] = None
     if getattr(run, "labelled", False) and getattr(run, "held_out_labels", None) is not None:
         result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads)
+    result.update(evaluate_images(run, samples.ode, n=n, seed=seed, fid_features=fid, threads=threads))
     return {key: result[key] for key in EVAL_KEYS}
 
 
@@ -407,6 +416,9 @@ def format_eval(result: dict[str, Any]) -> str:
         kind = ", dequantised" if result.get("dequantized") else ""
         nll = f"; held-out NLL = {result['nll']:.4f} nats ({result['bits_per_dim']:.4f} bits/dim{kind})"
     lines.append(f"n = {result['n']} points per set{nll}")
+    from .image_metrics import format_images
+
+    lines += [line for line in [format_images(result)] if line]
     if result.get("per_class"):
         lines += ["", f"{'per class (ODE samples)':<24} {'W2':>9} {'W2/floor':>9} {'MMD':>10} {'n':>6}"]
         for entry in result["per_class"]:

@@ -132,12 +132,14 @@ def test_plot_writes_the_loss_and_the_image_grid(run_dir: str, workdir: str, cap
 
 def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
     out = os.path.join(workdir, "eval.json")
-    code, stdout, err = run_cli(capsys, "eval", "--run", run_dir, "--n", "50", "--json", out)
+    code, stdout, err = run_cli(capsys, "eval", "--run", run_dir, "--n", "50", "--json", out, "--no-fid")
     assert code == 0, err
     with open(out) as fh:
         result = json.load(fh)
     assert tuple(result) == workflows.EVAL_KEYS and result["n"] == 50
-    numbers = {k: v for k, v in result.items() if k not in ("ode_sampler", "dequantized", "per_class")}
+    assert result["fid"] is None and result["precision"] is None and result["recall"] is None  # --no-fid
+    skip = ("ode_sampler", "dequantized", "per_class", "fid", "precision", "recall")
+    numbers = {k: v for k, v in result.items() if k not in skip}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert [c["label"] for c in result["per_class"]] == list(range(10))  # digits are labelled
     # integer gray levels: the likelihood is of uniformly dequantised pixels over unit bins, in data units;
@@ -153,6 +155,19 @@ def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
     w2_floor = math.sqrt(ot.emd2(np.full(50, 1 / 50), np.full(50, 1 / 50), cost))
     assert result["w2_floor"] == pytest.approx(w2_floor, rel=1e-6)
     assert result["w2_floor"] > 10  # data units: typical digit-to-digit distances are ~20-30, not ~3
+    # nn_ratio: mean distance of the 50 ODE samples (clamped to 0..16) to the nearest training digit over
+    # that of 50 held-out digits; the training digits are scikit-learn's rows minus the held-out ones
+    run = load_run(run_dir)
+    digits = digits_images().reshape(-1, 64)
+    held_rows = {row.tobytes() for row in held.astype(np.float64)}
+    train = np.array([row for row in digits if row.tobytes() not in held_rows])
+    assert len(train) == len(digits) - len(held_rows)  # no training digit equals a held-out one
+    samples = workflows.draw_samples(run, 50, seed=0).ode.reshape(50, 64).astype(np.float64).clip(0, 16)
+
+    def nearest(points: np.ndarray) -> np.ndarray:
+        return np.sqrt(((points[:, None] - train[None]) ** 2).sum(-1)).min(1)
+
+    assert result["nn_ratio"] == pytest.approx(nearest(samples).mean() / nearest(held[:50]).mean(), rel=1e-6)
 
 
 def test_image_grid_places_each_image_in_its_cell() -> None:

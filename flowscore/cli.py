@@ -495,7 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--config", metavar="FILE.toml", help="TrainConfig fields; explicit flags override it")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out; with a new --steps total the cosine learning rate does not jump: a "
+        "run stopped before its total continues its cosine from the rate it had down to 0 at the new total, "
+        "a finished run starts a new cycle (warm-up to --lr, then a cosine to 0); a line says which",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -664,14 +664,16 @@ def plot_run(
     if kind == "images":
         if samples is None:
             samples = draw_samples(run, 64, seed=seed, threads=threads, progress=progress)
-        grids = {f"ODE ({samples.ode_sampler})": samples.ode[:64], "SDE (Euler-Maruyama)": samples.sde[:64]}
+        ode, sde = _sampler_titles(run, samples)
+        grids = {ode: samples.ode[:64], sde: samples.sde[:64]}
         gray = image_range(run)
         figures.append(("samples_grid.png", lambda f: plots.plot_image_grid(grids, f, value_range=gray)))
     elif kind == "points":
         held = torch.as_tensor(run.held_out).float().numpy()[:n]
         if samples is None:
             samples = draw_samples(run, min(n, 2000), seed=seed, threads=threads, progress=progress)
-        labels = {f"ODE ({samples.ode_sampler})": samples.ode, "SDE (Euler-Maruyama)": samples.sde}
+        ode, sde = _sampler_titles(run, samples)
+        labels = {ode: samples.ode, sde: samples.sde}
         title = f"ODE ({samples.ode_sampler}) trajectories"
         limits = _plot_limits(np.concatenate([held.reshape(-1, 2), samples.ode.reshape(-1, 2)]))
         with Progress(f"velocity field at {len(FIELD_TIMES)} times", enabled=progress):
@@ -723,6 +725,13 @@ def plot_sample_file(
         data, name = reference_data(run, label, max(2000, len(x)))
         return plots.plot_samples({title: x}, data, file, data_label=name)
     return plots.plot_image_grid(x[:64], file, title=title, value_range=image_range(run))
+
+
+def _sampler_titles(run: Any, samples: EvalSamples) -> tuple[str, str]:
+    """The titles of :func:`plot_run`'s ODE and SDE panels (:func:`sample_title`: the class mix of a
+    labelled run)."""
+    ode = sample_title(f"ODE ({samples.ode_sampler})", run, None, 0.0)
+    return ode, sample_title("SDE (Euler-Maruyama)", run, None, 0.0)
 
 
 def _write_all(out_dir: str, figures: list[tuple[str, Any]], progress: bool = False) -> list[str]:

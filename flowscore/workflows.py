@@ -288,6 +288,10 @@ def sample_run(
     per_batch = None if name == "dopri5" else steps or default_steps(name)
     total = None if per_batch is None else per_batch * math.ceil(n / SAMPLE_BATCH)
     bar = Progress(_sampling_what(name, n, steps), total, enabled=progress)
+
+    def step(_: dict[str, Any]) -> None:
+        bar.update()
+
     with _threads(count), bar:
         for start, stop in _batches(n):
             labels = draw_labels(run, stop - start, label, label_generator)
@@ -296,7 +300,7 @@ def sample_run(
             x = sample(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
-                guidance=guidance if labels is not None else 0.0, callback=lambda _: bar.update(),
+                guidance=guidance if labels is not None else 0.0, callback=step if progress else None,
             )  # fmt: skip
             if trajectory:
                 x, states = x

@@ -265,3 +265,17 @@ def test_sample_plots_name_class_and_guidance_and_draw_the_data_of_that_class(tm
     assert workflows.sample_title("unipc", SimpleNamespace(), None, 0.0) == "unipc samples"
     file = workflows.plot_sample_file(run, points, str(tmp_path / "s.png"), sampler="rk4", label=2)
     assert open(file, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_on_a_terminal_sampling_shows_a_bar_that_counts_every_solver_step(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    run, _ = gaussian_run(5.0, 2.0, torch.zeros(4, D, dtype=F64))
+    workflows.sample_run(run, 30, sampler="euler", steps=7, progress=True)
+    assert "sampling 30 points: euler, 7 steps" in terminal.getvalue() and "7/7" in terminal.getvalue()

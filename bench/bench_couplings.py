@@ -12,7 +12,13 @@ path for ``--steps`` steps (batch ``--batch``) with each coupling: flowscore ``i
   toy over the W2 floor (mean over ``--pairs`` pairs of fresh draws, as in bench_quality.py);
 * time per training step (coupling + loss + backward + Adam), the median of interleaved rounds, and the time
   of the coupling alone at the batch size (flowscore ``couple`` vs torchcfm's ``OTPlanSampler.sample_plan``);
-* with ``--budget-s``: the W2 ratios after training each coupling for that many seconds (equal wall time).
+* with ``--budget-s``: the W2 ratios after training each coupling for that many seconds (equal wall time);
+* with ``--busy``, only this: ``flowscore train --data 8gaussians`` (default model and batch, the threads
+  flowscore chooses) with ``--coupling independent`` and ``ot``, alone and beside one busy single-threaded
+  process (``bench_threads.busy_process``), steps/s from the run's log over ``--rounds`` interleaved rounds;
+  written to ``bench/results/couplings_busy.md``. Issue 17 measured 17.6 (ot) vs 86.9 (independent) steps/s
+  on a busy machine before the coupling's BLAS/OpenMP pools followed the chosen thread count
+  (``flowscore.resources.using_threads``). Goal: busy / alone of ``ot`` near that of ``independent``.
 
 Timings are only meaningful on an otherwise idle machine. Goal: Euler with 4 steps, W2 / floor of ``ot`` <=
 0.8x that of ``independent``; flowscore's ``ot`` step no slower than torchcfm's.
@@ -25,6 +31,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -216,6 +223,44 @@ def coupling_times(points: torch.Tensor, args: argparse.Namespace, has_torchcfm:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def busy_rates(args: argparse.Namespace) -> str:
+    """The ``--busy`` table: steps/s of ``flowscore train`` per coupling, alone and beside a busy process."""
+    sys.path.insert(0, HERE)
+    from bench_threads import busy_process, train_steps_per_s
+
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for condition in ("alone", "busy"):
+            for coupling in ("independent", "ot"):
+                busy = busy_process() if condition == "busy" else None
+                try:
+                    if busy is not None:
+                        time.sleep(1.0)  # let it reach its core
+                    rate = train_steps_per_s("8gaussians", args.busy_steps, None, ["--coupling", coupling])
+                finally:
+                    if busy is not None:
+                        busy.kill()
+                        busy.wait()
+                rates.setdefault((condition, coupling), []).append(rate)
+                print(f"{condition:>5} {coupling:>11}: {rate:8.1f} steps/s", flush=True)
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    lines = [
+        "# Minibatch OT coupling beside a busy process",
+        "",
+        f"`python bench/bench_couplings.py --busy --busy-steps {args.busy_steps} --rounds {args.rounds}` on "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}: "
+        "`flowscore train --data 8gaussians --coupling C` (default model and batch, chosen threads), median "
+        "logged steps/s. `busy`: beside one single-threaded numpy loop.",
+        "",
+        "| coupling | alone (steps/s) | beside a busy process (steps/s) | busy / alone |",
+        "|---|---:|---:|---:|",
+    ]
+    for coupling in ("independent", "ot"):
+        alone, busy = median[("alone", coupling)], median[("busy", coupling)]
+        lines.append(f"| {coupling} | {alone:.1f} | {busy:.1f} | {busy / alone:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--toys", nargs="+", default=["8gaussians", "moons"])
@@ -236,7 +281,16 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="no timings (on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="a small run to check that the bench works")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "couplings.md"))
+    parser.add_argument("--busy", action="store_true", help="only the busy-machine table (see the docstring)")
+    parser.add_argument("--busy-steps", type=int, default=1500, help="training steps per --busy run")
     args = parser.parse_args()
+    if args.busy:
+        text = busy_rates(args)
+        print(text)
+        out = os.path.join(HERE, "results", "couplings_busy.md")
+        _io.save_text(out, text)
+        print(f"wrote {out}")
+        return
     if args.quick:
         args.toys, args.n_data, args.steps, args.n, args.pairs = args.toys[:1], 1024, 30, 300, 1
         args.fine_steps, args.rounds, args.time_steps, args.floor_samples = 10, 2, 3, 5000

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,8 +39,9 @@ def busy_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", BUSY], env=env)
 
 
-def train_steps_per_s(data: str, steps: int, threads: int | None) -> float:
-    """Median logged steps/s of one training run in a fresh process (first log window dropped)."""
+def train_steps_per_s(data: str, steps: int, threads: int | None, extra: Sequence[str] = ()) -> float:
+    """Median logged steps/s of one training run in a fresh process (first log window dropped); ``extra``:
+    more ``flowscore train`` flags (e.g. ``--coupling ot``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(ROOT)
     log_every = max(steps // 10, 1)
@@ -52,6 +54,7 @@ def train_steps_per_s(data: str, steps: int, threads: int | None) -> float:
         ]  # fmt: skip
         if threads is not None:
             argv += ["--threads", str(threads)]
+        argv += list(extra)
         subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
         with open(os.path.join(out, "log.csv"), newline="") as handle:
             rates = [float(row["steps_per_s"]) for row in csv.DictReader(handle)]

@@ -38,6 +38,7 @@ from .samplers import DEFAULT_GRID, DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFA
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+PROGRESS_HELP = "no progress on stderr (a bar per long step, or one line per step when not a terminal)"
 
 
 class CLIError(Exception):
@@ -357,6 +358,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"interrupted; the checkpoint of step {step} is kept; continue with "
             f"`flowscore train --out {run_dir} --resume`"
         ) from None
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the first process reports
     from .floor import excess_text
 
     floor = excess_text(
@@ -428,15 +431,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _io.save_npy(labels_file, labels)
         print(f"wrote {labels_file}: the class of each sample")
     if args.plot:
-        from . import plots
-
-        held = np.asarray(torch.as_tensor(run.held_out).float())
-        if workflows.plot_kind(run.data_shape) == "points":
-            plots.plot_samples({f"{sampler} samples": x}, held[: max(2000, len(x))], args.plot)
-        else:
-            plots.plot_image_grid(
-                x[:64], args.plot, title=f"{sampler} samples", value_range=workflows.image_range(run)
-            )
+        workflows.plot_sample_file(
+            run, x, args.plot, sampler=sampler, label=args.label, guidance=args.guidance
+        )
         print(f"wrote {args.plot}")
     return 0
 
@@ -448,6 +445,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = workflows.evaluate_run(
         run, n=args.n, seed=args.seed, likelihood=not args.no_likelihood, threads=args.threads,
         fid=not args.no_fid,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(workflows.format_eval(result))
     if args.json:
@@ -461,7 +459,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CLIError(f"--out {out_dir!r} exists and is not a folder", "pass a folder for the PNGs")
     run = load_run_or_fail(args.run)
-    for file in workflows.plot_run(run, out_dir, n=args.n, seed=args.seed, threads=args.threads):
+    files = workflows.plot_run(
+        run, out_dir, n=args.n, seed=args.seed, threads=args.threads, progress=not args.no_progress
+    )
+    for file in files:
         print(f"wrote {file}")
     return 0
 
@@ -517,7 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--config", metavar="FILE.toml", help="TrainConfig fields; explicit flags override it")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out; with a new --steps total the cosine learning rate does not jump: a "
+        "run stopped before its total continues its cosine from the rate it had down to 0 at the new total, "
+        "a finished run starts a new cycle (warm-up to --lr, then a cosine to 0); a line says which",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -581,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
     _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -591,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=2000, help="2D samples per sampler to plot (default: 2000)")
     p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
     _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="train on a 2D toy, sample by ODE and SDE, plot, print W2 vs its floor")

@@ -210,7 +210,8 @@ def _checked(array: np.ndarray, origin: str) -> torch.Tensor:
         )
     if array.shape[0] == 0 or array[0].size == 0:
         raise ValueError(f"data {origin}: the array is empty (shape {array.shape})")
-    out = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    # a copy: a memory-mapped .npy is read-only (torch warns on wrapping it) and must not alias the file
+    out = torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
     if not bool(torch.isfinite(out).all()):
         raise ValueError(
             f"data {origin}: contains NaN or Inf (or values too large for float32); clean it first"

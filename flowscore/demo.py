@@ -104,11 +104,14 @@ def run_demo(
         Trainer(config, os.path.join(staging, "run"), progress=progress).train()
         run = load_run(os.path.join(staging, "run"))
         m = held_out_halves(run, n)[0].shape[0]
-        samples = draw_samples(run, m, seed=seed, threads=threads)
-        metrics = evaluate_run(run, n=m, samples=samples, likelihood=False, threads=threads)
+        samples = draw_samples(run, m, seed=seed, threads=threads, progress=progress)
+        metrics = evaluate_run(
+            run, n=m, samples=samples, likelihood=False, threads=threads, progress=progress
+        )
         save_npy(os.path.join(staging, "samples_ode.npy"), samples.ode)
         save_npy(os.path.join(staging, "samples_sde.npy"), samples.sde)
-        names = [os.path.basename(f) for f in plot_run(run, staging, n=m, samples=samples, threads=threads)]
+        files = plot_run(run, staging, n=m, samples=samples, threads=threads, progress=progress)
+        names = [os.path.basename(f) for f in files]
         save_json(os.path.join(staging, "metrics.json"), metrics)
         _move_into_place(staging, out_dir)
     except BaseException:

@@ -164,13 +164,20 @@ def plot_loss(
     return _save(fig, file)
 
 
-def plot_samples(samples: Mapping[str, np.ndarray], data: np.ndarray, file: str | os.PathLike) -> str:
+def plot_samples(
+    samples: Mapping[str, np.ndarray],
+    data: np.ndarray,
+    file: str | os.PathLike,
+    *,
+    data_label: str = "data",
+) -> str:
     """Scatter plots of 2D samples next to the data: one panel for the data, one per sample set.
 
     Args:
         samples: ``{label: (N, 2)}``, e.g. ``{"ODE (rk4)": ..., "SDE": ...}``.
         data: ``(M, 2)`` reference data (held-out), drawn in gray under every sample set.
         file: the PNG to write.
+        data_label: the data panel's title (e.g. "held-out data, class 3") and legend entry.
     """
     plt = _pyplot()
     data = _points(data, "data")
@@ -180,11 +187,11 @@ def plot_samples(samples: Mapping[str, np.ndarray], data: np.ndarray, file: str 
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4.2), squeeze=False)
     axes = axes[0]
     axes[0].scatter(data[:, 0], data[:, 1], **{**_DATA_STYLE, "alpha": 0.6})
-    axes[0].set_title(f"data (n = {len(data)})")
+    axes[0].set_title(f"{data_label} (n = {len(data)})")
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
     for k, (ax, (label, pts)) in enumerate(zip(axes[1:], sets.items(), strict=True)):
         color = colors[k % len(colors)]
-        ax.scatter(data[:, 0], data[:, 1], label="data", **_DATA_STYLE)
+        ax.scatter(data[:, 0], data[:, 1], label=data_label, **_DATA_STYLE)
         ax.scatter(pts[:, 0], pts[:, 1], color=color, label="samples", **_SAMPLE_STYLE)
         ax.set_title(f"{label} (n = {len(pts)})")
         ax.legend(loc="upper right", fontsize=8, markerscale=4)

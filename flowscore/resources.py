@@ -8,7 +8,10 @@ Two questions are answered before anything large is allocated or started:
 * **Threads.** torch's default (one thread per core) spins against any other busy process on the machine:
   a small model then runs far slower than on one thread. :func:`choose_threads` gives one thread per
   :data:`FLOPS_PER_THREAD` of work per step, at least one and at most the cores that are idle now
-  (:func:`idle_cores`); :func:`using_threads` applies it for the duration of a job.
+  (:func:`idle_cores`); :func:`using_threads` applies it for the duration of a job, to torch and to the
+  BLAS and OpenMP pools of the other libraries (the OT coupling's assignment included). The assignment
+  itself (``ot.emd``'s network simplex) is serial: it adds no work that more threads would share, so the
+  count is chosen from the model's work alone.
 """
 
 from __future__ import annotations
@@ -149,13 +152,28 @@ def choose_threads(flops_per_step: float, *, processes: int = 1) -> int:
 
 @contextlib.contextmanager
 def using_threads(threads: int) -> Iterator[int]:
-    """``torch.set_num_threads(threads)`` inside the block; the previous count is restored after it."""
+    """``torch.set_num_threads(threads)`` inside the block, and the same count for the thread pools of the
+    other libraries loaded in the process (numpy's and scipy's BLAS, POT's and scikit-learn's OpenMP, via
+    ``threadpoolctl`` when it is installed): the work of a step that is not torch's (the minibatch OT
+    coupling's assignment, ``ot.emd`` / ``ot.sinkhorn``) then runs on the count chosen for the step instead
+    of one thread per core, which spins against any other busy process. Every count is restored after it.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield threads
+        with _other_pools(threads):
+            yield threads
     finally:
         torch.set_num_threads(previous)
+
+
+def _other_pools(threads: int) -> contextlib.AbstractContextManager[Any]:
+    """``threadpoolctl.threadpool_limits(threads)`` (restoring on exit), or nothing without threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(limits=threads)
 
 
 def threads_for(

@@ -14,15 +14,18 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from . import resources
+from .data import is_image
 from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, default_steps
 
 LABEL_SEED_OFFSET = 2**32
@@ -39,9 +42,10 @@ EVAL_KEYS = (
     "w2_floor",
     "w2_ratio_ode",
     "w2_ratio_sde",
-    "mmd_ode",
-    "mmd_sde",
-    "mmd_floor",
+    "w2_units",
+    "mmd2_unbiased_ode",
+    "mmd2_unbiased_sde",
+    "mmd2_unbiased_floor",
     "nll",
     "bits_per_dim",
     "dequantized",
@@ -52,12 +56,98 @@ EVAL_KEYS = (
     "nn_ratio",
 )
 """The keys of :func:`evaluate_run`'s result, in order (the last four: :mod:`flowscore.image_metrics`)."""
-CLASS_KEYS = ("label", "n", "w2", "w2_floor", "w2_ratio", "mmd", "mmd_floor")
+CLASS_KEYS = ("label", "n", "w2", "w2_floor", "w2_ratio", "mmd2_unbiased", "mmd2_unbiased_floor")
 """The keys of each entry of ``per_class`` in :func:`evaluate_run`'s result."""
+W2_UNITS = {
+    "points": "data units",
+    "images": "normalised per pixel: W2 / sqrt(D) with the data's pixel range mapped to [-1, 1]",
+}
+"""``w2_units`` of :func:`evaluate_run`: vectors are measured in data units; images in the model's
+normalised units (the training data's pixel range mapped to [-1, 1]) divided by ``sqrt(D)``, D the pixels
+times channels, i.e. the root-mean-square per-pixel displacement of the optimal coupling (1 = half the
+pixel range), comparable across image sizes."""
+
+
+class _Renamed(dict):
+    """A result dict whose earlier key names still read (``result["mmd_ode"]``, ``result.get(...)``); only
+    the current names are stored, so JSON holds only them."""
+
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def __missing__(self, key: str) -> Any:
+        if key in self.renamed:
+            return self[self.renamed[key]]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self or key in self.renamed else default
+
+
+class EvalResult(_Renamed):
+    """:func:`evaluate_run`'s result; ``mmd_ode``, ``mmd_sde``, ``mmd_floor`` (the names before the unbiased
+    MMD^2 estimate was called what it is) read ``mmd2_unbiased_*``."""
+
+    renamed: ClassVar[dict[str, str]] = {
+        "mmd_ode": "mmd2_unbiased_ode", "mmd_sde": "mmd2_unbiased_sde", "mmd_floor": "mmd2_unbiased_floor",
+    }  # fmt: skip
+
+
+class ClassResult(_Renamed):
+    """One entry of ``per_class``; ``mmd`` and ``mmd_floor`` read ``mmd2_unbiased`` and its floor."""
+
+    renamed: ClassVar[dict[str, str]] = {"mmd": "mmd2_unbiased", "mmd_floor": "mmd2_unbiased_floor"}
+
+
+class Progress:
+    """Progress of one long phase of a command, on stderr.
+
+    A tqdm bar (``total`` updates, ``None``: a count) when stderr is a terminal; otherwise one line per
+    phase: ``what ...`` when it starts, completed by `` done (S s)`` when it ends. Nothing when ``enabled``
+    is False or on a process other than rank 0 of ``torchrun`` (environment ``RANK``).
+    """
+
+    def __init__(self, what: str, total: float | None = None, enabled: bool = True, unit: str = "step"):
+        self.what, self.total, self.unit = what, total, unit
+        self.enabled = enabled and os.environ.get("RANK", "0") == "0"
+        self.bar: Any = None
+        self.start = 0.0
+
+    def __enter__(self) -> Progress:
+        self.start = time.perf_counter()
+        if not self.enabled:
+            return self
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.total, desc=self.what, unit=self.unit, dynamic_ncols=True, file=sys.stderr
+            )
+        else:
+            print(f"{self.what} ...", end="", file=sys.stderr, flush=True)
+        return self
+
+    def update(self, count: float = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f" done ({elapsed:.1f} s)" if kind is None else " stopped", file=sys.stderr, flush=True)
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def plot_kind_or_none(data_shape: tuple[int, ...]) -> str | None:
+    """:func:`plot_kind`, or None for a shape that cannot be plotted."""
+    try:
+        return plot_kind(data_shape)
+    except ValueError:
+        return None
 
 
 def plot_kind(data_shape: tuple[int, ...]) -> str:
@@ -104,14 +194,14 @@ def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: 
     resources.check_memory(needed, "cpu", f"sampling {n} points", "pass a smaller --n")
 
 
-def _batches(n: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
-    starts = range(0, n, SAMPLE_BATCH)
-    if progress and n > SAMPLE_BATCH:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True)
-    for start in starts:
+def _batches(n: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, SAMPLE_BATCH):
         yield start, min(n, start + SAMPLE_BATCH)
+
+
+def _sampling_what(sampler: str, n: int, steps: int | None) -> str:
+    kind = "SDE (Euler-Maruyama)" if sampler == "sde" else sampler
+    return f"sampling {n} points: {kind}, {steps or default_steps(sampler)} steps"
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -165,13 +255,16 @@ def sample_run(
     label: int | None = None,
     guidance: float = 0.0,
     return_labels: bool = False,
+    clamp: bool = True,
 ) -> Any:
     """``n`` samples of a run in data space, ``(n, *data_shape)`` float32.
 
     ``sampler``, ``steps``, ``grid`` None: the defaults of :func:`flowscore.samplers.sample`. The model's
-    samples are decoded with the run's normalizer. Points are drawn in batches of :data:`SAMPLE_BATCH` from
-    one generator seeded by ``seed`` (the classes from another, see :data:`LABEL_SEED_OFFSET`). With
-    ``trajectory=True`` also returns the decoded states
+    samples are decoded with the run's normalizer; samples of an image run are then clamped to the
+    training data's pixel range (:func:`image_range`; ``clamp=False`` keeps them as decoded; trajectories
+    are never clamped). ``progress``: a bar per solver step (:class:`Progress`). Points are drawn in
+    batches of :data:`SAMPLE_BATCH` from one generator seeded by ``seed`` (the classes from another, see
+    :data:`LABEL_SEED_OFFSET`). With ``trajectory=True`` also returns the decoded states
     ``(T, n, *data_shape)`` from t = 0 (prior) to t = 1.
 
     Labelled runs: ``label`` k samples class k, -1 the unconditional model, None a class per point drawn
@@ -191,11 +284,20 @@ def sample_run(
     all_labels = np.empty(n, dtype=np.int64)
     paths = []
     decode = run.normalizer.decode
-    passes = _passes(sampler or DEFAULT_ODE_SAMPLER) * (2 if guidance else 1)
+    name = sampler or DEFAULT_ODE_SAMPLER
+    passes = _passes(name) * (2 if guidance else 1)
     count = _model_threads(run, threads, min(n, SAMPLE_BATCH), passes)
     label_generator = _generator(LABEL_SEED_OFFSET + seed)  # the noise draws do not depend on the labels
-    with _threads(count):
-        for start, stop in _batches(n, progress, "sample"):
+    pixel_range = image_range(run) if clamp and is_image(shape) else None
+    per_batch = None if name == "dopri5" else steps or default_steps(name)
+    total = None if per_batch is None else per_batch * math.ceil(n / SAMPLE_BATCH)
+    bar = Progress(_sampling_what(name, n, steps), total, enabled=progress)
+
+    def step(_: dict[str, Any]) -> None:
+        bar.update()
+
+    with _threads(count), bar:
+        for start, stop in _batches(n):
             labels = draw_labels(run, stop - start, label, label_generator)
             if labels is not None:
                 all_labels[start:stop] = labels.numpy()
@@ -203,10 +305,12 @@ def sample_run(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
                 guidance=guidance if labels is not None else 0.0, return_info=True,
+                callback=step if progress else None,
             )  # fmt: skip
             if trajectory:
                 paths.append(decode(res.trajectory.detach()).float().numpy())
-            out[start:stop] = decode(res.x.detach()).float().numpy()
+            x = decode(res.x.detach()).float()
+            out[start:stop] = (x if pixel_range is None else x.clamp(*pixel_range)).numpy()
     result: tuple[Any, ...] = (out, np.concatenate(paths, axis=1)) if trajectory else (out,)
     if return_labels:
         result += (all_labels if getattr(run, "labelled", False) else None,)
@@ -278,15 +382,24 @@ class EvalSamples:
 
 
 def draw_samples(
-    run: Any, n: int, *, seed: int = 0, ode_sampler: str | None = None, threads: int | None = None
+    run: Any,
+    n: int,
+    *,
+    seed: int = 0,
+    ode_sampler: str | None = None,
+    threads: int | None = None,
+    progress: bool = False,
 ) -> EvalSamples:
     """``n`` ODE samples (with their trajectory) and ``n`` SDE samples of the run, in data space.
 
     ``ode_sampler`` None: :data:`flowscore.samplers.DEFAULT_ODE_SAMPLER`; steps: the samplers' defaults.
+    ``progress``: a bar (or a line) per sampler on stderr (:class:`Progress`).
     """
     ode_sampler = DEFAULT_ODE_SAMPLER if ode_sampler is None else ode_sampler
-    ode, trajectory = sample_run(run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads)
-    sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads)
+    ode, trajectory = sample_run(
+        run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads, progress=progress
+    )
+    sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads, progress=progress)
     return EvalSamples(ode, sde, trajectory, ode_sampler)
 
 
@@ -299,7 +412,8 @@ def evaluate_run(
     likelihood: bool = True,
     threads: int | None = None,
     fid: bool = True,
-) -> dict[str, Any]:
+    progress: bool = False,
+) -> EvalResult:
     """W2 and MMD of ODE and SDE samples to held-out data, their floors, and the held-out likelihood.
 
     ``n`` bounds every part: ``m = min(n, M // 2, metrics.MAX_W2_POINTS)`` points per set, ``M`` the
@@ -307,14 +421,19 @@ def evaluate_run(
     ``w2_ode``, ``w2_sde`` (W2 between m samples and m held-out points), ``w2_floor`` (W2 between two
     disjoint held-out halves of m points each: what a perfect sampler reaches with m points),
     ``w2_ratio_ode``/``w2_ratio_sde`` (W2 / floor, 1 is perfect; None when the floor is 0, e.g. constant
-    data), ``mmd_ode``, ``mmd_sde``, ``mmd_floor`` (the same sets), ``nll`` (mean -log p in data space of the
+    data), ``w2_units`` (:data:`W2_UNITS`: data units for vectors; for images normalised per pixel),
+    ``mmd2_unbiased_ode``, ``mmd2_unbiased_sde``, ``mmd2_unbiased_floor`` (the unbiased estimate of MMD^2,
+    :func:`flowscore.metrics.mmd`, of the same sets: its expectation is 0 for equal distributions, so a
+    good model's value is near 0 and may be negative), ``nll`` (mean -log p in data space of the
     m held-out points, nats, normalizer log-det included), ``bits_per_dim`` (``nll / (D log 2)``) and
     ``dequantized``: True when the held-out data are integers (pixel levels), whose likelihood is then
     taken with uniform dequantisation over unit bins, so that ``bits_per_dim`` is an upper bound on the
     discrete model's bits (>= 0 in expectation). ``likelihood=False`` skips it (the three keys are None).
-    ``samples`` (from :func:`draw_samples`) are drawn if not given. Image runs also get ``fid``,
-    ``precision``, ``recall`` (``fid=False`` skips them) and ``nn_ratio`` on up to ``n`` ODE samples
-    (:func:`flowscore.image_metrics.evaluate_images`); None for other runs.
+    ``samples`` (from :func:`draw_samples`) are drawn if not given. ``progress``: a bar (or a line) per
+    phase on stderr: sampling, likelihood, W2 and MMD, per class (:class:`Progress`). Image runs also get
+    ``fid``, ``precision``, ``recall`` (``fid=False`` skips them) and ``nn_ratio`` on up to ``n`` ODE samples
+    (:func:`flowscore.image_metrics.evaluate_images`); None for other runs. The result is an
+    :class:`EvalResult` (a dict; the keys of earlier versions ``mmd_ode``... still read).
     """
     from .image_metrics import evaluate_images
     from .likelihood import bits_per_dim
@@ -323,16 +442,17 @@ def evaluate_run(
     a, b = held_out_halves(run, min(n, MAX_W2_POINTS))
     m = a.shape[0]
     if samples is None:
-        samples = draw_samples(run, m, seed=seed, threads=threads)
-    ode = torch.from_numpy(samples.ode[:m]).flatten(1)
-    sde = torch.from_numpy(samples.sde[:m]).flatten(1)
-    if ode.shape[0] < m or sde.shape[0] < m:
-        raise ValueError(f"evaluate_run needs {m} samples per sampler, got {ode.shape[0]} and {sde.shape[0]}")
+        samples = draw_samples(run, m, seed=seed, threads=threads, progress=progress)
+    if samples.ode.shape[0] < m or samples.sde.shape[0] < m:
+        got = (samples.ode.shape[0], samples.sde.shape[0])
+        raise ValueError(f"evaluate_run needs {m} samples per sampler, got {got[0]} and {got[1]}")
+    ode = metric_space(run, torch.from_numpy(samples.ode[:m]))
+    sde = metric_space(run, torch.from_numpy(samples.sde[:m]))
     nll = bpd = dequantized = None
     if likelihood:
         dequantized = is_discrete(a)
         count = _model_threads(run, threads, m, 8.0)
-        with _threads(count):
+        with _threads(count), Progress(f"held-out likelihood of {m} points", enabled=progress):
             ll = data_log_likelihood(run, a, dequantize=dequantized, generator=_generator(seed + 2))
         if not bool(torch.isfinite(ll).all()):
             raise ValueError(
@@ -340,17 +460,25 @@ def evaluate_run(
             )
         dims = math.prod(tuple(run.data_shape))
         nll, bpd = float(-ll.mean()), float(bits_per_dim(ll, dims, bin_width=1.0).mean())
-    a, b = a.flatten(1), b.flatten(1)
-    w2_floor = float(w2(b, a))
+    a, b = metric_space(run, a), metric_space(run, b)
+    with Progress(f"W2 (exact, POT) of {m} points: 3 pairs of sets", 3, enabled=progress, unit="W2") as bar:
+        w2_values = []
+        for x in (ode, sde, b):
+            w2_values.append(float(w2(x, a)))
+            bar.update()
+    with Progress(f"MMD^2 (unbiased) of {m} points: 3 pairs of sets", enabled=progress):
+        mmd_values = [float(mmd(x, a)) for x in (ode, sde, b)]
+    w2_floor = w2_values[2]
     result = {
         "n": m,
         "ode_sampler": samples.ode_sampler,
-        "w2_ode": float(w2(ode, a)),
-        "w2_sde": float(w2(sde, a)),
+        "w2_ode": w2_values[0],
+        "w2_sde": w2_values[1],
         "w2_floor": w2_floor,
-        "mmd_ode": float(mmd(ode, a)),
-        "mmd_sde": float(mmd(sde, a)),
-        "mmd_floor": float(mmd(b, a)),
+        "w2_units": W2_UNITS["images" if is_image(tuple(run.data_shape)) else "points"],
+        "mmd2_unbiased_ode": mmd_values[0],
+        "mmd2_unbiased_sde": mmd_values[1],
+        "mmd2_unbiased_floor": mmd_values[2],
         "nll": nll,
         "bits_per_dim": bpd,
         "dequantized": dequantized,
@@ -359,41 +487,62 @@ def evaluate_run(
     result["w2_ratio_sde"] = result["w2_sde"] / w2_floor if w2_floor > 0 else None
     result["per_class"] = None
     if getattr(run, "labelled", False) and getattr(run, "held_out_labels", None) is not None:
-        result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads)
+        result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads, progress=progress)
     result.update(evaluate_images(run, samples.ode, n=n, seed=seed, fid_features=fid, threads=threads))
-    return {key: result[key] for key in EVAL_KEYS}
+    return EvalResult((key, result[key]) for key in EVAL_KEYS)
+
+
+def metric_space(run: Any, x: torch.Tensor) -> torch.Tensor:
+    """Data-space points ``(B, *data_shape)`` as the ``(B, D)`` vectors W2 and MMD are measured on
+    (:data:`W2_UNITS`): vectors as they are; images encoded by the run's normalizer (pixel range -> [-1, 1])
+    and divided by ``sqrt(D)``."""
+    x = torch.as_tensor(x).float()
+    if not is_image(tuple(run.data_shape)):
+        return x.flatten(1)
+    return run.normalizer.encode(x).flatten(1) / math.sqrt(math.prod(tuple(run.data_shape)))
 
 
 def evaluate_classes(
-    run: Any, *, n: int = 2000, seed: int = 0, guidance: float = 0.0, threads: int | None = None
-) -> list[dict[str, Any]]:
-    """Per class k of a labelled run (keys :data:`CLASS_KEYS`): W2 and MMD between ``m`` ODE samples of
-    class k (with ``guidance``) and ``m`` held-out points of class k, and their floors between two disjoint
-    halves of those held-out points; ``m = min(n, M_k // 2, metrics.MAX_W2_POINTS)``. A class with fewer
-    than 4 held-out points gets None values."""
+    run: Any,
+    *,
+    n: int = 2000,
+    seed: int = 0,
+    guidance: float = 0.0,
+    threads: int | None = None,
+    progress: bool = False,
+) -> list[ClassResult]:
+    """Per class k of a labelled run (keys :data:`CLASS_KEYS`): W2 and unbiased MMD^2 between ``m`` ODE
+    samples of class k (with ``guidance``) and ``m`` held-out points of class k, and their floors between
+    two disjoint halves of those held-out points, in the units of :func:`metric_space`;
+    ``m = min(n, M_k // 2, metrics.MAX_W2_POINTS)``. A class with fewer than 4 held-out points gets None
+    values. ``progress``: one bar over the classes."""
     from .metrics import MAX_W2_POINTS, mmd, w2
 
     held = torch.as_tensor(run.held_out).float()
     labels = torch.as_tensor(run.held_out_labels)
     count = run.num_classes if run.num_classes is not None else int(labels.max()) + 1 if labels.numel() else 0
     out = []
-    for k in range(count):
-        points = held[labels == k]
-        half = points.shape[0] // 2
-        entry: dict[str, Any] = dict.fromkeys(CLASS_KEYS)
-        entry.update(label=k, n=0)
-        if half >= 2:
-            m = min(n, half, MAX_W2_POINTS)
-            a, b = points[:m].flatten(1), points[half : half + m].flatten(1)
-            x = sample_run(run, m, label=k, guidance=guidance, seed=seed + 1000 + k, threads=threads)
-            x = torch.from_numpy(x).flatten(1)
-            floor = float(w2(b, a))
-            entry.update(
-                n=m, w2=float(w2(x, a)), w2_floor=floor, mmd=float(mmd(x, a)), mmd_floor=float(mmd(b, a))
-            )
-            entry["w2_ratio"] = entry["w2"] / floor if floor > 0 else None
-        out.append(entry)
+    with Progress(f"per class: sampling, W2 and MMD^2 of {count} classes", count, progress, "class") as bar:
+        for k in range(count):
+            points = held[labels == k]
+            half = points.shape[0] // 2
+            entry = ClassResult(dict.fromkeys(CLASS_KEYS))
+            entry.update(label=k, n=0)
+            if half >= 2:
+                m = min(n, half, MAX_W2_POINTS)
+                a, b = metric_space(run, points[:m]), metric_space(run, points[half : half + m])
+                x = sample_run(run, m, label=k, guidance=guidance, seed=seed + 1000 + k, threads=threads)
+                x = metric_space(run, torch.from_numpy(x))
+                floor = float(w2(b, a))
+                entry.update(n=m, w2=float(w2(x, a)), w2_floor=floor, mmd2_unbiased=float(mmd(x, a)),
+                             mmd2_unbiased_floor=float(mmd(b, a)))  # fmt: skip
+                entry["w2_ratio"] = entry["w2"] / floor if floor > 0 else None
+            out.append(entry)
+            bar.update()
     return out
+
+
+MMD_HEADER = "MMD^2 (unbiased)"
 
 
 def format_eval(result: dict[str, Any]) -> str:
@@ -405,29 +554,32 @@ def format_eval(result: dict[str, Any]) -> str:
     ode_name = f"ODE ({result['ode_sampler']}) samples"
     floor_ratio = 1.0 if result["w2_floor"] > 0 else None
     rows = [
-        (ode_name, result["w2_ode"], result["w2_ratio_ode"], result["mmd_ode"]),
-        ("SDE samples", result["w2_sde"], result["w2_ratio_sde"], result["mmd_sde"]),
-        ("floor: held-out halves", result["w2_floor"], floor_ratio, result["mmd_floor"]),
+        (ode_name, result["w2_ode"], result["w2_ratio_ode"], result["mmd2_unbiased_ode"]),
+        ("SDE samples", result["w2_sde"], result["w2_ratio_sde"], result["mmd2_unbiased_sde"]),
+        ("floor: held-out halves", result["w2_floor"], floor_ratio, result["mmd2_unbiased_floor"]),
     ]
-    lines = [f"{'vs held-out data':<24} {'W2':>9} {'W2/floor':>9} {'MMD':>10}"]
-    lines += [f"{name:<24} {w:>9.4f} {ratio(r)} {m:>10.3g}" for name, w, r, m in rows]
+    lines = [f"{'vs held-out data':<24} {'W2':>9} {'W2/floor':>9} {MMD_HEADER:>17}"]
+    lines += [f"{name:<24} {w:>9.4f} {ratio(r)} {m:>17.3g}" for name, w, r, m in rows]
     nll = ""
     if result.get("nll") is not None:
         kind = ", dequantised" if result.get("dequantized") else ""
         nll = f"; held-out NLL = {result['nll']:.4f} nats ({result['bits_per_dim']:.4f} bits/dim{kind})"
     lines.append(f"n = {result['n']} points per set{nll}")
+    units = result.get("w2_units")
+    lines.append(f"W2 in {units or W2_UNITS['points']}; MMD^2 unbiased: about 0 (may be < 0) when equal")
     from .image_metrics import format_images
 
     lines += [line for line in [format_images(result)] if line]
     if result.get("per_class"):
-        lines += ["", f"{'per class (ODE samples)':<24} {'W2':>9} {'W2/floor':>9} {'MMD':>10} {'n':>6}"]
+        header = f"{'per class (ODE samples)':<24} {'W2':>9} {'W2/floor':>9} {MMD_HEADER:>17} {'n':>6}"
+        lines += ["", header]
         for entry in result["per_class"]:
             if entry["w2"] is None:
-                lines.append(f"{'class ' + str(entry['label']):<24} {'-':>9} {'-':>9} {'-':>10} {0:>6}")
+                lines.append(f"{'class ' + str(entry['label']):<24} {'-':>9} {'-':>9} {'-':>17} {0:>6}")
                 continue
             lines.append(
                 f"{'class ' + str(entry['label']):<24} {entry['w2']:>9.4f} {ratio(entry['w2_ratio'])} "
-                f"{entry['mmd']:>10.3g} {entry['n']:>6}"
+                f"{entry['mmd2_unbiased']:>17.3g} {entry['n']:>6}"
             )
     return "\n".join(lines)
 
@@ -501,6 +653,7 @@ def plot_run(
     seed: int = 0,
     samples: EvalSamples | None = None,
     threads: int | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Writes the run's figures into ``out_dir`` and returns their paths.
 
@@ -510,16 +663,13 @@ def plot_run(
     gray levels over the training data's pixel range). Other data shapes: ``loss.png`` only.
 
     Every figure is drawn into a temporary folder inside ``out_dir`` and moved into place only when all of
-    them succeeded: a failure leaves no partial set of figures.
+    them succeeded: a failure leaves no partial set of figures. ``progress``: a bar (or a line) per phase
+    on stderr: sampling, the velocity field, drawing (:class:`Progress`).
     """
     from . import plots
 
     shape = tuple(run.data_shape)
-    kind = None
-    try:
-        kind = plot_kind(shape)
-    except ValueError:
-        pass
+    kind = plot_kind_or_none(shape)
     steps, losses = _loss_curve(run)
     figures: list[tuple[str, Any]] = []  # (file name, draw(file))
     if len(steps):
@@ -529,36 +679,91 @@ def plot_run(
         figures.append(("loss.png", lambda f: plots.plot_loss(
             steps, losses, f, floor=floor, floor_err=floor_err, objective=objective)))  # fmt: skip
     if kind == "images":
-        samples = draw_samples(run, 64, seed=seed, threads=threads) if samples is None else samples
-        grids = {f"ODE ({samples.ode_sampler})": samples.ode[:64], "SDE (Euler-Maruyama)": samples.sde[:64]}
+        if samples is None:
+            samples = draw_samples(run, 64, seed=seed, threads=threads, progress=progress)
+        ode, sde = _sampler_titles(run, samples)
+        grids = {ode: samples.ode[:64], sde: samples.sde[:64]}
         gray = image_range(run)
         figures.append(("samples_grid.png", lambda f: plots.plot_image_grid(grids, f, value_range=gray)))
     elif kind == "points":
         held = torch.as_tensor(run.held_out).float().numpy()[:n]
-        samples = draw_samples(run, min(n, 2000), seed=seed, threads=threads) if samples is None else samples
-        labels = {f"ODE ({samples.ode_sampler})": samples.ode, "SDE (Euler-Maruyama)": samples.sde}
+        if samples is None:
+            samples = draw_samples(run, min(n, 2000), seed=seed, threads=threads, progress=progress)
+        ode, sde = _sampler_titles(run, samples)
+        labels = {ode: samples.ode, sde: samples.sde}
         title = f"ODE ({samples.ode_sampler}) trajectories"
         limits = _plot_limits(np.concatenate([held.reshape(-1, 2), samples.ode.reshape(-1, 2)]))
-        gx, gy, field = field_on_grid(run, FIELD_TIMES, limits)
+        with Progress(f"velocity field at {len(FIELD_TIMES)} times", enabled=progress):
+            gx, gy, field = field_on_grid(run, FIELD_TIMES, limits)
         trajectory = samples.trajectory[:, :300]
         figures.append(("samples.png", lambda f: plots.plot_samples(labels, held, f)))
         figures.append(
             ("trajectories.png", lambda f: plots.plot_trajectories(trajectory, f, data=held, title=title))
         )
         figures.append(("field.png", lambda f: plots.plot_field(FIELD_TIMES, gx, gy, field, f, data=held)))
-    return _write_all(out_dir, figures)
+    return _write_all(out_dir, figures, progress)
 
 
-def _write_all(out_dir: str, figures: list[tuple[str, Any]]) -> list[str]:
+def sample_title(sampler: str, run: Any, label: int | None, guidance: float) -> str:
+    """``"<sampler> samples"`` with, for a labelled run, the class (or "classes drawn from the training mix",
+    or "unconditional" for -1) and a non-zero guidance weight."""
+    title = f"{sampler} samples"
+    if getattr(run, "labelled", False):
+        title += {None: ", classes drawn from the training mix", -1: ", unconditional (class -1)"}.get(
+            label, f", class {label}"
+        )
+        title += f", guidance {guidance:g}" if guidance else ""
+    return title
+
+
+def reference_data(run: Any, label: int | None, n: int) -> tuple[np.ndarray, str]:
+    """``(points, name)``: at most ``n`` held-out points (data space) to draw samples of class ``label``
+    against: the held-out points of that class when the run knows their labels, all of them otherwise
+    (``label`` None or -1, or an unlabelled run)."""
+    held = torch.as_tensor(run.held_out).float()
+    labels = getattr(run, "held_out_labels", None)
+    if label is not None and label >= 0 and labels is not None:
+        points = held[torch.as_tensor(labels) == label][:n]
+        if points.shape[0]:
+            return points.numpy(), f"held-out data, class {label}"
+        return held[:n].numpy(), f"held-out data (none of class {label})"
+    return held[:n].numpy(), "held-out data"
+
+
+def plot_sample_file(
+    run: Any, x: np.ndarray, file: str, *, sampler: str, label: int | None = None, guidance: float = 0.0
+) -> str:
+    """The PNG of ``flowscore sample --plot``: 2D samples ``(N, 2)`` over the held-out data of their class
+    (:func:`reference_data`), or a grid of the first 64 images; titled by :func:`sample_title`."""
+    from . import plots
+
+    title = sample_title(sampler, run, label, guidance)
+    if plot_kind(tuple(run.data_shape)) == "points":
+        data, name = reference_data(run, label, max(2000, len(x)))
+        return plots.plot_samples({title: x}, data, file, data_label=name)
+    return plots.plot_image_grid(x[:64], file, title=title, value_range=image_range(run))
+
+
+def _sampler_titles(run: Any, samples: EvalSamples) -> tuple[str, str]:
+    """The titles of :func:`plot_run`'s ODE and SDE panels (:func:`sample_title`: the class mix of a
+    labelled run)."""
+    ode = sample_title(f"ODE ({samples.ode_sampler})", run, None, 0.0)
+    return ode, sample_title("SDE (Euler-Maruyama)", run, None, 0.0)
+
+
+def _write_all(out_dir: str, figures: list[tuple[str, Any]], progress: bool = False) -> list[str]:
     """Draws every ``(name, draw)`` into a temporary folder in ``out_dir``, then moves them all into place."""
     if not figures:
         return []
+    bar = Progress(f"drawing {len(figures)} figures", len(figures), progress, "figure")
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".plots-", dir=out_dir)
     try:
-        for name, draw in figures:
-            draw(os.path.join(staging, name))
+        with bar:
+            for name, draw in figures:
+                draw(os.path.join(staging, name))
+                bar.update()
         files = []
         for name, _ in figures:
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))

@@ -133,8 +133,8 @@ def test_eval_json_has_the_documented_keys_and_the_true_floor(run_dir: str, work
     assert result["per_class"] is None  # moons: no labels
     image_keys = ("fid", "precision", "recall", "nn_ratio")
     assert all(result[k] is None for k in image_keys)  # moons: not images
-    skip = ("ode_sampler", "dequantized", "per_class", *image_keys)
-    numbers = {k: v for k, v in result.items() if k not in skip}
+    words = ("ode_sampler", "w2_units", "dequantized", "per_class", *image_keys)
+    numbers = {k: v for k, v in result.items() if k not in words}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert result["n"] == 300
     held = load_run(run_dir).held_out.double().numpy()
@@ -486,8 +486,12 @@ def test_plots_are_all_or_nothing(workdir: str, capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(plots, "plot_field", broken)
     out = os.path.join(workdir, "partial-plots")
-    code, _, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "50")
+    code, _, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "50", "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+    code, _, err = run_cli(capsys, "plot", "--run", run_dir, "--out", out, "--n", "50")
+    lines = err.strip().splitlines()  # one line per phase (stderr is not a terminal), the last one stopped
+    assert code == 2 and lines[-2].endswith(" stopped") and lines[-1].startswith("flowscore: error:")
     assert not os.path.exists(out)
 
 

@@ -129,3 +129,18 @@ def test_split_partitions_rows():
     for bad in (-1, 20, 2.5):
         with pytest.raises(ValueError, match="n_holdout"):
             split(x, bad)
+
+
+def test_npy_float32_loads_without_the_not_writable_warning(tmp_path):
+    """A float32 .npy is memory-mapped read-only; torch warns ("NumPy array is not writable") unless it is
+    copied first. The loaded tensor is writable and does not alias the file."""
+    vectors = np.random.default_rng(1).normal(size=(30, 2)).astype(np.float32)
+    np.save(tmp_path / "f.npy", vectors)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = load(tmp_path / "f.npy")
+    x[0, 0] = 123.0  # writable, and a copy: the file is unchanged
+    assert np.load(tmp_path / "f.npy")[0, 0] == vectors[0, 0]
+    np.testing.assert_array_equal(x[1:].numpy(), vectors[1:])

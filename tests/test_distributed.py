@@ -42,6 +42,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained ") == 1, result.stdout  # rank 0 reports, once
 
     Trainer(TrainConfig.from_dict(CONFIG), tmp_path / "single", progress=False).train()
 

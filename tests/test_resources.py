@@ -58,3 +58,35 @@ def test_idle_cores_and_memory_are_sane():
     resources.check_memory(1.0, "cpu", "a byte", "never")
     with pytest.raises(ValueError, match="needs about .* of memory .* free on cpu; use less"):
         resources.check_memory(2.0**70, "cpu", "the universe", "use less")
+
+
+def test_the_ot_coupling_runs_on_the_chosen_threads_not_every_core(tmp_path, monkeypatch):
+    """The coupling's assignment (POT, numpy's BLAS, their OpenMP) ran on pools of one thread per core
+    whatever the model's thread count: inside ``using_threads(n)`` every pool threadpoolctl sees has n
+    threads, and they get their counts back after it (issue 17, item 8)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("ot")
+    from flowscore import couplings
+
+    seen = []
+    exact = couplings._exact_pairing
+
+    def recording(cost):
+        seen.append(
+            {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpoolctl.threadpool_info()}
+        )
+        return exact(cost)
+
+    monkeypatch.setattr(couplings, "_exact_pairing", recording)
+    before = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpoolctl.threadpool_info()}
+    with threadpoolctl.threadpool_limits(limits=2):  # as on a 2-core machine without OMP_NUM_THREADS
+        config = TrainConfig(data="8gaussians", data_n=300, n_holdout=50, width=16, depth=1, batch_size=32,
+                             steps=3, loss_floor=False, device="cpu", coupling="ot")  # fmt: skip
+        Trainer(config, tmp_path / "r", progress=False).train()
+        after = {
+            (p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpoolctl.threadpool_info()
+        }
+    assert seen and all(set(pools.values()) == {1} for pools in seen[-3:]), seen[-1]  # the chosen: 1
+    assert set(after.values()) == {2}  # restored
+    now = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpoolctl.threadpool_info()}
+    assert {k: now[k] for k in before} == before

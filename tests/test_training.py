@@ -100,9 +100,9 @@ def test_resume_in_process_and_extending_steps(tmp_path):
     Trainer(tiny(steps=100), part, progress=False).train()
     assert load_run(part).step == 100
     Trainer.resume(part, steps=150, progress=False).train(resume=True)
-    # steps enters the cosine schedule: after the resume the extended run follows the 150-step schedule
+    # the finished 100-step cosine is not recomputed for 150 steps (learning_rate: a new cycle starts)
     late = lambda run: [(r["step"], r["lr"]) for r in load_run(run).log if r["step"] > 100]  # noqa: E731
-    assert late(part) == late(full) and len(late(full)) > 0
+    assert late(part) != late(full) and len(late(full)) > 0
     assert not torch.equal(weights(full)["net.0.weight"], weights(part)["net.0.weight"])
     # so only a constant schedule continues identically
     full_c, part_c = tmp_path / "full_c", tmp_path / "part_c"
@@ -139,6 +139,66 @@ def test_warmup_and_cosine_learning_rate_values():
     assert learning_rate(config, 120) == pytest.approx(0.0, abs=1e-15)
     constant = tiny(steps=120, lr=0.01, warmup=20, lr_schedule="constant")
     assert [learning_rate(constant, k) for k in (5, 50, 119)] == pytest.approx([0.003, 0.01, 0.01])
+
+
+def _cosine(lr: float, k: float, span: float) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * min(k / span, 1.0)))
+
+
+def test_extending_a_finished_run_starts_a_new_cycle_without_a_jump(tmp_path, capsys):
+    """Resumed to a new total, the LR of every update (logged at each step) follows the documented new
+    cycle: warm-up from the final rate (~0) to lr over `warmup` steps, then a cosine to 0 at the new
+    total; before the fix it jumped from ~0 to the 150-step cosine's lr/2 (issue 17, item 4)."""
+    lr, warmup, run = 0.01, 20, tmp_path / "r"
+    Trainer(
+        tiny(steps=60, lr=lr, warmup=warmup, log_every=1, checkpoint_every=60), run, progress=False
+    ).train()
+    capsys.readouterr()
+    Trainer.resume(run, steps=150, progress=False).train(resume=True)
+    note = capsys.readouterr().out
+    assert "new total of 150" in note and "new cosine cycle" in note and note.count("\n") == 1
+    logged = {r["step"]: r["lr"] for r in load_run(run).log}  # the LR of update `step` (1-based)
+    assert sorted(logged) == list(range(1, 151))
+    expected = {
+        s: lr * s / warmup if s <= warmup else _cosine(lr, s - 1 - warmup, 60 - warmup) for s in range(1, 61)
+    }
+    final = _cosine(lr, 60 - warmup, 60 - warmup)  # the rate the run had reached: 0
+    for k in range(90):  # update 61 + k
+        expected[61 + k] = (
+            final + (lr - final) * (k + 1) / warmup if k < warmup else _cosine(lr, k - warmup, 70)
+        )
+    for s in range(1, 151):
+        assert logged[s] == pytest.approx(expected[s], rel=1e-5, abs=1e-12), s
+    steps = [logged[s + 1] - logged[s] for s in range(1, 150)]
+    assert max(abs(d) for d in steps) <= lr / warmup * 1.001  # no jump: at most one warm-up increment
+
+
+def test_resuming_an_unfinished_run_to_a_new_total_refits_its_cosine():
+    """A run stopped at update 40 of 100 and resumed to 160: the cosine continues from the rate it had
+    and reaches 0 at 160, through the same closed form as the run's own schedule."""
+    from flowscore.training import resumed_schedule
+
+    lr, warmup = 0.01, 20
+    old, new = tiny(steps=100, lr=lr, warmup=warmup), tiny(steps=160, lr=lr, warmup=warmup)
+    resumed, note = resumed_schedule(new, 100, 40)
+    rate = _cosine(lr, 40 - warmup, 100 - warmup)
+    assert resumed == {"step": 40, "lr": pytest.approx(rate), "restart": False} and "re-fitted" in note
+    sequence = [learning_rate(old, k) for k in range(40)] + [
+        learning_rate(new, k, resumed) for k in range(40, 160)
+    ]
+    for k in range(40, 160):
+        assert sequence[k] == pytest.approx(_cosine(rate, k - 40, 120), rel=1e-12, abs=1e-15)
+    assert sequence[40] == pytest.approx(learning_rate(old, 40), rel=1e-12)  # continuous at the resume
+    slope = lr * math.pi / 2 / (100 - warmup)  # the steepest step of the original cosine
+    jumps = [abs(b - a) for a, b in zip(sequence[warmup:-1], sequence[warmup + 1 :], strict=True)]
+    assert max(jumps) <= slope * 1.001
+    # resumed again to another total (at 100 of 160): continues from the rate of the first continuation
+    again, _ = resumed_schedule(tiny(steps=200, lr=lr, warmup=warmup), 160, 100, resumed)
+    assert again["lr"] == pytest.approx(_cosine(rate, 60, 120)) and again["restart"] is False
+    # nothing changes for the same total, a constant schedule, or within the warm-up
+    assert resumed_schedule(old, 100, 40) == (None, None)
+    assert resumed_schedule(tiny(steps=160, lr_schedule="constant"), 100, 40) == (None, None)
+    assert resumed_schedule(new, 100, 10) == (None, None)
 
 
 def test_logged_lr_matches_schedule(tmp_path):

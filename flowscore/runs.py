@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,12 @@ LOG_FIELDS = ("step", "loss", "loss_ema", "lr", "steps_per_s", "loss_floor")
 RUN_FORMAT = 1
 
 
+def _is_lock_text(content: bytes) -> bool:
+    """True for what a flowscore lock file holds: nothing, or a process id and a newline."""
+    text = content.strip()
+    return len(content) <= 32 and (not text or text.isdigit())
+
+
 class RunInUse(ValueError):
     """Another process holds the run folder's lock."""
 
@@ -75,21 +83,59 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None or self._fd is not None:
             return self
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(8):  # retried while a finishing writer removes the lock file we opened
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                who = f" (process {holder})" if holder.isdigit() else ""
+                raise RunInUse(
+                    f"run {str(self.run_dir)!r} is being written by another process{who}; wait for it to "
+                    "end or choose another --out"
+                ) from None
+            try:
+                current = os.stat(self.file, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is None or not os.path.samestat(current, os.fstat(fd)):
+                os.close(fd)  # the file was removed (and maybe re-created) by its last holder: open it again
+                continue
+            if not _is_lock_text(os.pread(fd, 64, 0)):
+                os.close(fd)
+                raise ValueError(
+                    f"{str(self.file)!r} is not a flowscore lock (it holds other data); move that file away "
+                    "or choose another --out"
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._fd = fd
+            return self
+        raise RunInUse(f"run {str(self.run_dir)!r} is being created and removed by other processes; retry")
+
+    def _open(self) -> int:
+        """The lock file opened for writing (created if missing); a folder, a link or anything but a regular
+        file there is refused (``ValueError``: it is not ours to overwrite)."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            fd = os.open(self.file, flags, 0o644)
+        except FileNotFoundError:
+            raise ValueError(f"run dir {str(self.run_dir)!r} does not exist (it was removed)") from None
+        except OSError as err:
+            if err.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EROFS):
+                cause = os.strerror(err.errno).lower()
+                raise ValueError(
+                    f"{str(self.file)!r} cannot be used as the run's lock ({cause}); move it away or choose "
+                    "another --out"
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            who = f" (process {holder})" if holder.isdigit() else ""
-            raise RunInUse(
-                f"run {str(self.run_dir)!r} is being written by another process{who}; wait for it to end "
-                "or choose another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
+            raise ValueError(
+                f"{str(self.file)!r} is not a regular file; move it away or choose another --out"
+            )
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -23,6 +23,7 @@ exception) raises :class:`TrainingFailed`, whose message names the cause and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -605,12 +606,7 @@ class Trainer:
         created = False
         if dist.main:
             created = _make_dir(self.run_dir)
-            try:
-                lock.acquire()
-            except BaseException:
-                if created:
-                    _remove_own_files(self.run_dir, created)
-                raise
+            lock.acquire()  # refused: nothing is removed (the folder is another writer's now)
         loop: _Loop | None = None
         started = False
         try:
@@ -659,7 +655,7 @@ class Trainer:
         errors and Ctrl-C propagate as they are)."""
         kept = runs.checkpoint_step(self.run_dir)
         if kept is None and (started or created):
-            _remove_own_files(self.run_dir, created)
+            _remove_own_files(self.run_dir, created, written=started)
         if not started or isinstance(err, KeyboardInterrupt):
             return
         if isinstance(err, _Diverged):
@@ -701,30 +697,42 @@ def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> N
 
 
 def _make_dir(run_dir: Path) -> bool:
-    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins)."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
+    A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""
     try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
     except FileExistsError:
+        if not run_dir.is_dir():
+            raise ValueError(
+                f"run_dir {str(run_dir)!r} exists and is not a directory; choose another"
+            ) from None
         return False
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise ValueError(f"run_dir {str(run_dir)!r} cannot be created ({cause}); choose another") from None
     return True
 
 
-def _remove_own_files(run_dir: Path, created: bool) -> None:
-    """Deletes the files a training writes (and their temporaries) from ``run_dir``, then the folder itself
-    if this process created it and nothing else is in it. Never touches any other file."""
-    runs.remove_temporaries(run_dir)
-    shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
-    for name in runs.RUN_FILES:
-        try:
-            (run_dir / name).unlink()
-        except FileNotFoundError:
-            pass
+def _remove_own_files(run_dir: Path, created: bool, written: bool = True) -> None:
+    """After a failure before the first checkpoint, while holding the lock: deletes what this process
+    wrote, never another process's files. ``written``: this process started writing the run's files
+    (which it does only into a folder that held nothing but a lock and temporaries, checked under the
+    lock), so every run file there is its own; otherwise it wrote only its lock. The folder itself goes
+    too when this process created it and nothing else is in it."""
+    if written:
+        runs.remove_temporaries(run_dir)
+        shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
+        for name in runs.RUN_FILES:
+            if name != runs.LOCK_FILE:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        if written or (created and [p.name for p in run_dir.iterdir()] == [runs.LOCK_FILE]):
+            (run_dir / runs.LOCK_FILE).unlink()  # a later writer that opened it re-opens (RunLock.acquire)
     if created:
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
 
 
 class _Loop:

@@ -1,0 +1,110 @@
+"""Faults and hostile input (issue 17, items 9 to 13): races for a run folder, damaged runs on resume,
+memory checked before allocating, signals and recursion, and the exit code of each bad input.
+
+Ground truth: the files on disk (their names and bytes before and after), the kernel's lock, the exit codes
+the CLI documents (2: bad input, nothing written; 1: a failure while working; 130: interrupted).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from flowscore import TrainConfig, Trainer, load_run, training
+from flowscore.runs import CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, LOG_FILE, RUN_FILE, RunLock
+
+TINY = dict(
+    data="moons", data_n=1200, n_holdout=200, width=32, depth=2, batch_size=64, warmup=5,
+    checkpoint_every=10, log_every=5, loss_floor=False, device="cpu",
+)  # fmt: skip
+
+
+def tiny(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, "steps": 20, **changes})
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a folder with its bytes (the lock's content, a process id, aside)."""
+    return {
+        str(p.relative_to(run_dir)): b"" if p.name == LOCK_FILE else p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+# -- 9: two writers race for a new folder --------------------------------------------------------------------
+@pytest.mark.parametrize("winner_still_holds_the_lock", [True, False])
+def test_the_loser_of_a_race_for_a_new_folder_removes_nothing_of_the_winner(
+    tmp_path, monkeypatch, winner_still_holds_the_lock
+):
+    """A creates the folder; before A locks it, B trains a whole run there. A must then refuse and leave
+    every file of B in place (it used to delete run.safetensors, config.json, log.csv and lock)."""
+    run_dir = tmp_path / "r"
+    make_dir = training._make_dir
+    held: list[RunLock] = []
+
+    def slow_make_dir(path: Path) -> bool:
+        created = make_dir(path)
+        if not held and created:  # the delay between mkdir and locking: the other writer runs now
+            monkeypatch.setattr(training, "_make_dir", make_dir)
+            Trainer(tiny(), path, progress=False).train()  # B: finds the folder, locks it, trains
+            held.append(RunLock(path))
+            if winner_still_holds_the_lock:
+                held[0].acquire()
+        return created
+
+    monkeypatch.setattr(training, "_make_dir", slow_make_dir)
+    with pytest.raises(ValueError, match="another process" if winner_still_holds_the_lock else "not empty"):
+        Trainer(tiny(steps=30), run_dir, progress=False).train()
+    held[0].release()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {RUN_FILE, CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE, LOCK_FILE} <= names
+    assert load_run(run_dir).step == 20
+
+
+def test_a_users_own_file_named_lock_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_text("my shopping list\n")
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--steps", "5", "--out", str(run_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not a flowscore lock" in err
+    assert snapshot(run_dir) == {LOCK_FILE: b""} and (run_dir / LOCK_FILE).read_text() == "my shopping list\n"
+
+
+@pytest.mark.parametrize("kind", ["lock as a folder", "lock as a link loop"])
+def test_a_lock_that_is_not_a_file_is_bad_input(tmp_path, capsys, kind):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    if kind == "lock as a folder":
+        (run_dir / LOCK_FILE).mkdir()
+    else:
+        os.symlink(LOCK_FILE, run_dir / LOCK_FILE)
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--steps", "5", "--out", str(run_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_is_bad_input(tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, "train", "--data", "moons", "--steps", "5", "--out", str(parent / "r"))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    finally:
+        parent.chmod(0o700)
+    assert not any(parent.iterdir())
+
+
+def test_an_out_that_is_a_link_loop_is_bad_input(tmp_path, capsys):
+    os.symlink("loop", tmp_path / "loop")
+    code, _, err = run_cli(
+        capsys, "train", "--data", "moons", "--steps", "5", "--out", str(tmp_path / "loop")
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]

@@ -62,7 +62,7 @@ def load_checkpoint(file: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(file, device="cpu")
         meta = _read_metadata(file)
         state = json.loads(meta[_META_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(
             f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint "
             f"({type(err).__name__}: {err}); delete it and resume from an older copy, or start a new run"
@@ -84,13 +84,29 @@ def read_state(file: str | Path) -> dict[str, Any]:
         )
     try:
         state = json.loads(_read_metadata(file)[_META_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(
             f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint ({type(err).__name__}: {err})"
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(file)!r} has a malformed state; start a new run")
     return state
+
+
+def tensor_shapes(file: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of every tensor of a safetensors ``file``, read from its header alone (so
+    a damaged file's sizes can be checked before anything is allocated); ``ValueError`` like
+    :func:`read_state`."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return {
+                name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                for name in handle.keys()  # noqa: SIM118  (safe_open is not a mapping)
+            }
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint ({type(err).__name__}: {err})"
+        ) from None
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -201,6 +201,8 @@ class TrainConfig:
             raise ValueError(f"config file {str(file)!r} cannot be read ({err})") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+        except RecursionError:
+            raise ValueError(f"config file {str(file)!r} is nested too deeply to be a config") from None
         if set(values) == {"train"} and isinstance(values["train"], dict):
             values = values["train"]
         return values

@@ -295,13 +295,32 @@ def read_run_file(run_dir: str | Path) -> RunFile:
         raise ValueError(
             f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE}); pass the run_dir of a training"
         )
-    tensors, state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
     try:
+        _check_run_file_sizes(
+            checkpoint.read_state(run_dir / RUN_FILE), checkpoint.tensor_shapes(run_dir / RUN_FILE)
+        )
+        tensors, state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
         return _check_run_file(state, tensors)
     except _Damaged as err:
         raise ValueError(
             f"{RUN_FILE} of {str(run_dir)!r} is damaged or was not written by flowscore ({err}); train again"
         ) from None
+
+
+def _check_run_file_sizes(state: dict[str, Any], shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The sizes in the header of ``run.safetensors`` within what its config allows, before any tensor is
+    read: at most ``n_holdout`` (else 2000) held-out points, each and every other tensor at most one point."""
+    config = state.get("config")
+    n_holdout = config.get("n_holdout") if isinstance(config, dict) else None
+    most = n_holdout if _is_int(n_holdout) else 2000
+    for name, (_, shape) in shapes.items():
+        rows, size = (shape[0], math.prod(shape[1:])) if name.startswith("held_out") and shape else (1, 0)
+        size = math.prod(shape) if not name.startswith("held_out") else size
+        _require(
+            rows <= most and size <= models.LIMITS["dim"],
+            f"{name} has shape {shape}, more than the run's {most} held-out points of at most "
+            f"{models.LIMITS['dim']} values",
+        )
 
 
 def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RunFile:
@@ -348,6 +367,8 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         path = get_path(path_config["name"], **{k: v for k, v in path_config.items() if k != "name"})
     except (ValueError, TypeError) as err:
         raise _Damaged(f"path: {err}") from None
+    trained = get_path(config.path, **config.path_options).config()
+    _require(path.config() == trained, f"the stored path {path.config()} is not the config's path {trained}")
     try:
         model_config = models.check_description(state.get("model"))
     except ValueError as err:
@@ -542,3 +563,95 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
         held_out_labels=run_file.held_out_labels,
         labelled=run_file.labels is not None,
     )
+
+
+# -- resuming ----------------------------------------------------------------------------------------------
+def read_resume_state(run_dir: str | Path) -> tuple[RunFile, dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything ``train --resume`` continues from, checked before anything is written: the run file as
+    :func:`load_run` checks it, and the checkpoint's training state (:func:`check_training_state`).
+    Returns ``(run file, checkpoint tensors, checkpoint state)``; one-line ``ValueError`` otherwise."""
+    run_dir = Path(run_dir)
+    run_file = read_run_file(run_dir)
+    file = run_dir / CHECKPOINT_FILE
+    _require_regular(file)
+    model = run_file.model_config
+    weights = models.parameter_count(model) if model["kind"] != models.CUSTOM else model.get("parameters")
+    try:
+        shapes = checkpoint.tensor_shapes(file)
+        for prefix in ("model", "ema"):
+            stored = sum(
+                math.prod(shape) for name, (_, shape) in shapes.items() if name.startswith(prefix + ".")
+            )
+            _require(stored == weights, f"{prefix} holds {stored} values but its model has {weights} weights")
+        _require(
+            sum(math.prod(shape) for _, shape in shapes.values()) <= 4 * weights + 2**24,
+            "it holds more values than a model, its EMA and its optimizer state",
+        )
+        tensors, state = checkpoint.load_checkpoint(file)
+        check_training_state(tensors, state, float32=model["kind"] != models.CUSTOM)
+    except _Damaged as err:
+        raise ValueError(
+            f"the checkpoint of {str(run_dir)!r} is damaged or was not written by flowscore ({err}); it "
+            "cannot be resumed: restore a good copy of the run folder, or start a new run"
+        ) from None
+    return run_file, tensors, state
+
+
+def _require_regular(file: Path) -> None:
+    if not file.is_file() or file.is_symlink():
+        raise ValueError(
+            f"{str(file)!r} is not a regular file; move it away (or restore the run) before resuming"
+        )
+
+
+def check_training_state(
+    tensors: dict[str, torch.Tensor], state: dict[str, Any], float32: bool = True
+) -> None:
+    """The loop state of a checkpoint is one a training can continue (raises ``_Damaged``, a ValueError):
+    a non-negative integer step; finite loss statistics; AdamW hyper-parameters a training sets (betas
+    in [0, 1), eps > 0, a finite non-negative lr and weight decay, maximize false); model, EMA and optimizer
+    tensors finite and float32 (``float32=False``, your own model: its floating tensors finite, of any
+    dtype), second moments >= 0; the generators' states as bytes."""
+    _require(_is_int(state.get("step")), f"step {models._short(state.get('step'))} is not an integer >= 0")
+    _require(_is_int(state.get("window_count")), "window_count is not an integer >= 0")
+    for name in ("window_sum", "loss_ema"):
+        value = state.get(name)
+        finite = _is_number(value) and math.isfinite(value)
+        _require(
+            finite or (name == "loss_ema" and value is None), f"{name} {models._short(value)} is not finite"
+        )
+    optimizer = state.get("optimizer")
+    _require(
+        isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(optimizer.get("scalars"), dict) and len(optimizer["param_groups"]) >= 1,
+        "optimizer state malformed",
+    )  # fmt: skip
+    for group in optimizer["param_groups"]:
+        _require(isinstance(group, dict), "optimizer group malformed")
+        betas = group.get("betas")
+        _require(
+            isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            f"optimizer betas {models._short(betas)} are not two numbers in [0, 1)",
+        )
+        eps, lr, decay = group.get("eps"), group.get("lr"), group.get("weight_decay")
+        _require(_is_number(eps) and 0 < eps < math.inf, f"optimizer eps {models._short(eps)} is not > 0")
+        for name, value in (("lr", lr), ("weight_decay", decay)):
+            _require(_is_number(value) and 0 <= value < math.inf, f"optimizer {name} {models._short(value)}")
+        for flag in ("maximize", "capturable", "differentiable"):
+            _require(group.get(flag, False) is False, f"optimizer {flag} must be false")
+        _require(group.get("amsgrad", False) in (False, True), "optimizer amsgrad must be true or false")
+    for name, value in tensors.items():
+        if name.startswith(("model.", "ema.", "optim.")):
+            if float32:
+                _require(value.dtype == torch.float32, f"{name} is {value.dtype}, not float32")
+            if not value.is_floating_point():
+                continue
+            _require(bool(torch.isfinite(value).all()), f"{name} is not finite")
+            if name.endswith((".exp_avg_sq", ".step")):
+                _require(bool((value >= 0).all()), f"{name} is negative")
+        elif name.startswith("rng."):
+            _require(value.dtype == torch.uint8 and value.dim() == 1, f"{name} is not a byte state")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -7,13 +7,17 @@ the CLI documents (2: bad input, nothing written; 1: a failure while working; 13
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
 
-from flowscore import TrainConfig, Trainer, load_run, training
+from flowscore import TrainConfig, Trainer, checkpoint, load_run, training
 from flowscore.runs import CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, LOG_FILE, RUN_FILE, RunLock
 
 TINY = dict(
@@ -108,3 +112,86 @@ def test_an_out_that_is_a_link_loop_is_bad_input(tmp_path, capsys):
     )
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+# -- 10: resume checks the run and the checkpoint before it writes anything ----------------------------------
+def _rewrite(file: Path, change) -> None:
+    """Applies ``change(tensors, state)`` to a safetensors file and writes it back as is (NaN allowed in
+    its JSON, as a hostile file may hold)."""
+    from safetensors.torch import save
+
+    tensors, state = checkpoint.load_checkpoint(file)
+    meta = change(tensors, state)
+    meta = json.dumps(state) if meta is None else meta
+    file.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"flowscore": meta}))
+
+
+def _group(state: dict, **changes) -> None:
+    state["optimizer"]["param_groups"][0].update(changes)
+
+
+DAMAGED_RUN = {
+    "format 2": lambda t, s: s.update(format=2),
+    "data_shape": lambda t, s: s.update(data_shape=[3]),
+    "path differs from the config": lambda t, s: s.update(path={"name": "vp"}),
+    "n_train": lambda t, s: s.update(n_train=5),
+    "labels on unlabelled data": lambda t, s: (
+        s.update(labels={"num_classes": 2, "class_counts": [500, 500]}),
+        t.update(held_out_labels=torch.zeros(200, dtype=torch.int64)),
+    )[0],
+    "held-out points altered": lambda t, s: t.update(held_out=t["held_out"] + 1),
+    "held-out points too many": lambda t, s: t.update(held_out=torch.zeros(3000, 2)),
+    "normalizer altered": lambda t, s: t.update({"normalizer.scale": t["normalizer.scale"] * 2}),
+    "nested JSON": lambda t, s: "[" * 100_000 + "]" * 100_000,
+}  # fmt: skip
+DAMAGED_CHECKPOINT = {
+    "step -5": lambda t, s: s.update(step=-5),
+    "step a string": lambda t, s: s.update(step="12"),
+    "maximize": lambda t, s: _group(s, maximize=True),
+    "eps -1": lambda t, s: _group(s, eps=-1),
+    "betas [5, -3]": lambda t, s: _group(s, betas=[5, -3]),
+    "lr NaN": lambda t, s: _group(s, lr=math.nan),
+    "loss_ema NaN": lambda t, s: s.update(loss_ema=math.nan),
+    "NaN EMA weight": lambda t, s: t.update({"ema.net.0.bias": t["ema.net.0.bias"] * math.nan}),
+    "int32 EMA weights": lambda t, s: t.update({k: v.int() for k, v in t.items() if k.startswith("ema.")}),
+    "nested JSON": lambda t, s: '{"step": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "r"
+    Trainer(tiny(), run_dir, progress=False).train()
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "file, case",
+    [(RUN_FILE, c) for c in DAMAGED_RUN] + [(CHECKPOINT_FILE, c) for c in DAMAGED_CHECKPOINT]
+    + [(CHECKPOINT_FILE, "a folder"), (LOG_FILE, "a folder")],
+)  # fmt: skip
+def test_resume_refuses_a_damaged_run_before_writing_anything(trained, tmp_path, capsys, file, case):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    if case == "a folder":
+        (run_dir / file).unlink()
+        (run_dir / file).mkdir()
+    else:
+        _rewrite(run_dir / file, (DAMAGED_RUN if file == RUN_FILE else DAMAGED_CHECKPOINT)[case])
+    before = snapshot(run_dir)
+    argv = ["train", "--out", str(run_dir), "--resume", "--steps", "30", "--no-progress"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out, (code, err)
+    assert "Traceback" not in err
+    assert snapshot(run_dir) == before and (run_dir / file).exists()
+
+
+def test_resume_of_an_intact_copy_still_works(trained, tmp_path, capsys):
+    """The control of the test above: the same copy, undamaged, resumes (exit 0) to the new total."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    code, _, err = run_cli(
+        capsys, "train", "--out", str(run_dir), "--resume", "--steps", "30", "--no-progress"
+    )
+    assert code == 0, err
+    assert load_run(run_dir).step == 30

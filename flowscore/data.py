@@ -151,7 +151,18 @@ def _check_size(shape: tuple[int, ...], itemsize: int, stored: int | None, origi
             f"{stored} bytes; the file is truncated or damaged"
         )
     what = f"data {origin} of shape {shape}"
-    check_memory(count * (4 + itemsize), "cpu", what, "load a smaller part of it")
+    check_memory(load_memory(shape, itemsize), "cpu", what, "load a smaller part of it")
+
+
+LOAD_BYTES = 20
+"""Bytes per value held at the peak of loading and preparing a data file, beside the file's own (mapped)
+bytes: its float32 copy, the training split's copy and the float64 statistics of the normalizer."""
+
+
+def load_memory(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes that loading an array of ``shape`` with ``itemsize``-byte values and preparing it for training
+    takes at its peak: ``N_values * (itemsize + LOAD_BYTES)``."""
+    return math.prod(shape) * (itemsize + LOAD_BYTES)
 
 
 def _npz_member(file: Path, archive: zipfile.ZipFile, key: str, origin: str) -> np.ndarray:

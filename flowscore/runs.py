@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import io
 import math
 import os
 import stat
@@ -183,8 +182,16 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
 
 
 # -- log.csv -----------------------------------------------------------------------------------------------
-def read_log(file: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``log.csv`` as dicts of numbers (None for an empty cell).
+LOG_ROWS_READ = 100_000
+""":func:`load_run` reads at most the last this many rows of ``log.csv`` (from the file's tail: a huge log
+costs no more time or memory than this)."""
+_LOG_ROW_BYTES = 160
+"""Bytes per row assumed when reading a log's tail (a row of flowscore's holds well under this)."""
+
+
+def read_log(file: str | Path, last: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``log.csv`` as dicts of numbers (None for an empty cell); ``last``: at most the last
+    ``last`` rows, read from the end of the file (about ``160 * last`` bytes, whatever its size).
 
     Every complete row ends with a newline; a last row without one (a write cut short by a crash or a full
     disk) is skipped, and so is any row that does not parse. A missing file gives ``[]``.
@@ -192,23 +199,29 @@ def read_log(file: str | Path) -> list[dict[str, Any]]:
     file = Path(file)
     if not file.is_file():
         return []
-    with open(file, encoding="utf-8", errors="replace", newline="") as handle:
-        lines = handle.read().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    rows = []
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
-        return []
-    for values in reader:
-        if len(values) != len(header):
-            continue
-        try:
-            rows.append({k: _log_value(k, v) for k, v in zip(header, values, strict=True)})
-        except ValueError:
-            continue
-    return [r for r in rows if isinstance(r.get("step"), int)]
+    with open(file, "rb") as handle:
+        header = next(csv.reader([handle.readline().decode("utf-8", "replace")]), None)
+        if last is not None:
+            start = handle.seek(0, os.SEEK_END) - _LOG_ROW_BYTES * last
+            if start > handle.seek(0) + len(handle.readline()):
+                handle.seek(start - 1)
+                handle.readline()  # the rest of a row cut by the seek (or the newline before a whole one)
+        rows = [row for line in handle if (row := _log_row(header, line)) is not None]
+    return rows if last is None else rows[-last:]
+
+
+def _log_row(header: list[str] | None, line: bytes) -> dict[str, Any] | None:
+    """One row of ``log.csv`` as a dict, or None when it is torn (no newline) or does not parse."""
+    if not header or not line.endswith(b"\n"):
+        return None
+    values = next(csv.reader([line.decode("utf-8", "replace")]), [])
+    if len(values) != len(header):
+        return None
+    try:
+        row = {k: _log_value(k, v) for k, v in zip(header, values, strict=True)}
+    except ValueError:
+        return None
+    return row if isinstance(row.get("step"), int) else None
 
 
 def _log_value(key: str, value: str) -> int | float | None:
@@ -218,14 +231,21 @@ def _log_value(key: str, value: str) -> int | float | None:
 
 
 def truncate_log(file: str | Path, step: int) -> None:
-    """Rewrites ``log.csv`` (atomically) with its header and the readable rows of ``step <= step`` (rows past
-    the checkpoint are redone on resume; a torn last row is dropped)."""
-    rows = [r for r in read_log(file) if r["step"] <= step]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    _io.write_bytes(file, buffer.getvalue().encode())
+    """Rewrites ``log.csv`` (atomically, streaming: memory does not grow with the log) with its header and
+    the readable rows of ``step <= step`` (rows past the checkpoint are redone on resume; a torn last row is
+    dropped)."""
+    file = Path(file)
+    with _io.atomic_path(file) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.DictWriter(out, LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        if not file.is_file():
+            return
+        with open(file, "rb") as handle:
+            header = next(csv.reader([handle.readline().decode("utf-8", "replace")]), None)
+            for line in handle:
+                row = _log_row(header, line)
+                if row is not None and row["step"] <= step:
+                    writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
 # -- run.safetensors ---------------------------------------------------------------------------------------
@@ -554,7 +574,7 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
         normalizer=run_file.normalizer,
         held_out=run_file.held_out,
         data_shape=run_file.data_shape,
-        log=read_log(run_dir / LOG_FILE),
+        log=read_log(run_dir / LOG_FILE, last=LOG_ROWS_READ),
         loss_floor=run_file.loss_floor,
         step=step,
         run_dir=run_dir,

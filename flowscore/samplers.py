@@ -34,6 +34,7 @@ from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
 from .grids import GRIDS, SHIFT, time_grid
 from .paths import GaussianPath, get_path
+from .resources import check_sample_memory
 from .solvers import EXPONENTIAL, sample_dpmpp_2m_sde
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -673,6 +674,7 @@ def sample(
             times = time_grid(path, steps, grid, t_start=first, t_end=1.0, shift=shift)
     final = _needs_final_step(path, prediction, sampler, float(times[-1]))
     dtype = dtype or torch.get_default_dtype()
+    check_sample_memory(n, shape, dtype, device, len(times) if return_trajectory else 0)
     if x_init is None:
         x = path.sample_prior((n, *shape), generator=generator, dtype=dtype, device=device)
         t0 = float(times[0])

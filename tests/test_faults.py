@@ -195,3 +195,88 @@ def test_resume_of_an_intact_copy_still_works(trained, tmp_path, capsys):
     )
     assert code == 0, err
     assert load_run(run_dir).step == 30
+
+
+# -- 11: memory is checked before it is allocated -----------------------------------------------------------
+@pytest.mark.parametrize("label", [2**31 - 1, 2**20 - 1])
+def test_a_huge_label_is_refused_before_per_class_tables_are_built(tmp_path, capsys, monkeypatch, label):
+    x = torch.randn(300, 2).numpy()
+    y = torch.randint(0, 3, (300,)).numpy()
+    y[17] = label
+    file = tmp_path / "d.npz"
+    import numpy as np
+
+    np.savez(file, x=x, y=y)
+    bincount = torch.bincount
+
+    def small_bincount(values, weights=None, minlength=0):
+        assert minlength <= 2**16 and int(values.max()) < 2**16, "a per-class table as large as the label"
+        return bincount(values, weights, minlength)
+
+    monkeypatch.setattr(torch, "bincount", small_bincount)
+    code, _, err = run_cli(capsys, "train", "--data", str(file), "--steps", "5", "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"class label {label} on" in err and not (tmp_path / "r").exists()
+
+
+def test_empirical_marginal_with_one_huge_label_on_few_points(monkeypatch):
+    from flowscore import EmpiricalMarginal
+
+    with pytest.raises(ValueError, match="class label 1000000 on 10 points"):
+        EmpiricalMarginal(torch.randn(10, 2), "linear", labels=torch.tensor([0] * 9 + [10**6]))
+    # labels with an absent class (K = 4 > 3 points) still work, and each class holds its own points
+    data = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]], dtype=torch.float64)
+    m = EmpiricalMarginal(data, "linear", labels=torch.tensor([3, 0, 3]))
+    x, t = torch.tensor([[4.0, 4.0]], dtype=torch.float64), torch.tensor([0.9], dtype=torch.float64)
+    # class 0 holds one point: its posterior mean is that point (x_data = [5, 5]); v = (x_data - x) / (1 - t)
+    v = m.velocity(x, t, y=torch.tensor([0]))
+    torch.testing.assert_close(v, (data[1:2] - x) / (1 - 0.9))
+
+
+def test_fs_sample_of_too_many_points_is_refused_before_allocating():
+    import flowscore as fs
+
+    with pytest.raises(ValueError, match="2147483648 samples of shape \\(2,\\) needs about .* memory"):
+        fs.sample(lambda x, t: -x, "linear", 2**31)
+
+
+def test_the_memory_estimate_of_a_data_file_covers_its_peak(tmp_path):
+    """In a fresh process: loading and preparing a float64 .npy for training grows the peak memory by no
+    more than the estimate that is checked before reading it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from flowscore import data
+
+    array = np.random.default_rng(0).standard_normal((2_000_000, 4))
+    np.save(tmp_path / "d.npy", array)
+    script = (
+        "import resource, sys, torch\nfrom flowscore import training, TrainConfig\n"
+        "cfg = TrainConfig(data=sys.argv[1], loss_floor=False, device='cpu', steps=1)\n"
+        "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024\n"
+        "training._prepare(cfg, torch.device('cpu'))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "d.npy")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.split()[-1]) * 1024
+    estimate = data.load_memory(array.shape, array.itemsize)
+    assert array.nbytes * 2 < grown <= estimate, (grown, estimate)
+
+
+def test_sample_reads_only_the_tail_of_a_huge_log(trained, tmp_path):
+    from flowscore import runs
+
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    rows = "".join(f"{i},0.5,0.5,0.001,80,\n" for i in range(21, 400_021))
+    with open(run_dir / LOG_FILE, "a") as handle:
+        handle.write(rows)
+    run = load_run(run_dir)
+    assert len(run.log) == runs.LOG_ROWS_READ and run.log[-1]["step"] == 400_020
+    assert [r["step"] for r in run.log[-3:]] == [400_018, 400_019, 400_020]

@@ -334,8 +334,8 @@ def _check_run_file_sizes(state: dict[str, Any], shapes: dict[str, tuple[str, tu
     n_holdout = config.get("n_holdout") if isinstance(config, dict) else None
     most = n_holdout if _is_int(n_holdout) else 2000
     for name, (_, shape) in shapes.items():
-        rows, size = (shape[0], math.prod(shape[1:])) if name.startswith("held_out") and shape else (1, 0)
-        size = math.prod(shape) if not name.startswith("held_out") else size
+        held = name.startswith("held_out")
+        rows, size = (shape[0] if shape else 1, math.prod(shape[1:])) if held else (0, math.prod(shape))
         _require(
             rows <= most and size <= models.LIMITS["dim"],
             f"{name} has shape {shape}, more than the run's {most} held-out points of at most "

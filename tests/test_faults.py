@@ -280,3 +280,39 @@ def test_sample_reads_only_the_tail_of_a_huge_log(trained, tmp_path):
     run = load_run(run_dir)
     assert len(run.log) == runs.LOG_ROWS_READ and run.log[-1]["step"] == 400_020
     assert [r["step"] for r in run.log[-3:]] == [400_018, 400_019, 400_020]
+
+
+# -- 12: signals, recursion, overflow ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "signum, delay", [("SIGINT", 0.2), ("SIGINT", 0.8), ("SIGTERM", 0.8), ("SIGTERM", 6.0)]
+)  # fmt: skip
+def test_an_interrupt_at_any_moment_is_one_line(tmp_path, signum, delay):
+    """Ctrl-C or SIGTERM while torch is still loading, or during training: one line, exit 130 (143 for
+    SIGTERM), no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    argv = ["train", "--data", "moons", "--steps", "100000", "--out", str(tmp_path / "r"), "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowscore", *argv], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    time.sleep(delay)
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == (130 if signum == "SIGINT" else 143), err
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("flowscore: interrupted"), err
+
+
+def test_importing_flowscore_does_not_load_torch():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = "import sys, flowscore, flowscore._main; print('torch' in sys.modules, flowscore.sample.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "sample"], out.stderr

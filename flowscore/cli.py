@@ -463,7 +463,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- registration ------------------------------------------------------------------------------------------
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=_positive, default=None,
+        "--threads", type=_threads, default=None,
         help="torch CPU threads (default: chosen from the work, one for small models)",
     )  # fmt: skip
 
@@ -575,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _threads(value: str) -> int:
+    number = _integer(value, 1)
+    if number > config.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {config.MAX_THREADS} threads, got {value!r}")
+    return number
 
 
 def _integer_min0(value: str) -> int:

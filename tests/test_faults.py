@@ -316,3 +316,42 @@ def test_importing_flowscore_does_not_load_torch():
     code = "import sys, flowscore, flowscore._main; print('torch' in sys.modules, flowscore.sample.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["False", "sample"], out.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--data-std", "1e300"], "data_std"),
+        (["--data-std", "1e-300"], "data_std"),
+        (["--threads", "100000"], "threads"),
+        (["--data-n", "1e10"], "data_n"),
+        (["--lr", "1e300"], "lr"),
+    ],
+)
+def test_out_of_range_numbers_are_bad_input_before_the_folder_exists(tmp_path, capsys, flags, fragment):
+    run_dir = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", "--data", "moons", "--steps", "5", *flags, "--out", str(run_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert fragment in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("data_std", [2e-19, 1e-6, 1e6])
+def test_what_the_config_accepts_the_run_loader_accepts(tmp_path, data_std):
+    """Symmetry: a data_std the config accepts trains a run that load_run reads back (or is refused before
+    anything is written)."""
+    run_dir = tmp_path / "r"
+    try:
+        Trainer(tiny(steps=2, checkpoint_every=2, data_std=data_std), run_dir, progress=False).train()
+    except ValueError:
+        assert not run_dir.exists()
+        return
+    run = load_run(run_dir)
+    torch.testing.assert_close(run.normalizer.decode(run.normalizer.encode(run.held_out)), run.held_out)
+
+
+def test_nested_toml_is_one_line(tmp_path, capsys):
+    file = tmp_path / "c.toml"
+    file.write_text("a = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    code, _, err = run_cli(capsys, "train", "--config", str(file), "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nested" in err, err

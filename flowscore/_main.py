@@ -33,6 +33,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``flowscore ARGV`` (default ``sys.argv[1:]``) and returns the exit status."""
     _received.clear()
+    for stream in (sys.stdout, sys.stderr):  # a file name in another encoding is printed, not a crash
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals are not ours to handle

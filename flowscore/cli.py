@@ -324,6 +324,10 @@ def resume_config(args: argparse.Namespace) -> config.TrainConfig:
 
 
 def _check_train_out(run_dir: str, resume: bool) -> None:
+    try:
+        _io.check_output_dir(run_dir, "--out")
+    except ValueError as err:
+        raise CLIError(_one_line(err), "choose another --out") from None
     if resume and not os.path.isdir(run_dir):
         raise CLIError(
             f"--resume given but run dir {run_dir!r} does not exist", "drop --resume to start a new run"
@@ -394,7 +398,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"the {sampler} sampler produced NaN or Inf",
             "use more --steps, or another --sampler (e.g. heun or rk4)",
         )
-    _io.save_npy(args.out, x)
+    outputs = [args.out] + ([labels_file] if labels_file else []) + ([args.plot] if args.plot else [])
+    with _io.atomic_paths(*outputs) as files:  # all of them, or none (a full disk fails the last one)
+        _io.save_npy(files[0], x)
+        if labels_file is not None:
+            _io.save_npy(files[1], labels)
+        if args.plot:
+            from . import plots
+
+            held = np.asarray(torch.as_tensor(run.held_out).float())
+            if workflows.plot_kind(run.data_shape) == "points":
+                plots.plot_samples({f"{sampler} samples": x}, held[: max(2000, len(x))], files[-1])
+            else:
+                plots.plot_image_grid(
+                    x[:64], files[-1], title=f"{sampler} samples", value_range=workflows.image_range(run)
+                )
     which = ""
     if run.labelled:
         which = f", class {args.label}" if args.label is not None else ", classes drawn from the training mix"
@@ -403,18 +421,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({sampler}{which}, data space)"
     )
     if labels_file is not None:
-        _io.save_npy(labels_file, labels)
         print(f"wrote {labels_file}: the class of each sample")
     if args.plot:
-        from . import plots
-
-        held = np.asarray(torch.as_tensor(run.held_out).float())
-        if workflows.plot_kind(run.data_shape) == "points":
-            plots.plot_samples({f"{sampler} samples": x}, held[: max(2000, len(x))], args.plot)
-        else:
-            plots.plot_image_grid(
-                x[:64], args.plot, title=f"{sampler} samples", value_range=workflows.image_range(run)
-            )
         print(f"wrote {args.plot}")
     return 0
 
@@ -435,8 +443,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     out_dir = args.out or os.path.join(args.run, "plots")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CLIError(f"--out {out_dir!r} exists and is not a folder", "pass a folder for the PNGs")
+    try:
+        _io.check_output_dir(out_dir, "--out")
+    except ValueError as err:
+        raise CLIError(_one_line(err), "pass a writable folder for the PNGs") from None
     run = load_run_or_fail(args.run)
     for file in workflows.plot_run(run, out_dir, n=args.n, seed=args.seed, threads=args.threads):
         print(f"wrote {file}")

@@ -355,3 +355,92 @@ def test_nested_toml_is_one_line(tmp_path, capsys):
     file.write_text("a = " + "[" * 50_000 + "]" * 50_000 + "\n")
     code, _, err = run_cli(capsys, "train", "--config", str(file), "--out", str(tmp_path / "r"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nested" in err, err
+
+
+# -- 13: exit codes and truthful messages ------------------------------------------------------------------
+def test_sample_with_a_plot_on_a_full_disk_writes_neither(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flowscore import plots
+
+    def full(fig, file):
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+
+    monkeypatch.setattr(plots, "_save", full)
+    out, png = tmp_path / "s.npy", tmp_path / "s.png"
+    argv = [
+        "sample",
+        "--run",
+        str(trained),
+        "--n",
+        "10",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and "no space left on device" in err and "nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither output, no temporaries
+
+
+def test_a_run_in_a_folder_named_in_another_encoding_samples_and_resumes(tmp_path, capsys):
+    """A folder name that is not UTF-8 (safetensors cannot open such a path): the run is read through Python,
+    and `sample` never calls the good checkpoint corrupt."""
+    run_dir = os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xff")
+    Trainer(tiny(steps=10), run_dir, progress=False).train()
+    code, _, err = run_cli(capsys, "sample", "--run", run_dir, "--n", "8", "--steps", "4",
+                           "--out", str(tmp_path / "s.npy"))  # fmt: skip
+    assert code == 0 and "delete" not in err, err
+    Trainer(tiny(steps=20), run_dir, progress=False).train(resume=True)
+    assert load_run(run_dir).step == 20
+
+
+def test_a_new_demo_removes_the_staging_folders_of_killed_demos(tmp_path):
+    import subprocess
+    import sys
+
+    from flowscore import demo
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    out = tmp_path / "demo-out"
+    stale = [tmp_path / f".demo-out.demo-{dead.pid}-abc", tmp_path / f".demo-out.old-{dead.pid}-x"]
+    alive = tmp_path / f".demo-out.demo-{os.getpid()}-def"  # a demo still running
+    other = tmp_path / ".demo-out.demo-notes"  # not named by a demo
+    for folder in (*stale, alive, other):
+        folder.mkdir()
+        (folder / "samples_ode.npy").write_bytes(b"x")
+    staging = Path(demo._staging_dir(str(out)))
+    assert not any(p.exists() for p in stale)
+    assert alive.is_dir() and other.is_dir() and staging.is_dir()
+    assert staging.name.startswith(f".demo-out.demo-{os.getpid()}-")
+
+
+@pytest.mark.parametrize("command", ["plot", "demo", "train"])
+def test_an_out_folder_that_is_a_link_loop_is_bad_input(trained, tmp_path, capsys, command):
+    loop = tmp_path / "loop"
+    os.symlink("loop", loop)
+    argv = {
+        "plot": ["plot", "--run", str(trained), "--out", str(loop)],
+        "demo": ["demo", "--steps", "5", "--out", str(loop)],
+        "train": ["train", "--data", "moons", "--steps", "5", "--out", str(loop)],
+    }[command]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+def test_a_read_only_out_is_bad_input_for_plot_and_demo(trained, tmp_path, capsys, monkeypatch):
+    """A folder this process may not write (simulated: the tests may run as root, who writes anywhere)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != folder and access(p, mode, **kw))
+    for argv in (["plot", "--run", str(trained), "--out", str(folder / "plots")],
+                 ["demo", "--steps", "5", "--out", str(folder / "demo")]):  # fmt: skip
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "writable" in err, err
+    assert not any(folder.iterdir())

@@ -10,7 +10,7 @@ memory, ...) print exactly one line ``flowscore: error: <what is wrong>; <how to
 with status 2; nothing is created before the input is checked, and every output file is written atomically
 (a temporary file, then ``os.replace``). A failure while working (a full disk, a diverging training) prints
 one line naming the cause and what was kept, and exits with status 1. Ctrl-C prints one line and exits
-with 130.
+with 130; SIGTERM the same line, with 143 (from the program's first moment: :mod:`flowscore._main`).
 """
 
 from __future__ import annotations
@@ -617,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, torch.OutOfMemoryError) as err:
         cause = _one_line(err) or type(err).__name__
         return _fail(f"out of memory ({cause}); try a smaller --n or --batch-size", EXIT_FAILED)
+    except RecursionError:
+        return _fail("an input is nested too deeply to be read; check the --config file and the run's files")
     except ValueError as err:
         message = _one_line(err)
         fix = "" if "; " in message else "; check the arguments (see `flowscore --help`)"

@@ -23,21 +23,36 @@ import numpy as np
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path beside ``target`` (its folder is created if needed); when the block ends
     without error, the file written there replaces ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_paths(target) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_paths(*targets: str | os.PathLike[str]) -> Iterator[list[str]]:
+    """:func:`atomic_path` for several files at once: a temporary path beside each target; when the block
+    ends without error all are fsynced, then each replaces its target (renames, which need no space);
+    on any error none does, and the temporaries are removed."""
+    paths = [Path(target) for target in targets]
+    tmps: list[str] = []
+    try:
+        for target in paths:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            tmps.append(tmp)
+        yield list(tmps)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+        for tmp in tmps:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, target in zip(tmps, paths, strict=True):
+            os.replace(tmp, target)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
@@ -89,3 +104,24 @@ def check_output_file(file: str | os.PathLike[str], name: str, suffix: str | Non
             f"{name} {file!r} cannot be written ({parent!r} is not a writable folder); choose another path"
         )
     return file
+
+
+def check_output_dir(folder: str | os.PathLike[str], name: str) -> str:
+    """``folder`` as a folder that outputs can be written into, checked without creating anything: a folder
+    or nothing (not a file, a broken link or a link loop), whose nearest existing parent (or itself) is a
+    writable folder. ``ValueError`` naming ``name`` (e.g. the flag) and the fix otherwise."""
+    folder = os.fspath(folder)
+    if not folder:
+        raise ValueError(f"{name} is empty; pass a folder")
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise ValueError(f"{name} {folder!r} is a broken link or a link loop; pass another folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{name} {folder!r} exists and is not a folder; pass another folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{name} {folder!r} cannot be written ({existing!r} is not a writable folder); choose another"
+        )
+    return folder

@@ -181,12 +181,19 @@ def labels(y: object, batch: int, name: str = "y") -> torch.Tensor:
     return y
 
 
+FEW_CLASSES = 2**16
+"""Class labels ``0..K-1`` may number more classes than points (classes absent from a subset) up to this K;
+above it K must be at most the number of points, so that per-class tables (counts, class embeddings, the
+members of each class) stay as small as the data, whatever one label says."""
+
+
 def class_labels(values: object, n: int, name: str = "labels", *, whole_floats: bool = False) -> torch.Tensor:
     """Class labels of ``n`` data points as an int64 tensor ``(n,)`` with values ``0..K-1``, or ValueError.
 
     A tensor or NumPy array of integers; with ``whole_floats`` (labels read from files) also floats that are
     whole numbers. Refused: booleans, NaN/Inf, fractions, negative values (-1 is only for queries and label
-    dropout) and a length other than ``n``.
+    dropout), a length other than ``n`` and a label ``>= max(n, FEW_CLASSES)`` (checked before any per-class
+    table is built).
     """
     array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
     if not isinstance(array, np.ndarray):
@@ -212,7 +219,11 @@ def class_labels(values: object, n: int, name: str = "labels", *, whole_floats: 
             f"{name}: class labels must be 0..K-1, found {array.min()!r} (-1 = 'no label' is for sampling "
             "and label dropout, not for data)"
         )
-    if array.size and array.max() >= 2**31:
-        raise ValueError(f"{name}: class label {array.max()!r} is too large; number the classes 0..K-1")
+    top = int(array.max()) if array.size else -1
+    if top >= max(n, FEW_CLASSES):
+        raise ValueError(
+            f"{name}: class label {top} on {n} points is too large (the classes are numbered 0..K-1, and K "
+            f"may exceed the number of points only up to {FEW_CLASSES}); renumber the classes 0..K-1"
+        )
     out = torch.from_numpy(array.astype(np.int64))
     return out.to(values.device) if isinstance(values, torch.Tensor) else out

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from . import _io
 
@@ -42,10 +42,43 @@ def save_checkpoint(file: str | Path, tensors: dict[str, torch.Tensor], state: d
     _io.write_bytes(file, save(_tensor_dict(tensors), metadata={_META_KEY: meta}))
 
 
+def _readable(file: Path) -> str | None:
+    """``file`` as a name safetensors can open, or None when it is not valid UTF-8 (a folder named in
+    another encoding): such a file is read through Python instead (:func:`_raw_header`)."""
+    try:
+        str(file).encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return str(file)
+
+
+_MAX_HEADER = 100 * 2**20
+
+
+def _raw_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read directly (an 8-byte little-endian length, then JSON)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size > _MAX_HEADER:
+            raise ValueError(f"a header of {size} bytes")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("a header that is not a JSON object")
+    return header
+
+
 def _read_metadata(file: Path) -> dict[str, str]:
     """The safetensors header's ``__metadata__`` (read with ``safe_open``; no code runs)."""
-    with safe_open(file, framework="pt") as handle:
+    name = _readable(file)
+    if name is None:
+        return _raw_header(file).get("__metadata__") or {}
+    with safe_open(name, framework="pt") as handle:
         return handle.metadata() or {}
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    name = _readable(file)
+    return load_file(name, device="cpu") if name is not None else load(file.read_bytes())
 
 
 def load_checkpoint(file: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -59,10 +92,10 @@ def load_checkpoint(file: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             f"checkpoint {str(file)!r} does not exist; check the run directory or start a new run"
         )
     try:
-        tensors = load_file(file, device="cpu")
+        tensors = _load_tensors(file)
         meta = _read_metadata(file)
         state = json.loads(meta[_META_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(
             f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint "
             f"({type(err).__name__}: {err}); delete it and resume from an older copy, or start a new run"
@@ -84,13 +117,33 @@ def read_state(file: str | Path) -> dict[str, Any]:
         )
     try:
         state = json.loads(_read_metadata(file)[_META_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(
             f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint ({type(err).__name__}: {err})"
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(file)!r} has a malformed state; start a new run")
     return state
+
+
+def tensor_shapes(file: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of every tensor of a safetensors ``file``, read from its header alone (so
+    a damaged file's sizes can be checked before anything is allocated); ``ValueError`` like
+    :func:`read_state`."""
+    file = Path(file)
+    try:
+        if _readable(file) is None:
+            header = _raw_header(file)
+            return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+        with safe_open(str(file), framework="pt") as handle:
+            return {
+                name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                for name in handle.keys()  # noqa: SIM118  (safe_open is not a mapping)
+            }
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise ValueError(
+            f"checkpoint {str(file)!r} is corrupt or not a flowscore checkpoint ({type(err).__name__}: {err})"
+        ) from None
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

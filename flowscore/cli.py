@@ -10,7 +10,7 @@ memory, ...) print exactly one line ``flowscore: error: <what is wrong>; <how to
 with status 2; nothing is created before the input is checked, and every output file is written atomically
 (a temporary file, then ``os.replace``). A failure while working (a full disk, a diverging training) prints
 one line naming the cause and what was kept, and exits with status 1. Ctrl-C prints one line and exits
-with 130.
+with 130; SIGTERM the same line, with 143 (from the program's first moment: :mod:`flowscore._main`).
 """
 
 from __future__ import annotations
@@ -325,6 +325,10 @@ def resume_config(args: argparse.Namespace) -> config.TrainConfig:
 
 
 def _check_train_out(run_dir: str, resume: bool) -> None:
+    try:
+        _io.check_output_dir(run_dir, "--out")
+    except ValueError as err:
+        raise CLIError(_one_line(err), "choose another --out") from None
     if resume and not os.path.isdir(run_dir):
         raise CLIError(
             f"--resume given but run dir {run_dir!r} does not exist", "drop --resume to start a new run"
@@ -419,7 +423,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"the {sampler} sampler produced NaN or Inf",
             "use more --sampler-steps, or another --sampler (e.g. heun or rk4)",
         )
-    _io.save_npy(args.out, x)
+    outputs = [args.out] + ([labels_file] if labels_file else []) + ([args.plot] if args.plot else [])
+    with _io.atomic_paths(*outputs) as files:  # all of them, or none (a full disk fails the last one)
+        _io.save_npy(files[0], x)
+        if labels_file is not None:
+            _io.save_npy(files[1], labels)
+        if args.plot:
+            workflows.plot_sample_file(
+                run, x, files[-1], sampler=sampler, label=args.label, guidance=args.guidance
+            )
     which = ""
     if run.labelled:
         which = f", class {args.label}" if args.label is not None else ", classes drawn from the training mix"
@@ -428,12 +440,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {x.shape[0]} samples of shape {tuple(x.shape[1:])} ({sampler}{which}, data space)"
     )
     if labels_file is not None:
-        _io.save_npy(labels_file, labels)
         print(f"wrote {labels_file}: the class of each sample")
     if args.plot:
-        workflows.plot_sample_file(
-            run, x, args.plot, sampler=sampler, label=args.label, guidance=args.guidance
-        )
         print(f"wrote {args.plot}")
     return 0
 
@@ -456,8 +464,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     out_dir = args.out or os.path.join(args.run, "plots")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CLIError(f"--out {out_dir!r} exists and is not a folder", "pass a folder for the PNGs")
+    try:
+        _io.check_output_dir(out_dir, "--out")
+    except ValueError as err:
+        raise CLIError(_one_line(err), "pass a writable folder for the PNGs") from None
     run = load_run_or_fail(args.run)
     files = workflows.plot_run(
         run, out_dir, n=args.n, seed=args.seed, threads=args.threads, progress=not args.no_progress
@@ -487,7 +497,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- registration ------------------------------------------------------------------------------------------
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=_positive, default=None,
+        "--threads", type=_threads, default=None,
         help="torch CPU threads (default: chosen from the work, one for small models)",
     )  # fmt: skip
 
@@ -617,6 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _threads(value: str) -> int:
+    number = _integer(value, 1)
+    if number > config.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {config.MAX_THREADS} threads, got {value!r}")
+    return number
+
+
 def _integer_min0(value: str) -> int:
     return _integer(value, 0)
 
@@ -640,6 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, torch.OutOfMemoryError) as err:
         cause = _one_line(err) or type(err).__name__
         return _fail(f"out of memory ({cause}); try a smaller --n or --batch-size", EXIT_FAILED)
+    except RecursionError:
+        return _fail("an input is nested too deeply to be read; check the --config file and the run's files")
     except ValueError as err:
         message = _one_line(err)
         fix = "" if "; " in message else "; check the arguments (see `flowscore --help`)"

@@ -40,6 +40,10 @@ PATH_NAMES = ("linear", "vp", "vp-linear", "ve", "custom")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 MAX_BATCH_SIZE = 2**31 - 1
+MAX_THREADS = 1024
+"""The most torch CPU threads a config may ask for (a sanity bound: far more fail to start or crash)."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""Rates are applied to float32 weights: a larger one overflows (lr, weight_decay)."""
 DATA_STD = 0.5
 """The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
 sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
@@ -203,6 +207,8 @@ class TrainConfig:
             raise ValueError(f"config file {str(file)!r} cannot be read ({err})") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+        except RecursionError:
+            raise ValueError(f"config file {str(file)!r} is nested too deeply to be a config") from None
         if set(values) == {"train"} and isinstance(values["train"], dict):
             values = values["train"]
         return values
@@ -229,7 +235,8 @@ class TrainConfig:
         _validate.integer(self.batch_size, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
         for name in ("data_n", "width", "depth", "threads"):
             if getattr(self, name) is not None:
-                _validate.integer(getattr(self, name), name, minimum=1)
+                top = MAX_THREADS if name == "threads" else None
+                _validate.integer(getattr(self, name), name, minimum=1, maximum=top)
         if self.n_holdout is not None:
             _validate.integer(self.n_holdout, "n_holdout", minimum=0)
         _validate.integer(self.warmup, "warmup", minimum=0)
@@ -238,9 +245,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _validate.number(self.p_uncond, "p_uncond", low=0, high=1, high_open=True)
         _validate.number(self.data_std, "data_std", low=0, low_open=True)
+        square = torch.tensor(self.data_std, dtype=torch.float32) ** 2
+        if not (bool(torch.isfinite(square)) and square > 0):
+            raise ValueError(
+                f"data_std {self.data_std!r} is out of range: its square must be finite and non-zero in "
+                "float32 (data_std between about 1e-19 and 1e19)"
+            )
         _validate.integer(self.seed, "seed", minimum=0)
-        _validate.number(self.lr, "lr", low=0, low_open=True)
-        _validate.number(self.weight_decay, "weight_decay", low=0)
+        _validate.number(self.lr, "lr", low=0, low_open=True, high=FLOAT32_MAX)
+        _validate.number(self.weight_decay, "weight_decay", low=0, high=FLOAT32_MAX)
         _validate.number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
         _validate.t_eps(self.t_eps)
         if self.grad_clip is not None:

@@ -99,6 +99,10 @@ LABELLED_TOYS = ("moons", "8gaussians", "circles", "spirals", "2gaussians")
 def _make_toy(name: str, n: int, seed: int) -> Labelled:
     _validate.choice(name, TOYS, "toy data set")
     _validate.positive_int(n, "n")
+    from .resources import check_memory
+
+    what, fix = f"toy {name!r} of {n} points", "draw fewer (a smaller data_n)"
+    check_memory(load_memory((n, 2), 8), "cpu", what, fix)  # drawn in float64, then like a loaded file
     return _MAKERS[name](n, np.random.default_rng(seed))
 
 
@@ -151,7 +155,18 @@ def _check_size(shape: tuple[int, ...], itemsize: int, stored: int | None, origi
             f"{stored} bytes; the file is truncated or damaged"
         )
     what = f"data {origin} of shape {shape}"
-    check_memory(count * (4 + itemsize), "cpu", what, "load a smaller part of it")
+    check_memory(load_memory(shape, itemsize), "cpu", what, "load a smaller part of it")
+
+
+LOAD_BYTES = 20
+"""Bytes per value held at the peak of loading and preparing a data file, beside the file's own (mapped)
+bytes: its float32 copy, the training split's copy and the float64 statistics of the normalizer."""
+
+
+def load_memory(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes that loading an array of ``shape`` with ``itemsize``-byte values and preparing it for training
+    takes at its peak: ``N_values * (itemsize + LOAD_BYTES)``."""
+    return math.prod(shape) * (itemsize + LOAD_BYTES)
 
 
 def _npz_member(file: Path, archive: zipfile.ZipFile, key: str, origin: str) -> np.ndarray:
@@ -306,9 +321,13 @@ class Normalizer:
         shift, scale = _validate.tensor(shift, "shift"), _validate.tensor(scale, "scale")
         if shift.shape != scale.shape:
             raise ValueError(f"shift has shape {tuple(shift.shape)} but scale has {tuple(scale.shape)}")
+        shift, scale = shift.float(), scale.float()  # checked as stored: in float32
         if not bool((scale > 0).all()) or not bool(torch.isfinite(shift).all() & torch.isfinite(scale).all()):
-            raise ValueError("normalizer: scale must be positive and finite, shift finite")
-        self.shift, self.scale = shift.float(), scale.float()
+            raise ValueError(
+                "normalizer: scale must be positive and finite, shift finite (in float32); rescale the data "
+                "or choose another data_std"
+            )
+        self.shift, self.scale = shift, scale
 
     @classmethod
     def fit(cls, data: torch.Tensor, std: float = 1.0) -> Normalizer:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from ._io import save_json, save_npy
+from ._io import check_output_dir, save_json, save_npy
 from .workflows import draw_samples, evaluate_run, held_out_halves, plot_run
 
 DEMO_MARKER = ".flowscore-demo"
@@ -35,10 +35,12 @@ def prepare_demo_dir(out_dir: str) -> bool:
     An absent or empty folder, or one made by an earlier demo (it holds ``DEMO_MARKER``) is fine; any other
     existing path raises ``ValueError``, so the demo never writes into a folder it did not create.
     """
+    check_output_dir(out_dir, "--out")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):  # the demo is built beside it
+        raise ValueError(f"--out {out_dir!r}: its folder {parent!r} is not writable; pass another --out")
     if not os.path.exists(out_dir):
         return False
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_dir!r} exists and is not a folder; pass another --out")
     entries = os.listdir(out_dir)
     if not entries:
         return False
@@ -50,10 +52,45 @@ def prepare_demo_dir(out_dir: str) -> bool:
 
 
 def _staging_dir(out_dir: str) -> str:
-    """A new hidden folder beside ``out_dir`` (same file system, so the final moves are renames)."""
+    """A new hidden folder beside ``out_dir`` (same file system, so the final moves are renames), named
+    ``.NAME.demo-PID-XXXX`` after this process; those of demos whose process is gone (killed) are removed
+    first (:func:`remove_stale`)."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.demo-", dir=parent)
+    remove_stale(out_dir)
+    return tempfile.mkdtemp(prefix=f"{_hidden_prefix(out_dir, 'demo')}{os.getpid()}-", dir=parent)
+
+
+def _hidden_prefix(out_dir: str, kind: str) -> str:
+    return f".{os.path.basename(os.path.abspath(out_dir))}.{kind}-"
+
+
+def remove_stale(out_dir: str) -> list[str]:
+    """Deletes the staging (``.NAME.demo-PID-*``) and old-demo (``.NAME.old-PID-*``) folders beside
+    ``out_dir`` whose process ``PID`` no longer runs (a demo killed by ``kill -9`` or a power cut); returns
+    them. A folder of a running demo, or one not named so, is never touched."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    removed = []
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        for kind in ("demo", "old"):
+            head = _hidden_prefix(out_dir, kind)
+            pid = entry[len(head) :].split("-", 1)[0] if entry.startswith(head) else ""
+            path = os.path.join(parent, entry)
+            if pid.isdigit() and not _alive(int(pid)) and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """True when a process ``pid`` exists (signal 0 probes it without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: not ours to judge
+    return True
 
 
 def _move_into_place(staging: str, out_dir: str) -> None:
@@ -63,7 +100,7 @@ def _move_into_place(staging: str, out_dir: str) -> None:
     if not os.path.exists(out_dir):
         os.rename(staging, out_dir)
         return
-    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.old-",
+    trash = tempfile.mkdtemp(prefix=f"{_hidden_prefix(out_dir, 'old')}{os.getpid()}-",
                              dir=os.path.dirname(os.path.abspath(out_dir)))  # fmt: skip
     for name in sorted(os.listdir(staging)):
         target = os.path.join(out_dir, name)

@@ -94,6 +94,21 @@ def check_memory(needed: float, device: torch.device | str, what: str, fix: str)
         )
 
 
+SAMPLER_STATES = 8
+"""States of the batch a sampler holds at once, for :func:`check_sample_memory` (the state, the model's output
+and a multistep sampler's history; the model's own activations come on top)."""
+
+
+def check_sample_memory(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None, states: int = 0
+) -> None:
+    """``ValueError`` before a sampler allocates anything when ``SAMPLER_STATES + states`` batches of ``n``
+    samples of ``shape`` cannot fit in the free memory of ``device`` (``states``: a trajectory's extra
+    ones)."""
+    needed = (SAMPLER_STATES + states) * n * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    check_memory(needed, device or "cpu", f"{n} samples of shape {tuple(shape)}", "draw fewer at a time")
+
+
 # -- threads -----------------------------------------------------------------------------------------------
 def cpu_count() -> int:
     """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
+import errno
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,12 @@ LOG_FIELDS = ("step", "loss", "loss_ema", "lr", "steps_per_s", "loss_floor")
 RUN_FORMAT = 1
 
 
+def _is_lock_text(content: bytes) -> bool:
+    """True for what a flowscore lock file holds: nothing, or a process id and a newline."""
+    text = content.strip()
+    return len(content) <= 32 and (not text or text.isdigit())
+
+
 class RunInUse(ValueError):
     """Another process holds the run folder's lock."""
 
@@ -78,21 +85,59 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None or self._fd is not None:
             return self
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(8):  # retried while a finishing writer removes the lock file we opened
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                who = f" (process {holder})" if holder.isdigit() else ""
+                raise RunInUse(
+                    f"run {str(self.run_dir)!r} is being written by another process{who}; wait for it to "
+                    "end or choose another --out"
+                ) from None
+            try:
+                current = os.stat(self.file, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is None or not os.path.samestat(current, os.fstat(fd)):
+                os.close(fd)  # the file was removed (and maybe re-created) by its last holder: open it again
+                continue
+            if not _is_lock_text(os.pread(fd, 64, 0)):
+                os.close(fd)
+                raise ValueError(
+                    f"{str(self.file)!r} is not a flowscore lock (it holds other data); move that file away "
+                    "or choose another --out"
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._fd = fd
+            return self
+        raise RunInUse(f"run {str(self.run_dir)!r} is being created and removed by other processes; retry")
+
+    def _open(self) -> int:
+        """The lock file opened for writing (created if missing); a folder, a link or anything but a regular
+        file there is refused (``ValueError``: it is not ours to overwrite)."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            fd = os.open(self.file, flags, 0o644)
+        except FileNotFoundError:
+            raise ValueError(f"run dir {str(self.run_dir)!r} does not exist (it was removed)") from None
+        except OSError as err:
+            if err.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EROFS):
+                cause = os.strerror(err.errno).lower()
+                raise ValueError(
+                    f"{str(self.file)!r} cannot be used as the run's lock ({cause}); move it away or choose "
+                    "another --out"
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            who = f" (process {holder})" if holder.isdigit() else ""
-            raise RunInUse(
-                f"run {str(self.run_dir)!r} is being written by another process{who}; wait for it to end "
-                "or choose another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
+            raise ValueError(
+                f"{str(self.file)!r} is not a regular file; move it away or choose another --out"
+            )
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -140,8 +185,16 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
 
 
 # -- log.csv -----------------------------------------------------------------------------------------------
-def read_log(file: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``log.csv`` as dicts of numbers (None for an empty cell).
+LOG_ROWS_READ = 100_000
+""":func:`load_run` reads at most the last this many rows of ``log.csv`` (from the file's tail: a huge log
+costs no more time or memory than this)."""
+_LOG_ROW_BYTES = 160
+"""Bytes per row assumed when reading a log's tail (a row of flowscore's holds well under this)."""
+
+
+def read_log(file: str | Path, last: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``log.csv`` as dicts of numbers (None for an empty cell); ``last``: at most the last
+    ``last`` rows, read from the end of the file (about ``160 * last`` bytes, whatever its size).
 
     Every complete row ends with a newline; a last row without one (a write cut short by a crash or a full
     disk) is skipped, and so is any row that does not parse. A missing file gives ``[]``.
@@ -149,23 +202,29 @@ def read_log(file: str | Path) -> list[dict[str, Any]]:
     file = Path(file)
     if not file.is_file():
         return []
-    with open(file, encoding="utf-8", errors="replace", newline="") as handle:
-        lines = handle.read().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    rows = []
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
-        return []
-    for values in reader:
-        if len(values) != len(header):
-            continue
-        try:
-            rows.append({k: _log_value(k, v) for k, v in zip(header, values, strict=True)})
-        except ValueError:
-            continue
-    return [r for r in rows if isinstance(r.get("step"), int)]
+    with open(file, "rb") as handle:
+        header = next(csv.reader([handle.readline().decode("utf-8", "replace")]), None)
+        if last is not None:
+            start = handle.seek(0, os.SEEK_END) - _LOG_ROW_BYTES * last
+            if start > handle.seek(0) + len(handle.readline()):
+                handle.seek(start - 1)
+                handle.readline()  # the rest of a row cut by the seek (or the newline before a whole one)
+        rows = [row for line in handle if (row := _log_row(header, line)) is not None]
+    return rows if last is None else rows[-last:]
+
+
+def _log_row(header: list[str] | None, line: bytes) -> dict[str, Any] | None:
+    """One row of ``log.csv`` as a dict, or None when it is torn (no newline) or does not parse."""
+    if not header or not line.endswith(b"\n"):
+        return None
+    values = next(csv.reader([line.decode("utf-8", "replace")]), [])
+    if len(values) != len(header):
+        return None
+    try:
+        row = {k: _log_value(k, v) for k, v in zip(header, values, strict=True)}
+    except ValueError:
+        return None
+    return row if isinstance(row.get("step"), int) else None
 
 
 def _log_value(key: str, value: str) -> int | float | None:
@@ -175,14 +234,21 @@ def _log_value(key: str, value: str) -> int | float | None:
 
 
 def truncate_log(file: str | Path, step: int) -> None:
-    """Rewrites ``log.csv`` (atomically) with its header and the readable rows of ``step <= step`` (rows past
-    the checkpoint are redone on resume; a torn last row is dropped)."""
-    rows = [r for r in read_log(file) if r["step"] <= step]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    _io.write_bytes(file, buffer.getvalue().encode())
+    """Rewrites ``log.csv`` (atomically, streaming: memory does not grow with the log) with its header and
+    the readable rows of ``step <= step`` (rows past the checkpoint are redone on resume; a torn last row is
+    dropped)."""
+    file = Path(file)
+    with _io.atomic_path(file) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.DictWriter(out, LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        if not file.is_file():
+            return
+        with open(file, "rb") as handle:
+            header = next(csv.reader([handle.readline().decode("utf-8", "replace")]), None)
+            for line in handle:
+                row = _log_row(header, line)
+                if row is not None and row["step"] <= step:
+                    writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
 # -- run.safetensors ---------------------------------------------------------------------------------------
@@ -261,13 +327,32 @@ def read_run_file(run_dir: str | Path) -> RunFile:
         raise ValueError(
             f"{str(run_dir)!r} is not a flowscore run (no {RUN_FILE}); pass the run_dir of a training"
         )
-    tensors, state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
     try:
+        _check_run_file_sizes(
+            checkpoint.read_state(run_dir / RUN_FILE), checkpoint.tensor_shapes(run_dir / RUN_FILE)
+        )
+        tensors, state = checkpoint.load_checkpoint(run_dir / RUN_FILE)
         return _check_run_file(state, tensors)
     except _Damaged as err:
         raise ValueError(
             f"{RUN_FILE} of {str(run_dir)!r} is damaged or was not written by flowscore ({err}); train again"
         ) from None
+
+
+def _check_run_file_sizes(state: dict[str, Any], shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The sizes in the header of ``run.safetensors`` within what its config allows, before any tensor is
+    read: at most ``n_holdout`` (else 2000) held-out points, each and every other tensor at most one point."""
+    config = state.get("config")
+    n_holdout = config.get("n_holdout") if isinstance(config, dict) else None
+    most = n_holdout if _is_int(n_holdout) else 2000
+    for name, (_, shape) in shapes.items():
+        held = name.startswith("held_out")
+        rows, size = (shape[0] if shape else 1, math.prod(shape[1:])) if held else (0, math.prod(shape))
+        _require(
+            rows <= most and size <= models.LIMITS["dim"],
+            f"{name} has shape {shape}, more than the run's {most} held-out points of at most "
+            f"{models.LIMITS['dim']} values",
+        )
 
 
 def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RunFile:
@@ -314,6 +399,8 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         path = get_path(path_config["name"], **{k: v for k, v in path_config.items() if k != "name"})
     except (ValueError, TypeError) as err:
         raise _Damaged(f"path: {err}") from None
+    trained = get_path(config.path, **config.path_options).config()
+    _require(path.config() == trained, f"the stored path {path.config()} is not the config's path {trained}")
     try:
         model_config = models.check_description(state.get("model"))
     except ValueError as err:
@@ -523,7 +610,7 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
         normalizer=run_file.normalizer,
         held_out=run_file.held_out,
         data_shape=run_file.data_shape,
-        log=read_log(run_dir / LOG_FILE),
+        log=read_log(run_dir / LOG_FILE, last=LOG_ROWS_READ),
         loss_floor=floor,
         step=step,
         run_dir=run_dir,
@@ -534,3 +621,95 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
         objective=run_file.objective,
         loss_floor_absent=run_file.loss_floor_absent,
     )
+
+
+# -- resuming ----------------------------------------------------------------------------------------------
+def read_resume_state(run_dir: str | Path) -> tuple[RunFile, dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything ``train --resume`` continues from, checked before anything is written: the run file as
+    :func:`load_run` checks it, and the checkpoint's training state (:func:`check_training_state`).
+    Returns ``(run file, checkpoint tensors, checkpoint state)``; one-line ``ValueError`` otherwise."""
+    run_dir = Path(run_dir)
+    run_file = read_run_file(run_dir)
+    file = run_dir / CHECKPOINT_FILE
+    _require_regular(file)
+    model = run_file.model_config
+    weights = models.parameter_count(model) if model["kind"] != models.CUSTOM else model.get("parameters")
+    try:
+        shapes = checkpoint.tensor_shapes(file)
+        for prefix in ("model", "ema"):
+            stored = sum(
+                math.prod(shape) for name, (_, shape) in shapes.items() if name.startswith(prefix + ".")
+            )
+            _require(stored == weights, f"{prefix} holds {stored} values but its model has {weights} weights")
+        _require(
+            sum(math.prod(shape) for _, shape in shapes.values()) <= 4 * weights + 2**24,
+            "it holds more values than a model, its EMA and its optimizer state",
+        )
+        tensors, state = checkpoint.load_checkpoint(file)
+        check_training_state(tensors, state, float32=model["kind"] != models.CUSTOM)
+    except _Damaged as err:
+        raise ValueError(
+            f"the checkpoint of {str(run_dir)!r} is damaged or was not written by flowscore ({err}); it "
+            "cannot be resumed: restore a good copy of the run folder, or start a new run"
+        ) from None
+    return run_file, tensors, state
+
+
+def _require_regular(file: Path) -> None:
+    if not file.is_file() or file.is_symlink():
+        raise ValueError(
+            f"{str(file)!r} is not a regular file; move it away (or restore the run) before resuming"
+        )
+
+
+def check_training_state(
+    tensors: dict[str, torch.Tensor], state: dict[str, Any], float32: bool = True
+) -> None:
+    """The loop state of a checkpoint is one a training can continue (raises ``_Damaged``, a ValueError):
+    a non-negative integer step; finite loss statistics; AdamW hyper-parameters a training sets (betas
+    in [0, 1), eps > 0, a finite non-negative lr and weight decay, maximize false); model, EMA and optimizer
+    tensors finite and float32 (``float32=False``, your own model: its floating tensors finite, of any
+    dtype), second moments >= 0; the generators' states as bytes."""
+    _require(_is_int(state.get("step")), f"step {models._short(state.get('step'))} is not an integer >= 0")
+    _require(_is_int(state.get("window_count")), "window_count is not an integer >= 0")
+    for name in ("window_sum", "loss_ema"):
+        value = state.get(name)
+        finite = _is_number(value) and math.isfinite(value)
+        _require(
+            finite or (name == "loss_ema" and value is None), f"{name} {models._short(value)} is not finite"
+        )
+    optimizer = state.get("optimizer")
+    _require(
+        isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(optimizer.get("scalars"), dict) and len(optimizer["param_groups"]) >= 1,
+        "optimizer state malformed",
+    )  # fmt: skip
+    for group in optimizer["param_groups"]:
+        _require(isinstance(group, dict), "optimizer group malformed")
+        betas = group.get("betas")
+        _require(
+            isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            f"optimizer betas {models._short(betas)} are not two numbers in [0, 1)",
+        )
+        eps, lr, decay = group.get("eps"), group.get("lr"), group.get("weight_decay")
+        _require(_is_number(eps) and 0 < eps < math.inf, f"optimizer eps {models._short(eps)} is not > 0")
+        for name, value in (("lr", lr), ("weight_decay", decay)):
+            _require(_is_number(value) and 0 <= value < math.inf, f"optimizer {name} {models._short(value)}")
+        for flag in ("maximize", "capturable", "differentiable"):
+            _require(group.get(flag, False) is False, f"optimizer {flag} must be false")
+        _require(group.get("amsgrad", False) in (False, True), "optimizer amsgrad must be true or false")
+    for name, value in tensors.items():
+        if name.startswith(("model.", "ema.", "optim.")):
+            if float32:
+                _require(value.dtype == torch.float32, f"{name} is {value.dtype}, not float32")
+            if not value.is_floating_point():
+                continue
+            _require(bool(torch.isfinite(value).all()), f"{name} is not finite")
+            if name.endswith((".exp_avg_sq", ".step")):
+                _require(bool((value >= 0).all()), f"{name} is negative")
+        elif name.startswith("rng."):
+            _require(value.dtype == torch.uint8 and value.dim() == 1, f"{name} is not a byte state")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

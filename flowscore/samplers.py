@@ -36,6 +36,7 @@ from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
 from .grids import GRIDS, SHIFT, check_times, time_grid
 from .paths import GaussianPath, get_path
+from .resources import check_sample_memory
 from .sampler_registry import REGISTRY, names, spec
 from .solvers import EXPONENTIAL, LastCall, sample_dpmpp_2m_sde
 
@@ -810,6 +811,7 @@ def sample(
             times = time_grid(path, steps, grid, t_start=first, t_end=1.0, shift=shift)
     final = _needs_final_step(path, prediction, sampler, float(times[-1]))
     dtype = dtype or torch.get_default_dtype()
+    check_sample_memory(n, shape, dtype, device, len(times) if return_trajectory else 0)
     if x_init is None:
         x = path.sample_prior((n, *shape), generator=generator, dtype=dtype, device=device)
         t0 = float(times[0])

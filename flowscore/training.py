@@ -28,6 +28,7 @@ exception) raises :class:`TrainingFailed`, whose message names the cause and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -573,15 +574,23 @@ class Trainer:
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
+        odd = [n for n in runs.RUN_FILES if os.path.islink(d / n) or os.path.lexists(d / n)
+               and not os.path.isfile(d / n)]  # fmt: skip
+        if resume and odd:
+            raise ValueError(
+                f"{', '.join(odd)} in {str(d)!r} is not a regular file; move it away (a run folder holds "
+                "only its own files)"
+            )
         if not resume and d.is_dir() and not runs.holds_nothing(d):
             raise ValueError(
                 f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
             )
 
-    def _restore(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The checkpoint to continue from, or None; refuses a changed config."""
+    def _restore(self, resume: bool) -> tuple[runs.RunFile, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The run file and checkpoint to continue from (checked: :func:`flowscore.runs.read_resume_state`),
+        or None when there is no checkpoint; refuses a changed config."""
         d = self.run_dir
-        if not resume or not (d / CHECKPOINT_FILE).is_file():
+        if not resume or not os.path.lexists(d / CHECKPOINT_FILE):
             return None
         stored = runs.stored_config(d)
         changed = [k for k, v in self.config.to_dict().items() if stored.to_dict()[k] != v]
@@ -591,7 +600,7 @@ class Trainer:
                 f"cannot resume {str(d)!r} with a different {', '.join(bad)}; only "
                 f"{', '.join(RESUMABLE_CHANGES)} may change (or start a new run)"
             )
-        return checkpoint.load_checkpoint(d / CHECKPOINT_FILE)
+        return runs.read_resume_state(d)
 
     # -- the run -----------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
@@ -631,12 +640,7 @@ class Trainer:
         created = False
         if dist.main:
             created = _make_dir(self.run_dir)
-            try:
-                lock.acquire()
-            except BaseException:
-                if created:
-                    _remove_own_files(self.run_dir, created)
-                raise
+            lock.acquire()  # refused: nothing is removed (the folder is another writer's now)
         loop: _Loop | None = None
         started = False
         try:
@@ -645,13 +649,15 @@ class Trainer:
             dist.barrier()
             restored = self._restore(resume)
             if restored is not None:
-                run_state = checkpoint.read_state(self.run_dir / RUN_FILE)
-                if run_state.get("data_sha256") != prepared.data_sha256:
+                run_file, *restored = restored
+                if run_file.data_sha256 != prepared.data_sha256:
                     raise ValueError(
                         f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
                     )
+                run_state = checkpoint.read_state(self.run_dir / RUN_FILE)
                 _check_same_model(self.run_dir, run_state.get("model"), prepared.description)
                 _check_same_objective(self.run_dir, run_state.get("objective"), prepared.objective)
+                _check_same_split(self.run_dir, run_file, prepared)
                 floor, absent = _stored_floor(run_state)
             else:
                 floor, absent = None, None
@@ -688,7 +694,7 @@ class Trainer:
         errors and Ctrl-C propagate as they are)."""
         kept = runs.checkpoint_step(self.run_dir)
         if kept is None and (started or created):
-            _remove_own_files(self.run_dir, created)
+            _remove_own_files(self.run_dir, created, written=started)
         if not started or isinstance(err, KeyboardInterrupt):
             return
         if isinstance(err, _Diverged):
@@ -729,31 +735,73 @@ def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> N
     )
 
 
+def _check_same_split(run_dir: Path, run_file: runs.RunFile, prepared: _Prepared) -> None:
+    """``ValueError`` when what the run file stores about the data (training points, held-out points and
+    labels, normalizer, classes) is not what the same data gives again: the file was altered."""
+    if prepared.stream is not None:
+        return
+    stored = (run_file.n_train, run_file.held_out, run_file.normalizer.state_dict(), run_file.labels,
+              run_file.held_out_labels)  # fmt: skip
+    given = (prepared.n_train, prepared.held_out, prepared.normalizer.state_dict(), prepared.label_info(),
+             prepared.held_out_labels)  # fmt: skip
+    if not _same(stored, given):
+        raise ValueError(
+            f"{RUN_FILE} of {str(run_dir)!r} does not match its data (its training or held-out points, "
+            "normalizer or labels were altered); restore a good copy of the run folder, or start a new run"
+        )
+
+
+def _same(a: object, b: object) -> bool:
+    """Equality of nested tuples, dicts, lists and tensors (tensors: same dtype, shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        )  # fmt: skip
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def _make_dir(run_dir: Path) -> bool:
-    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins)."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
+    A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""
     try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
     except FileExistsError:
+        if not run_dir.is_dir():
+            raise ValueError(
+                f"run_dir {str(run_dir)!r} exists and is not a directory; choose another"
+            ) from None
         return False
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise ValueError(f"run_dir {str(run_dir)!r} cannot be created ({cause}); choose another") from None
     return True
 
 
-def _remove_own_files(run_dir: Path, created: bool) -> None:
-    """Deletes the files a training writes (and their temporaries) from ``run_dir``, then the folder itself
-    if this process created it and nothing else is in it. Never touches any other file."""
-    runs.remove_temporaries(run_dir)
-    shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
-    for name in runs.RUN_FILES:
-        try:
-            (run_dir / name).unlink()
-        except FileNotFoundError:
-            pass
+def _remove_own_files(run_dir: Path, created: bool, written: bool = True) -> None:
+    """After a failure before the first checkpoint, while holding the lock: deletes what this process
+    wrote, never another process's files. ``written``: this process started writing the run's files
+    (which it does only into a folder that held nothing but a lock and temporaries, checked under the
+    lock), so every run file there is its own; otherwise it wrote only its lock. The folder itself goes
+    too when this process created it and nothing else is in it."""
+    if written:
+        runs.remove_temporaries(run_dir)
+        shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
+        for name in runs.RUN_FILES:
+            if name != runs.LOCK_FILE:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        if written or (created and [p.name for p in run_dir.iterdir()] == [runs.LOCK_FILE]):
+            (run_dir / runs.LOCK_FILE).unlink()  # a later writer that opened it re-opens (RunLock.acquire)
     if created:
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
 
 
 class _Loop:

@@ -452,8 +452,8 @@ def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dic
     labels = None if prepared.labels is None else prepared.labels.cpu()
     floor = loss_floor(
         train.cpu(), prepared.path, config.objective, n_samples=n_samples, labels=labels,
-        weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
-        seed=config.seed, progress=progress,
+        weighting=config.resolved_weighting(), time_sampler=config.resolved_time_sampler(),
+        t_eps=config.t_eps, seed=config.seed, progress=progress,
     )  # fmt: skip
     if labels is None:
         return floor.to_dict()
@@ -869,7 +869,7 @@ class _Loop:
             part = slice(None)
         batch = x_data.shape[0]
         t = sample_time(
-            batch, time_sampler=config.time_sampler, t_eps=config.t_eps, generator=gen,
+            batch, time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, generator=gen,
             dtype=x_data.dtype, device=self.device,
         )  # fmt: skip
         noise = torch.randn(x_data.shape, generator=gen, dtype=x_data.dtype, device=self.device)

@@ -49,6 +49,8 @@ PATHS = ("linear", "vp", "vp-linear", "ve")
 PREDICTIONS = ("velocity", "score", "noise", "data")
 GOAL = 1.3
 PARITY_GOAL = 1.1
+VARIANTS = ("before", "after", "linear-velocity", "network")
+"""``--defaults``: before issue 16, the config's defaults, or that weighting with the auto time sampler."""
 
 
 FINDINGS = """What the matrix taught (docs/theory.md, section 16):
@@ -89,6 +91,8 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                             precondition=True, data_n=args.small_n, seed=seed))  # fmt: skip
     if args.defaults == "before":
         out = [{**c, **before_defaults(c["path"], c["objective"])} for c in out]
+    elif args.defaults != "after":  # a weighting named explicitly, with the default (auto) time sampler
+        out = [{**c, "weighting": args.defaults} for c in out]
     if args.baseline:
         for objective, prediction in itertools.product(("cfm", "dsm"), PREDICTIONS):
             out.append(dict(toy=args.toys[0], path="linear", objective=objective, prediction=prediction,
@@ -213,7 +217,7 @@ def report(variants: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         "# Parity of objectives: every path x objective, ODE and SDE, against linear cfm",
         "",
         f"`nice -n 10 python bench/bench_matrix.py --steps {args.steps} --n {args.n} --pairs {args.pairs} "
-        f"--seeds {args.seeds} --workers {args.workers} --defaults before|after` on "
+        f"--seeds {args.seeds} --workers {args.workers} --defaults VARIANT` on "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per cell "
         f"({args.workers} cell(s) at a time) on a shared machine (timings are not comparable). Each cell: "
         f"`TrainConfig(data=toy, path, objective, prediction, seed)`, {args.steps} steps, every other field "
@@ -229,6 +233,10 @@ def report(variants: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         "before": "Before: the defaults of before issue 16 (weighting noise for dsm and for cfm on ve, none "
         "otherwise; uniform times)",
         "after": "After: the current defaults (weighting and time sampler auto: `parity_defaults`)",
+        "network": "After: weighting network, matched log-SNR times (`--defaults network`: what the auto "
+        "defaults resolve to)",
+        "linear-velocity": "Weighting linear-velocity, matched log-SNR times (`--defaults linear-velocity`; "
+        "its linear rows are the before rows: weight exactly 1, the same uniform times)",
     }
     for name, rows in variants.items():
         main = [r for r in rows if r["precondition"] and "data_n" not in r]
@@ -269,7 +277,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--defaults",
-        choices=("before", "after"),
+        choices=VARIANTS,
         default="after",
         help="the weighting and time sampler of the cells to run (see the module docstring)",
     )
@@ -295,7 +303,7 @@ def main() -> None:
                       f"SDE {r['ratio_sde']:.2f} ({r['train_s']:.0f} s)", flush=True)  # fmt: skip
         done = load_cache(args.cache)
     variants = {}
-    for name in ("before", "after"):
+    for name in VARIANTS:
         cells_of = cells(argparse.Namespace(**{**vars(args), "defaults": name}))
         variants[name] = [done[key(c, args.steps)] for c in cells_of if key(c, args.steps) in done]
     text = report(variants, args)

@@ -51,7 +51,7 @@ OBJECTIVES: dict[str, str] = {"cfm": "velocity", "fm": "velocity", "dsm": "score
 """Each objective and the space (kind) its regression is done in."""
 OBJECTIVE_ALIASES: dict[str, str] = {"flow": "cfm", "score": "dsm"}
 """Older names still accepted where a conditional objective is meant (``loss_floor``, ``verify``)."""
-WEIGHTINGS = ("noise", "likelihood", "network")
+WEIGHTINGS = ("noise", "likelihood", "network", "linear-velocity")
 TIME_SAMPLERS = ("uniform", "logit-normal")
 REDUCTIONS = ("mean", "sum", "none")
 DIM_REDUCTIONS = ("sum", "mean")
@@ -309,6 +309,12 @@ def loss_weight(
       ``score -> velocity`` coefficient. The loss per sample is then :math:`\lVert F - F^*\rVert^2` with
       :math:`F^* = ` (conditional velocity) / ``c_out``, for cfm and dsm alike (the conditional score
       converts exactly to the conditional velocity at the same ``x``): the two are one loss.
+    * ``"linear-velocity"``: the loss per sample is the error of the ``linear`` path's velocity implied by the
+      model at the same log-SNR, :math:`(1 + \sigma_t)^2\lVert\hat\varepsilon - \varepsilon\rVert^2` with
+      :math:`\sigma_t = \beta_t/\alpha_t`: the ``"noise"`` weight times :math:`(1 + \sigma_t)^2`, i.e.
+      velocity space :math:`(\alpha_t + \beta_t)^2/(\alpha'_t\beta_t - \alpha_t\beta'_t)^2` (1 on
+      ``linear``), score space :math:`\beta_t^2(\alpha_t + \beta_t)^2/\alpha_t^2`. With matched log-SNR
+      times (:func:`snr_matched`) every path then trains on linear cfm's loss over the noise levels.
     * a callable ``lambda(t)`` returning a tensor shaped like ``t``.
     """
     _validate.choice(kind, ("velocity", "score"), "kind")
@@ -327,6 +333,12 @@ def loss_weight(
         return c_value**2
     if weighting == "network":
         return network_weight(path, t, kind, sigma_data)
+    if weighting == "linear-velocity":  # in float64: exactly 1 on linear
+        t64 = t.detach().to(torch.float64)
+        c_noise, _ = path.coefficients(t64, kind, "noise")
+        alpha, beta = path.alpha(t64), path.beta(t64)  # alpha = 0 (t_eps = 0): not finite, ValueError
+        weight = (c_noise * (alpha + beta) / alpha) ** 2
+        return _validate.finite(weight, "linear-velocity weight").to(t.dtype)
     g_sq = path.diffusion_sq(t)
     ratio = time_density_ratio(t, time_sampler, t_eps)
     if kind == "score":

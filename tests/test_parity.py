@@ -249,3 +249,31 @@ def test_the_network_weighting_follows_sigma_data():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="sigma_data"):
         losses.loss_weight(path, t, "velocity", "network", sigma_data=0.0)
+
+
+@pytest.mark.parametrize("name", ["vp", "vp-linear", "ve"])
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_linear_velocity_weighting_is_the_linear_paths_velocity_error_at_the_same_log_snr(name, objective):
+    x_data, t, noise = draws(seed=2)
+    net = KnownNet()
+    model = Preconditioned(net, name, "velocity", sigma_data=DATA_STD)
+    loss = losses.objective_loss(
+        objective, model, x_data, name, t, noise, prediction="velocity", weighting="linear-velocity",
+        reduction="none",
+    )  # fmt: skip
+    alpha, beta, d_alpha, d_beta = (c[:, None] for c in schedule(name, t))
+    x = alpha * x_data + beta * noise
+    v = model(x, t)
+    d_v = d_alpha * beta - alpha * d_beta
+    noise_hat = (d_alpha * x - alpha * v) / d_v  # the model's noise and data predictions
+    data_hat = (x - beta * noise_hat) / alpha
+    # on linear at the same log-SNR the velocity is data - noise: the model's, and the target
+    expected = ((data_hat - noise_hat) - (x_data - noise)).pow(2).sum(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_linear_velocity_weighting_is_exactly_one_on_linear_so_linear_cfm_is_unchanged():
+    t = losses.sample_time(100_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        losses.loss_weight(get_path("linear"), t, "velocity", "linear-velocity"), torch.ones_like(t)
+    )

@@ -92,7 +92,8 @@ FIELD_HELP: dict[str, str] = {
     "depth": "MLP hidden layers or UNet levels; none: the model's default",
     "weighting": "loss weighting lambda(t): auto (with time-sampler auto and preconditioning: network, "
     "uniform in the preconditioned network's error; with another time sampler: noise for dsm/sm, for "
-    "cfm/fm none, but noise on a preconditioned ve path), noise, likelihood, network or none",
+    "cfm/fm none, but noise on a preconditioned ve path), noise, likelihood, network, linear-velocity or "
+    "none",
     "time_sampler": "distribution of the training times t: auto (with preconditioning: the times whose "
     "log-SNR has the law of uniform times on the linear path; uniform without), uniform or logit-normal",
     "t_eps": "training times lie in [t_eps, 1 - t_eps]",

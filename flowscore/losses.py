@@ -304,11 +304,13 @@ def loss_weight(
     * ``"network"``: uniform in the error of the preconditioned network ``F`` of
       :class:`flowscore.Preconditioned` (``v = c_out F(c_in x, t)``, ``c_out`` of
       :func:`flowscore.preconditioning.scalings` with ``sigma_data``, default
-      :data:`flowscore.config.DATA_STD`): velocity space :math:`1/c_{out}^2`, score space
-      :math:`c^2/c_{out}^2` with :math:`c = \beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)/\alpha_t` the
-      ``score -> velocity`` coefficient. The loss per sample is then :math:`\lVert F - F^*\rVert^2` with
-      :math:`F^* = ` (conditional velocity) / ``c_out``, for cfm and dsm alike (the conditional score
-      converts exactly to the conditional velocity at the same ``x``): the two are one loss.
+      :data:`flowscore.config.DATA_STD`): velocity space :math:`k/c_{out}^2`, score space
+      :math:`k c^2/c_{out}^2` with :math:`c = \beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)/\alpha_t` the
+      ``score -> velocity`` coefficient and the constant :math:`k = 1 + \sigma_{data}^2` (``c_out^2`` of
+      ``linear``, so that cfm on ``linear`` keeps the weight 1). The loss per sample is then
+      :math:`k\lVert F - F^*\rVert^2` with :math:`F^* = ` (conditional velocity) / ``c_out``, for cfm and
+      dsm alike (the conditional score converts exactly to the conditional velocity at the same ``x``):
+      the two are one loss.
     * ``"linear-velocity"``: the loss per sample is the error of the ``linear`` path's velocity implied by the
       model at the same log-SNR, :math:`(1 + \sigma_t)^2\lVert\hat\varepsilon - \varepsilon\rVert^2` with
       :math:`\sigma_t = \beta_t/\alpha_t`: the ``"noise"`` weight times :math:`(1 + \sigma_t)^2`, i.e.
@@ -355,8 +357,9 @@ def loss_weight(
 def network_weight(
     path: GaussianPath, t: torch.Tensor, kind: str, sigma_data: float | None = None
 ) -> torch.Tensor:
-    """The ``"network"`` weighting of :func:`loss_weight`: ``(c_kind->velocity)^2 / c_out^2``, shaped like
-    ``t``, computed in float64 and returned in ``t``'s dtype."""
+    """The ``"network"`` weighting of :func:`loss_weight`: ``(1 + sigma_data^2) (c_kind->velocity)^2 /
+    c_out^2``, shaped like ``t``, computed in float64 and returned in ``t``'s dtype (1 for cfm on
+    ``linear``, whose ``c_out^2`` is the constant ``1 + sigma_data^2``)."""
     from .config import DATA_STD  # config and preconditioning import this module
     from .preconditioning import scalings
 
@@ -364,7 +367,7 @@ def network_weight(
     t64 = t.detach().to(torch.float64)
     c_value, _ = path.coefficients(t64, kind, "velocity")
     _, c_out = scalings(path.schedule(t64), sigma)
-    return (c_value**2 / c_out**2).to(t.dtype)
+    return ((1 + sigma**2) * c_value**2 / c_out**2).to(t.dtype)
 
 
 def predict(

@@ -79,7 +79,7 @@ def test_network_weighting_is_the_squared_error_of_the_preconditioned_network(na
     c_out = torch.sqrt(d_alpha**2 * DATA_STD**2 + d_beta**2)
     x = alpha * x_data + beta * noise
     f_target = (d_alpha * x_data + d_beta * noise) / c_out
-    expected = (net(c_in * x, t) - f_target).pow(2).sum(1)
+    expected = (1 + DATA_STD**2) * (net(c_in * x, t) - f_target).pow(2).sum(1)  # k ||F - F*||^2
     torch.testing.assert_close(loss, expected, rtol=1e-7, atol=1e-10)
 
 
@@ -244,7 +244,7 @@ def test_the_network_weighting_follows_sigma_data():
     path = get_path("vp")
     for sigma in (0.5, 1.0, 2.0):
         _, _, d_alpha, d_beta = schedule("vp", t)
-        expected = 1 / (d_alpha**2 * sigma**2 + d_beta**2)
+        expected = (1 + sigma**2) / (d_alpha**2 * sigma**2 + d_beta**2)
         got = losses.loss_weight(path, t, "velocity", "network", sigma_data=sigma)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="sigma_data"):
@@ -272,8 +272,7 @@ def test_linear_velocity_weighting_is_the_linear_paths_velocity_error_at_the_sam
     torch.testing.assert_close(loss, expected, rtol=1e-7, atol=1e-10)
 
 
-def test_linear_velocity_weighting_is_exactly_one_on_linear_so_linear_cfm_is_unchanged():
+@pytest.mark.parametrize("weighting", ["network", "linear-velocity"])
+def test_the_parity_weightings_are_exactly_one_for_cfm_on_linear_so_linear_cfm_is_unchanged(weighting):
     t = losses.sample_time(100_000, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(
-        losses.loss_weight(get_path("linear"), t, "velocity", "linear-velocity"), torch.ones_like(t)
-    )
+    assert torch.equal(losses.loss_weight(get_path("linear"), t, "velocity", weighting), torch.ones_like(t))

@@ -215,7 +215,7 @@ def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: 
 
     Multiplying a loss term by it makes the average over the sampler's times estimate the same integral over
     t as uniform times (importance weighting). 1 for ``"uniform"``; ``"logit-normal"`` and samplers made by
-    :func:`logit_normal` know their density; any other callable raises ``ValueError``.
+    :func:`logit_normal` or :func:`snr_matched` know their density; any other callable raises ``ValueError``.
     """
     if time_sampler == "uniform":
         return torch.ones_like(t)
@@ -224,9 +224,9 @@ def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: 
     density = getattr(time_sampler, "density", None)
     if not callable(density):
         raise ValueError(
-            "weighting='likelihood' needs a time sampler whose density is known ('uniform', 'logit-normal' "
-            "or flowscore.losses.logit_normal(mean, std)), since it divides by that density to stay a bound; "
-            "use one of those, or pass your own weighting callable"
+            "weighting='likelihood' needs a time sampler whose density is known ('uniform', 'logit-normal', "
+            "flowscore.losses.logit_normal(mean, std) or snr_matched(path)), since it divides by that "
+            "density to stay a bound; use one of those, or pass your own weighting callable"
         )
     u = ((t - t_eps) / (1 - 2 * t_eps)).double()
     return (1 / density(u)).to(t.dtype)

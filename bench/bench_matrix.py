@@ -78,14 +78,16 @@ def before_defaults(path: str, objective: str) -> dict[str, Any]:
 
 PARITY_FINDINGS = """What the parity bench taught (docs/theory.md, section 16, "Parity of objectives"):
 * The before rows at seed 0 are the rows of the earlier matrix (results/matrix.jsonl, the same code); the
-  machine was shared by several agents, so only part of the planned cells ran: two seeds where the column
-  says so, one elsewhere. The after table trains cfm alone: with the "network" weighting cfm and dsm are one
+  machine was shared by several agents, so the before table has one seed (two for moons linear cfm), the
+  after table two. The after table trains cfm alone: with the "network" weighting cfm and dsm are one
   loss per sample for the same draws (tests/test_parity.py), so a dsm cell trains the same loss on the same
   draws. The after cells ran with the network weighting before its constant k = 1 + sigma_data^2 was added
   (every weight x 0.8 on every path; with Adam a constant factor only changes where the gradient clip
   engages).
 * Matched log-SNR times fix vp-linear, whose uniform times put three quarters of the draws on the noisy side
-  of log-SNR 0: moons 1.24 / 1.29 before, 1.05 / 1.02 after (seed 0). On checkerboard it stays at 1.12.
+  of log-SNR 0: moons 1.24 / 1.29 before (seed 0), 1.07 / 1.02 after (two seeds). vp and vp-linear train the
+  same network problem at matched times (docs/theory.md section 16) and their after rows agree; on
+  checkerboard both stay at 1.12 / 1.13-1.14.
 * ve stays apart on the SDE: its velocity has no data term, the network's target is -noise, and the
   weighting uniform in the network's error is the DDPM noise loss, which weights the noise end 1.25 / (1 +
   sigma)^2 times what linear cfm gives it (2e-4 at sigma = 80). Its ODE samples match linear cfm; its SDE

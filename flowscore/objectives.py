@@ -294,7 +294,13 @@ class GaussianObjective(Objective):
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         r"""``(B,)`` weights :math:`\lambda(t)` (:func:`flowscore.losses.loss_weight`)."""
         return loss_weight(
-            self.path, t, self.space, self.weighting, time_sampler=self.time_sampler, t_eps=self.t_eps
+            self.path,
+            t,
+            self.space,
+            self.weighting,
+            time_sampler=self.time_sampler,
+            t_eps=self.t_eps,
+            sigma_data=self.sigma_data if self.precondition else None,  # "network": that of the scalings
         )
 
     def per_sample(
@@ -364,7 +370,8 @@ class GaussianObjective(Objective):
         if self.floor_absent is not None:
             return None
         floor = loss_floor(
-            x_data, self.path, self.name, labels=labels, weighting=self.weighting,
+            x_data, self.path, self.name, labels=labels,
+            weighting=None if self.weighting is None else self.weight,  # the loss's own weights
             time_sampler=self.time_sampler, t_eps=self.t_eps, dim_reduction=self.dim_reduction, **options,
         )  # fmt: skip
         return floor if labels is None else floor.label_dropout(p_uncond)
@@ -390,7 +397,7 @@ class GaussianObjective(Objective):
 
     def to_dict(self) -> dict[str, Any]:
         def named(value: object) -> object:
-            return "callable" if callable(value) else value
+            return "callable" if callable(value) else value  # a run rebuilds it from its config
 
         return {
             **super().to_dict(), "path": self.path.config(), "weighting": named(self.weighting),
@@ -495,8 +502,8 @@ def objective_from_config(
     them, is trained as given."""
     path = get_path(config.path, **config.path_options) if path is None else path
     options = dict(
-        prediction=config.prediction, weighting=config.resolved_weighting(), time_sampler=config.time_sampler,
-        t_eps=config.t_eps, sigma_data=config.data_std,
+        prediction=config.prediction, weighting=config.resolved_weighting(),
+        time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=config.data_std,
         precondition=config.precondition and (model is None or builtin_config(model) is not None),
     )  # fmt: skip
     if config.objective in ("cfm", "dsm"):

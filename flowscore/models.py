@@ -296,8 +296,8 @@ def model_config(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: An
     ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
     or ``"auto"`` (MLP for vectors, UNet for images). Both take ``num_classes`` (a class-conditional model,
     ``model(x, t, y)``) and ``two_time`` (a flow-map model ``model(x, t, s[, y])`` with a second time
-    embedding, of the gap ``s - t``, see :mod:`flowscore.flowmaps`). Options set to ``None`` take their defaults. The result is checked by
-    :func:`check_config`.
+    embedding, of the gap ``s - t``, see :mod:`flowscore.flowmaps`). Options set to ``None`` take their
+    defaults. The result is checked by :func:`check_config`.
     """
     _validate.choice(kind, MODELS, "model")
     data_shape = tuple(data_shape)

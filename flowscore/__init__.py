@@ -6,17 +6,19 @@ the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> 
 plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
-from . import adapters, couplings, data, grids, losses, preconditioning, samplers, solvers
+from . import adapters, couplings, data, flowmaps, grids, losses, preconditioning, samplers, solvers
 from ._validate import validation
 from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
 from .config import TrainConfig
 from .conversions import KINDS, Schedule, conversion_coefficients, convert
 from .floor import LossFloor, loss_floor
+from .flowmaps import MeanFlow, PreconditionedFlowMap, Semigroup, exact_flow_map, flow_map
 from .grids import time_grid
 from .likelihood import log_likelihood
 from .marginals import EmpiricalMarginal
 from .metrics import mmd, w2
 from .mixtures import GaussianMixture
+from .objectives import Objective
 from .paths import (
     PATHS,
     CosinePath,
@@ -35,6 +37,13 @@ from .training import Trainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "MeanFlow",
+    "PreconditionedFlowMap",
+    "Semigroup",
+    "exact_flow_map",
+    "flow_map",
+    "flowmaps",
+    "Objective",
     "wrap_time",
     "to_discrete",
     "to_denoiser",

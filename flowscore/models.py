@@ -20,6 +20,11 @@ from torch import nn
 from . import _validate
 from .conditioning import check_labels
 
+TWO_TIME_SCALE = 30.0
+"""Time scale of the sinusoidal embeddings of a two-time (flow-map) model, in place of 1000: the MeanFlow
+target contains the network's time derivative, which the highest frequencies of the velocity networks'
+embedding make very large at initialisation (docs/theory.md section 17)."""
+
 
 class SinusoidalEmbedding(nn.Module):
     r"""``(B,)`` times to ``(B, dim)`` features :math:`[\sin(s t f_k), \cos(s t f_k)]`, ``dim`` even.
@@ -126,7 +131,7 @@ class MLP(nn.Module):
         self.depth = _validate.positive_int(depth, "depth")
         self.time_embedding = time_embedding
         self.num_classes = num_classes
-        self.embed = SinusoidalEmbedding(time_embedding)
+        self.embed = SinusoidalEmbedding(time_embedding, scale=TWO_TIME_SCALE if self.two_time else 1000.0)
         layers: list[nn.Module] = []
         fan_in = dim + time_embedding * (2 if self.two_time else 1)
         for _ in range(depth):
@@ -209,8 +214,9 @@ class UNet(nn.Module):
         self.time_embedding = _validate.positive_int(time_embedding, "time_embedding")
         self.num_classes = num_classes
         t_dim = 4 * base
+        scale = TWO_TIME_SCALE if self.two_time else 1000.0
         self.embed = nn.Sequential(
-            SinusoidalEmbedding(time_embedding),
+            SinusoidalEmbedding(time_embedding, scale=scale),
             nn.Linear(time_embedding, t_dim),
             nn.SiLU(),
             nn.Linear(t_dim, t_dim),
@@ -231,10 +237,14 @@ class UNet(nn.Module):
         )
         # made last, so the other weights start as in the unconditional model of the same seed
         self.classes = None if num_classes is None else ClassEmbedding(num_classes, t_dim, init_std=0.02)
-        self.embed_gap = (
-            nn.Sequential(SinusoidalEmbedding(time_embedding), nn.Linear(time_embedding, t_dim), nn.SiLU(),
-                          nn.Linear(t_dim, t_dim)) if self.two_time else None
-        )  # fmt: skip
+        self.embed_gap = None
+        if self.two_time:  # the second time: the gap s - t
+            self.embed_gap = nn.Sequential(
+                SinusoidalEmbedding(time_embedding, scale=scale),
+                nn.Linear(time_embedding, t_dim),
+                nn.SiLU(),
+                nn.Linear(t_dim, t_dim),
+            )
 
     def config(self) -> dict[str, Any]:
         return _with_two_time({"kind": "unet", "channels": self.channels, "base": self.base,

@@ -630,7 +630,14 @@ def sample(
 
     Returns: ``(n, *shape)`` samples; with ``return_trajectory`` also the ``(T, n, *shape)`` states on the
     grid; with ``return_nfe`` also the number of model calls (in that order).
+
+    A two-time (flow-map) model (``model.two_time``) is sampled by ``steps`` jumps instead
+    (:func:`flowscore.flowmaps.sample_jumps`).
     """
+    if getattr(model, "two_time", False):  # a flow-map model: K jumps (flowscore.flowmaps)
+        from .flowmaps import sample_two_time
+
+        return sample_two_time(model, path, n, locals())
     path = get_path(path)
     prediction = _model_and_prediction(model, prediction)
     sampler, steps, grid = defaults(sampler, steps, grid)

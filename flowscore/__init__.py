@@ -2,11 +2,22 @@
 
 Time runs from t = 0 (noise) to t = 1 (data); ``x = alpha_t * x_data + beta_t * noise``. The modules follow
 the data flow: ``paths`` (and ``conversions``) -> ``marginals``/``mixtures`` -> ``losses``/``floor`` ->
-``config``/``runs``/``training`` -> ``samplers``/``likelihood``/``metrics`` -> ``workflows`` (sample, eval,
-plot a run) -> ``demo``; ``cli`` puts them on the command line.
+``objectives`` -> ``config``/``runs``/``training`` -> ``samplers``/``likelihood``/``metrics`` ->
+``workflows`` (sample, eval, plot a run) -> ``demo``; ``cli`` puts them on the command line.
 """
 
-from . import adapters, couplings, data, flowmaps, grids, losses, preconditioning, samplers, solvers
+from . import (
+    adapters,
+    couplings,
+    data,
+    flowmaps,
+    grids,
+    losses,
+    objectives,
+    preconditioning,
+    samplers,
+    solvers,
+)
 from ._validate import validation
 from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
 from .config import TrainConfig
@@ -43,7 +54,6 @@ __all__ = [
     "exact_flow_map",
     "flow_map",
     "flowmaps",
-    "Objective",
     "wrap_time",
     "to_discrete",
     "to_denoiser",
@@ -57,6 +67,8 @@ __all__ = [
     "adapters",
     "KINDS",
     "PATHS",
+    "Objective",
+    "objectives",
     "Preconditioned",
     "preconditioning",
     "Run",

@@ -44,9 +44,12 @@ DATA_STD = 0.5
 """The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
 sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
 
+FLOW_MAPS = ("meanflow", "semigroup")
+"""The flow-map objectives (:mod:`flowscore.flowmaps`): a two-time model ``model(x, t, s[, y])``."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "path": PATH_NAMES,
-    "objective": tuple(OBJECTIVES),
+    "objective": (*OBJECTIVES, *FLOW_MAPS),
     "prediction": tuple(KINDS),
     "lr_schedule": LR_SCHEDULES,
     "model": tuple(MODELS),
@@ -68,7 +71,8 @@ FIELD_HELP: dict[str, str] = {
     "none: the whole set",
     "path": "the Gaussian path x = alpha_t x_data + beta_t noise",
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_max\": 50}' for ve",
-    "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
+    "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup (flow maps: a "
+    "two-time model sampled in a few jumps)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
@@ -213,7 +217,7 @@ class TrainConfig:
         with preconditioning, where the velocity's scale spans orders of magnitude over t and the "noise"
         weighting makes the network's error count the same at every t (docs/theory.md, section 16)."""
         if self.weighting == "auto":
-            if OBJECTIVES[self.objective] == "score" or (self.path == "ve" and self.precondition):
+            if OBJECTIVES.get(self.objective) == "score" or (self.path == "ve" and self.precondition):
                 return "noise"
             return None
         return self.weighting
@@ -250,6 +254,10 @@ class TrainConfig:
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
             _validate.choice(value, options, name)
+        if self.objective in FLOW_MAPS and self.prediction != "velocity":
+            raise ValueError(
+                f"objective {self.objective!r} trains an average velocity: prediction must be velocity"
+            )
         _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
         _validate.integer(self.reference_size, "reference_size", minimum=0)
         changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
@@ -289,6 +297,23 @@ def check_device(name: object) -> str:
     if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise ValueError(message)
     return name
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of a config's ``device`` (``"auto"``: CUDA when available); ``ValueError`` if unusable."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def field_types() -> dict[str, tuple[type, bool]]:

@@ -24,7 +24,7 @@ with probability p learns ``T(x|y)`` and ``T(x)`` separately, so its floor is
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -76,10 +76,58 @@ class LossFloor:
     objective: str
     conditional: bool = False
     unconditional: LossFloor | None = None
+    p_uncond: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of all fields (``unconditional`` nested)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: object, _nested: bool = True) -> LossFloor:
+        """The floor of a :meth:`to_dict` (as a run stores it; keys it does not know are ignored);
+        ``ValueError`` when it is malformed."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a loss floor must be a dict, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)} - {"unconditional"}
+        inner = values.get("unconditional")
+        if inner is not None and not _nested:
+            raise ValueError("a loss floor's unconditional floor has no unconditional floor of its own")
+        for key in ("value", "standard_error"):
+            if isinstance(values.get(key), bool) or not isinstance(values.get(key), (int, float)):
+                raise ValueError(f"a loss floor's {key} must be a number, got {values.get(key)!r}")
+        try:
+            return cls(
+                **{k: v for k, v in values.items() if k in known},
+                unconditional=None if inner is None else cls.from_dict(inner, _nested=False),
+            )
+        except TypeError as err:
+            raise ValueError(f"a loss floor is malformed ({err})") from None
+
+    def __getitem__(self, key: str) -> Any:
+        """``floor["value"]``, as when a run's floor was a dict (older code reads it so)."""
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``floor.get("value")``, as for a dict."""
+        return getattr(self, key, default) if key in {f.name for f in fields(self)} else default
+
+    def label_dropout(self, p_uncond: float) -> LossFloor:
+        r"""The floor of the loss trained with label dropout: :math:`p\,C + (1 - p)\,C_y`.
+
+        With probability ``p = p_uncond`` a point's label is -1 and the best prediction is the exact
+        marginal field of all the data (floor ``C``, ``unconditional``); otherwise it is the field of its
+        class (the conditional floor ``C_y``, ``value``). The predictions for different labels are separate
+        functions, so the floor is that mixture. Both floors come from the same draws, so the standard error
+        is bounded by the sum of the two weighted errors. Returns this floor with ``value`` and
+        ``standard_error`` of the mixture and ``p_uncond`` set (itself for an unconditional floor).
+        """
+        p = _validate.number(p_uncond, "p_uncond", 0.0, 1.0)
+        if self.unconditional is None:
+            return self
+        se = (1 - p) * self.standard_error + p * self.unconditional.standard_error
+        return replace(self, value=self.label_dropout_value(p), standard_error=se, p_uncond=p)
 
     def label_dropout_value(self, p_uncond: float) -> float:
         """The floor of a model trained with labels dropped with probability ``p_uncond``:
@@ -88,6 +136,18 @@ class LossFloor:
         if self.unconditional is None:
             return self.value
         return (1 - p) * self.value + p * self.unconditional.value
+
+
+def excess_text(loss: float, value: float | None, standard_error: float | None, absent: str | None) -> str:
+    """``"loss floor F +- se (excess E +- se, ...)"``: the loss's excess over the floor with the floor's
+    standard error (a Monte Carlo estimate: an excess within 2 standard errors of 0, negative included, is 0
+    within noise); ``"no loss floor: why"`` without a floor."""
+    if value is None:
+        return f"no loss floor: {absent or 'not computed'}"
+    se = standard_error or 0.0
+    excess = loss - value
+    verdict = "0 within noise" if abs(excess) <= 2 * se else ("above" if excess > 0 else "BELOW the floor")
+    return f"loss floor {value:.4g} ± {se:.2g} (excess {excess:+.3g} ± {se:.2g}: {verdict})"
 
 
 def floor_terms(
@@ -345,6 +405,7 @@ __all__ = [
     "as_marginal",
     "draw_data",
     "draw_labelled",
+    "excess_text",
     "floor_terms",
     "loss_floor",
     "summarize",

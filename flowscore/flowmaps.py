@@ -354,7 +354,7 @@ class _FlowMapObjective(Objective):
         from .models import builtin_config
 
         config = builtin_config(net)
-        if not self.precondition or config is None or is_two_time(net):
+        if not self.precondition or config is None or isinstance(net, PreconditionedFlowMap):
             return net
         if not config.get("two_time"):
             raise ValueError(f"{self.name} trains a two-time network: build the model with two_time=True")

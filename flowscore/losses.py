@@ -41,7 +41,7 @@ import torch
 from . import _validate
 from .conditioning import Model, call_model, check_labels
 from .conversions import KINDS
-from .couplings import DEFAULT_REG, couple, reference_target
+from .couplings import DEFAULT_REG, reference_target
 from .paths import GaussianPath, get_path
 
 TimeSampler = Callable[[int, "torch.Generator | None"], torch.Tensor]
@@ -175,24 +175,14 @@ def draw(
     """The training triple ``(t, noise, x)``: ``t`` ``(B,)``, ``noise`` and ``x = alpha x_data + beta noise``
     shaped like ``x_data``. Missing ``t``/``noise`` are drawn (``t`` by ``time_sampler``, noise N(0, I)),
     then the noise is paired with the data by ``coupling`` (:func:`flowscore.couplings.couple`, within the
-    labels ``y`` when given)."""
-    x_data = _validate.batch(x_data, "x_data")
-    t_eps = _validate.t_eps(t_eps)
-    if t is None:
-        t = sample_time(
-            x_data.shape[0],
-            time_sampler=time_sampler,
-            t_eps=t_eps,
-            generator=generator,
-            dtype=x_data.dtype,
-            device=x_data.device,
-        )
-    else:
-        t = prepare_time(t, x_data, t_eps)
-    if noise is None:
-        noise = torch.randn(x_data.shape, generator=generator, dtype=x_data.dtype, device=x_data.device)
-    noise = couple(x_data, noise, coupling, reg=coupling_reg, y=y, generator=generator)
-    return t, noise, path.sample(x_data, t, noise)
+    labels ``y`` when given): :meth:`flowscore.objectives.GaussianObjective.draw`."""
+    from .objectives import CFM
+
+    objective = CFM(
+        _as_path(path), time_sampler=time_sampler, t_eps=t_eps, coupling=coupling, coupling_reg=coupling_reg
+    )
+    batch = objective.draw(x_data, y, generator, t=t, noise=noise)
+    return batch.t, batch.noise, batch.x
 
 
 def loss_weight(
@@ -359,6 +349,27 @@ def regress(
     return reduce(per_sample, reduction)
 
 
+def _conditional(
+    objective: Any,
+    model: Model,
+    x_data: torch.Tensor,
+    t: torch.Tensor | float | None,
+    noise: torch.Tensor | None,
+    y: torch.Tensor | None,
+    generator: torch.Generator | None,
+    reference: torch.Tensor | None,
+    reference_y: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    """``reduce(objective.per_sample(model, objective.draw(...)))``: the four functions below over the
+    objectives of :mod:`flowscore.objectives`."""
+    _validate.choice(reduction, REDUCTIONS, "reduction")
+    batch = objective.draw(
+        x_data, y, generator, t=t, noise=noise, reference=reference, reference_y=reference_y
+    )
+    return reduce(objective.per_sample(model, batch), reduction)
+
+
 # -- the four objectives ----------------------------------------------------------------------------
 def cfm(
     model: Model,
@@ -409,15 +420,13 @@ def cfm(
             all data: the FM target). Only with the independent coupling.
         reference_y: ``(R,)`` labels of the reference points; needed with ``reference`` when ``y`` is given.
     """
-    path = _as_path(path)
-    t, noise, x = draw(
-        x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator,
-        coupling=coupling, coupling_reg=coupling_reg, y=y,
+    from .objectives import CFM
+
+    objective = CFM(
+        _as_path(path), prediction=prediction, weighting=weighting, time_sampler=time_sampler, t_eps=t_eps,
+        coupling=coupling, coupling_reg=coupling_reg, dim_reduction=dim_reduction,
     )  # fmt: skip
-    # alpha' x_data + beta' noise, or with a reference its posterior average over {x_data} + reference
-    target = conditional_target(path, "velocity", x_data, t, noise, reference, reference_y, y, coupling)
-    weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
-    return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
+    return _conditional(objective, model, x_data, t, noise, y, generator, reference, reference_y, reduction)
 
 
 def fm(
@@ -442,12 +451,13 @@ def fm(
     ``marginal`` has ``.path``, ``.velocity(x, t)``, ``.score(x, t)`` (e.g. ``EmpiricalMarginal``); the other
     arguments are those of :func:`cfm`. Same expected gradient as :func:`cfm`; lower by the loss floor.
     """
-    marginal = _as_marginal(marginal)
-    path = marginal.path
-    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = marginal_target(marginal, "velocity", x, t, y)  # u_t(x) (or u_t(x | y)), exact
-    weight = loss_weight(path, t, "velocity", weighting, time_sampler=time_sampler, t_eps=t_eps)
-    return regress(model, x, t, y, path, prediction, "velocity", target, weight, reduction, dim_reduction)
+    from .objectives import FM
+
+    objective = FM(
+        marginal=_as_marginal(marginal), prediction=prediction, weighting=weighting,
+        time_sampler=time_sampler, t_eps=t_eps, dim_reduction=dim_reduction,
+    )  # fmt: skip
+    return _conditional(objective, model, x_data, t, noise, y, generator, None, None, reduction)
 
 
 def dsm(
@@ -480,15 +490,13 @@ def dsm(
     formula needs the independent coupling): it is a parameterisation of the coupled velocity (use it
     through ``path.convert`` for ODE sampling), not a score for SDE sampling or likelihoods.
     """
-    path = _as_path(path)
-    t, noise, x = draw(
-        x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator,
-        coupling=coupling, coupling_reg=coupling_reg, y=y,
+    from .objectives import DSM
+
+    objective = DSM(
+        _as_path(path), prediction=prediction, weighting=weighting, time_sampler=time_sampler, t_eps=t_eps,
+        coupling=coupling, coupling_reg=coupling_reg, dim_reduction=dim_reduction,
     )  # fmt: skip
-    # -noise / beta, or with a reference its posterior average over {x_data} + reference
-    target = conditional_target(path, "score", x_data, t, noise, reference, reference_y, y, coupling)
-    weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
-    return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
+    return _conditional(objective, model, x_data, t, noise, y, generator, reference, reference_y, reduction)
 
 
 def sm(
@@ -512,12 +520,13 @@ def sm(
 
     Same expected gradient as :func:`dsm`; lower by the loss floor.
     """
-    marginal = _as_marginal(marginal)
-    path = marginal.path
-    t, noise, x = draw(x_data, path, t, noise, time_sampler=time_sampler, t_eps=t_eps, generator=generator)
-    target = marginal_target(marginal, "score", x, t, y)  # grad log p_t(x) (or given y), exact
-    weight = loss_weight(path, t, "score", weighting, time_sampler=time_sampler, t_eps=t_eps)
-    return regress(model, x, t, y, path, prediction, "score", target, weight, reduction, dim_reduction)
+    from .objectives import SM
+
+    objective = SM(
+        marginal=_as_marginal(marginal), prediction=prediction, weighting=weighting,
+        time_sampler=time_sampler, t_eps=t_eps, dim_reduction=dim_reduction,
+    )  # fmt: skip
+    return _conditional(objective, model, x_data, t, noise, y, generator, None, None, reduction)
 
 
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cfm": cfm, "fm": fm, "dsm": dsm, "sm": sm}

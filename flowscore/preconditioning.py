@@ -43,8 +43,6 @@ from torch import nn
 from . import _validate
 from .conditioning import call_model
 from .conversions import KINDS, Schedule, conversion_coefficients
-from .losses import OBJECTIVES
-from .models import builtin_config
 from .paths import GaussianPath, get_path
 
 if TYPE_CHECKING:
@@ -118,41 +116,20 @@ class Preconditioned(nn.Module):
         return c_value.to(x.dtype).reshape(shape) * velocity + c_x.to(x.dtype).reshape(shape) * x
 
 
-def for_run(net: nn.Module, path: GaussianPath, config: TrainConfig) -> nn.Module:
-    """The model a run trains and samples: ``Preconditioned(net, path, config.prediction, config.data_std)``
-    when ``config.precondition`` and ``net`` is one of flowscore's built-in networks (also inside DDP or
-    ``torch.compile``); any other network as given (wrap it yourself to precondition it)."""
-    if not config.precondition or builtin_config(net) is None:
-        return net
-    return Preconditioned(net, path, config.prediction, sigma_data=config.data_std)
+def __getattr__(name: str) -> object:
+    """Names that moved to :mod:`flowscore.objectives` (training policy, not scalings), still importable
+    from here: ``for_run``, ``quality_warning``, ``QualityWarning``, ``RAW_OK``."""
+    if name in ("QualityWarning", "quality_warning", "RAW_OK"):
+        from . import objectives
+
+        return getattr(objectives, name)
+    if name == "for_run":
+        return _for_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class QualityWarning(UserWarning):
-    """A training choice that the quality matrix (``bench/bench_matrix.py``) shows to sample badly."""
+def _for_run(net: nn.Module, path: GaussianPath, config: TrainConfig) -> nn.Module:
+    """The model a run trains and samples (``objective_from_config(config, path, net).wrap(net)``)."""
+    from .objectives import objective_from_config
 
-
-RAW_OK = {"velocity": ("velocity",), "score": ("velocity", "score", "noise")}
-"""Per objective space (cfm/fm: velocity, dsm/sm: score), the predictions that train well without
-preconditioning in ``bench/bench_matrix.py`` (its "before" rows)."""
-
-
-def quality_warning(config: TrainConfig, model: nn.Module) -> str | None:
-    """The warning for training ``model`` under ``config`` without preconditioning where that samples badly
-    (a prediction outside :data:`RAW_OK` of the objective's space), or None.
-
-    A raw noise or score output is divided by ``alpha_t`` on its way to the velocity, and a raw data
-    output by ``beta_t`` on its way to the velocity and the score, so its error is amplified near one end;
-    at the budget that trains a good velocity model such cells sample far worse (``bench/results/matrix.md``).
-    """
-    space, prediction = OBJECTIVES[config.objective], config.prediction
-    preconditioned = isinstance(model, Preconditioned) or (
-        config.precondition and builtin_config(model) is not None
-    )
-    if preconditioned or prediction in RAW_OK[space]:
-        return None
-    objectives = "cfm/fm" if space == "velocity" else "dsm/sm"
-    return (
-        f"a {prediction} prediction trained with {objectives} without preconditioning samples far worse than "
-        "a preconditioned one at the same budget (bench/results/matrix.md); use precondition=True "
-        "(--precondition) with the built-in models, or wrap your network in flowscore.Preconditioned"
-    )
+    return objective_from_config(config, path, net).wrap(net)

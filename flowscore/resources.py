@@ -27,6 +27,9 @@ FLOPS_PER_THREAD = 2e9
 synchronisation of a parallel region, and a thread waiting on a core another process holds, cost more than
 the thread gives."""
 GIB = 2**30
+TRAINING_PASSES = 3.0
+"""Model passes per training step, for the memory and thread estimates: forward, and a backward of about
+twice its cost."""
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -166,3 +169,12 @@ def threads_for(
 
     flops = forward_cost(model_config, data_shape)[0] * batch * passes
     return choose_threads(flops, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def step_memory(model_cfg: dict[str, Any], data_shape: tuple[int, ...], batch: int) -> float:
+    """Bytes one training step needs beyond the data: the weights five times (model, EMA, gradient, two
+    AdamW moments) and the activations of ``batch`` points for a forward and a backward pass."""
+    from .models import forward_cost, parameter_count
+
+    activations = forward_cost(model_cfg, data_shape)[1] * batch * TRAINING_PASSES
+    return 4.0 * 5 * parameter_count(model_cfg) + activations

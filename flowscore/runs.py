@@ -34,9 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _io, checkpoint, models, preconditioning
+from . import _io, checkpoint, models
 from . import data as datasets
-from .config import PATH_NAMES, TrainConfig
+from .config import FLOW_MAPS, PATH_NAMES, TrainConfig
+from .conversions import KINDS
+from .floor import LossFloor
+from .objectives import BUILTIN, objective_from_config
 from .paths import GaussianPath, get_path
 
 try:
@@ -196,15 +199,22 @@ def write_run_file(
     loss_floor: dict[str, Any] | None,
     labels: dict[str, Any] | None = None,
     held_out_labels: torch.Tensor | None = None,
+    objective: dict[str, Any] | None = None,
+    loss_floor_absent: str | None = None,
 ) -> None:
     """Writes ``run.safetensors`` and ``config.json`` (atomically). ``labels``: None, or ``{"num_classes": K
-    (None when unknown), "class_counts": [training points per class] or None}`` with ``held_out_labels``."""
+    (None when unknown), "class_counts": [training points per class] or None}`` with ``held_out_labels``.
+    ``objective``: the objective's ``to_dict()``; ``loss_floor_absent``: why there is no floor."""
     run_dir = Path(run_dir)
     state = {
         "format": RUN_FORMAT, "config": config.to_dict(), "model": models.describe(model),
         "path": path.config(), "data_shape": list(held_out.shape[1:]), "n_train": n_train,
         "data_sha256": data_sha256, "loss_floor": loss_floor, "labels": labels,
     }  # fmt: skip
+    if objective is not None:
+        state["objective"] = objective
+    if loss_floor_absent is not None:
+        state["loss_floor_absent"] = loss_floor_absent
     tensors = {"held_out": held_out, **checkpoint.prefixed("normalizer", normalizer.state_dict())}
     if labels is not None and held_out_labels is not None:
         tensors["held_out_labels"] = held_out_labels
@@ -227,6 +237,8 @@ class RunFile:
     normalizer: datasets.Normalizer
     labels: dict[str, Any] | None = None
     held_out_labels: torch.Tensor | None = None
+    objective: dict[str, Any] | None = None
+    loss_floor_absent: str | None = None
 
 
 class _Damaged(ValueError):
@@ -326,6 +338,14 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         floor is None or (isinstance(floor, dict) and isinstance(floor.get("value"), (int, float))),
         "loss_floor must be null or a dict with a numeric value",
     )
+    objective = state.get("objective")
+    _require(
+        objective is None or (isinstance(objective, dict) and isinstance(objective.get("name"), str)
+                              and objective.get("prediction", "velocity") in KINDS),
+        "objective must be null or a dict with a name and a prediction",
+    )  # fmt: skip
+    absent = state.get("loss_floor_absent")
+    _require(absent is None or isinstance(absent, str), "loss_floor_absent must be null or a string")
     return RunFile(
         config,
         path,
@@ -338,6 +358,8 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         normalizer,
         labels,
         held_labels,
+        objective,
+        absent,
     )
 
 
@@ -405,13 +427,15 @@ class Run:
     held_out: torch.Tensor
     data_shape: tuple[int, ...]
     log: list[dict[str, Any]]
-    loss_floor: dict[str, Any] | None
+    loss_floor: LossFloor | None
     step: int
     run_dir: Path
     num_classes: int | None = None
     class_counts: list[int] | None = None
     held_out_labels: torch.Tensor | None = None
     labelled: bool = False
+    objective: dict[str, Any] | None = None
+    loss_floor_absent: str | None = None
 
 
 def _fit_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
@@ -434,7 +458,7 @@ def _fit_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Pa
             value.copy_(weights[name])
 
 
-def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
+def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any = None) -> Run:
     """Reads a run folder written by :class:`flowscore.training.Trainer` (no code is executed).
 
     Every description is checked against the stored tensors before the model is built (the number of
@@ -442,6 +466,10 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
     ``ValueError`` quickly and allocates no more than its files' size. ``model``: load the EMA weights into
     this module instead (required for a run trained on your own model; its weights are copied in where it
     lives, and it is put in eval mode without gradients); a clear ``ValueError`` when they do not fit.
+    ``objective``: the :class:`flowscore.Objective` of a run trained on your own objective whose ``wrap``
+    changes the network (its prediction is read from the run either way); built-in objectives are rebuilt
+    from the config. ``run.loss_floor`` is a :class:`flowscore.LossFloor` (None with ``loss_floor_absent``
+    saying why, where the run says).
     """
     run_dir = Path(run_dir)
     run_file = read_run_file(run_dir)
@@ -479,20 +507,30 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None) -> Run:
     else:
         _fit_weights(model, ema, run_dir)
     labels = run_file.labels or {}
+    stored = run_file.objective or {}
+    if objective is None and stored.get("name", run_file.config.objective) in (*BUILTIN, *FLOW_MAPS):
+        objective = objective_from_config(run_file.config, run_file.path, model)
+    wrapped = model if objective is None else objective.wrap(model)
+    try:
+        floor = None if run_file.loss_floor is None else LossFloor.from_dict(run_file.loss_floor)
+    except ValueError as err:
+        raise ValueError(f"{RUN_FILE} of {str(run_dir)!r} is damaged ({err}); train again") from None
     return Run(
         config=run_file.config,
         path=run_file.path,
-        model=preconditioning.for_run(model, run_file.path, run_file.config).eval().requires_grad_(False),
-        prediction=run_file.config.prediction,
+        model=wrapped.eval().requires_grad_(False),
+        prediction=stored.get("prediction", run_file.config.prediction),
         normalizer=run_file.normalizer,
         held_out=run_file.held_out,
         data_shape=run_file.data_shape,
         log=read_log(run_dir / LOG_FILE),
-        loss_floor=run_file.loss_floor,
+        loss_floor=floor,
         step=step,
         run_dir=run_dir,
         num_classes=labels.get("num_classes"),
         class_counts=labels.get("class_counts"),
         held_out_labels=run_file.held_out_labels,
         labelled=run_file.labels is not None,
+        objective=run_file.objective,
+        loss_floor_absent=run_file.loss_floor_absent,
     )

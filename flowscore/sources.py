@@ -19,14 +19,21 @@ global generator in the main process (``num_workers=0``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from . import data as datasets
 from .data import check_class_labels
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import TrainConfig
 
 DATA_KINDS = (
     "a tensor (N, *dims), a pair (x, y) of data and integer class labels, a torch Dataset or a DataLoader"
@@ -198,3 +205,61 @@ class LoaderStream:
                     "one this run started with"
                 ) from None
             self.batch += 1
+
+
+# -- the data of a training run ---------------------------------------------------------------------------
+def checksum(tensor: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    """SHA-256 of the data (and labels) as stored: a resumed run checks that it trains on the same data."""
+    digest = hashlib.sha256(tensor.contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(b"labels")
+        digest.update(labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_data(
+    config: TrainConfig, data: object
+) -> tuple[torch.Tensor, torch.Tensor | None, LoaderStream | None]:
+    """``(points, labels or None, stream or None)`` from ``config.data`` or the ``data`` argument (for a
+    DataLoader, ``points`` and ``labels`` are its first batch). Labels are dropped when ``config.labels`` is
+    false."""
+    stream = None
+    if data is None:
+        if not config.data:
+            raise ValueError(
+                "no data: set config.data (a toy name, digits, mnist or a .npy/.npz file), or pass data= "
+                f"to the Trainer ({DATA_KINDS})"
+            )
+        raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
+    else:
+        if config.data:
+            raise ValueError(
+                f"data given twice: config.data = {config.data!r} and the data argument; leave config.data "
+                "empty when passing data to the Trainer"
+            )
+        if isinstance(data, torch.utils.data.DataLoader):
+            stream = LoaderStream(data)
+            raw, labels = stream.peek()
+            raw = raw.float()
+        else:
+            raw, labels = as_tensors(data)
+            raw, labels = datasets.subset(raw, labels, config.data_n, config.seed)
+    return raw, (labels if config.labels else None), stream
+
+
+def loader_classes(stream: LoaderStream, model: nn.Module | None) -> int | None:
+    """The number of classes of a DataLoader's labels: the model's ``num_classes`` or the dataset's
+    ``classes`` (torchvision's convention); None when neither says."""
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int) and count > 0:
+        return count
+    classes = getattr(stream.loader.dataset, "classes", None)
+    return len(classes) if classes is not None and len(classes) > 0 else None
+
+
+def loader_size(stream: LoaderStream) -> int:
+    """The number of points of a DataLoader's dataset (1 when it does not say)."""
+    try:
+        return max(1, len(stream.loader.dataset))
+    except TypeError:
+        return 1

@@ -2,7 +2,8 @@
 
 Written into ``RUN_DIR/tensorboard``: every ``log_every`` steps the scalars ``loss/window`` (the mean loss
 since the last row), ``loss/ema``, ``loss/floor`` and ``loss/excess`` (``loss/ema`` minus the floor: what
-training can still gain; only when the run has a floor) and ``lr``; at every checkpoint a sample grid of the
+training can still gain, with ``loss/excess_low``/``excess_high`` its band of -+ 2 standard errors of the
+floor; only when the run has a floor) and ``lr``; at every checkpoint a sample grid of the
 EMA model: images as a grid (one row per class for labelled runs), 2D points as a scatter plot (needs
 matplotlib). The samples come from Euler steps started from a generator of their own, so logging never
 changes the training's random numbers, and a resumed run purges the events after its checkpoint.
@@ -36,16 +37,25 @@ class TensorBoardLog:
             log_dir=str(Path(run_dir) / FOLDER), purge_step=step + 1 if step > 0 else None
         )
 
-    def scalars(self, row: dict[str, Any], floor: float | None) -> None:
-        """One row of ``log.csv`` (strings or numbers) and the loss floor."""
+    def scalars(self, row: dict[str, Any], floor: Any) -> None:
+        """One row of ``log.csv`` (strings or numbers) and the loss floor (a number, or a
+        :class:`~flowscore.LossFloor`, whose standard error ``se`` gives ``loss/excess_low`` and
+        ``loss/excess_high``, the excess -+ 2 se: the floor is a Monte Carlo estimate, so an excess within
+        that band, negative included, is zero within noise)."""
         step = int(row["step"])
         loss_ema = float(row["loss_ema"])
         self.writer.add_scalar("loss/window", float(row["loss"]), step)
         self.writer.add_scalar("loss/ema", loss_ema, step)
         self.writer.add_scalar("lr", float(row["lr"]), step)
         if floor is not None:
-            self.writer.add_scalar("loss/floor", floor, step)
-            self.writer.add_scalar("loss/excess", loss_ema - floor, step)
+            value, se = (
+                (floor, None) if isinstance(floor, (int, float)) else (floor.value, floor.standard_error)
+            )
+            self.writer.add_scalar("loss/floor", value, step)
+            self.writer.add_scalar("loss/excess", loss_ema - value, step)
+            if se is not None:
+                self.writer.add_scalar("loss/excess_low", loss_ema - value - 2 * se, step)
+                self.writer.add_scalar("loss/excess_high", loss_ema - value + 2 * se, step)
         self.writer.flush()
 
     @torch.no_grad()

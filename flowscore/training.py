@@ -3,11 +3,16 @@
 The run folder it writes (and :func:`load_run`) is described in :mod:`flowscore.runs`; the settings in
 :mod:`flowscore.config` (both re-exported here).
 
-Each step draws its randomness (batch indices, times, noise, label dropout) from one ``torch.Generator``
-seeded by ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a crash ends with
-weights bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank draws the same
-global batch and trains on its slice; DDP averages the gradients, so the update equals the one-process
-update.
+The loop knows nothing about noise levels: the :class:`~flowscore.objectives.Objective` (the built-in one
+of ``config.objective``, or your own ``objective=``) draws a batch's times, noise, coupling and references,
+wraps the network (preconditioning) and returns the per-sample loss; the loop averages it and steps AdamW.
+
+Each step draws its randomness (batch indices, label dropout, then the objective's draws) from one
+``torch.Generator`` seeded by ``seed`` whose state is in the checkpoint, so ``train(resume=True)`` after a
+crash ends with weights bit-identical (on the CPU) to an uninterrupted run. Under ``torchrun`` every rank
+draws the same global batch; a built-in objective draws on the whole of it and each rank trains on its
+slice, so with DDP averaging the gradients the update equals the one-process update. Your own objective
+gets its rank's slice and a generator of that rank's own.
 
 Bring your own: ``Trainer(config, run_dir, model=MyNet(), data=...)`` trains any ``nn.Module`` called as
 ``model(x, t)`` (or ``model(x, t, y)`` with labels) on a tensor, a pair ``(x, y)``, a ``Dataset`` (read into
@@ -27,7 +32,6 @@ import copy
 import csv
 import dataclasses
 import gc
-import hashlib
 import math
 import os
 import shutil
@@ -40,19 +44,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _validate, checkpoint, couplings, losses, preconditioning, resources, runs, sources
+from . import _validate, checkpoint, resources, runs, sources
 from . import data as datasets
-from .conditioning import drop_labels
+from .conditioning import call_model, drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
+    FLOW_MAPS,
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
     VECTOR_DEFAULTS,
     TrainConfig,
+    resolve_device,
 )
-from .floor import loss_floor
-from .losses import sample_time
-from .models import CUSTOM, check_description, describe, model_config, model_from_config, parameter_count
+from .floor import LossFloor
+from .models import CUSTOM, check_description, describe, model_config, model_from_config
+from .objectives import BUILTIN, Objective, QualityWarning, objective_from_config
 from .paths import GaussianPath, get_path
+from .resources import TRAINING_PASSES, step_memory  # noqa: F401  (re-exported)
 from .runs import (  # noqa: F401  (re-exported: the run folder format)
     CHECKPOINT_FILE,
     LOG_FIELDS,
@@ -69,9 +76,6 @@ FLOOR_MAX_SIZE = 1_000_000
 """The loss floor is computed when (training points) x (dims per point) is at most this."""
 FLOOR_WORK = 4e8
 """Monte Carlo draws of the floor: ``clamp(FLOOR_WORK / (N * D), 2000, 20000)`` (cost ~ draws x N x D)."""
-TRAINING_PASSES = 3.0
-"""Model passes per training step, for the memory and thread estimates: forward, and a backward of about
-twice its cost."""
 
 
 class TrainingFailed(RuntimeError):
@@ -165,23 +169,6 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of a config's ``device`` (``"auto"``: CUDA when available); ``ValueError`` if unusable."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 # -- the prepared run --------------------------------------------------------------------------------------
 @dataclass
 class _Prepared:
@@ -198,6 +185,7 @@ class _Prepared:
     class_counts: list[int] | None = None  # training points per class
     stream: sources.LoaderStream | None = None
     n_train: int = 0
+    objective: Objective = dataclasses.field(default_factory=Objective)
 
     @property
     def description(self) -> dict[str, Any]:
@@ -210,69 +198,13 @@ class _Prepared:
         return {"num_classes": self.num_classes, "class_counts": self.class_counts}
 
 
-def _checksum(tensor: torch.Tensor, labels: torch.Tensor | None = None) -> str:
-    digest = hashlib.sha256(tensor.contiguous().numpy().tobytes())
-    if labels is not None:
-        digest.update(b"labels")
-        digest.update(labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _read_data(
-    config: TrainConfig, data: object
-) -> tuple[torch.Tensor, torch.Tensor | None, sources.LoaderStream | None]:
-    """``(points, labels or None, stream or None)`` from ``config.data`` or the ``data`` argument (for a
-    DataLoader, ``points`` and ``labels`` are its first batch). Labels are dropped when ``config.labels`` is
-    false."""
-    stream = None
-    if data is None:
-        if not config.data:
-            raise ValueError(
-                "no data: set config.data (a toy name, digits, mnist or a .npy/.npz file), or pass data= "
-                f"to the Trainer ({sources.DATA_KINDS})"
-            )
-        raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
-    else:
-        if config.data:
-            raise ValueError(
-                f"data given twice: config.data = {config.data!r} and the data argument; leave config.data "
-                "empty when passing data to the Trainer"
-            )
-        if isinstance(data, torch.utils.data.DataLoader):
-            stream = sources.LoaderStream(data)
-            raw, labels = stream.peek()
-            raw = raw.float()
-        else:
-            raw, labels = sources.as_tensors(data)
-            raw, labels = datasets.subset(raw, labels, config.data_n, config.seed)
-    return raw, (labels if config.labels else None), stream
-
-
-def _loader_classes(stream: sources.LoaderStream, model: nn.Module | None) -> int | None:
-    """The number of classes of a DataLoader's labels: the model's ``num_classes`` or the dataset's
-    ``classes`` (torchvision's convention); None when neither says."""
-    count = getattr(model, "num_classes", None)
-    if isinstance(count, int) and count > 0:
-        return count
-    classes = getattr(stream.loader.dataset, "classes", None)
-    return len(classes) if classes is not None and len(classes) > 0 else None
-
-
-def step_memory(model_cfg: dict[str, Any], data_shape: tuple[int, ...], batch: int) -> float:
-    """Bytes one training step needs beyond the data: the weights five times (model, EMA, gradient, two
-    AdamW moments) and the activations of ``batch`` points for a forward and a backward pass."""
-    from .models import forward_cost
-
-    activations = forward_cost(model_cfg, data_shape)[1] * batch * TRAINING_PASSES
-    return 4.0 * 5 * parameter_count(model_cfg) + activations
-
-
 def _prepare(
     config: TrainConfig,
     device: torch.device,
     world: int = 1,
     model: nn.Module | None = None,
     data: object = None,
+    objective: Objective | None = None,
 ) -> _Prepared:
     """Loads and checks everything the run needs (raises ``ValueError`` before any file is written)."""
     if model is not None and not isinstance(model, nn.Module):
@@ -281,14 +213,16 @@ def _prepare(
         raise ValueError(
             "model= is given, so config.model, width and depth have no say: leave them at auto / none"
         )
+    path = get_path(config.path, **config.path_options)
+    _check_objective(config, objective, path)
     _check_options(config, device)
-    raw, labels, stream = _read_data(config, data)
+    raw, labels, stream = sources.read_data(config, data)
     shape = tuple(raw.shape[1:])
     if stream is None:
         n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
         train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
         normalizer = datasets.Normalizer.fit(train, std=config.data_std)
-        sha = _checksum(raw, labels)
+        sha = sources.checksum(raw, labels)
     else:  # streamed: used as it comes
         train, held_out = raw, raw[:0].clone()
         normalizer = datasets.Normalizer(torch.zeros(1), torch.ones(1))
@@ -300,13 +234,12 @@ def _prepare(
             train_labels, held_labels = datasets.split(labels, held_out.shape[0], seed=config.seed)
             counts = torch.bincount(train_labels, minlength=num_classes).tolist()
         else:
-            num_classes, train_labels, held_labels = _loader_classes(stream, model), labels, labels[:0]
+            num_classes, train_labels, held_labels = sources.loader_classes(stream, model), labels, labels[:0]
             if num_classes is None and model is None:
                 raise ValueError(
                     "a DataLoader with labels and the built-in model: the number of classes is unknown; give "
                     "the dataset a `classes` attribute, or pass model=MLP(dim, num_classes=K) (or UNet)"
                 )
-    path = get_path(config.path, **config.path_options)
     batch = config.batch_size // world if stream is None else train.shape[0]
     on_device = train.numel() * 4 if device.type != "cpu" and stream is None else 0
     if model is None:
@@ -314,7 +247,8 @@ def _prepare(
         opts = {"width": config.width, "depth": config.depth}
         if kind == "unet":
             opts = {"base": config.width, "levels": config.depth}
-        model_cfg = model_config(kind, shape, num_classes=num_classes, **opts)
+        two_time = objective.two_time if objective is not None else config.objective in FLOW_MAPS
+        model_cfg = model_config(kind, shape, num_classes=num_classes, two_time=two_time or None, **opts)
         needed = step_memory(model_cfg, shape, batch) + on_device
     else:
         model_cfg = describe(model)
@@ -335,18 +269,56 @@ def _prepare(
         normalizer.encode(train).to(device), held_out, normalizer, path, model.to(device), sha, threads,
         labels=None if train_labels is None else train_labels.to(device), held_out_labels=held_labels,
         num_classes=num_classes, class_counts=counts, stream=stream,
-        n_train=train.shape[0] if stream is None else _loader_size(stream),
+        n_train=train.shape[0] if stream is None else sources.loader_size(stream),
+        objective=objective_from_config(config, path, model) if objective is None else objective,
     )  # fmt: skip
+    _bind(prepared)
     _dry_run(config, prepared)
     return prepared
 
 
-def _loader_size(stream: sources.LoaderStream) -> int:
-    """The number of points of a DataLoader's dataset (1 when it does not say)."""
-    try:
-        return max(1, len(stream.loader.dataset))
-    except TypeError:
-        return 1
+OBJECTIVE_FIELDS = ("objective", "prediction", "weighting", "time_sampler", "t_eps", "coupling",
+                    "coupling_reg", "reference_size")  # fmt: skip
+"""Config fields that describe the built-in objective: left at their defaults when ``objective=`` is given."""
+
+
+def _check_objective(config: TrainConfig, objective: Objective | None, path: GaussianPath) -> None:
+    """An ``objective=`` given to the Trainer is an :class:`Objective`, the config's objective fields are left
+    at their defaults, and a built-in one lives on the config's path."""
+    if objective is None:
+        return
+    if not isinstance(objective, Objective):
+        raise ValueError(
+            f"objective must be a flowscore.Objective (a subclass implementing loss(model, x_data, y, "
+            f"generator)), got {type(objective).__name__}"
+        )
+    from .config import field_default
+
+    changed = [name for name in OBJECTIVE_FIELDS if getattr(config, name) != field_default(name)]
+    if changed:
+        raise ValueError(
+            f"objective= is given, so config.{', '.join(changed)} have no say: leave them at their defaults"
+        )
+    own_path = getattr(objective, "path", None)
+    if isinstance(own_path, GaussianPath) and own_path.config() != path.config():
+        raise ValueError(
+            f"the objective is on the path {own_path.config()} but config.path is {path.config()}: the run "
+            "is sampled on config.path; give both the same path"
+        )
+
+
+def _bind(prepared: _Prepared) -> None:
+    """Hands the (encoded) training set to the objective (:meth:`Objective.bind`); refuses an objective that
+    needs the whole data set when a DataLoader streams it."""
+    objective = prepared.objective
+    if prepared.stream is None:
+        objective.bind(prepared.train, prepared.labels)
+    elif objective.needs_data:
+        raise ValueError(
+            f"objective {objective.name} needs the whole training set (the exact marginal of fm/sm, or the "
+            "pool of reference_size points), which a DataLoader does not give; use cfm or dsm without "
+            "reference targets, or pass the data as tensors"
+        )
 
 
 def _check_options(config: TrainConfig, device: torch.device) -> None:
@@ -367,67 +339,57 @@ def _check_options(config: TrainConfig, device: torch.device) -> None:
             ) from None
 
 
-def _loss_target(config: TrainConfig, prepared: _Prepared) -> Any:
-    """The path (cfm, dsm) or the exact empirical marginal of the training data (fm, sm)."""
-    if config.objective in ("cfm", "dsm"):
-        return prepared.path
-    if prepared.stream is not None:
-        raise ValueError(
-            f"objective {config.objective} regresses on the exact marginal of the whole data set, which a "
-            "DataLoader does not give; use cfm or dsm, or pass the data as tensors"
-        )
-    from .marginals import EmpiricalMarginal
-
-    # with labels the target of a labelled point is its class's exact field (-1 after dropout: all the data)
-    return EmpiricalMarginal(prepared.train, prepared.path, labels=prepared.labels)
-
-
 def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
-    """One loss evaluation on two points (eval mode, no gradient), to reject a bad model, or a bad
-    objective/prediction/weighting combination, before anything is written."""
+    """One loss evaluation on two points (eval mode, no gradient, a generator of its own), to reject a bad
+    model, or a bad objective/prediction/weighting combination, before anything is written; with label
+    dropout also one call of the model on the label -1 ("no label") that the dropout feeds it."""
     x_data = prepared.train[:2]
     y = None if prepared.labels is None else prepared.labels[:2]
-    t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
-    if config.reference_size > prepared.train.shape[0] or (config.reference_size and prepared.stream):
-        raise ValueError(
-            f"reference_size {config.reference_size} is larger than the {prepared.train.shape[0]} training "
-            "points it is drawn from (without replacement, and never from a DataLoader); pass a smaller "
-            "--reference-size"
-        )
+    objective = prepared.objective
     was_training = prepared.model.training
-    model = preconditioning.for_run(prepared.model, prepared.path, config)
-    target = _loss_target(config, prepared)
+    model = objective.wrap(prepared.model).eval()
+    call = "model(x, t)" if y is None else "model(x, t, y) with integer labels y"
     try:
         with torch.no_grad(), _autocast(config, x_data.device):
-            loss = losses.objective_loss(
-                config.objective, model.eval(), x_data, target, t, torch.zeros_like(x_data), y=y,
-                prediction=config.prediction, weighting=config.resolved_weighting(), t_eps=config.t_eps,
-                **_target_options(config, prepared.train[:2], None if y is None else y),
-            )  # fmt: skip
-    except (TypeError, RuntimeError, IndexError) as err:
-        call = "model(x, t)" if y is None else "model(x, t, y) with integer labels y"
-        raise ValueError(
-            f"the model failed on a batch of 2 points ({type(err).__name__}: {' '.join(str(err).split())}); "
-            f"it is called as {call} and must return a tensor shaped like x"
-        ) from None
+            try:
+                generator = torch.Generator(x_data.device).manual_seed(0)
+                per_sample = objective.per_sample(model, objective.draw(x_data, y, generator), generator)
+            except (TypeError, RuntimeError, IndexError) as err:
+                raise ValueError(
+                    f"the model failed on a batch of 2 points ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())}); it is called as {call} and must return a tensor shaped "
+                    "like x"
+                ) from None
+            if y is not None and config.p_uncond > 0:
+                _check_no_label(model, x_data, config.p_uncond)
     finally:
         prepared.model.train(was_training)
+    if not isinstance(per_sample, torch.Tensor) or tuple(per_sample.shape) != (x_data.shape[0],):
+        got = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+        raise ValueError(
+            f"the objective {type(objective).__name__} must return the per-sample losses shaped (B,) = "
+            f"({x_data.shape[0]},), got {got}"
+        )
+    loss = per_sample.mean()
     if not bool(torch.isfinite(loss)):
-        raise ValueError(f"the {config.objective} loss is not finite at t = 0.5 with this configuration")
+        raise ValueError(
+            f"the {objective.name} loss is not finite on a batch of 2 points with this configuration"
+        )
 
 
-def _target_options(
-    config: TrainConfig, reference: torch.Tensor | None, reference_y: torch.Tensor | None = None
-) -> dict[str, Any]:
-    """The loss's ``reference=`` (and ``reference_y=``, the references' labels, for a labelled run) when
-    ``reference_size`` > 0 (the coupling is applied in ``draw``)."""
-    if not config.reference_size:
-        return {}
-    return (
-        {"reference": reference}
-        if reference_y is None
-        else {"reference": reference, "reference_y": reference_y}
-    )
+def _check_no_label(model: nn.Module, x_data: torch.Tensor, p_uncond: float) -> None:
+    """Calls ``model(x, t, y)`` once with ``y = -1``: label dropout feeds it that label."""
+    t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
+    no_label = torch.full((x_data.shape[0],), -1, dtype=torch.long, device=x_data.device)
+    try:
+        call_model(model, x_data, t, no_label)
+    except (TypeError, RuntimeError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"the model failed on the label -1 ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
+            f'label dropout (p_uncond = {p_uncond:g}) replaces labels by -1, "no label", so the model must '
+            'accept it: give its embedding an extra "no label" row and map -1 to it (e.g. '
+            "nn.Embedding(K + 1, d) indexed by torch.where(y < 0, K, y)), or set p_uncond=0"
+        ) from None
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
@@ -436,47 +398,35 @@ def _autocast(config: TrainConfig, device: torch.device) -> Any:
                           device.type == "cuda")  # fmt: skip
 
 
-def _loss_floor(config: TrainConfig, prepared: _Prepared, progress: bool) -> dict[str, Any] | None:
-    """The CFM/DSM loss floor of the (encoded) training data, or None (fm/sm, large data, a DataLoader,
-    floor missing, or a coupling or reference targets: the floor of the independent coupling's plain target is
-    not the floor of those losses, docs/theory.md section 14). Labelled data: see :func:`_labelled_floor`."""
+def _loss_floor(
+    config: TrainConfig, prepared: _Prepared, progress: bool
+) -> tuple[LossFloor | None, str | None]:
+    """``(floor, None)``: the floor of the objective trained, on the (encoded) training data (with labels:
+    of label dropout, :meth:`LossFloor.label_dropout`), or ``(None, why it is absent)``."""
     train = prepared.train
-    if (
-        not config.loss_floor or config.objective not in ("cfm", "dsm") or train.numel() > FLOOR_MAX_SIZE
-        or prepared.stream is not None
-    ):  # fmt: skip
-        return None
-    if config.coupling != "independent" or config.reference_size:
-        return None
+    if not config.loss_floor:
+        return None, "not computed (loss_floor=False)"
+    if prepared.stream is not None:
+        return None, "the data come from a DataLoader, and the floor needs the whole data set"
+    if train.numel() > FLOOR_MAX_SIZE:
+        return None, (
+            f"the training set is too large for its exact marginal ({train.shape[0]} points x "
+            f"{train[0].numel()} dims > {FLOOR_MAX_SIZE})"
+        )
+    objective = prepared.objective
+    if objective.floor_absent is not None:
+        return None, objective.floor_absent
     n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
     labels = None if prepared.labels is None else prepared.labels.cpu()
-    floor = loss_floor(
-        train.cpu(), prepared.path, config.objective, n_samples=n_samples, labels=labels,
-        weighting=config.resolved_weighting(), time_sampler=config.time_sampler, t_eps=config.t_eps,
-        seed=config.seed, progress=progress,
-    )  # fmt: skip
-    if labels is None:
-        return floor.to_dict()
-    return _labelled_floor(floor, config.p_uncond)
-
-
-def _labelled_floor(floor: Any, p_uncond: float) -> dict[str, Any]:
-    r"""The floor of the loss trained with label dropout: :math:`p\,C + (1 - p)\,C_y`.
-
-    With probability ``p = p_uncond`` a point's label is -1 and the best prediction is the exact marginal
-    field of all the data (floor ``C``, ``floor.unconditional``); otherwise it is the field of its class
-    (the conditional floor ``C_y``, ``floor.value``). The predictions for different labels are separate
-    functions, so the floor is that mixture (``LossFloor.label_dropout_value``). Both floors come from the
-    same draws, so the standard error is bounded by the sum of the two weighted errors. Returns
-    ``floor.to_dict()`` with ``value`` and ``standard_error`` of the mixture and ``p_uncond``.
-    """
-    whole = floor.unconditional
-    return {
-        **floor.to_dict(),
-        "value": floor.label_dropout_value(p_uncond),
-        "standard_error": (1 - p_uncond) * floor.standard_error + p_uncond * whole.standard_error,
-        "p_uncond": p_uncond,
-    }
+    floor = objective.floor(
+        train.cpu(),
+        labels,
+        p_uncond=config.p_uncond,
+        n_samples=n_samples,
+        seed=config.seed,
+        progress=progress,
+    )
+    return (floor, None) if floor is not None else (None, objective.floor_absent or "no floor")
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
@@ -498,6 +448,11 @@ class Trainer:
     Datasets are checked against the run's checksum; a DataLoader's position is restored as
     :mod:`flowscore.sources` describes).
 
+    ``objective``: the training objective (:class:`flowscore.Objective`; None: the built-in one of
+    ``config.objective``, whose fields then describe it). Your own objective trains with everything the
+    built-in ones get; the run stores its :meth:`~flowscore.Objective.to_dict`, never its code, so resuming
+    takes it again, and ``load_run(run_dir, model=...)`` reads its prediction from the run.
+
     Failures after the run started raise :class:`TrainingFailed` (see the module docstring).
     """
 
@@ -509,6 +464,7 @@ class Trainer:
         model: nn.Module | None = None,
         data: object = None,
         progress: bool = True,
+        objective: Objective | None = None,
     ):
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
@@ -523,6 +479,7 @@ class Trainer:
         self.model = model
         self.data = data
         self.progress = progress
+        self.objective = objective
 
     @classmethod
     def resume(
@@ -533,13 +490,14 @@ class Trainer:
         model: nn.Module | None = None,
         data: object = None,
         progress: bool = True,
+        objective: Objective | None = None,
     ) -> Trainer:
         """A trainer that continues ``run_dir`` with its stored config (``steps``: a new total); a run trained
-        on your own model or data takes them again."""
+        on your own model, data or objective takes them again."""
         config = runs.stored_config(Path(run_dir))
         if steps is not None:
             config = dataclasses.replace(config, steps=steps)
-        return cls(config, run_dir, model=model, data=data, progress=progress)
+        return cls(config, run_dir, model=model, data=data, progress=progress, objective=objective)
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
@@ -585,10 +543,10 @@ class Trainer:
                 raise ValueError(
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
-            prepared = _prepare(config, device, dist.world, model=self.model, data=self.data)
-            warning = preconditioning.quality_warning(config, prepared.model)
+            prepared = _prepare(config, device, dist.world, self.model, self.data, self.objective)
+            warning = prepared.objective.quality_warning(prepared.model)
             if warning and dist.main and not resume:
-                warnings.warn(warning, preconditioning.QualityWarning, stacklevel=2)
+                warnings.warn(warning, QualityWarning, stacklevel=2)
             with resources.using_threads(prepared.threads):
                 result = self._run(config, prepared, device, dist, resume)
             dist.barrier()  # no rank tears the group down while another still talks to it
@@ -625,12 +583,13 @@ class Trainer:
                         f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
                     )
                 _check_same_model(self.run_dir, run_state.get("model"), prepared.description)
-                floor = run_state.get("loss_floor")
+                _check_same_objective(self.run_dir, run_state.get("objective"), prepared.objective)
+                floor, absent = _stored_floor(run_state)
             else:
-                floor = None
+                floor, absent = None, None
                 if dist.main:
-                    floor = _loss_floor(config, prepared, self.progress)
-            loop = _Loop(config, prepared, device, dist, self.run_dir, floor)
+                    floor, absent = _loss_floor(config, prepared, self.progress)
+            loop = _Loop(config, prepared, device, dist, self.run_dir, floor, absent)
             if restored is not None:
                 loop.load(*restored)
             if dist.main:
@@ -641,8 +600,10 @@ class Trainer:
                     runs.write_run_file(
                         self.run_dir, config=config, model=prepared.model, path=prepared.path,
                         held_out=prepared.held_out, normalizer=prepared.normalizer,
-                        n_train=prepared.n_train, data_sha256=prepared.data_sha256, loss_floor=floor,
-                        labels=prepared.label_info(), held_out_labels=prepared.held_out_labels,
+                        n_train=prepared.n_train, data_sha256=prepared.data_sha256,
+                        loss_floor=None if floor is None else floor.to_dict(), loss_floor_absent=absent,
+                        objective=prepared.objective.to_dict(), labels=prepared.label_info(),
+                        held_out_labels=prepared.held_out_labels,
                     )  # fmt: skip
             dist.barrier()
             return loop.run(self.progress)
@@ -737,7 +698,8 @@ class _Loop:
         device: torch.device,
         dist: _Dist,
         run_dir: Path,
-        floor: dict[str, Any] | None,
+        floor: LossFloor | None,
+        floor_absent: str | None = None,
     ):
         self.config, self.prepared, self.device, self.dist, self.run_dir = (
             config,
@@ -746,7 +708,9 @@ class _Loop:
             dist,
             run_dir,
         )
-        self.floor_value = None if floor is None else floor.get("value")
+        self.floor, self.floor_absent = floor, floor_absent
+        self.floor_value = None if floor is None else floor.value
+        self.objective = prepared.objective
         self.model = prepared.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.net: nn.Module = self.model
@@ -755,15 +719,14 @@ class _Loop:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
             self.net = torch.compile(self.net)
-        self.net = preconditioning.for_run(self.net, prepared.path, config)
-        self.ema_model = preconditioning.for_run(self.ema, prepared.path, config)
+        self.net = self.objective.wrap(self.net)
+        self.ema_model = self.objective.wrap(self.ema)
         self.stream = prepared.stream
         self.tensorboard: Any = None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.target = _loss_target(config, prepared)
         self.step = 0
         self.window_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.window_count = 0
@@ -837,28 +800,18 @@ class _Loop:
             checkpoint.save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, state)
 
     # -- one update --------------------------------------------------------------------------------------
-    def draw(
-        self,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """This rank's slice of the global batch ``(x_data, t, noise, y)``, drawn from the run's generator
-        (in this order: indices, times, noise, label dropout, coupling, reference points; ``y`` is None
-        without labels), and the loss's reference options (:func:`_target_options`: the reference points
-        and their labels when ``reference_size`` > 0, the same on every rank). A DataLoader gives each rank
-        its own batch, whole.
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
+        """The global batch ``(x_data, y, part)`` drawn from the run's generator (indices, then label
+        dropout), and this rank's ``part`` of it. A DataLoader gives each rank its own batch, whole.
 
-        The coupling pairs the noise with the data on the GLOBAL batch, before slicing, so that 1 and N
-        processes train on the same pairs; references are drawn without replacement (unbiased targets).
-        With labels the coupling pairs within each label after the dropout (the dropped, -1, points among
-        themselves: the unconditional branch's pairs), and a point's reference posterior runs over the
-        references of its class (all of them for -1).
-        """
+        With labels each label is replaced by -1 with probability ``p_uncond`` before the objective draws
+        (so a coupling pairs within each label after the dropout, the dropped points among themselves)."""
         config, gen = self.config, self.generator
         labels, train = self.prepared.labels, self.prepared.train
+        part = slice(None)
         if self.stream is None:
             idx = torch.randint(train.shape[0], (config.batch_size,), generator=gen, device=self.device)
-            x_data = train[idx]
-            y = None if labels is None else labels[idx]
-            part = slice(None)
+            x_data, y = train[idx], None if labels is None else labels[idx]
             if self.dist.world > 1:
                 share = config.batch_size // self.dist.world
                 part = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
@@ -866,37 +819,33 @@ class _Loop:
             x_data, y = self.stream.next()
             x_data = x_data.to(self.device, torch.float32, non_blocking=True)
             y = None if labels is None or y is None else y.to(self.device, non_blocking=True)
-            part = slice(None)
-        batch = x_data.shape[0]
-        t = sample_time(
-            batch, time_sampler=config.time_sampler, t_eps=config.t_eps, generator=gen,
-            dtype=x_data.dtype, device=self.device,
-        )  # fmt: skip
-        noise = torch.randn(x_data.shape, generator=gen, dtype=x_data.dtype, device=self.device)
         if y is not None and config.p_uncond > 0:
             y = drop_labels(y, config.p_uncond, gen)
-        noise = couplings.couple(x_data, noise, config.coupling, reg=config.coupling_reg, y=y, generator=gen)
-        reference = reference_y = None
-        if config.reference_size:
-            pick = torch.randperm(train.shape[0], generator=gen, device=self.device)[: config.reference_size]
-            reference = train[pick]
-            reference_y = None if labels is None else labels[pick]
-        options = _target_options(config, reference, reference_y)
-        return x_data[part], t[part], noise[part], None if y is None else y[part], options
+        return x_data, y, part
+
+    def rank_generator(self) -> torch.Generator:
+        """A generator of this rank's own for an objective that draws on its slice (:meth:`Objective.loss`):
+        seeded from the run's generator (one seed per rank, drawn by every rank, so the run's generator
+        stays the same on all ranks and in the checkpoint)."""
+        seeds = torch.randint(2**62, (self.dist.world,), generator=self.generator, device=self.device)
+        return torch.Generator(self.device).manual_seed(int(seeds[self.dist.rank]))
 
     def update(self) -> torch.Tensor:
-        config = self.config
+        config, objective = self.config, self.objective
         lr = learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _validate.validation(False):
-            x_data, t, noise, y, options = self.draw()
+            x_data, y, part = self.batch()
+            if objective.draws_globally:  # on the global batch: 1 and N processes train on the same pairs
+                batch, generator = objective.draw(x_data, y, self.generator)[part], None
+            else:
+                batch, generator = (
+                    objective.draw(x_data[part], None if y is None else y[part]),
+                    self.rank_generator(),
+                )
         with _validate.validation(False), _autocast(config, self.device):
-            loss = losses.objective_loss(
-                config.objective, self.net, x_data, self.target, t, noise, y=y, prediction=config.prediction,
-                weighting=config.resolved_weighting(), t_eps=config.t_eps,
-                **options,
-            )  # fmt: skip
+            loss = objective.per_sample(self.net, batch, generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -934,9 +883,9 @@ class _Loop:
         """A sample grid of the EMA model into the TensorBoard log (its own generator: see tblog)."""
         prepared = self.prepared
         self.tensorboard.samples(
-            self.step, self.ema_model, prepared.path, self.config.prediction, tuple(prepared.train.shape[1:]),
-            prepared.normalizer.decode, prepared.num_classes if prepared.labels is not None else None,
-            self.config.seed, self.device,
+            self.step, self.ema_model, prepared.path, self.objective.prediction,
+            tuple(prepared.train.shape[1:]), prepared.normalizer.decode,
+            prepared.num_classes if prepared.labels is not None else None, self.config.seed, self.device,
         )  # fmt: skip
 
     def run(self, progress: bool) -> dict[str, Any]:
@@ -974,10 +923,10 @@ class _Loop:
                         writer.writerow(row)
                         handle.flush()
                     if bar is not None:
-                        bar.set_postfix(loss=row["loss_ema"], floor=row["loss_floor"] or "-")
+                        bar.set_postfix(loss=row["loss_ema"], floor=self.floor_text())
                     if self.tensorboard is not None:
                         self.phase = "writing the TensorBoard log"
-                        self.tensorboard.scalars(row, self.floor_value)
+                        self.tensorboard.scalars(row, self.floor)
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save()
                     if self.tensorboard is not None:
@@ -994,4 +943,41 @@ class _Loop:
                 except OSError:
                     pass
         ema = None if self.loss_ema is None else self.dist.mean(self.loss_ema).item()
-        return {"step": self.step, "loss_ema": ema, "loss_floor": self.floor_value}
+        return {
+            "step": self.step, "loss_ema": ema, "loss_floor": self.floor_value,
+            "loss_floor_standard_error": None if self.floor is None else self.floor.standard_error,
+            "loss_floor_absent": self.floor_absent,
+        }  # fmt: skip
+
+    def floor_text(self) -> str:
+        """The floor with its standard error for the progress bar (``-`` when absent)."""
+        if self.floor is None:
+            return "-"
+        return f"{self.floor.value:.4g}±{self.floor.standard_error:.2g}"
+
+
+def _check_same_objective(run_dir: Path, stored: object, given: Objective) -> None:
+    """``ValueError`` when a resumed run is given another objective than the one it was trained with (a run
+    trained on your own objective needs it again). Runs stored before objectives were stored: not checked."""
+    if not isinstance(stored, dict):
+        return
+    mine = given.to_dict()
+    if stored.get("name") == mine["name"] and stored.get("class") == mine["class"]:
+        return
+    if stored.get("name") not in BUILTIN and mine["name"] in BUILTIN:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own objective ({stored.get('class')}); pass it "
+            "again: Trainer(..., objective=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the objective {stored.get('class')} ({stored.get('name')}), "
+        f"not {mine['class']} ({mine['name']}); pass the same objective to resume"
+    )
+
+
+def _stored_floor(run_state: dict[str, Any]) -> tuple[LossFloor | None, str | None]:
+    """The loss floor a run stored (and why it is absent), as when it started."""
+    stored = run_state.get("loss_floor")
+    floor = None if stored is None else LossFloor.from_dict(stored)
+    absent = run_state.get("loss_floor_absent")
+    return floor, absent if isinstance(absent, str) else None

@@ -78,9 +78,10 @@ from .config import DATA_STD
 from .conversions import conversion_coefficients
 from .data import IMAGE_SETS, TOYS, Normalizer, labelled_toy, load, load_labelled
 from .floor import LossFloor, draw_labelled, loss_floor
-from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_loss, objective_name
+from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_name
 from .marginals import EmpiricalMarginal
 from .models import build_model
+from .objectives import BUILTIN, GaussianObjective
 from .paths import PATHS, get_path
 from .resources import using_threads
 
@@ -258,7 +259,10 @@ def batch_terms(
     ``y`` (``(B,)``) the network is ``model(x, t, y)`` and the marginal target is the class's exact field.
     """
     kind = OBJECTIVES[objective]
-    x = marginal.path.sample(x_data, t, noise)
+    conditional = BUILTIN[objective](marginal.path, prediction=kind, t_eps=t_eps)
+    twin = BUILTIN[MARGINAL_TWIN[objective]](marginal=marginal, prediction=kind, t_eps=t_eps)
+    batch = conditional.draw(x_data, y, t=t, noise=noise)
+    x = batch.x
     if prior is not None:
         x_prior, factor = _control_terms(marginal.path, kind, prior, x_data, t, noise)
         both = None if y is None else torch.cat([y, y])
@@ -269,9 +273,7 @@ def batch_terms(
     def cached(x: torch.Tensor, tt: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return out
 
-    kw: dict[str, Any] = {"prediction": kind, "t_eps": t_eps, "reduction": "none", "y": y}
-    per_cond = objective_loss(objective, cached, x_data, marginal.path, t, noise, **kw)
-    per_marg = objective_loss(MARGINAL_TWIN[objective], cached, x_data, marginal, t, noise, **kw)
+    per_cond, per_marg = conditional.per_sample(cached, batch), twin.per_sample(cached, batch)
     control = (out_prior * factor).flatten(1).sum(1) if prior is not None else torch.zeros_like(per_marg)
     return per_cond - per_marg, control, per_marg
 
@@ -312,15 +314,22 @@ class TimeDesign:
 
 
 def _draws(
-    data: Any, n: int, design: TimeDesign, generator: torch.Generator, antithetic: bool, dtype: torch.dtype
+    data: Any,
+    n: int,
+    design: TimeDesign,
+    generator: torch.Generator,
+    antithetic: bool,
+    dtype: torch.dtype,
+    objective: GaussianObjective,
 ) -> tuple[torch.Tensor, ...]:
-    """``n`` draws ``(x_data, t, noise, weight, bin, y)`` (``y`` the labels, or None); antithetic: ``n/2``
-    draws, then the same with ``-noise``."""
+    """``n`` draws ``(x_data, t, noise, weight, bin, y)`` (``y`` the labels, or None): times by the
+    (importance) ``design``, the noise by the ``objective``'s draw; antithetic: ``n/2`` draws, then the same
+    with ``-noise``."""
     m = n // 2 if antithetic else n
     x_data, y = draw_labelled(data, m, generator)
     x_data = x_data.to(dtype)
     t, weight, which = design.sample(m, generator, dtype)
-    noise = torch.randn(x_data.shape, generator=generator, dtype=dtype)
+    noise = objective.draw(x_data, y, generator, t=t).noise
     if not antithetic:
         return x_data, t, noise, weight, which, y
     x_data, t, weight, which = (torch.cat([v, v]) for v in (x_data, t, weight, which))
@@ -439,6 +448,7 @@ def compare_gradients(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     design = TimeDesign.uniform(t_eps)
+    drawer = BUILTIN[objective](marginal.path, t_eps=t_eps)
     bin_sum_sq = torch.zeros(T_BINS, dtype=torch.float64)
     bin_count = torch.zeros(T_BINS, dtype=torch.float64)
     stats = GradientStatistics(sum(p.numel() for p in params), batch_size)
@@ -454,7 +464,7 @@ def compare_gradients(
     )
     with bar:
         while stats.n_batches < max_batches:
-            draws = _draws(data, batch_size, design, generator, antithetic, dtype)
+            draws = _draws(data, batch_size, design, generator, antithetic, dtype, drawer)
             pilot = importance and stats.n_batches < PILOT_BATCHES and max_batches > PILOT_BATCHES
             diff, grad, gaps, bin_sq = batch_gradients(
                 model, marginal, objective, draws, t_eps, prior, antithetic, T_BINS if pilot else None

@@ -433,7 +433,7 @@ def _floor_value(run: Any) -> tuple[float | None, float | None]:
     floor = getattr(run, "loss_floor", None)
     if floor is None:
         return None, None
-    if isinstance(floor, dict):
+    if isinstance(floor, dict) or hasattr(floor, "standard_error"):  # a dict or a LossFloor
         return floor.get("value"), floor.get("standard_error")
     if isinstance(floor, (tuple, list)):
         return float(floor[0]), (float(floor[1]) if len(floor) > 1 else None)
@@ -513,7 +513,8 @@ def plot_run(
     figures: list[tuple[str, Any]] = []  # (file name, draw(file))
     if len(steps):
         floor, floor_err = _floor_value(run)
-        objective = str(getattr(run.config, "objective", "loss"))
+        stored = getattr(run, "objective", None) or {}  # the objective trained (your own one's name)
+        objective = str(stored.get("name") or getattr(run.config, "objective", "loss"))
         figures.append(("loss.png", lambda f: plots.plot_loss(
             steps, losses, f, floor=floor, floor_err=floor_err, objective=objective)))  # fmt: skip
     if kind == "images":

@@ -272,6 +272,8 @@ def test_two_time_models_and_errors():
         net(torch.zeros(2, 2), torch.zeros(2))
     with pytest.raises(ValueError, match="two-time network"):
         MeanFlow().wrap(build_model("mlp", (2,)))
+    assert isinstance(MeanFlow().wrap(net), fs.PreconditionedFlowMap)
+    assert MeanFlow(precondition=False).wrap(net) is net
     unet = build_model("unet", (1, 8, 8), two_time=True, num_classes=3)
     out = MeanFlow().wrap(unet)(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.ones(2), torch.tensor([0, -1]))
     assert out.shape == (2, 1, 8, 8)
@@ -279,3 +281,26 @@ def test_two_time_models_and_errors():
         fs.GaussianMixture(M[None], torch.tensor([SIGMA], dtype=F64)).flow_map(
             torch.zeros(1, 2, dtype=F64), 0.0, 1.5, path="linear"
         )
+
+
+def test_train_load_and_sample_a_flow_map_run(tmp_path):
+    """TrainConfig(objective="meanflow") trains a two-time model through the Trainer; load_run rebuilds it
+    (preconditioned, two_time) and fs.sample makes K jumps with it; the objective round-trips its dict."""
+    from flowscore.objectives import objective_from_dict
+
+    config = fs.TrainConfig(data="moons", data_n=2000, objective="semigroup", steps=30, batch_size=64,
+                            warmup=5, loss_floor=False, checkpoint_every=30)  # fmt: skip
+    fs.Trainer(config, tmp_path / "run", progress=False).train()
+    run = fs.load_run(tmp_path / "run")
+    assert isinstance(run.model, fs.PreconditionedFlowMap) and run.model.two_time
+    x, nfe = fs.sample(
+        run.model, run.path, 50, steps=2, return_nfe=True, generator=torch.Generator().manual_seed(0)
+    )
+    assert x.shape == (50, 2) and nfe == 2 and bool(torch.isfinite(x).all())
+    obj = MeanFlow("vp", share_equal=0.25, law="logit-normal", mean=0.4, adaptive_power=1.0, guidance=2.0)
+    again = objective_from_dict(obj.to_dict())
+    assert type(again) is MeanFlow and again.options() == obj.options()
+    with pytest.raises(ValueError, match="prediction must be velocity"):
+        fs.TrainConfig(data="moons", objective="meanflow", prediction="noise").validate()
+    with pytest.raises(ValueError, match="does not apply"):
+        fs.sample(run.model, run.path, 5, sampler="heun")

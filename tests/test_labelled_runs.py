@@ -269,6 +269,10 @@ def test_tensorboard_floor_excess_and_resume(tmp_path):
     assert [e.step for e in excess] == [5, 10, 15, 20]
     for event, row in zip(excess, run.log, strict=True):
         assert event.value == pytest.approx(row["loss_ema"] - floor, rel=1e-5, abs=1e-6)
+    se = run.loss_floor.standard_error  # the excess with its uncertainty: a band of -+ 2 standard errors
+    for name, sign in (("loss/excess_low", -1), ("loss/excess_high", 1)):
+        band = [e.value for e in events.Scalars(name)]
+        assert band == pytest.approx([e.value + sign * 2 * se for e in excess], rel=1e-5, abs=1e-6)
     assert [e.step for e in events.Images("samples")] == [10, 20]  # a scatter plot per checkpoint
     # logging (and its sample grids) never touches the run's random numbers: the same weights without it
     fs.Trainer(

@@ -275,23 +275,24 @@ def test_a_tensor_trains_exactly_like_the_named_data_set_it_holds(tmp_path):
 def test_labels_with_a_coupling_and_reference_targets(tmp_path, monkeypatch):
     """The coupling pairs within each label after the dropout (-1 among themselves), and the references
     come with their labels."""
-    from flowscore import couplings, losses
+    from flowscore import couplings, objectives
 
     seen_couple, seen_loss = [], []
-    real_couple, real_cfm = couplings.couple, losses.cfm
+    real_couple, real_per_sample = couplings.couple, objectives.CFM.per_sample
 
     def couple(x_data, noise, coupling, **kwargs):
         seen_couple.append(kwargs.get("y"))
         return real_couple(x_data, noise, coupling, **kwargs)
 
-    def cfm(*args, **kwargs):
-        seen_loss.append((kwargs.get("y"), kwargs.get("reference_y")))
-        return real_cfm(*args, **kwargs)
+    def per_sample(self, model, batch, generator=None):
+        seen_loss.append((batch.y, batch.reference_y))
+        return real_per_sample(self, model, batch, generator)
 
     monkeypatch.setattr(couplings, "couple", couple)
-    monkeypatch.setitem(losses._LOSSES, "cfm", cfm)
+    monkeypatch.setattr(objectives.CFM, "per_sample", per_sample)
     config = fs.TrainConfig(steps=6, coupling="ot", p_uncond=0.5, **BASE)
     fs.Trainer(config, tmp_path / "ot", model=fresh(), data=DATA, progress=False).train()
+    seen_couple = seen_couple[1:]  # seen_couple[0]: the dry run
     labels = torch.cat(seen_couple)
     assert labels.shape == (6 * 64,) and set(labels.tolist()) == {-1, 0, 1}
     assert 0.35 < (labels == -1).float().mean().item() < 0.65  # p_uncond = 0.5: dropped before pairing

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from flowscore import TrainConfig, Trainer, _io, checkpoint, load_run, losses
+from flowscore import TrainConfig, Trainer, _io, checkpoint, load_run, objectives
 from flowscore.runs import CHECKPOINT_FILE, LOCK_FILE, LOG_FILE, RUN_FILE, RunInUse, RunLock, read_log
 from flowscore.training import TrainingFailed
 
@@ -149,15 +149,15 @@ def test_a_real_divergence_says_so_and_names_the_fix(tmp_path):
 
 
 def test_divergence_after_a_checkpoint_keeps_the_last_finite_one(tmp_path, monkeypatch):
-    objective_loss = losses.objective_loss
+    per_sample = objectives.CFM.per_sample
     calls = {"n": 0}
 
     def loss_that_diverges(*args, **kwargs):  # the 1 dry run, then training step k is call k + 1
         calls["n"] += 1
-        loss = objective_loss(*args, **kwargs)
+        loss = per_sample(*args, **kwargs)
         return loss * float("inf") if calls["n"] > 1 + 61 else loss
 
-    monkeypatch.setattr(losses, "objective_loss", loss_that_diverges)
+    monkeypatch.setattr(objectives.CFM, "per_sample", loss_that_diverges)
     run_dir = tmp_path / "r"
     with pytest.raises(TrainingFailed) as info:
         Trainer(tiny(), run_dir, progress=False).train()

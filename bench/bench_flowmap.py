@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["meanflow", "semigroup"])
     parser.add_argument("--no-cfm", action="store_true")
     parser.add_argument("--triangle", action="store_true")
+    parser.add_argument("--out", default="flowmap.md", help="file name under bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, triangle = [], {}
@@ -229,7 +230,7 @@ def write(rows, triangle, args) -> None:
             )
         _plot(name, err)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flowmap.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / args.out).write_text("\n".join(lines) + "\n")
 
 
 def _plot(name: str, err: np.ndarray) -> None:

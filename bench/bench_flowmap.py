@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--toys", nargs="+", default=list(TOYS))
-    parser.add_argument("--objectives", nargs="+", default=["meanflow", "semigroup"])
+    parser.add_argument("--objectives", nargs="*", default=["meanflow", "semigroup"])
     parser.add_argument("--no-cfm", action="store_true")
     parser.add_argument("--triangle", action="store_true")
     parser.add_argument("--out", default="flowmap.md", help="file name under bench/results")

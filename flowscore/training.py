@@ -49,6 +49,7 @@ from . import _validate, checkpoint, resources, runs, sources
 from . import data as datasets
 from .conditioning import call_model, drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
+    FLOW_MAPS,
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
     VECTOR_DEFAULTS,
@@ -317,7 +318,8 @@ def _prepare(
         opts = {"width": config.width, "depth": config.depth}
         if kind == "unet":
             opts = {"base": config.width, "levels": config.depth}
-        model_cfg = model_config(kind, shape, num_classes=num_classes, **opts)
+        two_time = objective.two_time if objective is not None else config.objective in FLOW_MAPS
+        model_cfg = model_config(kind, shape, num_classes=num_classes, two_time=two_time or None, **opts)
         needed = step_memory(model_cfg, shape, batch) + on_device
     else:
         model_cfg = describe(model)

@@ -200,8 +200,8 @@ def training_images(run: Any) -> torch.Tensor | None:
     from .runs import read_run_file
     from .sources import checksum
 
-    config = run.config
-    if not config.data:
+    config = getattr(run, "config", None)
+    if config is None or not getattr(config, "data", ""):  # data passed in code (or no run file)
         return None
     try:
         raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)

@@ -239,7 +239,9 @@ class TrainConfig:
         if self.weighting != "auto":
             return self.weighting
         if self.time_sampler == "auto":
-            return parity_defaults(self.path, self.objective, self.precondition)["weighting"]
+            return parity_defaults(
+                self.path, self.objective, self.precondition, path_options=self.path_options, t_eps=self.t_eps
+            )["weighting"]
         return _explicit_times_weighting(self.path, self.objective, self.precondition)
 
     def resolved_time_sampler(self) -> str | TimeSampler:

@@ -258,7 +258,7 @@ def test_the_memory_estimate_of_a_data_file_covers_its_peak(tmp_path):
         "small = TrainConfig(data=sys.argv[2], loss_floor=False, device='cpu', steps=1)\n"
         "training._prepare(small, torch.device('cpu'))  # every module it imports, imported\n"
         "cfg = TrainConfig(data=sys.argv[1], loss_floor=False, device='cpu', steps=1)\n"
-        "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far, libraries in\n"
         "training._prepare(cfg, torch.device('cpu'))\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
@@ -272,7 +272,10 @@ def test_the_memory_estimate_of_a_data_file_covers_its_peak(tmp_path):
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.split()[-1]) * 1024
     estimate = data.load_memory(array.shape, array.itemsize)
-    assert array.nbytes * 2 < grown <= estimate, (grown, estimate)
+    # growth of the PEAK over the peak before (pages of the libraries that the system evicted and the process
+    # touches again do not count, as they did against the resident size): above the file's size, within
+    # the estimate
+    assert array.nbytes < grown <= estimate, (grown, estimate)
 
 
 def test_sample_reads_only_the_tail_of_a_huge_log(trained, tmp_path):
@@ -318,12 +321,17 @@ def test_an_interrupt_at_any_moment_is_one_line(tmp_path, signum, delay):
         [sys.executable, "-m", "flowscore", *argv], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal (a test
     )  # fmt: skip  # runner started in the background ignores SIGINT, and its children would inherit that)
-    deadline = time.monotonic() + 60
-    while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # until flowscore's main runs (before it, Python itself is starting)
-    time.sleep(delay)
-    proc.send_signal(getattr(signal, signum))
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until flowscore's main runs (before it, Python itself is starting)
+        time.sleep(delay)
+        proc.send_signal(getattr(signal, signum))
+        _, err = proc.communicate(timeout=60)
+    finally:  # never leave a 100000-step training behind, whatever failed
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     err = err.decode()
     assert proc.returncode == (130 if signum == "SIGINT" else 143), err
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]

@@ -27,10 +27,11 @@ import csv
 import errno
 import math
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,8 +41,13 @@ from . import data as datasets
 from .config import PATH_NAMES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
-from .objectives import BUILTIN, objective_from_config
+from .models import CUSTOM, check_description
+from .objectives import BUILTIN, Objective, objective_from_config
 from .paths import GaussianPath, get_path
+from .tblog import FOLDER as TENSORBOARD_FOLDER
+
+if TYPE_CHECKING:
+    from .prepare import _Prepared
 
 try:
     import fcntl
@@ -713,3 +719,119 @@ def check_training_state(
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- the run folder's life while training (used by flowscore.training) -------------------------------------
+def _make_dir(run_dir: Path) -> bool:
+    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
+    A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise ValueError(
+                f"run_dir {str(run_dir)!r} exists and is not a directory; choose another"
+            ) from None
+        return False
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise ValueError(f"run_dir {str(run_dir)!r} cannot be created ({cause}); choose another") from None
+    return True
+
+
+def _remove_own_files(run_dir: Path, created: bool, written: bool = True) -> None:
+    """After a failure before the first checkpoint, while holding the lock: deletes what this process
+    wrote, never another process's files. ``written``: this process started writing the run's files
+    (which it does only into a folder that held nothing but a lock and temporaries, checked under the
+    lock), so every run file there is its own; otherwise it wrote only its lock. The folder itself goes
+    too when this process created it and nothing else is in it."""
+    if written:
+        remove_temporaries(run_dir)
+        shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
+        for name in RUN_FILES:
+            if name != LOCK_FILE:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        if written or (created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]):
+            (run_dir / LOCK_FILE).unlink()  # a later writer that opened it re-opens (RunLock.acquire)
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
+
+
+def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> None:
+    """``ValueError`` when a resumed run is given another model than the one it was trained with."""
+    try:
+        stored = check_description(stored)  # fills options a run stored before they existed
+    except ValueError:
+        pass
+    if stored == given:
+        return
+    if isinstance(stored, dict) and stored.get("kind") == CUSTOM and given.get("kind") != CUSTOM:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own model ({stored.get('class')}, "
+            f"{stored.get('parameters')} weights); pass it again: Trainer(..., model=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the model {stored}, not {given}; pass the same model to "
+        "resume"
+    )
+
+
+def _check_same_objective(run_dir: Path, stored: object, given: Objective) -> None:
+    """``ValueError`` when a resumed run is given another objective than the one it was trained with (a run
+    trained on your own objective needs it again). Runs stored before objectives were stored: not checked."""
+    if not isinstance(stored, dict):
+        return
+    mine = given.to_dict()
+    if stored.get("name") == mine["name"] and stored.get("class") == mine["class"]:
+        return
+    if stored.get("name") not in BUILTIN and mine["name"] in BUILTIN:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own objective ({stored.get('class')}); pass it "
+            "again: Trainer(..., objective=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the objective {stored.get('class')} ({stored.get('name')}), "
+        f"not {mine['class']} ({mine['name']}); pass the same objective to resume"
+    )
+
+
+def _check_same_split(run_dir: Path, run_file: RunFile, prepared: _Prepared) -> None:
+    """``ValueError`` when what the run file stores about the data (training points, held-out points and
+    labels, normalizer, classes) is not what the same data gives again: the file was altered."""
+    if prepared.stream is not None:
+        return
+    stored = (run_file.n_train, run_file.held_out, run_file.normalizer.state_dict(), run_file.labels,
+              run_file.held_out_labels)  # fmt: skip
+    given = (prepared.n_train, prepared.held_out, prepared.normalizer.state_dict(), prepared.label_info(),
+             prepared.held_out_labels)  # fmt: skip
+    if not _same(stored, given):
+        raise ValueError(
+            f"{RUN_FILE} of {str(run_dir)!r} does not match its data (its training or held-out points, "
+            "normalizer or labels were altered); restore a good copy of the run folder, or start a new run"
+        )
+
+
+def _same(a: object, b: object) -> bool:
+    """Equality of nested tuples, dicts, lists and tensors (tensors: same dtype, shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        )  # fmt: skip
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _stored_floor(run_state: dict[str, Any]) -> tuple[LossFloor | None, str | None]:
+    """The loss floor a run stored (and why it is absent), as when it started."""
+    stored = run_state.get("loss_floor")
+    floor = None if stored is None else LossFloor.from_dict(stored)
+    absent = run_state.get("loss_floor_absent")
+    return floor, absent if isinstance(absent, str) else None

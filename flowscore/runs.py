@@ -38,7 +38,7 @@ from torch import nn
 
 from . import _io, checkpoint, models
 from . import data as datasets
-from .config import PATH_NAMES, TrainConfig
+from .config import PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
 from .models import CUSTOM, check_description
@@ -722,6 +722,43 @@ def _is_number(value: object) -> bool:
 
 
 # -- the run folder's life while training (used by flowscore.training) -------------------------------------
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuses a run_dir that is a file, or a non-empty one without ``resume`` (reads only)."""
+    d = run_dir
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
+    odd = [n for n in RUN_FILES if os.path.islink(d / n) or os.path.lexists(d / n)
+           and not os.path.isfile(d / n)]  # fmt: skip
+    if resume and odd:
+        raise ValueError(
+            f"{', '.join(odd)} in {str(d)!r} is not a regular file; move it away (a run folder holds "
+            "only its own files)"
+        )
+    if not resume and d.is_dir() and not holds_nothing(d):
+        raise ValueError(
+            f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
+        )
+
+
+def _restore(
+    run_dir: Path, config: TrainConfig, resume: bool
+) -> tuple[RunFile, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The run file and checkpoint to continue from (checked: :func:`read_resume_state`), or None when
+    there is no checkpoint; refuses a changed config (only ``RESUMABLE_CHANGES`` may change)."""
+    d = run_dir
+    if not resume or not os.path.lexists(d / CHECKPOINT_FILE):
+        return None
+    stored = stored_config(d)
+    changed = [k for k, v in config.to_dict().items() if stored.to_dict()[k] != v]
+    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if bad:
+        raise ValueError(
+            f"cannot resume {str(d)!r} with a different {', '.join(bad)}; only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change (or start a new run)"
+        )
+    return read_resume_state(d)
+
+
 def _make_dir(run_dir: Path) -> bool:
     """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
     A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""

@@ -14,11 +14,13 @@ draws the same global batch; a built-in objective draws on the whole of it and e
 slice, so with DDP averaging the gradients the update equals the one-process update. Your own objective
 gets its rank's slice and a generator of that rank's own.
 
-Bring your own: ``Trainer(config, run_dir, model=MyNet(), data=...)`` trains any ``nn.Module`` called as
-``model(x, t)`` (or ``model(x, t, y)`` with labels) on a tensor, a pair ``(x, y)``, a ``Dataset`` (read into
-memory, then handled like a named data set) or a ``DataLoader`` (streamed, see
-:mod:`flowscore.sources`). With class labels each training label is replaced by -1 with probability
-``p_uncond`` (classifier-free guidance); the built-in models get a class embedding.
+Bring your own model, data (:mod:`flowscore.sources`) or objective: see :class:`Trainer`. With class labels
+each training label is replaced by -1 with probability ``p_uncond`` (classifier-free guidance).
+
+Around the loop: :mod:`flowscore.prepare` loads and checks everything before a file is written,
+:mod:`flowscore.runs` creates, checks and cleans the run folder, :mod:`flowscore.schedules` holds the
+learning rate and the EMA, :mod:`flowscore.distributed` the torchrun process group, and
+:func:`flowscore.floor._loss_floor` the run's loss floor.
 
 Nothing is lost: every input is checked and the memory a step needs is estimated before the run folder is
 touched; once a checkpoint exists nothing removes the folder. A failure (a full disk, a diverging loss, any
@@ -55,41 +57,31 @@ from .distributed import _Dist, _init_distributed
 from .floor import FLOOR_MAX_SIZE, FLOOR_WORK, LossFloor, _loss_floor  # noqa: F401  (re-exported)
 from .models import describe
 from .objectives import Objective, QualityWarning
-from .prepare import (  # noqa: F401  (re-exported with the other set-up steps)  # noqa: F401  (re-exported: the set-up steps lived here)
-    OBJECTIVE_FIELDS,
-    _autocast,
-    _bind,
-    _check_no_label,
-    _check_objective,
-    _check_options,
-    _dry_run,
-    _prepare,
-    _Prepared,
-)
+from .prepare import OBJECTIVE_FIELDS, _autocast, _prepare, _Prepared  # noqa: F401  (re-exported)
 from .resources import TRAINING_PASSES, step_memory  # noqa: F401  (re-exported)
-from .runs import (  # noqa: F401  (re-exported: the run folder format and its life while training)
+from .runs import (  # noqa: F401  (re-exported: the run folder format; and its life while training)
     CHECKPOINT_FILE,
     LOG_FIELDS,
     LOG_FILE,
     RUN_FILE,
     Run,
     RunInUse,
+    _check_run_dir,
     _check_same_model,
     _check_same_objective,
     _check_same_split,
     _make_dir,
     _remove_own_files,
-    _same,
+    _restore,
     _stored_floor,
     load_run,
 )
-from .schedules import (  # noqa: F401  (re-exported: the schedule lived here)
+from .schedules import (
     _checked_resumed,
-    _resumed_rate,
     ema_decay_at,
     ema_update,
     learning_rate,
-    resumed_schedule,
+    resumed_schedule,  # noqa: F401  (re-exported)
 )
 
 LOSS_EMA_DECAY = 0.99
@@ -175,40 +167,6 @@ class Trainer:
             config = dataclasses.replace(config, steps=steps)
         return cls(config, run_dir, model=model, data=data, progress=progress, objective=objective)
 
-    # -- set-up ------------------------------------------------------------------------------------------
-    def _check_run_dir(self, resume: bool) -> None:
-        """Refuses a run_dir that is a file, or a non-empty one without ``resume`` (reads only)."""
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
-        odd = [n for n in runs.RUN_FILES if os.path.islink(d / n) or os.path.lexists(d / n)
-               and not os.path.isfile(d / n)]  # fmt: skip
-        if resume and odd:
-            raise ValueError(
-                f"{', '.join(odd)} in {str(d)!r} is not a regular file; move it away (a run folder holds "
-                "only its own files)"
-            )
-        if not resume and d.is_dir() and not runs.holds_nothing(d):
-            raise ValueError(
-                f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
-            )
-
-    def _restore(self, resume: bool) -> tuple[runs.RunFile, dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The run file and checkpoint to continue from (checked: :func:`flowscore.runs.read_resume_state`),
-        or None when there is no checkpoint; refuses a changed config."""
-        d = self.run_dir
-        if not resume or not os.path.lexists(d / CHECKPOINT_FILE):
-            return None
-        stored = runs.stored_config(d)
-        changed = [k for k, v in self.config.to_dict().items() if stored.to_dict()[k] != v]
-        bad = [k for k in changed if k not in RESUMABLE_CHANGES]
-        if bad:
-            raise ValueError(
-                f"cannot resume {str(d)!r} with a different {', '.join(bad)}; only "
-                f"{', '.join(RESUMABLE_CHANGES)} may change (or start a new run)"
-            )
-        return runs.read_resume_state(d)
-
     # -- the run -----------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Runs (or continues) training to ``config.steps``; returns its step, loss EMA and loss floor."""
@@ -219,7 +177,7 @@ class Trainer:
                 )
             self.config = runs.stored_config(self.run_dir)
         config = self.config
-        self._check_run_dir(resume)
+        _check_run_dir(self.run_dir, resume)
         device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         dist = _init_distributed(device)
         try:
@@ -252,9 +210,9 @@ class Trainer:
         started = False
         try:
             if dist.main:
-                self._check_run_dir(resume)  # again, now that this process holds the folder
+                _check_run_dir(self.run_dir, resume)  # again, now that this process holds the folder
             dist.barrier()
-            restored = self._restore(resume)
+            restored = _restore(self.run_dir, config, resume)
             if restored is not None:
                 run_file, *restored = restored
                 if run_file.data_sha256 != prepared.data_sha256:
@@ -336,13 +294,8 @@ class _Loop:
         floor: LossFloor | None,
         floor_absent: str | None = None,
     ):
-        self.config, self.prepared, self.device, self.dist, self.run_dir = (
-            config,
-            prepared,
-            device,
-            dist,
-            run_dir,
-        )
+        self.config, self.prepared, self.device = config, prepared, device
+        self.dist, self.run_dir = dist, run_dir
         self.floor, self.floor_absent = floor, floor_absent
         self.floor_value = None if floor is None else floor.value
         self.objective = prepared.objective

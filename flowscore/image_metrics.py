@@ -198,7 +198,7 @@ def training_images(run: Any) -> torch.Tensor | None:
     match the run's checksum."""
     from . import data as datasets
     from .runs import read_run_file
-    from .training import _checksum
+    from .sources import checksum as _checksum
 
     config = run.config
     if not config.data:

@@ -19,6 +19,9 @@ class-conditional field :math:`T(x|y) = E[T(x|x_{data})|x, y]`, and the conditio
 is lower by what the label tells about ``x_data``. A model trained with labels dropped (replaced by -1)
 with probability p learns ``T(x|y)`` and ``T(x)`` separately, so its floor is
 ``(1 - p) C_cond + p C`` (:meth:`LossFloor.label_dropout_value`).
+
+A training run computes the floor of its objective on its training data once, when it starts
+(:func:`_loss_floor`, absent with the reason when the data set is too large or streamed).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ model, path, data shape and normalizer in the JSON are checked against the store
 sane bounds) before anything is built, so a damaged or hostile file is refused quickly without allocating
 more than its own size. A run trained on your own model stores its weights and a description (class name,
 weight count), never its code: :func:`load_run` loads the weights into a module you pass.
+
+The folder's life while :class:`flowscore.Trainer` writes it is here too: its creation (one process wins),
+the checks before a resume (the same config, model, objective and data split) and, after a failure before
+the first checkpoint, the removal of this process's own files only.
 """
 
 from __future__ import annotations

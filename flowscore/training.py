@@ -19,7 +19,8 @@ each training label is replaced by -1 with probability ``p_uncond`` (classifier-
 
 Around the loop: :mod:`flowscore.prepare` loads and checks everything before a file is written,
 :mod:`flowscore.runs` creates, checks and cleans the run folder, :mod:`flowscore.schedules` holds the
-learning rate and the EMA, :mod:`flowscore.distributed` the torchrun process group, and
+learning rate and the EMA, :mod:`flowscore.distributed` the torchrun process group,
+:mod:`flowscore.runlog` the reports (``log.csv``, progress bar, TensorBoard) and
 :func:`flowscore.floor._loss_floor` the run's loss floor.
 
 Nothing is lost: every input is checked and the memory a step needs is estimated before the run folder is
@@ -31,7 +32,6 @@ exception) raises :class:`TrainingFailed`, whose message names the cause and the
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import gc
 import math
@@ -39,7 +39,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -59,6 +59,7 @@ from .models import describe
 from .objectives import Objective, QualityWarning
 from .prepare import OBJECTIVE_FIELDS, _autocast, _prepare, _Prepared  # noqa: F401  (re-exported)
 from .resources import TRAINING_PASSES, step_memory  # noqa: F401  (re-exported)
+from .runlog import RunLog
 from .runs import (  # noqa: F401  (re-exported: the run folder format; and its life while training)
     CHECKPOINT_FILE,
     LOG_FIELDS,
@@ -83,6 +84,9 @@ from .schedules import (
     learning_rate,
     resumed_schedule,  # noqa: F401  (re-exported)
 )
+
+if TYPE_CHECKING:
+    from .tblog import TensorBoardLog
 
 LOSS_EMA_DECAY = 0.99
 
@@ -310,7 +314,6 @@ class _Loop:
         self.net = self.objective.wrap(self.net)
         self.ema_model = self.objective.wrap(self.ema)
         self.stream = prepared.stream
-        self.tensorboard: Any = None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -394,6 +397,10 @@ class _Loop:
             self.phase = f"writing the checkpoint of step {self.step}"
             checkpoint.save_checkpoint(self.run_dir / CHECKPOINT_FILE, tensors, state)
 
+    def set_phase(self, phase: str) -> None:
+        """What the run is doing now, for the message of a failure (:meth:`Trainer._fail`)."""
+        self.phase = phase
+
     # -- one update --------------------------------------------------------------------------------------
     def batch(self) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
         """The global batch ``(x_data, y, part)`` drawn from the run's generator (indices, then label
@@ -475,78 +482,45 @@ class _Loop:
             "loss_floor": "" if self.floor_value is None else f"{self.floor_value:.6g}",
         }  # fmt: skip
 
-    def log_samples(self) -> None:
+    def log_samples(self, tensorboard: TensorBoardLog) -> None:
         """A sample grid of the EMA model into the TensorBoard log (its own generator: see tblog)."""
         prepared = self.prepared
-        self.tensorboard.samples(
+        tensorboard.samples(
             self.step, self.ema_model, prepared.path, self.objective.prediction,
             tuple(prepared.train.shape[1:]), prepared.normalizer.decode,
             prepared.num_classes if prepared.labels is not None else None, self.config.seed, self.device,
         )  # fmt: skip
 
     def run(self, progress: bool) -> dict[str, Any]:
-        config, main = self.config, self.dist.main
-        log_file = self.run_dir / LOG_FILE
-        if main:
-            self.phase = f"writing {LOG_FILE}"
-            runs.truncate_log(log_file, self.step)
-        bar = None
-        if main and progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
-        handle = open(log_file, "a", newline="") if main else None  # noqa: SIM115
-        writer = csv.DictWriter(handle, LOG_FIELDS, lineterminator="\n") if handle else None
-        if main and config.tensorboard:
-            from .tblog import TensorBoardLog
-
-            self.phase = "opening the TensorBoard log"
-            self.tensorboard = TensorBoardLog(self.run_dir, self.step)
+        config = self.config
+        log = None
+        if self.dist.main:  # the reports: log.csv, the progress bar, TensorBoard
+            log = RunLog(self.run_dir, config.steps, self.step, progress, config.tensorboard, self.set_phase)
         self.model.train()
         tick, tick_step = time.perf_counter(), self.step
         try:
             while self.step < config.steps:
                 self.phase = f"training step {self.step + 1}"
                 self.record(self.update())
-                if bar is not None:
-                    bar.update(1)
+                if log is not None:
+                    log.advance()
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     now = time.perf_counter()
-                    row = self.log_row((self.step - tick_step) / max(now - tick, 1e-9))
+                    row = self.log_row((self.step - tick_step) / max(now - tick, 1e-9))  # on every rank
                     tick, tick_step = now, self.step
-                    if writer is not None:
-                        self.phase = f"writing {LOG_FILE}"
-                        writer.writerow(row)
-                        handle.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=row["loss_ema"], floor=self.floor_text())
-                    if self.tensorboard is not None:
-                        self.phase = "writing the TensorBoard log"
-                        self.tensorboard.scalars(row, self.floor)
+                    if log is not None:
+                        log.row(row, self.floor)
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save()
-                    if self.tensorboard is not None:
+                    if log is not None and log.tensorboard is not None:
                         self.phase = "writing TensorBoard samples"
-                        self.log_samples()
+                        self.log_samples(log.tensorboard)
         finally:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
-            if bar is not None:
-                bar.close()
-            if handle is not None:
-                try:
-                    handle.close()
-                except OSError:
-                    pass
+            if log is not None:
+                log.close()
         ema = None if self.loss_ema is None else self.dist.mean(self.loss_ema).item()
         return {
             "step": self.step, "loss_ema": ema, "loss_floor": self.floor_value,
             "loss_floor_standard_error": None if self.floor is None else self.floor.standard_error,
             "loss_floor_absent": self.floor_absent,
         }  # fmt: skip
-
-    def floor_text(self) -> str:
-        """The floor with its standard error for the progress bar (``-`` when absent)."""
-        if self.floor is None:
-            return "-"
-        return f"{self.floor.value:.4g}±{self.floor.standard_error:.2g}"

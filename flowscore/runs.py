@@ -763,6 +763,20 @@ def _restore(
     return read_resume_state(d)
 
 
+def _check_resumable(
+    run_dir: Path, run_file: RunFile, prepared: _Prepared
+) -> tuple[LossFloor | None, str | None]:
+    """Refuses to resume ``run_dir`` with other data, model or objective than it was trained with, or with
+    an altered run file; returns the run's stored loss floor (and why it is absent)."""
+    if run_file.data_sha256 != prepared.data_sha256:
+        raise ValueError(f"the data of {str(run_dir)!r} changed since the run started; start a new run")
+    run_state = checkpoint.read_state(run_dir / RUN_FILE)
+    _check_same_model(run_dir, run_state.get("model"), prepared.description)
+    _check_same_objective(run_dir, run_state.get("objective"), prepared.objective)
+    _check_same_split(run_dir, run_file, prepared)
+    return _stored_floor(run_state)
+
+
 def _make_dir(run_dir: Path) -> bool:
     """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
     A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""

@@ -67,14 +67,11 @@ from .runs import (  # noqa: F401  (re-exported: the run folder format; and its 
     RUN_FILE,
     Run,
     RunInUse,
+    _check_resumable,
     _check_run_dir,
-    _check_same_model,
-    _check_same_objective,
-    _check_same_split,
     _make_dir,
     _remove_own_files,
     _restore,
-    _stored_floor,
     load_run,
 )
 from .schedules import (
@@ -219,15 +216,7 @@ class Trainer:
             restored = _restore(self.run_dir, config, resume)
             if restored is not None:
                 run_file, *restored = restored
-                if run_file.data_sha256 != prepared.data_sha256:
-                    raise ValueError(
-                        f"the data of {str(self.run_dir)!r} changed since the run started; start a new run"
-                    )
-                run_state = checkpoint.read_state(self.run_dir / RUN_FILE)
-                _check_same_model(self.run_dir, run_state.get("model"), prepared.description)
-                _check_same_objective(self.run_dir, run_state.get("objective"), prepared.objective)
-                _check_same_split(self.run_dir, run_file, prepared)
-                floor, absent = _stored_floor(run_state)
+                floor, absent = _check_resumable(self.run_dir, run_file, prepared)
             else:
                 floor, absent = None, None
                 if dist.main:

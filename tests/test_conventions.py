@@ -28,10 +28,7 @@ MODEL_NAMES = ("model", "field", "velocity_field", "denoiser", "net")
 
 # (public name, rule): why the contract stays as it is
 EXCEPTIONS = {
-    (
-        "losses.cfm",
-        "order",
-    ): "cfm(model, x_data, path) is the signature since issue 1 (the losses take data 2nd)",
+    ("losses.cfm", "order"): "cfm(model, x_data, path): the losses' signature, a contract of earlier issues",
     ("losses.dsm", "order"): "dsm(model, x_data, path), as cfm",
     ("sample", "tuple"): "return_nfe / return_trajectory predate SampleResult; return_info=True gives it",
     ("samplers.sample", "tuple"): "the same function as fs.sample",

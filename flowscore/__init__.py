@@ -10,12 +10,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers and editors; at run time they load on first use
-    from . import adapters, couplings, data, grids, losses, objectives, preconditioning, samplers, solvers
+    from . import (
+        adapters,
+        couplings,
+        data,
+        flowmaps,
+        grids,
+        losses,
+        objectives,
+        preconditioning,
+        samplers,
+        solvers,
+    )
     from ._validate import validation
     from .adapters import from_denoiser, from_discrete, to_denoiser, to_discrete, wrap_time
     from .config import TrainConfig
     from .conversions import KINDS, Schedule, conversion_coefficients, convert
     from .floor import LossFloor, loss_floor
+    from .flowmaps import MeanFlow, PreconditionedFlowMap, Semigroup, exact_flow_map, flow_map
     from .grids import time_grid
     from .likelihood import log_likelihood
     from .marginals import EmpiricalMarginal
@@ -47,7 +59,9 @@ _EXPORTS: dict[str, str] = {
     "GaussianPath": "paths", "LinearPath": "paths", "VEPath": "paths", "VPLinearPath": "paths",
     "get_path": "paths", "Preconditioned": "preconditioning", "Run": "runs", "load_run": "runs",
     "encode": "samplers", "sample": "samplers", "sample_ode": "samplers", "sample_sde": "samplers",
-    "Trainer": "training", "Objective": "objectives", "SampleResult": "samplers",
+    "Trainer": "training", "Objective": "objectives", "SampleResult": "samplers", "MeanFlow": "flowmaps",
+    "PreconditionedFlowMap": "flowmaps", "Semigroup": "flowmaps", "exact_flow_map": "flowmaps",
+    "flow_map": "flowmaps",
 }  # fmt: skip
 """The public names and the module each lives in (imported on first use)."""
 
@@ -75,6 +89,12 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "MeanFlow",
+    "PreconditionedFlowMap",
+    "Semigroup",
+    "exact_flow_map",
+    "flow_map",
+    "flowmaps",
     "wrap_time",
     "to_discrete",
     "to_denoiser",

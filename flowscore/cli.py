@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from . import __version__, _io, config, runs, workflows
+from . import __version__, _io, config, flowmaps, runs, workflows
 from .data import TOYS
 from .grids import GRIDS
 from .paths import PATHS, get_path
@@ -413,6 +413,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=steps)
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
+    if getattr(run.model, "two_time", False):  # a flow-map run: jumps (flowscore.flowmaps)
+        sampler = f"{args.steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
     x, labels = workflows.sample_run(
         run, args.n, sampler=args.sampler, steps=steps, grid=args.grid, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,

@@ -20,7 +20,15 @@ import torch
 from . import _validate
 from .conversions import KINDS
 from .couplings import COUPLINGS, DEFAULT_REG
-from .losses import OBJECTIVES, TIME_SAMPLERS, WEIGHTINGS
+from .losses import (
+    OBJECTIVE_ALIASES,
+    OBJECTIVES,
+    TIME_SAMPLERS,
+    WEIGHTINGS,
+    TimeSampler,
+    objective_name,
+    snr_matched,
+)
 from .models import MODELS
 from .paths import get_path
 
@@ -48,14 +56,17 @@ DATA_STD = 0.5
 """The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
 sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
 
+FLOW_MAPS = ("meanflow", "semigroup")
+"""The flow-map objectives (:mod:`flowscore.flowmaps`): a two-time model ``model(x, t, s[, y])``."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "path": PATH_NAMES,
-    "objective": tuple(OBJECTIVES),
+    "objective": (*OBJECTIVES, *FLOW_MAPS),
     "prediction": tuple(KINDS),
     "lr_schedule": LR_SCHEDULES,
     "model": tuple(MODELS),
     "weighting": ("auto", *WEIGHTINGS),
-    "time_sampler": tuple(TIME_SAMPLERS),
+    "time_sampler": ("auto", *TIME_SAMPLERS),
     "coupling": COUPLINGS,
     "precision": PRECISIONS,
 }
@@ -74,7 +85,8 @@ FIELD_HELP: dict[str, str] = {
     "in t in path_options)",
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_min\": 0.1}' for linear, "
     '\'{"sigma_max": 50}\' for ve, \'{"alpha": "t", "beta": "1 - t"}\' for custom',
-    "objective": "training objective: cfm, fm (velocity), dsm, sm (score)",
+    "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup (flow maps: a "
+    "two-time model sampled in a few jumps)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
@@ -96,9 +108,12 @@ FIELD_HELP: dict[str, str] = {
     "model": "network: auto (MLP for vectors, UNet for images), mlp or unet",
     "width": "MLP hidden units or UNet base channels; none: the model's default",
     "depth": "MLP hidden layers or UNet levels; none: the model's default",
-    "weighting": "loss weighting lambda(t): auto (noise for dsm/sm; for cfm/fm none, but noise on a "
-    "preconditioned ve path), noise, likelihood or none",
-    "time_sampler": "distribution of the training times t",
+    "weighting": "loss weighting lambda(t): auto (with time-sampler auto and preconditioning: network, "
+    "uniform in the preconditioned network's error; with another time sampler: noise for dsm/sm, for "
+    "cfm/fm none, but noise on a preconditioned ve path), noise, likelihood, network, linear-velocity or "
+    "none",
+    "time_sampler": "distribution of the training times t: auto (with preconditioning: the times whose "
+    "log-SNR has the law of uniform times on the linear path; uniform without), uniform or logit-normal",
     "t_eps": "training times lie in [t_eps, 1 - t_eps]",
     "coupling": "pairing of noise and data in each batch (cfm, dsm): independent, ot (exact minibatch "
     "optimal transport) or sinkhorn (entropic OT, --coupling-reg); on the global batch under torchrun",
@@ -155,7 +170,7 @@ class TrainConfig:
     width: int | None = None
     depth: int | None = None
     weighting: str | None = "auto"
-    time_sampler: str = "uniform"
+    time_sampler: str = "auto"
     t_eps: float = 1e-3
     coupling: str = "independent"
     coupling_reg: float = DEFAULT_REG
@@ -217,14 +232,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_weighting(self) -> str | None:
-        """``weighting`` with "auto" resolved: "noise" for dsm/sm; for cfm/fm none, except on the ``ve`` path
-        with preconditioning, where the velocity's scale spans orders of magnitude over t and the "noise"
-        weighting makes the network's error count the same at every t (docs/theory.md, section 16)."""
-        if self.weighting == "auto":
-            if OBJECTIVES[self.objective] == "score" or (self.path == "ve" and self.precondition):
-                return "noise"
-            return None
-        return self.weighting
+        """``weighting`` with "auto" resolved. With ``time_sampler="auto"``: :func:`parity_defaults`
+        ("network" when preconditioned). With a time sampler named explicitly (as every run stored before
+        the auto time sampler existed has), the rule of those runs, so that they resume as trained:
+        "noise" for dsm/sm; for cfm/fm none, except on the ``ve`` path with preconditioning ("noise")."""
+        if self.weighting != "auto":
+            return self.weighting
+        if self.time_sampler == "auto":
+            return parity_defaults(self.path, self.objective, self.precondition)["weighting"]
+        return _explicit_times_weighting(self.path, self.objective, self.precondition)
+
+    def resolved_time_sampler(self) -> str | TimeSampler:
+        """``time_sampler`` with "auto" resolved by :func:`parity_defaults` (a callable on a preconditioned
+        path other than ``linear``, else "uniform"); a named sampler as it is."""
+        if self.time_sampler != "auto":
+            return self.time_sampler
+        return parity_defaults(
+            self.path, self.objective, self.precondition, path_options=self.path_options, t_eps=self.t_eps
+        )["time_sampler"]
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad field."""
@@ -265,6 +290,10 @@ class TrainConfig:
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
             _validate.choice(value, options, name)
+        if self.objective in FLOW_MAPS and self.prediction != "velocity":
+            raise ValueError(
+                f"objective {self.objective!r} trains an average velocity: prediction must be velocity"
+            )
         _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
         _validate.integer(self.reference_size, "reference_size", minimum=0)
         changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
@@ -282,7 +311,49 @@ class TrainConfig:
         if not isinstance(self.path_options, dict):
             raise ValueError(f"path_options must be a dict, got {type(self.path_options).__name__}")
         get_path(self.path, **self.path_options).config()  # refuses a path that a run cannot store
+        self.resolved_time_sampler()  # e.g. t_eps = 0 with matched log-SNR times
         check_device(self.device)
+
+
+def parity_defaults(
+    path_name: str,
+    objective: str,
+    precondition: bool = True,
+    *,
+    path_options: dict[str, Any] | None = None,
+    t_eps: float = 1e-3,
+) -> dict[str, Any]:
+    """The default ``{"weighting": ..., "time_sampler": ...}`` of ``objective`` on the path ``path_name``
+    (with ``path_options``), chosen so that every (path, objective) trains like linear cfm at the same
+    steps (issue 16; docs/theory.md section 16, "Parity of objectives").
+
+    Preconditioned: weighting "network" (uniform in the network's own error, which makes cfm and dsm one
+    loss, and fm and sm) and times :func:`flowscore.losses.snr_matched` to ``linear`` (the noise levels of
+    uniform times on linear; on ``linear`` itself exactly the "uniform" times). Without preconditioning:
+    "noise" for dsm/sm, none for cfm/fm, uniform times (the raw network's error depends on its
+    prediction, so no weighting is uniform in it for every prediction).
+    """
+    if (
+        objective not in OBJECTIVES and objective not in OBJECTIVE_ALIASES
+    ):  # a flow map: its own law of (t, s)
+        return {"weighting": None, "time_sampler": "uniform"}
+    space = OBJECTIVES[objective_name(objective)]
+    if not precondition:
+        return {"weighting": "noise" if space == "score" else None, "time_sampler": "uniform"}
+    path = get_path(path_name, **(path_options or {}))
+    sampler = (
+        "uniform" if path.config() == get_path("linear").config() else snr_matched(path, "linear", t_eps)
+    )
+    return {"weighting": "network", "time_sampler": sampler}
+
+
+def _explicit_times_weighting(path_name: str, objective: str, precondition: bool) -> str | None:
+    """The auto weighting with an explicitly named time sampler (the rule before :func:`parity_defaults`)."""
+    if objective not in OBJECTIVES and objective not in OBJECTIVE_ALIASES:  # a flow map: its own weighting
+        return None
+    if OBJECTIVES[objective_name(objective)] == "score" or (path_name == "ve" and precondition):
+        return "noise"
+    return None
 
 
 def per_data_defaults(data: object) -> dict[str, Any]:

@@ -198,16 +198,16 @@ def training_images(run: Any) -> torch.Tensor | None:
     match the run's checksum."""
     from . import data as datasets
     from .runs import read_run_file
-    from .sources import checksum as _checksum
+    from .sources import checksum
 
-    config = run.config
-    if not config.data:
+    config = getattr(run, "config", None)
+    if config is None or not getattr(config, "data", ""):  # data passed in code (or no run file)
         return None
     try:
         raw, labels = datasets.load_labelled(config.data, n=config.data_n, seed=config.seed)
     except (ValueError, OSError):  # the file moved or its package is gone: no training images
         return None
-    if _checksum(raw, labels if config.labels else None) != read_run_file(run.run_dir).data_sha256:
+    if checksum(raw, labels if config.labels else None) != read_run_file(run.run_dir).data_sha256:
         return None
     train, _ = datasets.split(raw, int(torch.as_tensor(run.held_out).shape[0]), seed=config.seed)
     return train.float()

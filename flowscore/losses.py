@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _validate
+from . import _validate, grids
 from .conditioning import Model, call_model, check_labels
 from .conversions import KINDS
 from .couplings import DEFAULT_REG, reference_target
@@ -51,7 +51,7 @@ OBJECTIVES: dict[str, str] = {"cfm": "velocity", "fm": "velocity", "dsm": "score
 """Each objective and the space (kind) its regression is done in."""
 OBJECTIVE_ALIASES: dict[str, str] = {"flow": "cfm", "score": "dsm"}
 """Older names still accepted where a conditional objective is meant (``loss_floor``, ``verify``)."""
-WEIGHTINGS = ("noise", "likelihood")
+WEIGHTINGS = ("noise", "likelihood", "network", "linear-velocity")
 TIME_SAMPLERS = ("uniform", "logit-normal")
 REDUCTIONS = ("mean", "sum", "none")
 DIM_REDUCTIONS = ("sum", "mean")
@@ -100,6 +100,85 @@ def logit_normal(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
     return sampler
 
 
+def snr_matched(
+    path: GaussianPath | str, reference: GaussianPath | str = "linear", t_eps: float = 1e-3
+) -> TimeSampler:
+    r"""A time sampler for ``path`` whose times have the noise levels of ``reference``'s uniform times.
+
+    Draws :math:`u \sim U(u_{lo}, u_{hi})` and returns :math:`t = \lambda_{path}^{-1}(\lambda_{reference}(u))`
+    ``(n,)`` (float64), with :math:`\lambda = \log(\alpha^2/\beta^2)` the log-SNR: the log-SNR of the
+    draws has the law of the reference's at uniform times. ``[u_lo, u_hi]`` is the part of
+    ``[t_eps, 1 - t_eps]`` whose log-SNR on the reference the path reaches within ``[t_eps, 1 - t_eps]`` (the
+    uniform law is conditioned on the common range, so every draw lies in ``[t_eps, 1 - t_eps]`` and the
+    law has a density). On the reference itself the times are ``t_eps + (1 - 2 t_eps) U(0, 1)``, the
+    ``"uniform"`` draws of :func:`sample_time` bit for bit. Every Gaussian path is a rescaling of another at
+    equal log-SNR (docs/theory.md, section 16), so with preconditioning these times train the network on the
+    noise levels uniform times give the reference.
+
+    The sampler carries ``sampler.density(v)``, the density of ``v = (t - t_eps) / (1 - 2 t_eps)`` on
+    [0, 1] (the convention of :func:`time_density_ratio`, which the likelihood weighting uses), and
+    ``sampler.time_density(t)``, the density of ``t``: :math:`p(t) = \lambda'_{path}(t) /
+    (\lambda'_{reference}(u)\,(u_{hi} - u_{lo}))` at :math:`u = \lambda_{reference}^{-1}(\lambda_{path}(t))`,
+    0 outside the range. Needs ``t_eps > 0`` (the log-SNR is infinite at the ends) unless ``path`` is the
+    reference.
+    """
+    path, reference = _as_path(path), _as_path(reference, "reference")
+    t_eps = _validate.t_eps(t_eps)
+    f64 = torch.float64
+
+    def uniform(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else "cpu"
+        return t_eps + (1 - 2 * t_eps) * torch.rand(n, generator=generator, dtype=f64, device=device)
+
+    def uniform_density(v: torch.Tensor) -> torch.Tensor:
+        return ((v >= 0) & (v <= 1)).to(v.dtype)
+
+    if path.config() == reference.config():
+        uniform.density = uniform_density  # type: ignore[attr-defined]
+        uniform.time_density = lambda t: uniform_density((t - t_eps) / (1 - 2 * t_eps)) / (1 - 2 * t_eps)  # type: ignore[attr-defined]
+        return uniform
+    if t_eps == 0:
+        raise ValueError(
+            f"matched log-SNR times need t_eps > 0 on path {path.name!r} (the log-SNR is infinite at t = 0 "
+            "or 1); use t_eps > 0 or time_sampler='uniform'"
+        )
+    ends = torch.tensor([t_eps, 1 - t_eps], dtype=f64)
+    s_path, s_ref = grids.sigma_of_t(path, ends), grids.sigma_of_t(reference, ends)
+    hi, lo = min(float(s_path[0]), float(s_ref[0])), max(float(s_path[1]), float(s_ref[1]))
+    if not lo < hi:
+        raise ValueError(
+            f"paths {path.name!r} and {reference.name!r} share no noise level within [t_eps, 1 - t_eps]"
+        )
+    u_lo, u_hi = (float(u) for u in grids.t_of_sigma(reference, torch.tensor([hi, lo], dtype=f64)))
+
+    def sampler(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else "cpu"
+        u = u_lo + (u_hi - u_lo) * torch.rand(n, generator=generator, dtype=f64, device=device).cpu()
+        sigma = grids.sigma_of_t(reference, u).clamp(lo, hi)
+        return grids.t_of_sigma(path, sigma).clamp(t_eps, 1 - t_eps).to(device)
+
+    def d_log_sigma(p: GaussianPath, t: torch.Tensor) -> torch.Tensor:
+        s = p.schedule(t)  # d log(beta / alpha) / dt = beta beta' / beta^2 - alpha' / alpha
+        return s.beta_d_beta / s.beta**2 - s.d_alpha / s.alpha
+
+    def time_density(t: torch.Tensor) -> torch.Tensor:
+        t64 = torch.as_tensor(t, dtype=f64).detach().cpu()
+        sigma = grids.sigma_of_t(path, t64.clamp(t_eps, 1 - t_eps))
+        inside = (
+            (t64 >= t_eps) & (t64 <= 1 - t_eps) & (sigma >= lo * (1 - 1e-12)) & (sigma <= hi * (1 + 1e-12))
+        )
+        u = grids.t_of_sigma(reference, sigma.clamp(lo, hi)).clamp(t_eps, 1 - t_eps)
+        p = d_log_sigma(path, t64.clamp(t_eps, 1 - t_eps)) / d_log_sigma(reference, u) / (u_hi - u_lo)
+        return torch.where(inside, p, torch.zeros_like(p)).to(torch.as_tensor(t).device)
+
+    def density(v: torch.Tensor) -> torch.Tensor:
+        return time_density(t_eps + (1 - 2 * t_eps) * v) * (1 - 2 * t_eps)
+
+    sampler.density = density  # type: ignore[attr-defined]
+    sampler.time_density = time_density  # type: ignore[attr-defined]
+    return sampler
+
+
 def sample_time(
     n: int,
     *,
@@ -136,25 +215,30 @@ def time_density_ratio(t: torch.Tensor, time_sampler: str | TimeSampler, t_eps: 
 
     Multiplying a loss term by it makes the average over the sampler's times estimate the same integral over
     t as uniform times (importance weighting): its mean over the sampler's draws is 1. 1 for ``"uniform"``;
-    ``"logit-normal"`` and samplers made by :func:`logit_normal` know their density ``p_u`` on (0, 1); any
-    other callable raises ``ValueError``.
+    ``"logit-normal"`` and samplers made by :func:`logit_normal` know their density ``p_u`` on (0, 1), those
+    made by :func:`snr_matched` the density ``p(t)`` of their times (``time_density``); any other callable
+    raises ``ValueError``.
 
     The two draw differently (:func:`sample_time`): ``"logit-normal"`` rescales ``u`` into
     ``t = t_eps + (1 - 2 t_eps) u``, so the ratio is ``1 / p_u(u)``; a callable's draws are clamped into
     ``[t_eps, 1 - t_eps]``, so inside the ratio is ``(1 / (1 - 2 t_eps)) / p_u(t)`` and the clamped draws
-    (point masses at the ends, which uniform times never hit) get weight 0.
+    (point masses at the ends, which uniform times never hit) get weight 0. A sampler whose times already lie
+    in ``[t_eps, 1 - t_eps]`` with density ``time_density(t)`` has the ratio ``(1 / (1 - 2 t_eps)) / p(t)``.
     """
     if time_sampler == "uniform":
         return torch.ones_like(t)
+    time_density = getattr(time_sampler, "time_density", None)
+    if callable(time_density):
+        return (1 / ((1 - 2 * t_eps) * time_density(t.double()))).to(t.dtype)
     rescaled = time_sampler == "logit-normal"
     if rescaled:
         time_sampler = logit_normal()
     density = getattr(time_sampler, "density", None)
     if not callable(density):
         raise ValueError(
-            "weighting='likelihood' needs a time sampler whose density is known ('uniform', 'logit-normal' "
-            "or flowscore.losses.logit_normal(mean, std)), since it divides by that density to stay a bound; "
-            "use one of those, or pass your own weighting callable"
+            "weighting='likelihood' needs a time sampler whose density is known ('uniform', 'logit-normal', "
+            "flowscore.losses.logit_normal(mean, std) or snr_matched(path)), since it divides by that "
+            "density to stay a bound; use one of those, or pass your own weighting callable"
         )
     if rescaled:
         u = ((t - t_eps) / (1 - 2 * t_eps)).double()
@@ -205,6 +289,7 @@ def loss_weight(
     *,
     time_sampler: str | TimeSampler = "uniform",
     t_eps: float = 1e-3,
+    sigma_data: float | None = None,
 ) -> torch.Tensor:
     r"""``(B,)`` weights :math:`\lambda(t)` for a regression in the space ``kind`` ("velocity" or "score").
 
@@ -223,6 +308,22 @@ def loss_weight(
       With a non-uniform ``time_sampler`` the weight is multiplied by :func:`time_density_ratio` so that it
       stays that bound (a sampler of unknown density is refused). ``g_t^2`` is infinite where alpha = 0 and
       0 where beta = 0: ``ValueError`` there (keep ``t_eps > 0``).
+    * ``"network"``: uniform in the error of the preconditioned network ``F`` of
+      :class:`flowscore.Preconditioned` (``v = c_out F(c_in x, t)``, ``c_out`` of
+      :func:`flowscore.preconditioning.scalings` with ``sigma_data``, default
+      :data:`flowscore.config.DATA_STD`): velocity space :math:`k/c_{out}^2`, score space
+      :math:`k c^2/c_{out}^2` with :math:`c = \beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)/\alpha_t` the
+      ``score -> velocity`` coefficient and the constant :math:`k = 1 + \sigma_{data}^2` (``c_out^2`` of
+      ``linear``, so that cfm on ``linear`` keeps the weight 1). The loss per sample is then
+      :math:`k\lVert F - F^*\rVert^2` with :math:`F^* = ` (conditional velocity) / ``c_out``, for cfm and
+      dsm alike (the conditional score converts exactly to the conditional velocity at the same ``x``):
+      the two are one loss.
+    * ``"linear-velocity"``: the loss per sample is the error of the ``linear`` path's velocity implied by the
+      model at the same log-SNR, :math:`(1 + \sigma_t)^2\lVert\hat\varepsilon - \varepsilon\rVert^2` with
+      :math:`\sigma_t = \beta_t/\alpha_t`: the ``"noise"`` weight times :math:`(1 + \sigma_t)^2`, i.e.
+      velocity space :math:`(\alpha_t + \beta_t)^2/(\alpha'_t\beta_t - \alpha_t\beta'_t)^2` (1 on
+      ``linear``), score space :math:`\beta_t^2(\alpha_t + \beta_t)^2/\alpha_t^2`. With matched log-SNR
+      times (:func:`snr_matched`) every path then trains on linear cfm's loss over the noise levels.
     * a callable ``lambda(t)`` returning a tensor shaped like ``t``.
     """
     _validate.choice(kind, ("velocity", "score"), "kind")
@@ -239,6 +340,14 @@ def loss_weight(
     if weighting == "noise":
         c_value, _ = path.coefficients(t, kind, "noise")
         return c_value**2
+    if weighting == "network":
+        return network_weight(path, t, kind, sigma_data)
+    if weighting == "linear-velocity":  # in float64: exactly 1 on linear
+        t64 = t.detach().to(torch.float64)
+        c_noise, _ = path.coefficients(t64, kind, "noise")
+        alpha, beta = path.alpha(t64), path.beta(t64)  # alpha = 0 (t_eps = 0): not finite, ValueError
+        weight = (c_noise * (alpha + beta) / alpha) ** 2
+        return _validate.finite(weight, "linear-velocity weight").to(t.dtype)
     g_sq = path.diffusion_sq(t)
     ratio = time_density_ratio(t, time_sampler, t_eps)
     if kind == "score":
@@ -250,6 +359,22 @@ def loss_weight(
             f"t = {t_bad:g} (g^2 = 0 where beta = 0); use t_eps > 0"
         )
     return 4 / g_sq * ratio
+
+
+def network_weight(
+    path: GaussianPath, t: torch.Tensor, kind: str, sigma_data: float | None = None
+) -> torch.Tensor:
+    """The ``"network"`` weighting of :func:`loss_weight`: ``(1 + sigma_data^2) (c_kind->velocity)^2 /
+    c_out^2``, shaped like ``t``, computed in float64 and returned in ``t``'s dtype (1 for cfm on
+    ``linear``, whose ``c_out^2`` is the constant ``1 + sigma_data^2``)."""
+    from .config import DATA_STD  # config and preconditioning import this module
+    from .preconditioning import scalings
+
+    sigma = DATA_STD if sigma_data is None else _validate.number(sigma_data, "sigma_data", 0.0, low_open=True)
+    t64 = t.detach().to(torch.float64)
+    c_value, _ = path.coefficients(t64, kind, "velocity")
+    _, c_out = scalings(path.schedule(t64), sigma)
+    return ((1 + sigma**2) * c_value**2 / c_out**2).to(t.dtype)
 
 
 def predict(
@@ -575,6 +700,7 @@ __all__ = [
     "logit_normal",
     "loss_weight",
     "marginal_target",
+    "network_weight",
     "objective_loss",
     "objective_name",
     "predict",
@@ -583,6 +709,7 @@ __all__ = [
     "regress",
     "sample_time",
     "sm",
+    "snr_matched",
     "squared_error",
     "time_density_ratio",
 ]

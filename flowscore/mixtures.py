@@ -173,6 +173,20 @@ class GaussianMixture:
         """``(B,)`` log p_t(x) on ``path`` (``log_prob_data`` is the data density itself)."""
         return self.marginal(path).log_prob(x, t)
 
+    def flow_map(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        s: torch.Tensor | float,
+        path=None,
+        rtol: float = 1e-8,
+        atol: float = 1e-8,
+    ) -> torch.Tensor:
+        """The exact flow map X(x, t, s) ``(B, *dims)`` on ``path``: the probability-flow ODE of the
+        closed-form marginal velocity solved in float64 (:meth:`flowscore.marginals.Marginal.flow_map`; labels
+        and guidance there, on ``gm.marginal(path)``)."""
+        return self.marginal(path).flow_map(x, t, s, rtol=rtol, atol=atol)
+
 
 class MixtureMarginal(Marginal):
     """Closed-form marginal fields of a :class:`GaussianMixture` on a Gaussian path.
@@ -183,6 +197,8 @@ class MixtureMarginal(Marginal):
     all of [0, 1] (no division by alpha_t or beta_t; the variances v_k >= alpha_t^2 s_k^2 + beta_t^2 > 0).
     Computed in float64; queries ``x`` must share the dtype and device of the mixture's means.
     """
+
+    _solve_dtype = torch.float64  # the closed forms take any dtype: the flow map solves in float64
 
     def __init__(self, mixture: GaussianMixture, path: GaussianPath | str):
         if not isinstance(mixture, GaussianMixture):

@@ -20,6 +20,11 @@ from torch import nn
 from . import _validate
 from .conditioning import check_labels
 
+TWO_TIME_SCALE = 30.0
+"""Time scale of the sinusoidal embeddings of a two-time (flow-map) model, in place of 1000: the MeanFlow
+target contains the network's time derivative, which the highest frequencies of the velocity networks'
+embedding make very large at initialisation (docs/theory.md section 17)."""
+
 
 class SinusoidalEmbedding(nn.Module):
     r"""``(B,)`` times to ``(B, dim)`` features :math:`[\sin(s t f_k), \cos(s t f_k)]`, ``dim`` even.
@@ -82,6 +87,25 @@ def _check_input(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape[0]) if t.dim() == 0 else t
 
 
+def _split_args(model: nn.Module, args: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(s, y)`` from the arguments after ``t``: ``(s[, y])`` for a two-time model, ``([y])`` otherwise."""
+    limit = 2 if model.two_time else 1
+    if len(args) > limit:
+        raise ValueError(f"{type(model).__name__} takes at most {2 + limit} arguments, got {2 + len(args)}")
+    if not model.two_time:
+        return None, (args[0] if args else None)
+    if not args or args[0] is None:
+        raise ValueError(
+            f"this {type(model).__name__} was built with two_time=True: call it as model(x, t, s[, y])"
+        )
+    return args[0], (args[1] if len(args) > 1 else None)
+
+
+def _with_two_time(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``config`` with ``two_time: True`` for a two-time model (absent for a velocity model, as before)."""
+    return {**config, "two_time": True} if model.two_time else config
+
+
 class MLP(nn.Module):
     """MLP on ``x`` ``(B, *dims)``, ``prod(dims) == dim``: [flatten(x), emb(t)] -> ``depth`` SiLU layers -> x.
 
@@ -98,16 +122,18 @@ class MLP(nn.Module):
         depth: int = 4,
         time_embedding: int = 64,
         num_classes: int | None = None,
+        two_time: bool | None = False,
     ):
         super().__init__()
         self.dim = _validate.positive_int(dim, "dim")
+        self.two_time = bool(two_time)
         self.width = _validate.positive_int(width, "width")
         self.depth = _validate.positive_int(depth, "depth")
         self.time_embedding = time_embedding
         self.num_classes = num_classes
-        self.embed = SinusoidalEmbedding(time_embedding)
+        self.embed = SinusoidalEmbedding(time_embedding, scale=TWO_TIME_SCALE if self.two_time else 1000.0)
         layers: list[nn.Module] = []
-        fan_in = dim + time_embedding
+        fan_in = dim + time_embedding * (2 if self.two_time else 1)
         for _ in range(depth):
             layers += [nn.Linear(fan_in, width), nn.SiLU()]
             fan_in = width
@@ -117,11 +143,12 @@ class MLP(nn.Module):
         self.classes = None if num_classes is None else ClassEmbedding(num_classes, time_embedding)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "mlp", "dim": self.dim, "width": self.width, "depth": self.depth,
-                "time_embedding": self.time_embedding, "num_classes": self.num_classes}  # fmt: skip
+        return _with_two_time({"kind": "mlp", "dim": self.dim, "width": self.width, "depth": self.depth,
+                "time_embedding": self.time_embedding, "num_classes": self.num_classes}, self)  # fmt: skip
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, *dims), (B,)[, (B,) labels] -> (B, *dims)``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """``(B, *dims), (B,)[, (B,) labels] -> (B, *dims)``; a two-time MLP: ``(x, t, s[, y])``."""
+        s, y = _split_args(self, args)
         t = _check_input(x, t)
         if x[0].numel() != self.dim:
             raise ValueError(
@@ -132,7 +159,10 @@ class MLP(nn.Module):
             _no_labels(y, "MLP")
         else:
             features = features + self.classes(y, x.shape[0], x.device).to(features.dtype)
-        h = torch.cat([x.flatten(1), features], dim=1)
+        parts = [x.flatten(1), features]
+        if self.two_time:
+            parts.append(self.embed(_check_input(x, s) - t))
+        h = torch.cat(parts, dim=1)
         return self.net(h).reshape(x.shape)
 
 
@@ -174,16 +204,19 @@ class UNet(nn.Module):
         levels: int = 2,
         time_embedding: int = 128,
         num_classes: int | None = None,
+        two_time: bool | None = False,
     ):
         super().__init__()
+        self.two_time = bool(two_time)
         self.channels = _validate.positive_int(channels, "channels")
         self.base = _validate.positive_int(base, "base")
         self.levels = _validate.positive_int(levels, "levels")
         self.time_embedding = _validate.positive_int(time_embedding, "time_embedding")
         self.num_classes = num_classes
         t_dim = 4 * base
+        scale = TWO_TIME_SCALE if self.two_time else 1000.0
         self.embed = nn.Sequential(
-            SinusoidalEmbedding(time_embedding),
+            SinusoidalEmbedding(time_embedding, scale=scale),
             nn.Linear(time_embedding, t_dim),
             nn.SiLU(),
             nn.Linear(t_dim, t_dim),
@@ -204,13 +237,23 @@ class UNet(nn.Module):
         )
         # made last, so the other weights start as in the unconditional model of the same seed
         self.classes = None if num_classes is None else ClassEmbedding(num_classes, t_dim, init_std=0.02)
+        self.embed_gap = None
+        if self.two_time:  # the second time: the gap s - t
+            self.embed_gap = nn.Sequential(
+                SinusoidalEmbedding(time_embedding, scale=scale),
+                nn.Linear(time_embedding, t_dim),
+                nn.SiLU(),
+                nn.Linear(t_dim, t_dim),
+            )
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "unet", "channels": self.channels, "base": self.base, "levels": self.levels,
-                "time_embedding": self.time_embedding, "num_classes": self.num_classes}  # fmt: skip
+        return _with_two_time({"kind": "unet", "channels": self.channels, "base": self.base,
+                "levels": self.levels, "time_embedding": self.time_embedding,
+                "num_classes": self.num_classes}, self)  # fmt: skip
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, C, H, W), (B,)[, (B,) labels] -> (B, C, H, W)``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """``(B, C, H, W), (B,)[, (B,) labels] -> (B, C, H, W)``; a two-time UNet: ``(x, t, s[, y])``."""
+        s, y = _split_args(self, args)
         t = _check_input(x, t)
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be shaped (B, {self.channels}, H, W), got {tuple(x.shape)}")
@@ -219,6 +262,8 @@ class UNet(nn.Module):
         pad_h, pad_w = -height % multiple, -width % multiple
         h = self.stem(F.pad(x, (0, pad_w, 0, pad_h)))
         emb = self.embed(t)
+        if self.embed_gap is not None:
+            emb = emb + self.embed_gap(_check_input(x, s) - t)
         if self.classes is None:
             _no_labels(y, "UNet")
         else:
@@ -243,9 +288,9 @@ LIMITS: dict[str, int] = {
 }  # fmt: skip
 """Upper bounds of each size in a model config: sanity bounds checked before anything is built (a config read
 back from a file could otherwise ask for any amount of memory)."""
-_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding", "num_classes"),
-            "unet": ("channels", "base", "levels", "time_embedding", "num_classes")}  # fmt: skip
-_OPTIONAL = ("num_classes",)
+_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding", "num_classes", "two_time"),
+            "unet": ("channels", "base", "levels", "time_embedding", "num_classes", "two_time")}  # fmt: skip
+_OPTIONAL = ("num_classes", "two_time")
 """Options that may be None (and may be missing from a config stored before they existed)."""
 
 
@@ -260,8 +305,9 @@ def model_config(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: An
     ``kind``: ``"mlp"`` (any shape, flattened; opts ``width``, ``depth``, ``time_embedding``),
     ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
     or ``"auto"`` (MLP for vectors, UNet for images). Both take ``num_classes`` (a class-conditional model,
-    ``model(x, t, y)``). Options set to ``None`` take their defaults. The result is checked by
-    :func:`check_config`.
+    ``model(x, t, y)``) and ``two_time`` (a flow-map model ``model(x, t, s[, y])`` with a second time
+    embedding, of the gap ``s - t``, see :mod:`flowscore.flowmaps`). Options set to ``None`` take their
+    defaults. The result is checked by :func:`check_config`.
     """
     _validate.choice(kind, MODELS, "model")
     data_shape = tuple(data_shape)
@@ -301,9 +347,11 @@ def check_config(config: object) -> dict[str, Any]:
             f"model config of kind {config['kind']!r} must have exactly the keys kind, {', '.join(names)}; "
             f"got {', '.join(sorted(map(str, config)))}"
         )
+    if config["two_time"] not in (None, False, True):
+        raise ValueError(f"model config: two_time must be true or false, got {_short(config['two_time'])}")
     for name in names:
         value = config[name]
-        if value is None and name in _OPTIONAL:
+        if (value is None and name in _OPTIONAL) or name == "two_time":
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[name]:
             raise ValueError(
@@ -311,6 +359,8 @@ def check_config(config: object) -> dict[str, Any]:
             )
     if config["time_embedding"] % 2:
         raise ValueError(f"model config: time_embedding must be even, got {config['time_embedding']}")
+    if not config["two_time"]:  # a velocity model's config has no two_time entry (as before flow maps)
+        del config["two_time"]
     return dict(config)
 
 
@@ -334,7 +384,8 @@ def parameter_count(config: dict[str, Any]) -> int:
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
         hidden = (depth - 1) * linear(width, width)
-        return linear(dim + te, width) + hidden + linear(width, dim) + classes * te
+        te_in = 2 * te if c.get("two_time") else te
+        return linear(dim + te_in, width) + hidden + linear(width, dim) + classes * te
     channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
     t_dim = 4 * base
     widths = [base * 2**i for i in range(levels + 1)]
@@ -343,7 +394,8 @@ def parameter_count(config: dict[str, Any]) -> int:
         skip = conv(n_in, n_out, 1) if n_in != n_out else 0
         return 2 * n_in + conv(n_in, n_out) + linear(t_dim, n_out) + 2 * n_out + conv(n_out, n_out) + skip
 
-    total = linear(te, t_dim) + linear(t_dim, t_dim) + conv(channels, base) + classes * t_dim
+    total = (2 if c.get("two_time") else 1) * (linear(te, t_dim) + linear(t_dim, t_dim))
+    total += conv(channels, base) + classes * t_dim
     total += sum(resblock(widths[i], widths[i]) + conv(widths[i], widths[i + 1]) for i in range(levels))
     total += 2 * resblock(widths[-1], widths[-1])
     total += sum(conv(widths[i + 1], widths[i]) + resblock(2 * widths[i], widths[i]) for i in range(levels))
@@ -357,6 +409,7 @@ def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[f
     c = check_config(config)
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
+        te = 2 * te if c.get("two_time") else te
         macs = (dim + te) * width + (depth - 1) * width * width + width * dim
         floats = 2 * te + dim + te + 2 * depth * width + dim
         return 2.0 * macs, 4.0 * floats
@@ -369,6 +422,8 @@ def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[f
     widths = [base * 2**i for i in range(levels + 1)]
     t_dim = 4 * base
     macs, floats = te * t_dim + t_dim * t_dim, 2 * te + 3 * t_dim
+    if c.get("two_time"):  # the second time embedding
+        macs, floats = 2 * macs, 2 * floats
 
     def resblock(n_in: int, n_out: int, pixels: int) -> tuple[int, int]:
         skip = n_in * n_out if n_in != n_out else 0

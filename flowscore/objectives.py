@@ -294,7 +294,13 @@ class GaussianObjective(Objective):
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         r"""``(B,)`` weights :math:`\lambda(t)` (:func:`flowscore.losses.loss_weight`)."""
         return loss_weight(
-            self.path, t, self.space, self.weighting, time_sampler=self.time_sampler, t_eps=self.t_eps
+            self.path,
+            t,
+            self.space,
+            self.weighting,
+            time_sampler=self.time_sampler,
+            t_eps=self.t_eps,
+            sigma_data=self.sigma_data if self.precondition else None,  # "network": that of the scalings
         )
 
     def per_sample(
@@ -364,7 +370,8 @@ class GaussianObjective(Objective):
         if self.floor_absent is not None:
             return None
         floor = loss_floor(
-            x_data, self.path, self.name, labels=labels, weighting=self.weighting,
+            x_data, self.path, self.name, labels=labels,
+            weighting=None if self.weighting is None else self.weight,  # the loss's own weights
             time_sampler=self.time_sampler, t_eps=self.t_eps, dim_reduction=self.dim_reduction, **options,
         )  # fmt: skip
         return floor if labels is None else floor.label_dropout(p_uncond)
@@ -390,7 +397,7 @@ class GaussianObjective(Objective):
 
     def to_dict(self) -> dict[str, Any]:
         def named(value: object) -> object:
-            return "callable" if callable(value) else value
+            return "callable" if callable(value) else value  # a run rebuilds it from its config
 
         return {
             **super().to_dict(), "path": self.path.config(), "weighting": named(self.weighting),
@@ -488,15 +495,18 @@ BUILTIN: dict[str, type[GaussianObjective]] = {"cfm": CFM, "dsm": DSM, "fm": FM,
 
 def objective_from_config(
     config: TrainConfig, path: GaussianPath | None = None, model: nn.Module | None = None
-) -> GaussianObjective:
+) -> Objective:
     """The built-in objective a :class:`~flowscore.config.TrainConfig` describes (``path``: its path,
     built from the config when None). Preconditioning (``config.precondition``, ``sigma_data =
     config.data_std``) applies to flowscore's built-in networks only: ``model``, when given and not one of
     them, is trained as given."""
     path = get_path(config.path, **config.path_options) if path is None else path
+    precondition = config.precondition and (model is None or builtin_config(model) is not None)
+    if config.objective in _flow_maps():  # flowscore.flowmaps: their own time pairs and weighting
+        return _flow_maps()[config.objective](path, sigma_data=config.data_std, precondition=precondition)
     options = dict(
-        prediction=config.prediction, weighting=config.resolved_weighting(), time_sampler=config.time_sampler,
-        t_eps=config.t_eps, sigma_data=config.data_std,
+        prediction=config.prediction, weighting=config.resolved_weighting(),
+        time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=config.data_std,
         precondition=config.precondition and (model is None or builtin_config(model) is not None),
     )  # fmt: skip
     if config.objective in ("cfm", "dsm"):
@@ -506,9 +516,27 @@ def objective_from_config(
     return BUILTIN[config.objective](path, **options)
 
 
-def objective_from_dict(values: dict[str, Any]) -> GaussianObjective:
+def _flow_maps() -> dict[str, type[Objective]]:
+    """:data:`flowscore.flowmaps.FLOW_MAP_OBJECTIVES` (imported when needed: flowmaps builds on this
+    module)."""
+    from .flowmaps import FLOW_MAP_OBJECTIVES
+
+    return dict(FLOW_MAP_OBJECTIVES)
+
+
+def objective_from_dict(values: dict[str, Any]) -> Objective:
     """A built-in objective from its :meth:`Objective.to_dict` (``ValueError`` for your own objective, whose
     code a run does not store, or for a callable weighting or time sampler)."""
+    if isinstance(values, dict) and values.get("name") in _flow_maps():
+        options = {
+            k: v for k, v in values.items() if k not in ("name", "class", "two_time", "prediction", "path")
+        }
+        try:
+            path = values["path"]
+            path = get_path(path["name"], **{k: v for k, v in path.items() if k != "name"})
+            return _flow_maps()[values["name"]](path, **options)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"objective description {values} is malformed ({err})") from None
     if not isinstance(values, dict) or values.get("name") not in BUILTIN:
         raise ValueError(
             f"objective {values.get('name') if isinstance(values, dict) else values!r} is not a built-in "

@@ -771,8 +771,15 @@ def sample(
     Returns: ``(n, *shape)`` samples; with ``return_info`` a :class:`SampleResult`. (Deprecated: without
     ``return_info``, ``return_trajectory`` adds the ``(T, n, *shape)`` states and ``return_nfe`` the number
     of model calls to a tuple, in that order.)
+
+    A two-time (flow-map) model (``model.two_time``) is sampled by ``steps`` jumps instead
+    (:func:`flowscore.flowmaps.sample_jumps`).
     """
     _warn_flags(return_info, return_nfe, return_trajectory, "sample")
+    if getattr(model, "two_time", False):  # a flow-map model: K jumps (flowscore.flowmaps)
+        from .flowmaps import sample_two_time
+
+        return sample_two_time(model, path, n, locals())
     path = get_path(path)
     sampler, steps, grid = defaults(sampler, steps, grid)
     prediction = _model_and_prediction(model, prediction, sampler)

@@ -47,6 +47,7 @@ from torch import nn
 from . import _validate, checkpoint, resources, runs
 from .conditioning import drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
+    FLOW_MAPS,
     IMAGE_DEFAULTS,
     RESUMABLE_CHANGES,
     VECTOR_DEFAULTS,

@@ -39,6 +39,10 @@ EXCEPTIONS = {
     ("sample_sde", "tuple"): "as sample_ode",
     ("samplers.sample_sde", "tuple"): "the same function as fs.sample_sde",
     ("log_likelihood", "method"): "the ODE integrator of the likelihood (rk4/euler), named before issue 16",
+    (
+        "flowmaps.sample_jumps",
+        "tuple",
+    ): "fs.sample's jumps (issue 15), with sample's return_nfe / return_trajectory",
     ("samplers.integrate", "tuple"): "the integrator under sample_ode, with the same return_trajectory",
     ("objectives.objective_from_config", "order"): "a factory of the config: the config, the path built from "
     "it, then the network it wraps (optional), in the config's own order",

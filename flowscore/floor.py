@@ -19,13 +19,16 @@ class-conditional field :math:`T(x|y) = E[T(x|x_{data})|x, y]`, and the conditio
 is lower by what the label tells about ``x_data``. A model trained with labels dropped (replaced by -1)
 with probability p learns ``T(x|y)`` and ``T(x)`` separately, so its floor is
 ``(1 - p) C_cond + p C`` (:meth:`LossFloor.label_dropout_value`).
+
+A training run computes the floor of its objective on its training data once, when it starts
+(:func:`_loss_floor`, absent with the reason when the data set is too large or streamed).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -43,6 +46,10 @@ from .losses import (
 )
 from .marginals import EmpiricalMarginal
 from .paths import GaussianPath, get_path
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .prepare import _Prepared
 
 FLOOR_OBJECTIVES = ("cfm", "dsm")
 """The conditional objectives that have a floor (``"flow"`` and ``"score"`` are accepted as aliases)."""
@@ -410,3 +417,43 @@ __all__ = [
     "loss_floor",
     "summarize",
 ]
+
+
+# -- the floor of a training run ---------------------------------------------------------------------------
+FLOOR_MAX_SIZE = 1_000_000
+"""The loss floor is computed when (training points) x (dims per point) is at most this."""
+
+
+FLOOR_WORK = 4e8
+"""Monte Carlo draws of the floor: ``clamp(FLOOR_WORK / (N * D), 2000, 20000)`` (cost ~ draws x N x D)."""
+
+
+def _loss_floor(
+    config: TrainConfig, prepared: _Prepared, progress: bool
+) -> tuple[LossFloor | None, str | None]:
+    """``(floor, None)``: the floor of the objective trained, on the (encoded) training data (with labels:
+    of label dropout, :meth:`LossFloor.label_dropout`), or ``(None, why it is absent)``."""
+    train = prepared.train
+    if not config.loss_floor:
+        return None, "not computed (loss_floor=False)"
+    if prepared.stream is not None:
+        return None, "the data come from a DataLoader, and the floor needs the whole data set"
+    if train.numel() > FLOOR_MAX_SIZE:
+        return None, (
+            f"the training set is too large for its exact marginal ({train.shape[0]} points x "
+            f"{train[0].numel()} dims > {FLOOR_MAX_SIZE})"
+        )
+    objective = prepared.objective
+    if objective.floor_absent is not None:
+        return None, objective.floor_absent
+    n_samples = int(min(20_000, max(2_000, FLOOR_WORK / train.numel())))
+    labels = None if prepared.labels is None else prepared.labels.cpu()
+    floor = objective.floor(
+        train.cpu(),
+        labels,
+        p_uncond=config.p_uncond,
+        n_samples=n_samples,
+        seed=config.seed,
+        progress=progress,
+    )
+    return (floor, None) if floor is not None else (None, objective.floor_absent or "no floor")

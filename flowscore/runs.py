@@ -18,6 +18,10 @@ model, path, data shape and normalizer in the JSON are checked against the store
 sane bounds) before anything is built, so a damaged or hostile file is refused quickly without allocating
 more than its own size. A run trained on your own model stores its weights and a description (class name,
 weight count), never its code: :func:`load_run` loads the weights into a module you pass.
+
+The folder's life while :class:`flowscore.Trainer` writes it is here too: its creation (one process wins),
+the checks before a resume (the same config, model, objective and data split) and, after a failure before
+the first checkpoint, the removal of this process's own files only.
 """
 
 from __future__ import annotations
@@ -27,21 +31,27 @@ import csv
 import errno
 import math
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import _io, checkpoint, models
 from . import data as datasets
-from .config import FLOW_MAPS, PATH_NAMES, TrainConfig
+from .config import FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
-from .objectives import BUILTIN, objective_from_config
+from .models import CUSTOM, check_description
+from .objectives import BUILTIN, Objective, objective_from_config
 from .paths import GaussianPath, get_path
+from .tblog import FOLDER as TENSORBOARD_FOLDER
+
+if TYPE_CHECKING:
+    from .prepare import _Prepared
 
 try:
     import fcntl
@@ -713,3 +723,170 @@ def check_training_state(
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- the run folder's life while training (used by flowscore.training) -------------------------------------
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuses a run_dir that is a file, or a non-empty one without ``resume`` (reads only)."""
+    d = run_dir
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"run_dir {str(d)!r} exists and is not a directory; choose another run_dir")
+    odd = [n for n in RUN_FILES if os.path.islink(d / n) or os.path.lexists(d / n)
+           and not os.path.isfile(d / n)]  # fmt: skip
+    if resume and odd:
+        raise ValueError(
+            f"{', '.join(odd)} in {str(d)!r} is not a regular file; move it away (a run folder holds "
+            "only its own files)"
+        )
+    if not resume and d.is_dir() and not holds_nothing(d):
+        raise ValueError(
+            f"run_dir {str(d)!r} is not empty; pass resume=True to continue it or pick a new one"
+        )
+
+
+def _restore(
+    run_dir: Path, config: TrainConfig, resume: bool
+) -> tuple[RunFile, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The run file and checkpoint to continue from (checked: :func:`read_resume_state`), or None when
+    there is no checkpoint; refuses a changed config (only ``RESUMABLE_CHANGES`` may change)."""
+    d = run_dir
+    if not resume or not os.path.lexists(d / CHECKPOINT_FILE):
+        return None
+    stored = stored_config(d)
+    changed = [k for k, v in config.to_dict().items() if stored.to_dict()[k] != v]
+    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if bad:
+        raise ValueError(
+            f"cannot resume {str(d)!r} with a different {', '.join(bad)}; only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change (or start a new run)"
+        )
+    return read_resume_state(d)
+
+
+def _check_resumable(
+    run_dir: Path, run_file: RunFile, prepared: _Prepared
+) -> tuple[LossFloor | None, str | None]:
+    """Refuses to resume ``run_dir`` with other data, model or objective than it was trained with, or with
+    an altered run file; returns the run's stored loss floor (and why it is absent)."""
+    if run_file.data_sha256 != prepared.data_sha256:
+        raise ValueError(f"the data of {str(run_dir)!r} changed since the run started; start a new run")
+    run_state = checkpoint.read_state(run_dir / RUN_FILE)
+    _check_same_model(run_dir, run_state.get("model"), prepared.description)
+    _check_same_objective(run_dir, run_state.get("objective"), prepared.objective)
+    _check_same_split(run_dir, run_file, prepared)
+    return _stored_floor(run_state)
+
+
+def _make_dir(run_dir: Path) -> bool:
+    """Creates ``run_dir`` (and its parents); True if this call created it (atomic: one process wins).
+    A folder that cannot be created (no permission, a read-only disk, a link loop) is a ``ValueError``."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise ValueError(
+                f"run_dir {str(run_dir)!r} exists and is not a directory; choose another"
+            ) from None
+        return False
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise ValueError(f"run_dir {str(run_dir)!r} cannot be created ({cause}); choose another") from None
+    return True
+
+
+def _remove_own_files(run_dir: Path, created: bool, written: bool = True) -> None:
+    """After a failure before the first checkpoint, while holding the lock: deletes what this process
+    wrote, never another process's files. ``written``: this process started writing the run's files
+    (which it does only into a folder that held nothing but a lock and temporaries, checked under the
+    lock), so every run file there is its own; otherwise it wrote only its lock. The folder itself goes
+    too when this process created it and nothing else is in it."""
+    if written:
+        remove_temporaries(run_dir)
+        shutil.rmtree(run_dir / TENSORBOARD_FOLDER, ignore_errors=True)
+        for name in RUN_FILES:
+            if name != LOCK_FILE:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        if written or (created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]):
+            (run_dir / LOCK_FILE).unlink()  # a later writer that opened it re-opens (RunLock.acquire)
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
+
+
+def _check_same_model(run_dir: Path, stored: object, given: dict[str, Any]) -> None:
+    """``ValueError`` when a resumed run is given another model than the one it was trained with."""
+    try:
+        stored = check_description(stored)  # fills options a run stored before they existed
+    except ValueError:
+        pass
+    if stored == given:
+        return
+    if isinstance(stored, dict) and stored.get("kind") == CUSTOM and given.get("kind") != CUSTOM:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own model ({stored.get('class')}, "
+            f"{stored.get('parameters')} weights); pass it again: Trainer(..., model=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the model {stored}, not {given}; pass the same model to "
+        "resume"
+    )
+
+
+def _check_same_objective(run_dir: Path, stored: object, given: Objective) -> None:
+    """``ValueError`` when a resumed run is given another objective than the one it was trained with (a run
+    trained on your own objective needs it again). Runs stored before objectives were stored: not checked."""
+    if not isinstance(stored, dict):
+        return
+    mine = given.to_dict()
+    if stored.get("name") == mine["name"] and stored.get("class") == mine["class"]:
+        return
+    if stored.get("name") not in BUILTIN and mine["name"] in BUILTIN:
+        raise ValueError(
+            f"run {str(run_dir)!r} was trained with your own objective ({stored.get('class')}); pass it "
+            "again: Trainer(..., objective=...)"
+        )
+    raise ValueError(
+        f"run {str(run_dir)!r} was trained with the objective {stored.get('class')} ({stored.get('name')}), "
+        f"not {mine['class']} ({mine['name']}); pass the same objective to resume"
+    )
+
+
+def _check_same_split(run_dir: Path, run_file: RunFile, prepared: _Prepared) -> None:
+    """``ValueError`` when what the run file stores about the data (training points, held-out points and
+    labels, normalizer, classes) is not what the same data gives again: the file was altered."""
+    if prepared.stream is not None:
+        return
+    stored = (run_file.n_train, run_file.held_out, run_file.normalizer.state_dict(), run_file.labels,
+              run_file.held_out_labels)  # fmt: skip
+    given = (prepared.n_train, prepared.held_out, prepared.normalizer.state_dict(), prepared.label_info(),
+             prepared.held_out_labels)  # fmt: skip
+    if not _same(stored, given):
+        raise ValueError(
+            f"{RUN_FILE} of {str(run_dir)!r} does not match its data (its training or held-out points, "
+            "normalizer or labels were altered); restore a good copy of the run folder, or start a new run"
+        )
+
+
+def _same(a: object, b: object) -> bool:
+    """Equality of nested tuples, dicts, lists and tensors (tensors: same dtype, shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        )  # fmt: skip
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _stored_floor(run_state: dict[str, Any]) -> tuple[LossFloor | None, str | None]:
+    """The loss floor a run stored (and why it is absent), as when it started."""
+    stored = run_state.get("loss_floor")
+    floor = None if stored is None else LossFloor.from_dict(stored)
+    absent = run_state.get("loss_floor_absent")
+    return floor, absent if isinstance(absent, str) else None

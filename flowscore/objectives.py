@@ -408,30 +408,30 @@ class GaussianObjective(Objective):
         }  # fmt: skip
 
 
-class CFM(GaussianObjective):
+class _ConditionalObjective(GaussianObjective):
+    """cfm/dsm: the target is the conditional one of the objective's space, ``path.target(x_data, t, noise,
+    space)``, or with reference points its posterior average over them
+    (:func:`flowscore.losses.conditional_target`)."""
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        return conditional_target(
+            self.path, self.space, batch.x_data, batch.t, batch.noise, batch.reference, batch.reference_y,
+            batch.y, self.coupling,
+        )  # fmt: skip
+
+
+class CFM(_ConditionalObjective):
     r"""Conditional flow matching: :math:`\lambda(t)\lVert v_\theta(x, t) - (\alpha'_t x_{data} + \beta'_t
     \varepsilon)\rVert^2` (with reference points: the posterior average of that target over them)."""
 
     name, space = "cfm", "velocity"
 
-    def target(self, batch: Batch) -> torch.Tensor:
-        return conditional_target(
-            self.path, "velocity", batch.x_data, batch.t, batch.noise, batch.reference, batch.reference_y,
-            batch.y, self.coupling,
-        )  # fmt: skip
 
-
-class DSM(GaussianObjective):
+class DSM(_ConditionalObjective):
     r"""Denoising score matching: :math:`\lambda(t)\lVert s_\theta(x, t) + \varepsilon/\beta_t\rVert^2` (with
     reference points: the posterior average of that target over them). Default prediction: the score."""
 
     name, space = "dsm", "score"
-
-    def target(self, batch: Batch) -> torch.Tensor:
-        return conditional_target(
-            self.path, "score", batch.x_data, batch.t, batch.noise, batch.reference, batch.reference_y,
-            batch.y, self.coupling,
-        )  # fmt: skip
 
 
 class _MarginalObjective(GaussianObjective):

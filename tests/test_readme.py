@@ -59,6 +59,10 @@ SMALLER: dict[str, str] = {
     ),
     "flowscore train  --data labelled.npz --out runs/cond": "--steps 100 --no-loss-floor",
     "flowscore eval   --run runs/cond": "--n 40",
+    "flowscore train  --data moons --objective meanflow --out runs/mf": (
+        "--steps 100 --data-n 1000 --no-loss-floor"
+    ),
+    "flowscore sample --run runs/mf --sampler-steps 1 --n 2000 --out x.npy": "--n 200",
 }
 """README line (its comment removed) -> flags appended to it here (argparse: a repeated flag's last value
 wins). Each shrinks only the amount of work: steps, points, batches."""

@@ -30,10 +30,18 @@ import numpy as np
 import torch
 
 from . import __version__, _io, config, flowmaps, runs, workflows
+from . import data as datasets
 from .data import TOYS
 from .grids import GRIDS
 from .paths import PATHS, get_path
-from .samplers import DEFAULT_GRID, DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS, SAMPLERS
+from .samplers import (
+    DEFAULT_GRID,
+    DEFAULT_ODE_SAMPLER,
+    DEFAULT_ODE_STEPS,
+    DEFAULT_SDE_STEPS,
+    SAMPLERS,
+    SDE_SAMPLERS,
+)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -210,6 +218,8 @@ def _default_text(name: str) -> str:
         parts += [f"{values[name]:g} ({data})" for data, values in config.IMAGE_DEFAULTS.items()]
         return f"(default: per data set: {', '.join(parts)})"
     value = config.field_default(name)
+    if name == "source":
+        return "(default: empty, the standard normal N(0, I))"
     if value == "":
         return "(required)"
     if value is None:
@@ -371,7 +381,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         result.get("loss_floor_absent"),
     )  # fmt: skip
     print(f"trained {run_dir}: step {result['step']}, loss (EMA) {result['loss_ema']:.4g}; {floor}")
+    print(normalisation_text(result.get("normalisation")))
     return 0
+
+
+def normalisation_text(normalisation: dict[str, Any] | None) -> str:
+    """One line saying how the run's data (and source) were scaled (``_Prepared.normalisation``)."""
+    if not normalisation:
+        return "normalisation: as stored before runs recorded it"
+    std, sigma = normalisation.get("data_std"), normalisation.get("sigma_data")
+    if std is None:
+        return (
+            f"normalisation: none, trained in data units (preconditioning sigma_data = {sigma:.4g}, measured)"
+        )
+    if normalisation.get("shared_with_source"):
+        return (
+            f"normalisation: data and source share one map, a shift and one scale, to a pooled std of "
+            f"{std:g} "
+            "(vectors; images: the pooled pixel range to [-1, 1])"
+        )
+    return f"normalisation: vector features scaled to std {std:g} (images: pixel range to [-1, 1])"
 
 
 # -- sample, eval, plot, demo ------------------------------------------------------------------------------
@@ -407,6 +436,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         workflows.check_class(run, args.label, args.guidance)
     except ValueError as err:
         raise CLIError(f"--class/--guidance: {_one_line(err)}", "see `flowscore sample --help`") from None
+    x_init = _read_x_init(args.x_init, args.n) if args.x_init else None
+    args.n = args.n or (1000 if x_init is None else x_init.shape[0])
+    try:
+        if x_init is not None:
+            workflows.start_points(run, args.n, x_init)
+        if run.source is not None and args.sampler in SDE_SAMPLERS:
+            raise ValueError(
+                f"this run was trained from a data source ({run.source['name']}); SDE sampling needs the "
+                "score "
+                "of a Gaussian source"
+            )
+    except ValueError as err:
+        raise CLIError(
+            f"--x-init/--sampler: {_one_line(err)}", "use an ODE --sampler; see docs/theory.md 17"
+        ) from None
     labels_file = None
     if run.labelled and args.label is None:
         labels_file = args.out[: -len(".npy")] + ".labels.npy"
@@ -418,7 +462,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     x, labels = workflows.sample_run(
         run, args.n, sampler=args.sampler, steps=steps, grid=args.grid, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,
-        return_labels=True,
+        return_labels=True, x_init=x_init,
     )  # fmt: skip
     if not np.isfinite(x).all():
         raise CLIError(
@@ -446,6 +490,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def _read_x_init(file: str, n: int | None) -> np.ndarray:
+    """The start points of ``--x-init`` (a ``.npy``/``.npz`` array, read as ``--data`` reads one)."""
+    try:
+        points = datasets.load(file).numpy()
+    except ValueError as err:
+        raise CLIError(
+            f"--x-init: {_one_line(err)}", "pass a .npy file of start points (N, *data_shape)"
+        ) from None
+    if n is not None and n != points.shape[0]:
+        raise CLIError(
+            f"--n {n} but --x-init holds {points.shape[0]} points", "drop --n (it is their number)"
+        )
+    return points
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -541,7 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples of a trained run (saved in data space)")
     p.add_argument("--run", required=True, metavar="RUN_DIR")
-    p.add_argument("--n", type=_positive, default=1000, help="number of samples (default: 1000)")
+    p.add_argument(
+        "--n", type=_positive, default=None, help="number of samples (default: 1000, or the rows of --x-init)"
+    )
+    p.add_argument(
+        "--x-init", metavar="FILE.npy", default=None,
+        help="your own start points (N, *data_shape): source points in data units for a run with a data "
+        "source, "
+        "N(0, I) draws otherwise (default: prior draws, or the run's held-out source points)",
+    )  # fmt: skip
     p.add_argument(
         "--sampler", choices=SAMPLERS, default=None,
         help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER})",

@@ -92,7 +92,10 @@ FIELD_HELP: dict[str, str] = {
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
     "pass yourself is used as given",
     "data_std": "standard deviation each feature of vector data is scaled to (EDM's sigma_data; images are "
-    "mapped to [-1, 1]); also the sigma_data of the preconditioning",
+    "mapped to [-1, 1]); also the sigma_data of the preconditioning; none: train in data units, no rescale "
+    "(vector data; sigma_data is then the data's measured standard deviation)",
+    "source": "the source distribution at t = 0: empty for a standard normal, or a data set of the kinds "
+    "--data takes (a toy name, a .npy/.npz file): a data-to-data flow (cfm; no score, SDE or likelihood)",
     "steps": "optimizer steps (with --resume: the new total)",
     "batch_size": "points per step (split over torchrun processes; a DataLoader given to the Trainer "
     "sets its own)",
@@ -154,7 +157,8 @@ class TrainConfig:
     objective: str = "cfm"
     prediction: str = "velocity"
     precondition: bool = True
-    data_std: float = DATA_STD
+    data_std: float | None = DATA_STD
+    source: str = ""
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -271,13 +275,16 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _validate.number(self.p_uncond, "p_uncond", low=0, high=1, high_open=True)
-        _validate.number(self.data_std, "data_std", low=0, low_open=True)
-        square = torch.tensor(self.data_std, dtype=torch.float32) ** 2
-        if not (bool(torch.isfinite(square)) and square > 0):
-            raise ValueError(
-                f"data_std {self.data_std!r} is out of range: its square must be finite and non-zero in "
-                "float32 (data_std between about 1e-19 and 1e19)"
-            )
+        if self.data_std is not None:
+            _validate.number(self.data_std, "data_std", low=0, low_open=True)
+            square = torch.tensor(self.data_std, dtype=torch.float32) ** 2
+            if not (bool(torch.isfinite(square)) and square > 0):
+                raise ValueError(
+                    f"data_std {self.data_std!r} is out of range: its square must be finite and non-zero in "
+                    "float32 (data_std between about 1e-19 and 1e19)"
+                )
+        if not isinstance(self.source, str):
+            raise ValueError("source must be empty (a standard normal), a data set name or a .npy/.npz path")
         _validate.integer(self.seed, "seed", minimum=0)
         _validate.number(self.lr, "lr", low=0, low_open=True, high=FLOAT32_MAX)
         _validate.number(self.weight_decay, "weight_decay", low=0, high=FLOAT32_MAX)
@@ -315,6 +322,43 @@ class TrainConfig:
         get_path(self.path, **self.path_options).config()  # refuses a path that a run cannot store
         self.resolved_time_sampler()  # e.g. t_eps = 0 with matched log-SNR times
         check_device(self.device)
+        if self.source:
+            check_source_config(self)
+
+
+SOURCE_OBJECTIVES = ("cfm",)
+"""The objectives that train with a data source (their conditional target holds for any source law)."""
+GAUSSIAN_ONLY = "needs the standard normal source (docs/theory.md section 17, 'A source other than N(0, I)')"
+"""The end of every refusal of a setting that a data source (``TrainConfig.source``) does not allow."""
+
+
+def check_source_config(config: TrainConfig) -> None:
+    """One-line ``ValueError`` for a setting that needs the N(0, I) source when a data source is given
+    (``source=`` of the config, or of the Trainer): a score objective or prediction, an exact-marginal
+    objective (fm/sm), reference targets, flow maps, or a path that does not start at the source."""
+    if config.objective not in SOURCE_OBJECTIVES:
+        raise ValueError(
+            f"objective {config.objective!r} with a data source: only cfm regresses on a conditional target "
+            f"that holds for any source; {config.objective} {GAUSSIAN_ONLY}"
+        )
+    if config.prediction == "score":
+        raise ValueError(
+            f"prediction 'score' with a data source: the score of a path from a data source has no "
+            f"conditional form (Tweedie's formula {GAUSSIAN_ONLY}); use velocity, data or noise (= source)"
+        )
+    if config.reference_size:
+        raise ValueError(
+            f"reference_size with a data source: the reference weights p_t(x | x_ref) {GAUSSIAN_ONLY}"
+        )
+    path = get_path(config.path, **config.path_options)
+    alpha, beta = (float(v) for v in path.schedule(torch.zeros((), dtype=torch.float64))[:2])
+    if abs(alpha) > 1e-6 or abs(beta - 1) > 1e-6:
+        raise ValueError(
+            f"path {config.path!r} with a data source: x = alpha_t x_data + beta_t x_source must start at "
+            "the "
+            f"source (alpha_0 = 0, beta_0 = 1), got alpha_0 = {alpha:.3g}, beta_0 = {beta:.3g}; use linear "
+            "(any sigma_min), vp or a custom path that does"
+        )
 
 
 def parity_defaults(

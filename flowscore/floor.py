@@ -438,6 +438,10 @@ def _loss_floor(
         return None, "not computed (loss_floor=False)"
     if prepared.stream is not None:
         return None, "the data come from a DataLoader, and the floor needs the whole data set"
+    if prepared.source is not None:
+        from .source_data import FLOOR_ABSENT
+
+        return None, FLOOR_ABSENT
     if train.numel() > FLOOR_MAX_SIZE:
         return None, (
             f"the training set is too large for its exact marginal ({train.shape[0]} points x "

@@ -102,6 +102,11 @@ def log_likelihood(
     Runs without building a graph for the model's parameters (the result is detached).
     """
     path = get_path(path)
+    if isinstance(getattr(model, "x_source", None), torch.Tensor):
+        raise ValueError(
+            "log_likelihood: this model was trained from a data source, whose density is not known in closed "
+            "form (the change of variables needs the source's log-density; docs/theory.md section 17)"
+        )
     x = _validate.batch(x, "x")
     _validate.finite(x, "x")
     _check_options(steps, method, hutchinson, n_probes, t_eps)

@@ -48,6 +48,7 @@ from torch import nn
 
 from . import _validate, couplings
 from .conditioning import Model
+from .config import GAUSSIAN_ONLY
 from .conversions import KINDS
 from .couplings import DEFAULT_REG
 from .floor import LossFloor, loss_floor
@@ -116,6 +117,9 @@ class Objective:
             objective has a floor.
         needs_data: True when :meth:`bind` must see the whole training set (then a ``DataLoader``, which
             never gives it, is refused).
+        any_source: True when the objective trains with a data source (``TrainConfig.source``): its
+            :meth:`draw` takes ``source=``, the batch of source points the trainer draws in place of N(0, I)
+            noise (:mod:`flowscore.source_data`); False where it needs the Gaussian source.
     """
 
     name: str = "custom"
@@ -123,6 +127,7 @@ class Objective:
     two_time: bool = False
     floor_absent: str | None = "this objective does not define a loss floor"
     needs_data: bool = False
+    any_source: bool = False
 
     def loss(
         self,
@@ -136,10 +141,18 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__} must implement loss(model, x_data, y, generator)")
 
     def draw(
-        self, x_data: torch.Tensor, y: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x_data: torch.Tensor,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        source: torch.Tensor | None = None,
     ) -> Batch:
         """The randomness of a whole (global) batch, drawn before it is split over processes. The default
-        draws nothing: :meth:`per_sample` then calls :meth:`loss`, which draws its own."""
+        draws nothing: :meth:`per_sample` then calls :meth:`loss`, which draws its own. ``source``: the
+        ``(B, *dims)`` source points of a data source (objectives with :attr:`any_source` only)."""
+        if source is not None:
+            raise ValueError(f"{type(self).__name__} draws its own noise: it takes no source batch")
         return Batch(x_data, y)
 
     def per_sample(
@@ -261,12 +274,20 @@ class GaussianObjective(Objective):
         noise: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
         reference_y: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
     ) -> Batch:
         """The batch's ``t`` (drawn by ``time_sampler``, or the given one clamped into ``[t_eps, 1 -
-        t_eps]``), ``noise`` (drawn N(0, I), or given), paired with the data by ``coupling`` (within the
-        labels ``y``), then ``reference_size`` reference points of the bound training set (without
+        t_eps]``), ``noise`` (drawn N(0, I), or given; ``source``: the source points of a data source in
+        its place, objectives with :attr:`any_source` only), paired with the data by ``coupling`` (within
+        the labels ``y``), then ``reference_size`` reference points of the bound training set (without
         replacement; or the given ``reference``), drawn from ``generator`` in this order."""
         x_data = _validate.batch(x_data, "x_data")
+        if source is not None:
+            if not self.any_source or noise is not None:
+                why = "noise is given too" if noise is not None else f"{self.name} {GAUSSIAN_ONLY}"
+                raise ValueError(f"a source batch for {type(self).__name__}: {why}")
+            noise = _validate.tensor(source, "source")
+            _validate.same_shape(x_data, noise, "x_data", "source")
         if t is None:
             t = sample_time(
                 x_data.shape[0], time_sampler=self.time_sampler, t_eps=self.t_eps, generator=generator,
@@ -425,6 +446,7 @@ class CFM(_ConditionalObjective):
     \varepsilon)\rVert^2` (with reference points: the posterior average of that target over them)."""
 
     name, space = "cfm", "velocity"
+    any_source = True
 
 
 class DSM(_ConditionalObjective):
@@ -494,19 +516,24 @@ BUILTIN: dict[str, type[GaussianObjective]] = {"cfm": CFM, "dsm": DSM, "fm": FM,
 
 
 def objective_from_config(
-    config: TrainConfig, path: GaussianPath | None = None, model: nn.Module | None = None
+    config: TrainConfig,
+    path: GaussianPath | None = None,
+    model: nn.Module | None = None,
+    sigma_data: float | None = None,
 ) -> Objective:
     """The built-in objective a :class:`~flowscore.config.TrainConfig` describes (``path``: its path,
-    built from the config when None). Preconditioning (``config.precondition``, ``sigma_data =
-    config.data_std``) applies to flowscore's built-in networks only: ``model``, when given and not one of
-    them, is trained as given."""
+    built from the config when None). Preconditioning (``config.precondition``, ``sigma_data``: the run's,
+    None for ``config.data_std``, or 1 when that is None too) applies to flowscore's built-in networks only:
+    ``model``, when given and not one of them, is trained as given."""
     path = get_path(config.path, **config.path_options) if path is None else path
+    if sigma_data is None:
+        sigma_data = 1.0 if config.data_std is None else config.data_std
     precondition = config.precondition and (model is None or builtin_config(model) is not None)
     if config.objective in _flow_maps():  # flowscore.flowmaps: their own time pairs and weighting
-        return _flow_maps()[config.objective](path, sigma_data=config.data_std, precondition=precondition)
+        return _flow_maps()[config.objective](path, sigma_data=sigma_data, precondition=precondition)
     options = dict(
         prediction=config.prediction, weighting=config.resolved_weighting(),
-        time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=config.data_std,
+        time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=sigma_data,
         precondition=config.precondition and (model is None or builtin_config(model) is not None),
     )  # fmt: skip
     if config.objective in ("cfm", "dsm"):

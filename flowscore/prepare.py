@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from . import resources, sources
+from . import resources, source_data, sources
 from .conditioning import call_model
-from .config import FLOW_MAPS, TrainConfig
+from .config import FLOW_MAPS, GAUSSIAN_ONLY, TrainConfig, check_source_config
 from .models import describe, model_config, model_from_config
 from .objectives import Objective, objective_from_config
 from .paths import GaussianPath, get_path
@@ -41,6 +41,14 @@ class _Prepared:
     stream: sources.LoaderStream | None = None
     n_train: int = 0
     objective: Objective = dataclasses.field(default_factory=Objective)
+    source: source_data.Source | None = None  # a data source (None: N(0, I))
+    sigma_data: float = 1.0  # the preconditioning's, in the normalizer's units
+    config_data_std: float | None = None
+
+    def normalisation(self) -> dict[str, Any]:
+        """What the run file stores (and the summary prints) about the normalisation."""
+        return {"data_std": self.config_data_std, "sigma_data": self.sigma_data,
+                "shared_with_source": self.source is not None}  # fmt: skip
 
     @property
     def description(self) -> dict[str, Any]:
@@ -60,8 +68,10 @@ def _prepare(
     model: nn.Module | None = None,
     data: object = None,
     objective: Objective | None = None,
+    source: object = None,
 ) -> _Prepared:
-    """Loads and checks everything the run needs (raises ``ValueError`` before any file is written)."""
+    """Loads and checks everything the run needs (raises ``ValueError`` before any file is written);
+    ``source``: a data source given to the Trainer (:mod:`flowscore.source_data`)."""
     if model is not None and not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if model is not None and (config.model != "auto" or config.width is not None or config.depth is not None):
@@ -69,18 +79,27 @@ def _prepare(
             "model= is given, so config.model, width and depth have no say: leave them at auto / none"
         )
     path = get_path(config.path, **config.path_options)
-    _check_objective(config, objective, path)
+    has_source = bool(config.source) or source is not None
+    if has_source:
+        check_source_config(config)
+    _check_objective(config, objective, path, has_source)
     _check_options(config, device)
     raw, labels, stream = sources.read_data(config, data)
     shape = tuple(raw.shape[1:])
+    source_parts = None
+    if has_source:
+        source_parts = source_data.prepare_source(config, source, shape, labels)
     if stream is None:
         n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
         train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
-        normalizer = datasets.Normalizer.fit(train, std=config.data_std)
+        normalizer, sigma_data = source_data.fit_normalizer(
+            train, config.data_std, None if source_parts is None else source_parts[0]
+        )
         sha = sources.checksum(raw, labels)
     else:  # streamed: used as it comes
         train, held_out = raw, raw[:0].clone()
-        normalizer = datasets.Normalizer(torch.zeros(1), torch.ones(1))
+        normalizer, sigma_data = source_data.fit_normalizer(train, None)
+        sigma_data = sigma_data if config.data_std is None else config.data_std
         sha = ""
     num_classes = counts = train_labels = held_labels = None
     if labels is not None:
@@ -125,8 +144,15 @@ def _prepare(
         labels=None if train_labels is None else train_labels.to(device), held_out_labels=held_labels,
         num_classes=num_classes, class_counts=counts, stream=stream,
         n_train=train.shape[0] if stream is None else sources.loader_size(stream),
-        objective=objective_from_config(config, path, model) if objective is None else objective,
+        objective=objective_from_config(config, path, model, sigma_data) if objective is None else objective,
+        sigma_data=sigma_data, config_data_std=config.data_std,
     )  # fmt: skip
+    if source_parts is not None:
+        src_train, src_held, src_labels, src_held_labels, src_sha, src_name = source_parts
+        prepared.source = source_data.Source(
+            normalizer.encode(src_train).to(device), src_held, src_sha, src_name,
+            None if src_labels is None else src_labels.to(device), src_held_labels,
+        )  # fmt: skip
     _bind(prepared)
     _dry_run(config, prepared)
     return prepared
@@ -137,9 +163,12 @@ OBJECTIVE_FIELDS = ("objective", "prediction", "weighting", "time_sampler", "t_e
 """Config fields that describe the built-in objective: left at their defaults when ``objective=`` is given."""
 
 
-def _check_objective(config: TrainConfig, objective: Objective | None, path: GaussianPath) -> None:
+def _check_objective(
+    config: TrainConfig, objective: Objective | None, path: GaussianPath, has_source: bool = False
+) -> None:
     """An ``objective=`` given to the Trainer is an :class:`Objective`, the config's objective fields are left
-    at their defaults, and a built-in one lives on the config's path."""
+    at their defaults, a built-in one lives on the config's path, and with a data source it is one that
+    trains with any source (:attr:`Objective.any_source`)."""
     if objective is None:
         return
     if not isinstance(objective, Objective):
@@ -153,6 +182,12 @@ def _check_objective(config: TrainConfig, objective: Objective | None, path: Gau
     if changed:
         raise ValueError(
             f"objective= is given, so config.{', '.join(changed)} have no say: leave them at their defaults"
+        )
+    if has_source and not (objective.any_source and objective.draws_globally):
+        raise ValueError(
+            f"objective {type(objective).__name__} ({objective.name}) with a data source: it draws its own "
+            f"noise or {GAUSSIAN_ONLY}; an objective for a data source sets any_source = True and its draw "
+            "takes source="
         )
     own_path = getattr(objective, "path", None)
     if isinstance(own_path, GaussianPath) and own_path.config() != path.config():
@@ -208,7 +243,10 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
         with torch.no_grad(), _autocast(config, x_data.device):
             try:
                 generator = torch.Generator(x_data.device).manual_seed(0)
-                per_sample = objective.per_sample(model, objective.draw(x_data, y, generator), generator)
+                drawn = objective.draw(
+                    x_data, y, generator, **source_batch(prepared, x_data.shape[0], y, generator)
+                )
+                per_sample = objective.per_sample(model, drawn, generator)
             except (TypeError, RuntimeError, IndexError) as err:
                 raise ValueError(
                     f"the model failed on a batch of 2 points ({type(err).__name__}: "
@@ -230,6 +268,17 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
         raise ValueError(
             f"the {objective.name} loss is not finite on a batch of 2 points with this configuration"
         )
+
+
+def source_batch(
+    prepared: _Prepared, n: int, y: torch.Tensor | None, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``{"source": (n, *dims) source points}`` for :meth:`Objective.draw` (of each data point's label where
+    both sides have labels, :meth:`flowscore.source_data.Source.draw`), or ``{}`` with the N(0, I) source
+    (the objective draws its noise)."""
+    if prepared.source is None:
+        return {}
+    return {"source": prepared.source.draw(n, y, generator)}
 
 
 def _check_no_label(model: nn.Module, x_data: torch.Tensor, p_uncond: float) -> None:

@@ -52,6 +52,7 @@ from .tblog import FOLDER as TENSORBOARD_FOLDER
 
 if TYPE_CHECKING:
     from .prepare import _Prepared
+    from .source_data import Source
 
 try:
     import fcntl
@@ -277,10 +278,14 @@ def write_run_file(
     held_out_labels: torch.Tensor | None = None,
     objective: dict[str, Any] | None = None,
     loss_floor_absent: str | None = None,
+    source: Source | None = None,
+    normalisation: dict[str, Any] | None = None,
 ) -> None:
     """Writes ``run.safetensors`` and ``config.json`` (atomically). ``labels``: None, or ``{"num_classes": K
     (None when unknown), "class_counts": [training points per class] or None}`` with ``held_out_labels``.
-    ``objective``: the objective's ``to_dict()``; ``loss_floor_absent``: why there is no floor."""
+    ``objective``: the objective's ``to_dict()``; ``loss_floor_absent``: why there is no floor.
+    ``source``: a data source (its held-out points and labels as tensors, :meth:`Source.info` in the JSON);
+    ``normalisation``: ``{"data_std", "sigma_data", "shared_with_source"}``."""
     run_dir = Path(run_dir)
     state = {
         "format": RUN_FORMAT, "config": config.to_dict(), "model": models.describe(model),
@@ -291,9 +296,16 @@ def write_run_file(
         state["objective"] = objective
     if loss_floor_absent is not None:
         state["loss_floor_absent"] = loss_floor_absent
+    if normalisation is not None:
+        state["normalisation"] = normalisation
     tensors = {"held_out": held_out, **checkpoint.prefixed("normalizer", normalizer.state_dict())}
     if labels is not None and held_out_labels is not None:
         tensors["held_out_labels"] = held_out_labels
+    if source is not None:
+        state["source"] = source.info()
+        tensors["held_out_source"] = source.held_out
+        if source.held_out_labels is not None:
+            tensors["held_out_source_labels"] = source.held_out_labels
     checkpoint.save_checkpoint(run_dir / RUN_FILE, tensors, state)
     _io.save_json(run_dir / CONFIG_FILE, config.to_dict())
 
@@ -315,6 +327,10 @@ class RunFile:
     held_out_labels: torch.Tensor | None = None
     objective: dict[str, Any] | None = None
     loss_floor_absent: str | None = None
+    source: dict[str, Any] | None = None
+    held_out_source: torch.Tensor | None = None
+    held_out_source_labels: torch.Tensor | None = None
+    normalisation: dict[str, Any] | None = None
 
 
 class _Damaged(ValueError):
@@ -443,6 +459,14 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     )  # fmt: skip
     absent = state.get("loss_floor_absent")
     _require(absent is None or isinstance(absent, str), "loss_floor_absent must be null or a string")
+    source, source_held, source_labels = _check_source(state.get("source"), tensors, shape, config)
+    normalisation = state.get("normalisation")
+    _require(
+        normalisation is None or (isinstance(normalisation, dict)
+                                  and _is_number(normalisation.get("sigma_data"))
+                                  and 0 < normalisation["sigma_data"] < math.inf),
+        "normalisation must be null or a dict with a positive finite sigma_data",
+    )  # fmt: skip
     return RunFile(
         config,
         path,
@@ -457,7 +481,40 @@ def _check_run_file(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         held_labels,
         objective,
         absent,
+        source,
+        source_held,
+        source_labels,
+        normalisation,
     )
+
+
+def _check_source(
+    source: object, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], config: TrainConfig
+) -> tuple[dict[str, Any] | None, torch.Tensor | None, torch.Tensor | None]:
+    """The stored data source (its description, held-out points and labels), checked; all None for a run
+    from N(0, I)."""
+    held, labels = tensors.get("held_out_source"), tensors.get("held_out_source_labels")
+    if source is None:
+        _require(
+            held is None and labels is None and not config.source, "a source is stored but not described"
+        )
+        return None, None, None
+    _require(
+        isinstance(source, dict) and isinstance(source.get("name"), str)
+        and isinstance(source.get("sha256"), str)
+        and _is_int(source.get("n_train"), 1),
+        "source must be a dict with a name, sha256 and n_train",
+    )  # fmt: skip
+    _require(
+        isinstance(held, torch.Tensor) and held.is_floating_point() and tuple(held.shape[1:]) == shape,
+        f"held_out_source must be a float tensor of shape (M, {', '.join(map(str, shape))})",
+    )  # fmt: skip
+    _require(
+        labels is None or (labels.dtype == torch.int64 and tuple(labels.shape) == (held.shape[0],)
+                           and (labels.numel() == 0 or int(labels.min()) >= 0)),
+        "held_out_source_labels must be int64 labels >= 0, one per held-out source point",
+    )  # fmt: skip
+    return dict(source), held, labels
 
 
 def _check_labels(
@@ -533,6 +590,10 @@ class Run:
     labelled: bool = False
     objective: dict[str, Any] | None = None
     loss_floor_absent: str | None = None
+    source: dict[str, Any] | None = None
+    held_out_source: torch.Tensor | None = None
+    held_out_source_labels: torch.Tensor | None = None
+    normalisation: dict[str, Any] | None = None
 
 
 def _fit_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
@@ -606,8 +667,12 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
     labels = run_file.labels or {}
     stored = run_file.objective or {}
     if objective is None and stored.get("name", run_file.config.objective) in (*BUILTIN, *FLOW_MAPS):
-        objective = objective_from_config(run_file.config, run_file.path, model)
+        sigma_data = (run_file.normalisation or {}).get("sigma_data")
+        objective = objective_from_config(run_file.config, run_file.path, model, sigma_data)
     wrapped = model if objective is None else objective.wrap(model)
+    if run_file.held_out_source is not None:  # flowscore.sample starts from them (samplers._from_source)
+        wrapped.x_source = run_file.normalizer.encode(run_file.held_out_source.float())
+        wrapped.x_source_labels = run_file.held_out_source_labels
     try:
         floor = None if run_file.loss_floor is None else LossFloor.from_dict(run_file.loss_floor)
     except ValueError as err:
@@ -630,6 +695,10 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
         labelled=run_file.labels is not None,
         objective=run_file.objective,
         loss_floor_absent=run_file.loss_floor_absent,
+        source=run_file.source,
+        held_out_source=run_file.held_out_source,
+        held_out_source_labels=run_file.held_out_source_labels,
+        normalisation=run_file.normalisation,
     )
 
 
@@ -770,6 +839,10 @@ def _check_resumable(
     an altered run file; returns the run's stored loss floor (and why it is absent)."""
     if run_file.data_sha256 != prepared.data_sha256:
         raise ValueError(f"the data of {str(run_dir)!r} changed since the run started; start a new run")
+    given = None if prepared.source is None else prepared.source.sha256
+    if (run_file.source or {}).get("sha256") != given:
+        what = "its source was N(0, I)" if run_file.source is None else "pass the same source again"
+        raise ValueError(f"the source of {str(run_dir)!r} is not the one it was trained with; {what}")
     run_state = checkpoint.read_state(run_dir / RUN_FILE)
     _check_same_model(run_dir, run_state.get("model"), prepared.description)
     _check_same_objective(run_dir, run_state.get("objective"), prepared.objective)
@@ -859,10 +932,13 @@ def _check_same_split(run_dir: Path, run_file: RunFile, prepared: _Prepared) -> 
     labels, normalizer, classes) is not what the same data gives again: the file was altered."""
     if prepared.stream is not None:
         return
+    source = prepared.source
     stored = (run_file.n_train, run_file.held_out, run_file.normalizer.state_dict(), run_file.labels,
-              run_file.held_out_labels)  # fmt: skip
+              run_file.held_out_labels, run_file.held_out_source,
+              run_file.held_out_source_labels)  # fmt: skip
     given = (prepared.n_train, prepared.held_out, prepared.normalizer.state_dict(), prepared.label_info(),
-             prepared.held_out_labels)  # fmt: skip
+             prepared.held_out_labels, None if source is None else source.held_out,
+             None if source is None else source.held_out_labels)  # fmt: skip
     if not _same(stored, given):
         raise ValueError(
             f"{RUN_FILE} of {str(run_dir)!r} does not match its data (its training or held-out points, "

@@ -11,8 +11,9 @@ Plain functions over ``(field, x, times)``: a *field* is any callable ``field(x,
   marginals are the path's for every :math:`g` (Fokker--Planck), then a final deterministic step to t = 1.
 * :mod:`flowscore.solvers` adds the few-step solvers in log-SNR (``ddim``, ``dpm++2m``, ``dpm++3m``,
   ``unipc``, ``edm-heun``, ``dpm++2m-sde``) and :mod:`flowscore.grids` the time grids (``GRIDS``).
-* :func:`sample` does it all for a model: prior draws (or ``x_init``), time grid, labels and guidance,
-  conversions, solver, the NFE; :func:`encode` runs the same ODE solvers from data to noise.
+* :func:`sample` does it all for a model: prior draws (or ``x_init``; the held-out source points of a run
+  trained from a data source), time grid, labels and guidance, conversions, solver, the NFE;
+  :func:`encode` runs the same ODE solvers from data to noise.
 
 Endpoints. Some conversions are singular at an endpoint (``flowscore.conversions``): from a score or noise
 model the velocity is infinite at t = 0 where alpha_0 = 0 (``linear``, ``vp``), and from a data model it is
@@ -743,7 +744,9 @@ def sample(
         grid: one of :data:`flowscore.grids.GRIDS` (None: :data:`DEFAULT_GRID` of the sampler; ``shift`` for
             ``"shift"``); see :func:`flowscore.grids.time_grid`.
         times: an explicit increasing grid in [0, 1] instead of ``steps``, ``grid`` and ``t_start``.
-        x_init: ``(n, *shape)`` start states instead of prior draws, at ``t_start`` if given, else where the
+        x_init: ``(n, *shape)`` start states instead of prior draws (a model of a run trained from a data
+            source, ``model.x_source``, starts from ``n`` of its held-out source points when None), at
+            ``t_start`` if given, else where the
             grid starts (below): t = 0, or ``t_eps`` where a prediction the sampler needs is singular at 0
             (a score or noise model on ``linear``, ``vp``): ``x_init`` then stands for the state at ``t_eps``.
         y, guidance: integer labels ``(n,)`` (-1: none) and the classifier-free guidance weight w: the
@@ -784,6 +787,7 @@ def sample(
     sampler, steps, grid = defaults(sampler, steps, grid)
     prediction = _model_and_prediction(model, prediction, sampler)
     t_eps = _validate.t_eps(t_eps, allow_zero=False)
+    x_init = _from_source(model, sampler, n, x_init, y, generator)
     if x_init is not None:
         x_init = _validate.batch(x_init, "x_init")
         if n is not None and n != x_init.shape[0]:
@@ -847,6 +851,36 @@ def sample(
     return _finish(
         out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
     )
+
+
+def _from_source(
+    model: Field,
+    sampler: str,
+    n: int | None,
+    x_init: torch.Tensor | None,
+    y: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor | None:
+    """``x_init``, or for a model of a run trained from a data source (``load_run`` gives it the run's
+    held-out source points, encoded, as ``model.x_source``) ``n`` of those points
+    (:func:`flowscore.source_data.start_points`); SDE samplers are refused for such a model (they need the
+    Gaussian source's score)."""
+    x_source = getattr(model, "x_source", None)
+    if not isinstance(x_source, torch.Tensor):
+        return x_init
+    if sampler in SDE_SAMPLERS:
+        raise ValueError(
+            f"sampler {sampler!r}: this model was trained from a data source, and SDE sampling needs the "
+            "score of a Gaussian source (docs/theory.md section 17); use an ODE sampler"
+        )
+    if x_init is not None:
+        return x_init
+    if n is None:
+        raise ValueError("n (the number of samples) is required unless x_init is given")
+    from .source_data import start_points
+
+    n = _validate.positive_int(n, "n")
+    return start_points(x_source, n, labels=getattr(model, "x_source_labels", None), y=y, generator=generator)
 
 
 def encode(

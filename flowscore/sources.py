@@ -65,12 +65,12 @@ def _pair(item: object) -> tuple[object, object | None]:
     return item, None
 
 
-def as_tensors(data: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+def as_tensors(data: object, what: str = "data") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x, y)``: float32 data ``(N, *dims)`` and int64 labels ``(N,)`` in ``0..K-1`` (or None).
 
     ``data``: a tensor (or NumPy array) ``(N, *dims)``; a pair ``(x, y)``; or a map-style ``Dataset`` whose
     items are ``x`` or ``(x, y)`` (read once, in index order, and stacked). Bad labels (not whole numbers,
-    negative, NaN, a length other than N) raise a one-line ``ValueError``.
+    negative, NaN, a length other than N) raise a one-line ``ValueError`` (naming ``what``).
     """
     if isinstance(data, (DataLoader, IterableDataset)):
         raise ValueError("as_tensors takes tensors or a map-style Dataset; a DataLoader is streamed instead")
@@ -78,18 +78,18 @@ def as_tensors(data: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not hasattr(data, "__len__"):
             raise ValueError("a Dataset without __len__ cannot be read into memory; wrap it in a DataLoader")
         if len(data) == 0:
-            raise ValueError("data: the Dataset is empty")
+            raise ValueError(f"{what}: the Dataset is empty")
         try:
             data = default_collate([data[i] for i in range(len(data))])
         except (TypeError, RuntimeError) as err:
             raise ValueError(
-                f"data: the Dataset's items cannot be stacked ({' '.join(str(err).split())})"
+                f"{what}: the Dataset's items cannot be stacked ({' '.join(str(err).split())})"
             ) from None
     x, y = _pair(data)
-    x = _as_float(x, "data")
+    x = _as_float(x, what)
     if y is None:
         return x, None
-    return x, check_class_labels(y, x.shape[0], "data: labels y")
+    return x, check_class_labels(y, x.shape[0], f"{what}: labels y")
 
 
 def _generators(loader: DataLoader) -> list[torch.Generator]:

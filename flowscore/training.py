@@ -58,7 +58,7 @@ from .distributed import _Dist, _init_distributed
 from .floor import FLOOR_MAX_SIZE, FLOOR_WORK, LossFloor, _loss_floor  # noqa: F401  (re-exported)
 from .models import describe
 from .objectives import Objective, QualityWarning
-from .prepare import OBJECTIVE_FIELDS, _autocast, _prepare, _Prepared  # noqa: F401  (re-exported)
+from .prepare import OBJECTIVE_FIELDS, _autocast, _prepare, _Prepared, source_batch  # noqa: F401
 from .resources import TRAINING_PASSES, step_memory  # noqa: F401  (re-exported)
 from .runlog import RunLog
 from .runs import (  # noqa: F401  (re-exported: the run folder format; and its life while training)
@@ -118,6 +118,10 @@ class Trainer:
     Datasets are checked against the run's checksum; a DataLoader's position is restored as
     :mod:`flowscore.sources` describes).
 
+    ``source``: the source distribution at t = 0 as data (the same kinds as ``data``; a DataLoader is read
+    into memory), for a data-to-data flow (:mod:`flowscore.source_data`); None: ``config.source``, or
+    N(0, I) when that is empty. Resuming takes it again (checked against the run's checksum).
+
     ``objective``: the training objective (:class:`flowscore.Objective`; None: the built-in one of
     ``config.objective``, whose fields then describe it). Your own objective trains with everything the
     built-in ones get; the run stores its :meth:`~flowscore.Objective.to_dict`, never its code, so resuming
@@ -135,6 +139,7 @@ class Trainer:
         data: object = None,
         progress: bool = True,
         objective: Objective | None = None,
+        source: object = None,
     ):
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
@@ -150,6 +155,7 @@ class Trainer:
         self.data = data
         self.progress = progress
         self.objective = objective
+        self.source = source
 
     @classmethod
     def resume(
@@ -161,13 +167,16 @@ class Trainer:
         data: object = None,
         progress: bool = True,
         objective: Objective | None = None,
+        source: object = None,
     ) -> Trainer:
         """A trainer that continues ``run_dir`` with its stored config (``steps``: a new total); a run trained
-        on your own model, data or objective takes them again."""
+        on your own model, data, objective or source takes them again."""
         config = runs.stored_config(Path(run_dir))
         if steps is not None:
             config = dataclasses.replace(config, steps=steps)
-        return cls(config, run_dir, model=model, data=data, progress=progress, objective=objective)
+        return cls(
+            config, run_dir, model=model, data=data, progress=progress, objective=objective, source=source
+        )
 
     # -- the run -----------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
@@ -187,7 +196,9 @@ class Trainer:
                 raise ValueError(
                     f"batch_size {config.batch_size} must be divisible by the {dist.world} processes"
                 )
-            prepared = _prepare(config, device, dist.world, self.model, self.data, self.objective)
+            prepared = _prepare(
+                config, device, dist.world, self.model, self.data, self.objective, self.source
+            )
             warning = prepared.objective.quality_warning(prepared.model)
             if warning and dist.main and not resume:
                 warnings.warn(warning, QualityWarning, stacklevel=2)
@@ -236,7 +247,8 @@ class Trainer:
                         n_train=prepared.n_train, data_sha256=prepared.data_sha256,
                         loss_floor=None if floor is None else floor.to_dict(), loss_floor_absent=absent,
                         objective=prepared.objective.to_dict(), labels=prepared.label_info(),
-                        held_out_labels=prepared.held_out_labels,
+                        held_out_labels=prepared.held_out_labels, source=prepared.source,
+                        normalisation=prepared.normalisation(),
                     )  # fmt: skip
             dist.barrier()
             return loop.run(self.progress)
@@ -392,9 +404,10 @@ class _Loop:
         self.phase = phase
 
     # -- one update --------------------------------------------------------------------------------------
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
-        """The global batch ``(x_data, y, part)`` drawn from the run's generator (indices, then label
-        dropout), and this rank's ``part`` of it. A DataLoader gives each rank its own batch, whole.
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None, slice, dict[str, torch.Tensor]]:
+        """The global batch ``(x_data, y, part, source)`` drawn from the run's generator (indices, label
+        dropout, then a data source's points: ``{"source": ...}``, else ``{}``), and this rank's ``part``
+        of it. A DataLoader gives each rank its own batch, whole.
 
         With labels each label is replaced by -1 with probability ``p_uncond`` before the objective draws
         (so a coupling pairs within each label after the dropout, the dropped points among themselves)."""
@@ -413,7 +426,7 @@ class _Loop:
             y = None if labels is None or y is None else y.to(self.device, non_blocking=True)
         if y is not None and config.p_uncond > 0:
             y = drop_labels(y, config.p_uncond, gen)
-        return x_data, y, part
+        return x_data, y, part, source_batch(self.prepared, x_data.shape[0], y, gen)
 
     def rank_generator(self) -> torch.Generator:
         """A generator of this rank's own for an objective that draws on its slice (:meth:`Objective.loss`):
@@ -428,9 +441,9 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _validate.validation(False):
-            x_data, y, part = self.batch()
+            x_data, y, part, source = self.batch()
             if objective.draws_globally:  # on the global batch: 1 and N processes train on the same pairs
-                batch, generator = objective.draw(x_data, y, self.generator)[part], None
+                batch, generator = objective.draw(x_data, y, self.generator, **source)[part], None
             else:
                 batch, generator = (
                     objective.draw(x_data[part], None if y is None else y[part]),
@@ -512,5 +525,5 @@ class _Loop:
         return {
             "step": self.step, "loss_ema": ema, "loss_floor": self.floor_value,
             "loss_floor_standard_error": None if self.floor is None else self.floor.standard_error,
-            "loss_floor_absent": self.floor_absent,
+            "loss_floor_absent": self.floor_absent, "normalisation": self.prepared.normalisation(),
         }  # fmt: skip

@@ -26,7 +26,7 @@ import torch
 
 from . import resources
 from .data import is_image
-from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, default_steps
+from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, SDE_SAMPLERS, default_steps
 
 LABEL_SEED_OFFSET = 2**32
 """Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
@@ -256,8 +256,14 @@ def sample_run(
     guidance: float = 0.0,
     return_labels: bool = False,
     clamp: bool = True,
+    x_init: Any = None,
 ) -> Any:
     """``n`` samples of a run in data space, ``(n, *data_shape)`` float32.
+
+    Start points: prior draws, or for a run trained from a data source its held-out source points
+    (:func:`flowscore.samplers.sample`); ``x_init`` ``(n, *data_shape)``: your own, in the units of the
+    run's source: data units for a data source (encoded with the run's normalizer, like the data), the
+    prior's own for N(0, I).
 
     ``sampler``, ``steps``, ``grid`` None: the defaults of :func:`flowscore.samplers.sample`. The model's
     samples are decoded with the run's normalizer; samples of an image run are then clamped to the
@@ -277,6 +283,12 @@ def sample_run(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     check_class(run, label, guidance)
+    x_start = None if x_init is None else start_points(run, n, x_init)
+    if getattr(run, "source", None) is not None and sampler in SDE_SAMPLERS:
+        raise ValueError(
+            f"sampler {sampler!r}: this run was trained from a data source, and SDE sampling needs the score "
+            "of a Gaussian source (docs/theory.md section 17); use an ODE sampler"
+        )
     check_sample_memory(run, n, sampler=sampler, steps=steps, trajectory=trajectory)
     generator = _generator(seed)
     shape = tuple(run.data_shape)
@@ -305,7 +317,7 @@ def sample_run(
                 run.model, run.path, stop - start, prediction=run.prediction, sampler=sampler, steps=steps,
                 grid=grid, shape=shape, generator=generator, return_trajectory=trajectory, y=labels,
                 guidance=guidance if labels is not None else 0.0, return_info=True,
-                callback=step if progress else None,
+                callback=step if progress else None, x_init=None if x_start is None else x_start[start:stop],
             )  # fmt: skip
             if trajectory:
                 paths.append(decode(res.trajectory.detach()).float().numpy())
@@ -315,6 +327,19 @@ def sample_run(
     if return_labels:
         result += (all_labels if getattr(run, "labelled", False) else None,)
     return result if len(result) > 1 else result[0]
+
+
+def start_points(run: Any, n: int, x_init: Any) -> torch.Tensor:
+    """``x_init`` (an array or tensor ``(n, *data_shape)``) as the model's start points: encoded with the
+    run's normalizer for a run with a data source, as given (the prior's units) otherwise; one-line
+    ``ValueError`` for a wrong shape or non-finite values."""
+    x = torch.as_tensor(np.asarray(x_init) if not isinstance(x_init, torch.Tensor) else x_init).float()
+    shape = tuple(run.data_shape)
+    if tuple(x.shape) != (n, *shape):
+        raise ValueError(f"x_init must be shaped {(n, *shape)} (n start points), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x_init contains NaN or Inf")
+    return run.normalizer.encode(x) if getattr(run, "source", None) is not None else x
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -372,11 +397,12 @@ def data_log_likelihood(
 class EvalSamples:
     """Data-space samples drawn once and shared by :func:`evaluate_run`, :func:`plot_run` and the demo.
 
-    ``ode`` and ``sde`` are ``(n, *data_shape)``; ``trajectory`` is the ODE's ``(T, n, *data_shape)``.
+    ``ode`` and ``sde`` are ``(n, *data_shape)`` (``sde`` None for a run trained from a data source: SDE
+    sampling needs the Gaussian source); ``trajectory`` is the ODE's ``(T, n, *data_shape)``.
     """
 
     ode: np.ndarray
-    sde: np.ndarray
+    sde: np.ndarray | None
     trajectory: np.ndarray
     ode_sampler: str
 
@@ -399,7 +425,9 @@ def draw_samples(
     ode, trajectory = sample_run(
         run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads, progress=progress
     )
-    sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads, progress=progress)
+    sde = None
+    if getattr(run, "source", None) is None:
+        sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads, progress=progress)
     return EvalSamples(ode, sde, trajectory, ode_sampler)
 
 
@@ -443,13 +471,15 @@ def evaluate_run(
     m = a.shape[0]
     if samples is None:
         samples = draw_samples(run, m, seed=seed, threads=threads, progress=progress)
-    if samples.ode.shape[0] < m or samples.sde.shape[0] < m:
-        got = (samples.ode.shape[0], samples.sde.shape[0])
-        raise ValueError(f"evaluate_run needs {m} samples per sampler, got {got[0]} and {got[1]}")
+    sde_n = m if samples.sde is None else samples.sde.shape[0]
+    if samples.ode.shape[0] < m or sde_n < m:
+        raise ValueError(
+            f"evaluate_run needs {m} samples per sampler, got {samples.ode.shape[0]} and {sde_n}"
+        )
     ode = metric_space(run, torch.from_numpy(samples.ode[:m]))
-    sde = metric_space(run, torch.from_numpy(samples.sde[:m]))
+    sde = None if samples.sde is None else metric_space(run, torch.from_numpy(samples.sde[:m]))
     nll = bpd = dequantized = None
-    if likelihood:
+    if likelihood and getattr(run, "source", None) is None:  # a data source's density is not known
         dequantized = is_discrete(a)
         count = _model_threads(run, threads, m, 8.0)
         with _threads(count), Progress(f"held-out likelihood of {m} points", enabled=progress):
@@ -464,10 +494,10 @@ def evaluate_run(
     with Progress(f"W2 (exact, POT) of {m} points: 3 pairs of sets", 3, enabled=progress, unit="W2") as bar:
         w2_values = []
         for x in (ode, sde, b):
-            w2_values.append(float(w2(x, a)))
+            w2_values.append(None if x is None else float(w2(x, a)))
             bar.update()
     with Progress(f"MMD^2 (unbiased) of {m} points: 3 pairs of sets", enabled=progress):
-        mmd_values = [float(mmd(x, a)) for x in (ode, sde, b)]
+        mmd_values = [None if x is None else float(mmd(x, a)) for x in (ode, sde, b)]
     w2_floor = w2_values[2]
     result = {
         "n": m,
@@ -484,7 +514,7 @@ def evaluate_run(
         "dequantized": dequantized,
     }
     result["w2_ratio_ode"] = result["w2_ode"] / w2_floor if w2_floor > 0 else None
-    result["w2_ratio_sde"] = result["w2_sde"] / w2_floor if w2_floor > 0 else None
+    result["w2_ratio_sde"] = result["w2_sde"] / w2_floor if w2_floor > 0 and sde is not None else None
     result["per_class"] = None
     if getattr(run, "labelled", False) and getattr(run, "held_out_labels", None) is not None:
         result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads, progress=progress)
@@ -559,7 +589,7 @@ def format_eval(result: dict[str, Any]) -> str:
         ("floor: held-out halves", result["w2_floor"], floor_ratio, result["mmd2_unbiased_floor"]),
     ]
     lines = [f"{'vs held-out data':<24} {'W2':>9} {'W2/floor':>9} {MMD_HEADER:>17}"]
-    lines += [f"{name:<24} {w:>9.4f} {ratio(r)} {m:>17.3g}" for name, w, r, m in rows]
+    lines += [f"{name:<24} {w:>9.4f} {ratio(r)} {m:>17.3g}" for name, w, r, m in rows if w is not None]
     nll = ""
     if result.get("nll") is not None:
         kind = ", dequantised" if result.get("dequantized") else ""
@@ -682,7 +712,7 @@ def plot_run(
         if samples is None:
             samples = draw_samples(run, 64, seed=seed, threads=threads, progress=progress)
         ode, sde = _sampler_titles(run, samples)
-        grids = {ode: samples.ode[:64], sde: samples.sde[:64]}
+        grids = {ode: samples.ode[:64], **({} if samples.sde is None else {sde: samples.sde[:64]})}
         gray = image_range(run)
         figures.append(("samples_grid.png", lambda f: plots.plot_image_grid(grids, f, value_range=gray)))
     elif kind == "points":
@@ -690,7 +720,7 @@ def plot_run(
         if samples is None:
             samples = draw_samples(run, min(n, 2000), seed=seed, threads=threads, progress=progress)
         ode, sde = _sampler_titles(run, samples)
-        labels = {ode: samples.ode, sde: samples.sde}
+        labels = {ode: samples.ode, **({} if samples.sde is None else {sde: samples.sde})}
         title = f"ODE ({samples.ode_sampler}) trajectories"
         limits = _plot_limits(np.concatenate([held.reshape(-1, 2), samples.ode.reshape(-1, 2)]))
         with Progress(f"velocity field at {len(FIELD_TIMES)} times", enabled=progress):

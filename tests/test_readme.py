@@ -63,6 +63,10 @@ SMALLER: dict[str, str] = {
         "--steps 100 --data-n 1000 --no-loss-floor"
     ),
     "flowscore sample --run runs/mf --sampler-steps 1 --n 2000 --out x.npy": "--n 200",
+    "flowscore train  --data 8gaussians --source moons --coupling ot --out runs/m2g": (
+        "--steps 50 --data-n 1000 --batch-size 128"
+    ),
+    "flowscore sample --run runs/m2g --n 1000 --out m2g.npy --plot m2g.png": "--n 200",
 }
 """README line (its comment removed) -> flags appended to it here (argparse: a repeated flag's last value
 wins). Each shrinks only the amount of work: steps, points, batches."""

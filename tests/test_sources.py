@@ -115,6 +115,24 @@ def test_the_trainer_draws_every_source_batch_from_the_source_within_each_label(
         assert bool((owner[kept] == labels[kept]).all()) and bool(kept.any()) and bool((~kept).any())
 
 
+def test_a_source_given_as_dataset_or_dataloader_trains_exactly_as_the_same_tensor(tmp_path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data, source = fs.data.toy("moons", 400), fs.data.toy("circles", 300, seed=3)
+    config = fs.TrainConfig(steps=5, checkpoint_every=5, **SMALL)
+    forms = {"tensor": source, "dataset": TensorDataset(source),
+             "loader": DataLoader(TensorDataset(source), batch_size=64)}  # fmt: skip
+    for name, form in forms.items():
+        fs.Trainer(config, tmp_path / name, data=data, source=form, progress=False).train()
+    ref = checkpoint.load_checkpoint(tmp_path / "tensor" / CHECKPOINT_FILE)[0]
+    for name in ("dataset", "loader"):
+        got = checkpoint.load_checkpoint(tmp_path / name / CHECKPOINT_FILE)[0]
+        assert all(torch.equal(ref[k], got[k]) for k in ref if k.startswith("model."))
+    with pytest.raises(ValueError, match="same shape"):
+        fs.Trainer(config, tmp_path / "bad", data=data, source=torch.zeros(10, 3), progress=False).train()
+    assert not (tmp_path / "bad").exists()
+
+
 def test_objectives_without_a_conditional_target_for_any_source_are_refused() -> None:
     class Own(Objective):
         def loss(self, model, x_data, y=None, generator=None):

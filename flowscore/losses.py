@@ -538,7 +538,9 @@ def cfm(
         path: a ``GaussianPath`` or a path name.
         t: ``(B,)``, 0-dim or float times in [0, 1], clamped into ``[t_eps, 1 - t_eps]``; drawn by
             ``time_sampler`` when None.
-        noise: ``(B, *dims)`` standard normal noise; drawn when None (with ``generator``).
+        noise: ``(B, *dims)`` standard normal noise; drawn when None (with ``generator``). Points of
+            another data set instead make the loss of a data-to-data flow (the source at t = 0; CFM's
+            gradient theorem holds for any source, docs/theory.md section 17).
         y: ``(B,)`` integer class labels passed to the model as ``model(x, t, y)`` (-1: no label).
         prediction: what the model predicts: "velocity", "score", "noise" or "data".
         weighting: None, "noise", "likelihood" or a callable ``lambda(t)``; see :func:`loss_weight`.

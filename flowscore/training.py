@@ -315,6 +315,8 @@ class _Loop:
             self.net = torch.compile(self.net)
         self.net = self.objective.wrap(self.net)
         self.ema_model = self.objective.wrap(self.ema)
+        if prepared.source is not None:  # TensorBoard's samples start from source points (samplers.sample)
+            self.ema_model.x_source = prepared.source.train
         self.stream = prepared.stream
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay

@@ -113,6 +113,13 @@ def test_the_trainer_draws_every_source_batch_from_the_source_within_each_label(
         owner = torch.tensor([int(source_y[(encoded == row).all(1)][0]) for row in noise])
         kept = labels >= 0
         assert bool((owner[kept] == labels[kept]).all()) and bool(kept.any()) and bool((~kept).any())
+    # sampling class k starts from held-out source points of class k
+    y = torch.tensor([1] * 20 + [0] * 20)
+    res = fs.sample(run.model, run.path, 40, y=y, steps=2, return_info=True, return_trajectory=True)
+    held = run.model.x_source
+    for k in (0, 1):
+        rows = res.trajectory[0][y == k]
+        assert bool(rows_in(rows, held[run.held_out_source_labels == k]).all())
 
 
 def test_a_source_given_as_dataset_or_dataloader_trains_exactly_as_the_same_tensor(tmp_path) -> None:

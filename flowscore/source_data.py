@@ -188,7 +188,8 @@ def sample_indices(m: int, n: int, generator: torch.Generator | None = None) -> 
     """``(n,)`` indices into ``m`` stored source points: random permutations of ``0..m-1`` one after the
     other (each point once before any point is reused)."""
     rounds = math.ceil(n / m)
-    return torch.cat([torch.randperm(m, generator=generator) for _ in range(rounds)])[:n]
+    device = None if generator is None else generator.device
+    return torch.cat([torch.randperm(m, generator=generator, device=device) for _ in range(rounds)])[:n]
 
 
 def start_points(
@@ -208,8 +209,7 @@ def start_points(
             "the run holds no held-out source points (n_holdout = 0): pass your own start points, x_init "
             "(--x-init FILE.npy)"
         )
-    device = x_source.device
-    gen = generator if generator is not None and generator.device.type == "cpu" else None
+    device, gen = x_source.device, generator
     if labels is None or y is None:
         return x_source[sample_indices(m, n, gen).to(device)]
     y = y.cpu()
@@ -223,7 +223,7 @@ def start_points(
                 f"the run holds no held-out source point of class {k}: pass start points of that class as "
                 "x_init (--x-init FILE.npy)"
             )
-        index[rows] = pool[sample_indices(pool.numel(), int(rows.sum()), gen)]
+        index[rows] = pool[sample_indices(pool.numel(), int(rows.sum()), gen).cpu()]
     return x_source[index.to(device)]
 
 

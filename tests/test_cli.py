@@ -370,6 +370,8 @@ def test_train_has_one_flag_per_config_field_showing_its_default(capsys, monkeyp
         )
         if field.name == "data":
             assert shown[flag] == "required"
+        elif field.name == "source":  # the empty string, shown as what it means
+            assert default == "" and shown[flag].startswith("empty")
         elif default is None and field.name in ("steps", "batch_size", "lr", "warmup"):
             for kind, config in per_data.items():
                 assert f"{getattr(config, field.name):g} ({kind})" in shown[flag], (flag, shown[flag])

@@ -86,14 +86,12 @@ def _prepare(
     _check_options(config, device)
     raw, labels, stream = sources.read_data(config, data)
     shape = tuple(raw.shape[1:])
-    source_parts = None
-    if has_source:
-        source_parts = source_data.prepare_source(config, source, shape, labels)
+    source_set = source_data.prepare_source(config, source, shape, labels) if has_source else None
     if stream is None:
         n_holdout = min(2000, raw.shape[0] // 10) if config.n_holdout is None else config.n_holdout
         train, held_out = datasets.split(raw, n_holdout, seed=config.seed)
         normalizer, sigma_data = source_data.fit_normalizer(
-            train, config.data_std, None if source_parts is None else source_parts[0]
+            train, config.data_std, None if source_set is None else source_set.train
         )
         sha = sources.checksum(raw, labels)
     else:  # streamed: used as it comes
@@ -146,13 +144,8 @@ def _prepare(
         n_train=train.shape[0] if stream is None else sources.loader_size(stream),
         objective=objective_from_config(config, path, model, sigma_data) if objective is None else objective,
         sigma_data=sigma_data, config_data_std=config.data_std,
+        source=None if source_set is None else source_set.encoded(normalizer, device),
     )  # fmt: skip
-    if source_parts is not None:
-        src_train, src_held, src_labels, src_held_labels, src_sha, src_name = source_parts
-        prepared.source = source_data.Source(
-            normalizer.encode(src_train).to(device), src_held, src_sha, src_name,
-            None if src_labels is None else src_labels.to(device), src_held_labels,
-        )  # fmt: skip
     _bind(prepared)
     _dry_run(config, prepared)
     return prepared

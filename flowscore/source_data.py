@@ -61,9 +61,10 @@ SOURCE_KINDS = (
 
 @dataclass
 class Source:
-    """The data source of a run: ``train`` ``(N, *dims)`` encoded (the run's normalizer) on the device,
-    ``held_out`` ``(M, *dims)`` in data units on the CPU, their labels (int64, or None), the checksum of
-    the whole source and ``name`` (``config.source``, or the kind of object given to the Trainer)."""
+    """The data source of a run: ``train`` ``(N, *dims)`` (read in data units on the CPU; once the run's
+    normalizer is fitted, :meth:`encoded` on the device), ``held_out`` ``(M, *dims)`` in data units on the
+    CPU, their labels (int64, or None), the checksum of the whole source and ``name`` (``config.source``, or
+    the kind of object given to the Trainer)."""
 
     train: torch.Tensor
     held_out: torch.Tensor
@@ -79,6 +80,13 @@ class Source:
             counts = torch.bincount(self.labels)
             starts = torch.cumsum(counts, 0) - counts
             self._by_label = (order, starts, counts)
+
+    def encoded(self, normalizer: datasets.Normalizer, device: torch.device) -> Source:
+        """This source with its training points encoded by ``normalizer`` and moved, with their labels, to
+        ``device`` (the held-out points stay in data units)."""
+        labels = None if self.labels is None else self.labels.to(device)
+        train = normalizer.encode(self.train).to(device)
+        return Source(train, self.held_out, self.sha256, self.name, labels, self.held_out_labels)
 
     def draw(
         self, n: int, y: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -133,10 +141,10 @@ def read_source(config: TrainConfig, source: object) -> tuple[torch.Tensor, torc
 
 def prepare_source(
     config: TrainConfig, source: object, data_shape: tuple[int, ...], data_labels: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, str, str]:
-    """The source read and split like the data: ``(train, held_out, train_labels, held_out_labels, sha256,
-    name)`` in data units on the CPU; one-line ``ValueError`` for a source that does not fit the data (its
-    point shape, or a class of the data's labels with no source point)."""
+) -> Source:
+    """The source read and split like the data, in data units on the CPU (:meth:`Source.encoded` once the
+    normalizer is fitted); one-line ``ValueError`` for a source that does not fit the data (its point
+    shape, or a class of the data's labels with no source point)."""
     raw, labels, name = read_source(config, source)
     if tuple(raw.shape[1:]) != tuple(data_shape):
         raise ValueError(
@@ -157,7 +165,7 @@ def prepare_source(
     train_labels = held_labels = None
     if labels is not None:
         train_labels, held_labels = datasets.split(labels, held_out.shape[0], seed=config.seed)
-    return train, held_out, train_labels, held_labels, sources.checksum(raw, labels), name
+    return Source(train, held_out, sources.checksum(raw, labels), name, train_labels, held_labels)
 
 
 def fit_normalizer(

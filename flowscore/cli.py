@@ -35,6 +35,7 @@ from .data import TOYS
 from .grids import GRIDS
 from .paths import PATHS, get_path
 from .samplers import (
+    ANY_SOURCE_SAMPLERS,
     DEFAULT_GRID,
     DEFAULT_ODE_SAMPLER,
     DEFAULT_ODE_STEPS,
@@ -441,7 +442,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         if x_init is not None:
             workflows.start_points(run, args.n, x_init)
-        if run.source is not None and args.sampler in SDE_SAMPLERS:
+        if (
+            run.source is not None
+            and args.sampler in SDE_SAMPLERS
+            and args.sampler not in ANY_SOURCE_SAMPLERS
+        ):
             raise ValueError(
                 f"this run was trained from a data source ({run.source['name']}); SDE sampling needs the "
                 "score "

@@ -326,8 +326,9 @@ class TrainConfig:
             check_source_config(self)
 
 
-SOURCE_OBJECTIVES = ("cfm",)
-"""The objectives that train with a data source (their conditional target holds for any source law)."""
+SOURCE_OBJECTIVES = ("cfm", "sbcfm")
+"""The objectives that train with a data source (their conditional target holds for any source law; sbcfm:
+Schrödinger-bridge CFM, :mod:`flowscore.sbcfm`, issue 19)."""
 GAUSSIAN_ONLY = "needs the standard normal source (docs/theory.md section 17, 'A source other than N(0, I)')"
 """The end of every refusal of a setting that a data source (``TrainConfig.source``) does not allow."""
 

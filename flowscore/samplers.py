@@ -853,6 +853,11 @@ def sample(
     )
 
 
+ANY_SOURCE_SAMPLERS = ("sb-sde",)
+"""The stochastic samplers that need no Gaussian source (``sb-sde``: Schrödinger-bridge CFM's SDE, whose score
+term is a head of the model, :mod:`flowscore.sbcfm`); the other SDE samplers use the path's score."""
+
+
 def _from_source(
     model: Field,
     sampler: str,
@@ -868,7 +873,7 @@ def _from_source(
     x_source = getattr(model, "x_source", None)
     if not isinstance(x_source, torch.Tensor):
         return x_init
-    if sampler in SDE_SAMPLERS:
+    if sampler in SDE_SAMPLERS and sampler not in ANY_SOURCE_SAMPLERS:
         raise ValueError(
             f"sampler {sampler!r}: this model was trained from a data source, and SDE sampling needs the "
             "score of a Gaussian source (docs/theory.md section 17); use an ODE sampler"

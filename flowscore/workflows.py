@@ -26,7 +26,7 @@ import torch
 
 from . import resources
 from .data import is_image
-from .samplers import CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, SDE_SAMPLERS, default_steps
+from .samplers import ANY_SOURCE_SAMPLERS, CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, SDE_SAMPLERS, default_steps
 
 LABEL_SEED_OFFSET = 2**32
 """Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
@@ -284,7 +284,11 @@ def sample_run(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     check_class(run, label, guidance)
     x_start = None if x_init is None else start_points(run, n, x_init)
-    if getattr(run, "source", None) is not None and sampler in SDE_SAMPLERS:
+    if (
+        getattr(run, "source", None) is not None
+        and sampler in SDE_SAMPLERS
+        and sampler not in ANY_SOURCE_SAMPLERS
+    ):
         raise ValueError(
             f"sampler {sampler!r}: this run was trained from a data source, and SDE sampling needs the score "
             "of a Gaussian source (docs/theory.md section 17); use an ODE sampler"

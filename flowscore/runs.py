@@ -4,7 +4,8 @@ A run folder holds
 
 * ``run.safetensors``: written once; the config, model and path descriptions, data shape, the held-out
   points (data space) and their labels, the normalizer, a checksum of the training data, the number of
-  classes and training points per class (labelled runs) and the loss floor;
+  classes and training points per class (labelled runs), the loss floor, the normalisation and, for a
+  data source, its held-out points and labels and its description;
 * ``checkpoint.safetensors``: rewritten atomically every ``checkpoint_every`` steps and at the end; model,
   EMA, AdamW moments, RNG states and the step (see :mod:`flowscore.checkpoint`);
 * ``log.csv``: ``step, loss, loss_ema, lr, steps_per_s, loss_floor`` every ``log_every`` steps (the one file
@@ -571,6 +572,10 @@ class Run:
     The model works in the normalizer's space: ``normalizer.decode(sample)`` maps its samples to data.
     Labelled runs: ``num_classes`` (None when a DataLoader's run could not tell), ``class_counts`` (training
     points per class, or None) and ``held_out_labels``; the model is then called as ``model(x, t, y)``.
+    A run trained from a data source (:mod:`flowscore.source_data`): ``source`` (its name, size and
+    checksum), ``held_out_source`` (data units) and ``held_out_source_labels``; ``model.x_source`` holds
+    those points encoded, from which :func:`flowscore.sample` starts. ``normalisation``: ``{"data_std",
+    "sigma_data", "shared_with_source"}`` (None for runs stored before it was recorded).
     """
 
     config: TrainConfig

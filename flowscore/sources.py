@@ -57,10 +57,8 @@ def _as_float(x: object, what: str) -> torch.Tensor:
 
 
 def _pair(item: object) -> tuple[object, object | None]:
-    """``(x, y)`` of an item or batch that is ``x``, ``(x,)`` or a pair ``(x, y)``."""
+    """``(x, y)`` of an item or batch that is ``x`` or a pair ``(x, y)``."""
     if isinstance(item, (tuple, list)):
-        if len(item) == 1:  # TensorDataset(x): items (x,)
-            return item[0], None
         if len(item) != 2:
             raise ValueError(f"data items must be x or a pair (x, y), got a sequence of {len(item)} elements")
         return item[0], item[1]

@@ -537,7 +537,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
     if getattr(run.model, "two_time", False):  # a flow-map run: jumps (flowscore.flowmaps)
-        sampler = f"{args.steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
+        sampler = f"{steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
     x, labels = workflows.sample_run(
         run, args.n, sampler=args.sampler, steps=steps, grid=args.grid, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,

@@ -556,7 +556,9 @@ def compare_gradients(
     seed: int = 0,
     progress: bool = True,
 ) -> GradientStatistics:
-    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on common batches, to a verdict.
+    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on common batches, to a verdict
+    (a flow-map ``objective``: its target with the conditional vs the exact marginal velocity, on a two-time
+    ``model``, :func:`flow_map_terms`).
 
     ``marginal`` provides the exact target (``.path``, ``.velocity``, ``.score``); ``x_data`` is drawn from
     ``data`` (a marginal with ``.data``, default ``marginal``). Giving a ``data`` from another distribution,

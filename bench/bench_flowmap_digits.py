@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import tempfile
@@ -63,15 +64,24 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--n", type=int, default=500, help="samples per set (default 500)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--run", default=None, help="evaluate this digits flow-map run (e.g. a copy of a checkpoint) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     from sklearn.svm import SVC
 
     rows, grids, meta = [], {}, {}
     classifier = held = None
+    if args.run is not None:
+        given = fs.load_run(args.run)
+        args.guidance, args.steps = [float(given.objective.get("guidance", 0.0))], given.step
     for w in args.guidance:
-        with tempfile.TemporaryDirectory() as work:
-            run, train_s = train(args.steps, w, os.path.join(work, "run"))
+        if args.run is not None:
+            run, train_s = given, math.nan
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                run, train_s = train(args.steps, w, os.path.join(work, "run"))
         if classifier is None:
             x_train, y_train, x_held, y_held = real_split(run)
             with warnings.catch_warnings():  # `probability` is deprecated from scikit-learn 1.9
@@ -102,6 +112,10 @@ def main() -> None:
 def report(args: argparse.Namespace, run: Any, rows: list[dict], held: dict, acc: float) -> str:
     c = run.config
     cli = f" --steps {args.steps} --guidance {' '.join(f'{w:g}' for w in args.guidance)} --n {args.n}"
+    schedule = ""
+    if run.step != c.steps:  # a checkpoint of a longer run (--run)
+        cli = f" --run RUN --n {args.n}"
+        schedule = f" (the checkpoint at step {run.step} of a {c.steps}-step cosine schedule)"
     lines = [
         "# Digits with a flow-map model (MeanFlow): 1 and 2 model calls",
         "",
@@ -110,8 +124,8 @@ def report(args: argparse.Namespace, run: Any, rows: list[dict], held: dict, acc
         "",
         f"Settings: `TrainConfig(data='digits', objective='meanflow')` image defaults (class-conditional "
         f"two-time UNet, label dropout {c.p_uncond}, {c.path} path, batch {c.batch_size}, lr {c.lr}, EMA "
-        f"{c.ema_decay}), {c.steps} steps; `fs.MeanFlow` with its default options and guidance w trained "
-        "into the target (one run per w); sampling by K jumps on the uniform grid, labels given, no "
+        f"{c.ema_decay}), {run.step} steps{schedule}; `fs.MeanFlow` with its default options and guidance w "
+        "trained into the target (one run per w); sampling by K jumps on the uniform grid, labels given, no "
         "guidance at sampling time.",
         "",
         f"Classifier: RBF SVC (`probability=True`) on the training split with labels; held-out accuracy "
@@ -127,7 +141,9 @@ def report(args: argparse.Namespace, run: Any, rows: list[dict], held: dict, acc
         lines.append(
             f"| {r['name'].split(',')[0]} | {r['name'].split(', ')[1].split()[0]} | {r['max_p']:.3f} | "
             f"{r['confident']:.3f} | {r['share']:.3f} ({r['share_min']:.2f}) | "
-            f"{' '.join(map(str, r['hist']))} | {r['nn_median']:.2f} | {r['train_s']:.0f} |"
+            f"{' '.join(map(str, r['hist']))} | {r['nn_median']:.2f} | {r['train_s']:.0f} |".replace(
+                "| nan |", "| - |"
+            )
         )
     lines.append(
         f"| held-out real digits | - | {held['max_p']:.3f} | {held['confident']:.3f} | {acc:.3f} | "

@@ -198,7 +198,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
 def _add_verify(sub: Any) -> None:
     parser = sub.add_parser("verify", help="check the formulas and losses numerically against ground truth")
     try:
-        from . import verify
+        from . import verify  # noqa: F401  (its dependencies are present)
     except ImportError as err:
         message = _one_line(err)
 
@@ -207,8 +207,131 @@ def _add_verify(sub: Any) -> None:
 
         parser.set_defaults(func=unavailable)
         return
-    verify.add_arguments(parser)
-    parser.set_defaults(func=verify.main)
+    add_verify_arguments(parser)
+    parser.set_defaults(func=cmd_verify)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``verify`` flags to ``parser`` (values are checked by :func:`check_verify_arguments`, so
+    that every bad one is reported as one line naming it and its fix)."""
+    from . import verify as v
+    from .data import IMAGE_SETS
+
+    aliases = ", ".join(f"{a} = {c}" for a, c in v.VERIFY_ALIASES.items())
+    data_help = (
+        f"toy name ({', '.join(TOYS)}), {', '.join(IMAGE_SETS)}, or an .npy/.npz file (N, D) or (N, C, H, W)"
+    )
+    parser.add_argument("--data", default="moons", help=f"{data_help} (default moons)")
+    parser.add_argument(
+        "--path", default="linear", choices=[n for n in PATHS if n != "custom"],
+        help="Gaussian path (default linear)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--objective", default="cfm", choices=(*v.VERIFY_OBJECTIVES, *v.VERIFY_ALIASES),
+        help=f"cfm (checked against fm), dsm (against sm), or the flow maps meanflow, semigroup (their "
+        f"target with the conditional velocity against the exact marginal one); aliases {aliases}; the JSON "
+        "file echoes the name given (default cfm)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-se", type=float, default=v.DEFAULT_TARGET_SE,
+        help=f"grow the sample until the relative std. error is at most this (default {v.DEFAULT_TARGET_SE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-samples", type=int, default=v.DEFAULT_MAX_SAMPLES,
+        help=f"... or this many draws are used (default {v.DEFAULT_MAX_SAMPLES})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n-batches", type=int, default=None, help="a fixed number of batches instead (no early stop)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=v.DEFAULT_BATCH_SIZE,
+        help=f"draws per batch (default {v.DEFAULT_BATCH_SIZE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n-data", type=int, default=v.DEFAULT_N_DATA,
+        help=f"at most this many data points (default {v.DEFAULT_N_DATA})",
+    )  # fmt: skip
+    eps = v.DEFAULT_T_EPS
+    parser.add_argument(
+        "--t-eps", type=float, default=None,
+        help=f"t in [t_eps, 1 - t_eps], t_eps >= {v.MIN_T_EPS:g} (default {eps['cfm']:g} cfm, meanflow, "
+        f"semigroup; {eps['dsm']:g} dsm)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--labels", action="store_true",
+        help="check the class-conditional theorems: the network sees the data set's labels (digits, mnist, "
+        "a .npz with 'y', a toy's components)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plain", action="store_true",
+        help="no variance reduction (independent noise, no control variate, uniform t)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="network, data subset and draws (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads during the run (default 1)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="write a two-panel figure (PNG)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def check_verify_arguments(args: argparse.Namespace) -> None:
+    """Every ``verify`` argument checked before the run: one ``ValueError`` naming the first bad one and its
+    fix."""
+    from . import _validate
+    from . import verify as v
+    from .losses import objective_name
+
+    objective_name(args.objective, v.VERIFY_OBJECTIVES)
+    get_path(args.path)
+    _validate.number(args.target_se, "--target-se", 0.0, math.inf, low_open=True)
+    batch = _validate.integer(args.batch_size, "--batch-size", minimum=2)
+    if not args.plain and batch % 2:
+        raise ValueError(f"--batch-size must be even with antithetic noise, got {batch}; pass an even number")
+    if args.n_batches is None:
+        _validate.integer(args.max_samples, "--max-samples", minimum=2 * batch)
+    else:
+        _validate.integer(args.n_batches, "--n-batches", minimum=2)
+    _validate.positive_int(args.n_data, "--n-data")
+    if args.t_eps is not None:
+        _validate.number(args.t_eps, "--t-eps", v.MIN_T_EPS, 0.5, high_open=True)
+    _validate.positive_int(args.threads, "--threads")
+    outputs = [(flag, file) for flag, file in (("--json", args.json), ("--plot", args.plot)) if file]
+    data_file = os.path.abspath(args.data) if os.path.splitext(args.data)[1] in (".npy", ".npz") else None
+    for flag, file in outputs:
+        _io.check_output_file(file, flag, ".png" if flag == "--plot" else None)
+        if data_file is not None and os.path.abspath(file) == data_file:
+            raise ValueError(f"{flag} {file!r} is the data file; choose another output path")
+    if len(outputs) == 2 and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise ValueError(f"--json and --plot are the same file {args.json!r}; choose two paths")
+    if args.plot:
+        from .plots import _pyplot
+
+        _pyplot()  # matplotlib present?
+
+
+def cmd_verify(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> int:
+    """``flowscore verify``: check the arguments, run :func:`flowscore.verify.run_verify`, print its table
+    (``print_fn``) and write ``--json`` / ``--plot``; 0 on any verdict (errors: :func:`main`'s handling)."""
+    from . import verify as v
+
+    check_verify_arguments(args)
+    if args.labels:
+        points, labels = v.load_labels(args.data, args.n_data, args.seed)
+    else:
+        points, labels = v.load_points(args.data, args.n_data, args.seed), None
+    result = v.run_verify(
+        points, args.path, args.objective, labels=labels, n_data=args.n_data, batch_size=args.batch_size,
+        target_se=args.target_se, max_samples=args.max_samples, n_batches=args.n_batches,
+        antithetic=not args.plain, control_variate=not args.plain, importance=not args.plain, seed=args.seed,
+        t_eps=args.t_eps, normalize=False,  # done above
+        num_threads=args.threads, progress=not args.no_progress,
+    )  # fmt: skip
+    print_fn(v.format_table(result))
+    if args.json:
+        v.write_json(result, args.json)
+    if args.plot:
+        v.write_plot(result, args.plot)
+    return 0
 
 
 # -- train -------------------------------------------------------------------------------------------------
@@ -463,7 +586,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
     sampler = args.sampler or DEFAULT_ODE_SAMPLER
     if getattr(run.model, "two_time", False):  # a flow-map run: jumps (flowscore.flowmaps)
-        sampler = f"{args.steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
+        sampler = f"{steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
     x, labels = workflows.sample_run(
         run, args.n, sampler=args.sampler, steps=steps, grid=args.grid, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, label=args.label, guidance=args.guidance,
@@ -718,12 +841,23 @@ def _class_label(value: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    from .training import TrainingFailed
-
     parser = build_parser()
-    try:
+
+    def call() -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
+
+    return run_parsed(call)
+
+
+def run_parsed(call: Callable[[], int]) -> int:
+    """``call()`` (a command on parsed arguments) with the CLI's error handling: its return value, or the
+    exit status of the one-line message on stderr (module docstring: 2 bad input, 1 a failure while
+    working, 130 Ctrl-C)."""
+    from .training import TrainingFailed
+
+    try:
+        return int(call() or 0)
     except CLIError as err:
         return _fail(str(err))
     except TrainingFailed as err:

@@ -418,3 +418,30 @@ def plot_verify(
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, file)
+
+
+def plot_flowmap_error(err: np.ndarray, file: str | os.PathLike, *, title: str = "") -> str:
+    """The error of a flow map over the ``(t, s)`` triangle: ``err`` ``(G, G)`` with cell ``[i, j]`` at
+    ``t = i / G``, ``s = (j + 1) / G`` (NaN below the diagonal, left blank), as a colour map with each
+    value written in its cell (:func:`flowscore.flowmap_runs.map_error_grid`)."""
+    plt = _pyplot()
+    err = np.asarray(err, dtype=np.float64)
+    if err.ndim != 2 or err.shape[0] != err.shape[1] or err.shape[0] < 1:
+        raise ValueError(f"err must be a square (G, G) array, got shape {err.shape}")
+    g = err.shape[0]
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    image = ax.imshow(err, origin="upper", extent=(0.5 / g, 1 + 0.5 / g, (g - 0.5) / g, -0.5 / g),
+                      cmap="viridis")  # fmt: skip
+    finite = err[np.isfinite(err)]
+    middle = float(np.median(finite)) if finite.size else 0.0
+    for i in range(g):
+        for j in range(g):
+            if np.isfinite(err[i, j]):
+                ax.text((j + 1) / g, i / g, f"{err[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if err[i, j] < middle else "black")  # fmt: skip
+    ax.set_xlabel("s (end time; 1 = data)")
+    ax.set_ylabel("t (start time; 0 = noise)")
+    ax.set_title(title or "relative error of X(x, t, s)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="RMS(X_model - X_exact) / RMS(X_exact - x)")
+    fig.tight_layout()
+    return _save(fig, file)

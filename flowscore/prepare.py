@@ -247,7 +247,7 @@ def _dry_run(config: TrainConfig, prepared: _Prepared) -> None:
                     "like x"
                 ) from None
             if y is not None and config.p_uncond > 0:
-                _check_no_label(model, x_data, config.p_uncond)
+                _check_no_label(model, x_data, config.p_uncond, objective.two_time)
     finally:
         prepared.model.train(was_training)
     if not isinstance(per_sample, torch.Tensor) or tuple(per_sample.shape) != (x_data.shape[0],):
@@ -274,12 +274,16 @@ def source_batch(
     return {"source": prepared.source.draw(n, y, generator)}
 
 
-def _check_no_label(model: nn.Module, x_data: torch.Tensor, p_uncond: float) -> None:
-    """Calls ``model(x, t, y)`` once with ``y = -1``: label dropout feeds it that label."""
+def _check_no_label(model: nn.Module, x_data: torch.Tensor, p_uncond: float, two_time: bool = False) -> None:
+    """Calls ``model(x, t, y)`` (a flow-map model: ``model(x, t, t, y)``) once with ``y = -1``: label dropout
+    feeds it that label."""
     t = torch.full((x_data.shape[0],), 0.5, dtype=x_data.dtype, device=x_data.device)
     no_label = torch.full((x_data.shape[0],), -1, dtype=torch.long, device=x_data.device)
     try:
-        call_model(model, x_data, t, no_label)
+        if two_time:
+            model(x_data, t, t, no_label)
+        else:
+            call_model(model, x_data, t, no_label)
     except (TypeError, RuntimeError, IndexError, ValueError) as err:
         raise ValueError(
             f"the model failed on the label -1 ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "

@@ -47,7 +47,7 @@ from .config import FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
 from .models import CUSTOM, check_description
-from .objectives import BUILTIN, Objective, objective_from_config
+from .objectives import BUILTIN, Objective, objective_from_config, objective_from_dict
 from .paths import GaussianPath, get_path
 from .tblog import FOLDER as TENSORBOARD_FOLDER
 
@@ -671,7 +671,12 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
         _fit_weights(model, ema, run_dir)
     labels = run_file.labels or {}
     stored = run_file.objective or {}
-    if objective is None and stored.get("name", run_file.config.objective) in (*BUILTIN, *FLOW_MAPS):
+    name = stored.get("name", run_file.config.objective)
+    if objective is None and name in FLOW_MAPS and "share_equal" in stored:
+        # a flow-map objective stores all its options (guidance trained into the target included), and
+        # may have been given to the Trainer as objective= with the config's objective left at cfm
+        objective = objective_from_dict(stored)
+    elif objective is None and name in (*BUILTIN, *FLOW_MAPS):
         sigma_data = (run_file.normalisation or {}).get("sigma_data")
         objective = objective_from_config(run_file.config, run_file.path, model, sigma_data)
     wrapped = model if objective is None else objective.wrap(model)

@@ -287,6 +287,20 @@ class Trainer:
         raise TrainingFailed(f"{what}; the checkpoint of step {kept} is kept; {fix}") from err
 
 
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """Each parameter's gradient replaced by its mean over the ``world`` processes (what DDP does in its
+    backward; a parameter without a gradient counts as 0), in one all-reduce."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 class _Loop:
     """The training state (model, EMA, optimizer, generator, loss statistics) and the step loop."""
 
@@ -308,7 +322,10 @@ class _Loop:
         self.model = prepared.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.net: nn.Module = self.model
-        if dist.world > 1:
+        # a flow-map objective calls the model inside torch.func.jvp, which DDP's forward does not support
+        # (its bucket rebuild and buffer broadcast): its gradients are averaged over the processes by hand
+        self.average_gradients = dist.world > 1 and self.objective.two_time
+        if dist.world > 1 and not self.average_gradients:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
@@ -455,6 +472,8 @@ class _Loop:
             loss = objective.per_sample(self.net, batch, generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.average_gradients:
+            _average_gradients(self.model, self.dist.world)
         if config.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()

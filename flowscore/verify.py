@@ -2,7 +2,13 @@ r"""``flowscore verify``: measure the two theorems on a data set with a fixed ra
 
 Theorems: :math:`\nabla_\theta L_{FM} = \nabla_\theta L_{CFM}` (``objective="cfm"``, alias ``"flow"``) and
 :math:`\nabla_\theta L_{SM} = \nabla_\theta L_{DSM}` (``"dsm"``, alias ``"score"``); and
-:math:`L_{cond} - L_{marg} = C`, the loss floor (:mod:`flowscore.floor`). The experiment:
+:math:`L_{cond} - L_{marg} = C`, the loss floor (:mod:`flowscore.floor`). The flow-map objectives
+(``"meanflow"``, ``"semigroup"``, docs/theory.md section 18) are checked the same way: the objective's
+stop-gradient target built from the conditional velocity vs from the exact marginal velocity, with a two-time
+network ``model(x, t, s)``, pairs ``(t, s)`` with ``s = t`` at the objective's ``share_equal`` and
+``s ~ U(t, 1)`` otherwise (:func:`flow_map_terms`); their ``C`` is :math:`E\lVert T_{cond} - T_{marg}
+\rVert^2` at the network's weights (:func:`flow_map_floor`). The command line (flags, checks, output,
+errors) lives in :mod:`flowscore.cli` (``add_verify_arguments``, ``cmd_verify``). The experiment:
 
 1. the data as ``flowscore train`` sees it: :func:`flowscore.data.load` (toys, ``digits``, ``mnist``,
    ``.npy``/``.npz``; at most ``n_data`` points) normalised by :class:`flowscore.data.Normalizer`; the
@@ -56,16 +62,13 @@ finite is written as ``null``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,21 +79,25 @@ from . import _io, _validate
 from .conditioning import call_model
 from .config import DATA_STD
 from .conversions import conversion_coefficients
-from .data import IMAGE_SETS, TOYS, Normalizer, labelled_toy, load, load_labelled
+from .data import TOYS, Normalizer, labelled_toy, load, load_labelled
 from .floor import LossFloor, draw_labelled, loss_floor
-from .losses import OBJECTIVE_ALIASES, OBJECTIVES, objective_name
+from .losses import OBJECTIVE_ALIASES, OBJECTIVES, marginal_target, objective_name
 from .marginals import EmpiricalMarginal
 from .models import build_model
 from .objectives import BUILTIN, GaussianObjective
-from .paths import PATHS, get_path
+from .paths import get_path
 from .resources import using_threads
 
-VERIFY_OBJECTIVES = ("cfm", "dsm")
+FLOW_MAP_OBJECTIVES = ("meanflow", "semigroup")
+"""The flow-map objectives verify checks: their target with the conditional velocity vs with the exact
+marginal velocity (docs/theory.md section 18)."""
+VERIFY_OBJECTIVES = ("cfm", "dsm", *FLOW_MAP_OBJECTIVES)
 """The conditional objectives verify checks (``"flow"``, ``"score"`` are accepted as aliases)."""
 VERIFY_ALIASES = {alias: name for alias, name in OBJECTIVE_ALIASES.items() if name in VERIFY_OBJECTIVES}
-MARGINAL_TWIN = {"cfm": "fm", "dsm": "sm"}
-"""Each conditional objective and the marginal objective with the same gradient."""
-DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05}
+MARGINAL_TWIN = {"cfm": "fm", "dsm": "sm", "meanflow": "meanflow-marg", "semigroup": "semigroup-marg"}
+"""Each conditional objective and the marginal objective with the same gradient (for a flow map: the same
+objective with the exact marginal velocity in its target)."""
+DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05, "meanflow": 1e-3, "semigroup": 1e-3}
 MIN_T_EPS = 1e-6
 """Smallest ``t_eps``: times are float32, and ``1 - t_eps`` must stay below 1 (where beta_t = 0 and the
 marginal fields are singular)."""
@@ -250,6 +257,7 @@ def batch_terms(
     t_eps: float,
     prior: PriorMean | None = None,
     y: torch.Tensor | None = None,
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(gap, control, l_marg)``, each ``(B,)`` with graph: per draw, the gap ``l_cond - l_marg``, the
     prior-mean control variate (mean 0; zeros without ``prior``) and the marginal loss ``l_marg``.
@@ -257,7 +265,13 @@ def batch_terms(
     One forward pass of the network serves both losses (common random numbers): ``objective`` is ``cfm`` or
     ``dsm``, its marginal twin (``fm``/``sm``) takes its exact target from ``marginal``. With class labels
     ``y`` (``(B,)``) the network is ``model(x, t, y)`` and the marginal target is the class's exact field.
+    A flow-map ``objective`` (``meanflow``, ``semigroup``) needs ``pair = (s, r)`` (``(B,)`` each, see
+    :func:`flow_map_terms`).
     """
+    if objective in FLOW_MAP_OBJECTIVES:
+        if pair is None:
+            raise ValueError(f"the {objective} terms need the times pair = (s, r)")
+        return flow_map_terms(model, marginal, objective, x_data, t, noise, pair, prior, y)
     kind = OBJECTIVES[objective]
     conditional = BUILTIN[objective](marginal.path, prediction=kind, t_eps=t_eps)
     twin = BUILTIN[MARGINAL_TWIN[objective]](marginal=marginal, prediction=kind, t_eps=t_eps)
@@ -276,6 +290,131 @@ def batch_terms(
     per_cond, per_marg = conditional.per_sample(cached, batch), twin.per_sample(cached, batch)
     control = (out_prior * factor).flatten(1).sum(1) if prior is not None else torch.zeros_like(per_marg)
     return per_cond - per_marg, control, per_marg
+
+
+def _flow_map_objective(objective: str, path: Any) -> Any:
+    """The flow-map objective ``objective`` on ``path`` with its default options (no adaptive weighting, no
+    guidance: the plain squared error the theorem is about)."""
+    from .flowmaps import FLOW_MAP_OBJECTIVES as CLASSES
+
+    return CLASSES[objective](path, precondition=False)
+
+
+def _target_shift(
+    model: nn.Module,
+    objective: str,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    delta: torch.Tensor,
+    y: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(u, M delta)``: ``u = model(x, t, s[, y])`` (with graph) and how the flow-map target moves when its
+    velocity moves by ``delta`` ``(B, *dims)``: MeanFlow's target is affine in the velocity,
+    :math:`T = A\hat v + b` with :math:`A = I + (s - t) J_x u`, so ``M delta = delta + (s - t) J_x u delta``
+    (one JVP in ``x``); the splitting target holds the velocity only where ``s = t``: ``M delta = delta``
+    there, 0 elsewhere. ``M delta`` is detached."""
+    from torch.func import jvp
+
+    from .flowmaps import call_flow_map
+
+    gap = (s - t).reshape((-1,) + (1,) * (x.dim() - 1))
+    if objective == "meanflow":
+        u, ju = jvp(lambda z: call_flow_map(model, z, t, s, y), (x,), (delta,))
+        return u, (delta + gap * ju).detach()
+    return call_flow_map(model, x, t, s, y), torch.where(gap == 0, delta, torch.zeros_like(delta)).detach()
+
+
+def flow_map_terms(
+    model: nn.Module,
+    marginal: Any,
+    objective: str,
+    x_data: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    pair: tuple[torch.Tensor, torch.Tensor],
+    prior: PriorMean | None = None,
+    y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r""":func:`batch_terms` of a flow-map objective: ``(gap, control, l_marg)``, each ``(B,)`` with graph.
+
+    ``l_cond`` and ``l_marg`` are the objective's per-sample losses (``regress``, plain squared error, the
+    two-time ``model(x, t, s[, y])``) at ``x = alpha_t x_data + beta_t noise`` and ``pair = (s, r)`` (the end
+    time, and the splitting time of ``semigroup``), with the conditional velocity
+    ``alpha'_t x_data + beta'_t noise`` resp. the exact ``marginal.velocity(x, t[, y])`` in the target. The
+    control variate: :math:`\langle u(x', t, s), \mathrm{sg}[M(x')\,c]\rangle` with ``x'`` and the factor
+    ``c`` of the prior-mean control (module docstring, item 2) and ``M`` the target's linear part
+    (:func:`_target_shift`): its gradient cancels the part of ``grad l_cond - grad l_marg =
+    -2 J^T M (v_cond - v_marg)`` that the data mean explains; its mean is 0 since ``x'`` and ``M(x')`` do not
+    depend on ``x_data``.
+    """
+    fm = _flow_map_objective(objective, marginal.path)
+    path = marginal.path
+    s, r = pair
+    x = path.sample(x_data, t, noise)
+    v_cond = path.target(x_data, t, noise, "velocity")
+    v_marg = marginal_target(marginal, "velocity", x, t, y).to(x.dtype)
+    extra = () if objective == "meanflow" else (r,)
+    per_cond = fm.regress(model, x, t, s, *extra, v_cond, y)
+    per_marg = fm.regress(model, x, t, s, *extra, v_marg, y)
+    if prior is None:
+        return per_cond - per_marg, torch.zeros_like(per_marg), per_marg
+    x_prior, factor = _control_terms(path, "velocity", prior, x_data, t, noise)
+    u_prior, shifted = _target_shift(model, objective, x_prior, t, s, factor, y)
+    return per_cond - per_marg, (u_prior * shifted).flatten(1).sum(1), per_marg
+
+
+def draw_pair(
+    t: torch.Tensor, generator: torch.Generator, share_equal: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, r)`` for times ``t`` ``(B,)``: ``s = t`` with probability ``share_equal``, else ``s ~ U(t, 1)``
+    (the conditional law of the larger of two uniform times, the flow-map objectives' default ``law``); the
+    splitting time ``r = t + lam (s - t)``, ``lam ~ U(0, 1)``. Three draws per row from ``generator``."""
+    u = torch.rand((3, t.shape[0]), generator=generator, dtype=torch.float64).to(t.dtype)
+    s = torch.where(u[0] < share_equal, t, t + u[1] * (1 - t))
+    return s, t + u[2] * (s - t)
+
+
+def flow_map_floor(
+    model: nn.Module,
+    marginal: Any,
+    objective: str,
+    n_samples: int,
+    t_eps: float,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    n_bins: int = 10,
+) -> LossFloor:
+    r"""The flow-map counterpart of the loss floor: :math:`E\lVert T_{cond} - T_{marg}\rVert^2 =
+    E\lVert M (v_{cond} - v_{marg})\rVert^2` at the network's current weights, from ``n_samples``
+    independent draws (t uniform on ``[t_eps, 1 - t_eps]``, ``(s, r)`` by :func:`draw_pair`), binned in t.
+
+    With the stop-gradient the losses differ by it plus a term of mean 0, so ``L_cond - L_marg`` equals it;
+    unlike cfm's floor it depends on the weights through ``M`` (for ``semigroup`` it is cfm's floor on the
+    ``s = t`` share of the pairs). The result's ``objective`` is ``objective``.
+    """
+    from .floor import summarize
+
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    share = _flow_map_objective(objective, marginal.path).share_equal
+    path = marginal.path
+    times, values = [], []
+    done = 0
+    while done < n_samples:
+        m = min(batch_size, n_samples - done)
+        x_data, y = draw_labelled(marginal, m, generator)
+        x_data = x_data.to(dtype)
+        t = (t_eps + (1 - 2 * t_eps) * torch.rand(m, generator=generator, dtype=torch.float64)).to(dtype)
+        noise = torch.randn(x_data.shape, generator=generator, dtype=dtype)
+        s, _ = draw_pair(t, generator, share)
+        x = path.sample(x_data, t, noise)
+        delta = path.target(x_data, t, noise, "velocity") - marginal_target(marginal, "velocity", x, t, y)
+        _, shifted = _target_shift(model, objective, x, t, s, delta, y)
+        times.append(t.detach())
+        values.append(shifted.flatten(1).pow(2).sum(1).detach())
+        done += m
+    return summarize(torch.cat(times), torch.cat(values), n_bins, objective)
 
 
 @dataclass(frozen=True)
@@ -321,19 +460,24 @@ def _draws(
     antithetic: bool,
     dtype: torch.dtype,
     objective: GaussianObjective,
-) -> tuple[torch.Tensor, ...]:
-    """``n`` draws ``(x_data, t, noise, weight, bin, y)`` (``y`` the labels, or None): times by the
-    (importance) ``design``, the noise by the ``objective``'s draw; antithetic: ``n/2`` draws, then the same
-    with ``-noise``."""
+    share_equal: float | None = None,
+) -> tuple[Any, ...]:
+    """``n`` draws ``(x_data, t, noise, weight, bin, y, pair)`` (``y`` the labels, or None): times by the
+    (importance) ``design``, the noise by the ``objective``'s draw; ``pair``: with ``share_equal`` (a
+    flow-map objective) the ``(s, r)`` of :func:`draw_pair`, else None; antithetic: ``n/2`` draws, then the
+    same with ``-noise``."""
     m = n // 2 if antithetic else n
     x_data, y = draw_labelled(data, m, generator)
     x_data = x_data.to(dtype)
     t, weight, which = design.sample(m, generator, dtype)
     noise = objective.draw(x_data, y, generator, t=t).noise
+    pair = None if share_equal is None else draw_pair(t, generator, share_equal)
     if not antithetic:
-        return x_data, t, noise, weight, which, y
+        return x_data, t, noise, weight, which, y, pair
     x_data, t, weight, which = (torch.cat([v, v]) for v in (x_data, t, weight, which))
-    return x_data, t, torch.cat([noise, -noise]), weight, which, None if y is None else torch.cat([y, y])
+    pair = None if pair is None else tuple(torch.cat([v, v]) for v in pair)
+    y = None if y is None else torch.cat([y, y])
+    return x_data, t, torch.cat([noise, -noise]), weight, which, y, pair
 
 
 def _units(values: torch.Tensor, antithetic: bool) -> torch.Tensor:
@@ -358,7 +502,7 @@ def batch_gradients(
     antithetic: bool,
     n_bins: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(d, g, gaps, bin_sq)`` of one batch of ``draws = (x_data, t, noise, weight, bin, y)``.
+    """``(d, g, gaps, bin_sq)`` of one batch of ``draws = (x_data, t, noise, weight, bin, y, pair)``.
 
     ``d = grad mean(weight (gap + control))`` and ``g = grad mean(weight l_marg)`` (``(P,)``); ``gaps``: the
     weighted loss gaps of the independent units (draws or antithetic pairs). With ``n_bins`` the batch is
@@ -367,7 +511,7 @@ def batch_gradients(
     divided by the bin's units estimates their mean square (larger where they differ: importance sampling
     is then less efficient, never biased). Without ``n_bins``, ``bin_sq`` is None.
     """
-    x_data, t, noise, weight, which, y = draws
+    x_data, t, noise, weight, which, y, pair = draws
     params = [p for p in model.parameters() if p.requires_grad]
     parts = (
         [torch.ones_like(which, dtype=torch.bool)] if n_bins is None else [which == m for m in range(n_bins)]
@@ -379,8 +523,9 @@ def batch_gradients(
             bin_sq.append(0.0)
             continue
         labels = None if y is None else y[part]
+        pair_part = None if pair is None else (pair[0][part], pair[1][part])
         gap, control, per_marg = batch_terms(
-            model, marginal, objective, x_data[part], t[part], noise[part], t_eps, prior, labels
+            model, marginal, objective, x_data[part], t[part], noise[part], t_eps, prior, labels, pair_part
         )
         w = weight[part]
         units = _units(w * (gap + control), antithetic).sum() / n_units
@@ -411,7 +556,9 @@ def compare_gradients(
     seed: int = 0,
     progress: bool = True,
 ) -> GradientStatistics:
-    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on common batches, to a verdict.
+    """Gradients of the conditional (CFM/DSM) and marginal (FM/SM) losses on common batches, to a verdict
+    (a flow-map ``objective``: its target with the conditional vs the exact marginal velocity, on a two-time
+    ``model``, :func:`flow_map_terms`).
 
     ``marginal`` provides the exact target (``.path``, ``.velocity``, ``.score``); ``x_data`` is drawn from
     ``data`` (a marginal with ``.data``, default ``marginal``). Giving a ``data`` from another distribution,
@@ -448,7 +595,9 @@ def compare_gradients(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     design = TimeDesign.uniform(t_eps)
-    drawer = BUILTIN[objective](marginal.path, t_eps=t_eps)
+    flow_map = objective in FLOW_MAP_OBJECTIVES
+    drawer = BUILTIN["cfm" if flow_map else objective](marginal.path, t_eps=t_eps)
+    share = _flow_map_objective(objective, marginal.path).share_equal if flow_map else None
     bin_sum_sq = torch.zeros(T_BINS, dtype=torch.float64)
     bin_count = torch.zeros(T_BINS, dtype=torch.float64)
     stats = GradientStatistics(sum(p.numel() for p in params), batch_size)
@@ -464,7 +613,7 @@ def compare_gradients(
     )
     with bar:
         while stats.n_batches < max_batches:
-            draws = _draws(data, batch_size, design, generator, antithetic, dtype, drawer)
+            draws = _draws(data, batch_size, design, generator, antithetic, dtype, drawer, share)
             pilot = importance and stats.n_batches < PILOT_BATCHES and max_batches > PILOT_BATCHES
             diff, grad, gaps, bin_sq = batch_gradients(
                 model, marginal, objective, draws, t_eps, prior, antithetic, T_BINS if pilot else None
@@ -535,13 +684,19 @@ def load_labels(
 
 
 def make_model(
-    point_shape: tuple[int, ...] | torch.Size, seed: int = 0, num_classes: int | None = None
+    point_shape: tuple[int, ...] | torch.Size,
+    seed: int = 0,
+    num_classes: int | None = None,
+    two_time: bool = False,
 ) -> nn.Module:
     """The package's MLP (``MODEL_OPTIONS``) for points of ``point_shape`` (with a class embedding for
-    ``num_classes`` labels), initialised from ``seed`` without touching the global random state."""
+    ``num_classes`` labels; ``two_time``: the flow-map network ``model(x, t, s[, y])``), initialised from
+    ``seed`` without touching the global random state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model("mlp", tuple(point_shape), num_classes=num_classes, **MODEL_OPTIONS)
+        return build_model(
+            "mlp", tuple(point_shape), num_classes=num_classes, two_time=two_time or None, **MODEL_OPTIONS
+        )
 
 
 def _threads(n: int | None) -> contextlib.AbstractContextManager:
@@ -621,8 +776,10 @@ def run_verify(
             points = load_points(data, n_data, seed, normalize)
         labels = None if labels is None or labels is False else labels
         marginal = EmpiricalMarginal(points, get_path(path), labels=labels)
+        flow_map = canonical in FLOW_MAP_OBJECTIVES
+        model = make_model(points.shape[1:], seed, marginal.num_classes, two_time=flow_map)
         stats = compare_gradients(
-            make_model(points.shape[1:], seed, marginal.num_classes),
+            model,
             marginal,
             canonical,
             batch_size=batch_size,
@@ -637,15 +794,14 @@ def run_verify(
             progress=progress,
         )
         t_eps = DEFAULT_T_EPS[canonical] if t_eps is None else float(t_eps)
-        floor: LossFloor = loss_floor(
-            marginal,
-            objective=canonical,
-            n_samples=floor_samples or max(2, stats.n_samples // 4),
-            t_eps=t_eps,
-            seed=seed + 1,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        n_floor = floor_samples or max(2, stats.n_samples // 4)
+        if flow_map:
+            floor = flow_map_floor(model, marginal, canonical, n_floor, t_eps, seed + 1, batch_size)
+        else:
+            floor = loss_floor(
+                marginal, objective=canonical, n_samples=n_floor, t_eps=t_eps, seed=seed + 1,
+                batch_size=batch_size, progress=progress,
+            )  # fmt: skip
     summary = stats.summary()
     result_verdict, bound = verdict(
         summary["grad_relative_difference"], summary["grad_relative_standard_error"], target_se
@@ -723,19 +879,23 @@ def format_table(result: dict[str, Any]) -> str:
     t_eps = result["t_eps"]
     shape = " x ".join(map(str, result["data_shape"]))
     floor_name = "loss floor C" + (" (given the labels)" if result["labels"] else "")
+    if result["canonical_objective"] in FLOW_MAP_OBJECTIVES:  # theta-dependent, see flow_map_floor
+        floor_name = "E|T_cond - T_marg|^2 (C at theta)"
     reductions = ", ".join(result["variance_reduction"]) or "none"
+    grad_name = f"|mean(g_{cond} - g_{marg})| / |mean(g_{marg})|"
+    w = max(40, len(grad_name) + 2)
     rows = [
         f"flowscore verify: grad L_{marg} = grad L_{cond} and L_{cond} - L_{marg} = C",
         f"  path {result['path']}, data N = {result['n_data']} x {shape}, "
         f"t in [{t_eps:g}, {1 - t_eps:g}], {result['n_samples']} draws",
         f"  variance reduction: {reductions}; {result['seconds']:.1f} s",
         "",
-        f"  {'quantity':<40}{'value':>14}{'std. error':>14}",
-        f"  {f'|mean(g_{cond} - g_{marg})| / |mean(g_{marg})|':<40}{rel:>14.5f}{rel_se:>14.5f}",
-        f"  {'loss gap L_' + cond + ' - L_' + marg:<40}{gap:>14.5f}{gap_se:>14.5f}",
-        f"  {floor_name:<40}{c:>14.5f}{c_se:>14.5f}",
+        f"  {'quantity':<{w}}{'value':>14}{'std. error':>14}",
+        f"  {grad_name:<{w}}{rel:>14.5f}{rel_se:>14.5f}",
+        f"  {'loss gap L_' + cond + ' - L_' + marg:<{w}}{gap:>14.5f}{gap_se:>14.5f}",
+        f"  {floor_name:<{w}}{c:>14.5f}{c_se:>14.5f}",
         *(
-            [f"  {'loss floor without the labels':<40}{result['loss_floor_label_blind']:>14.5f}"]
+            [f"  {'loss floor without the labels':<{w}}{result['loss_floor_label_blind']:>14.5f}"]
             if result["loss_floor_label_blind"] is not None
             else []
         ),
@@ -777,155 +937,36 @@ def write_plot(result: dict[str, Any], target: str | os.PathLike[str]) -> str:
 
 
 # -- command line -------------------------------------------------------------------------------------------
-def _data_help() -> str:
-    return (
-        f"toy name ({', '.join(TOYS)}), {', '.join(IMAGE_SETS)}, or an .npy/.npz file (N, D) or (N, C, H, W)"
-    )
+def add_arguments(parser: Any) -> Any:
+    """Add the ``verify`` flags to ``parser`` (an ``argparse.ArgumentParser``): the command line lives in
+    :mod:`flowscore.cli` (:func:`flowscore.cli.add_verify_arguments`); kept for callers of this name."""
+    from .cli import add_verify_arguments
+
+    return add_verify_arguments(parser)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``verify`` options to ``parser``."""
-    aliases = ", ".join(f"{a} = {c}" for a, c in VERIFY_ALIASES.items())
-    parser.add_argument("--data", default="moons", help=f"{_data_help()} (default moons)")
-    parser.add_argument(
-        "--path",
-        default="linear",
-        choices=[n for n in PATHS if n != "custom"],
-        help="Gaussian path (default linear)",
-    )
-    parser.add_argument(
-        "--objective",
-        default="cfm",
-        choices=(*VERIFY_OBJECTIVES, *VERIFY_ALIASES),
-        help=f"cfm (checked against fm) or dsm (against sm); aliases {aliases}; the JSON file echoes the "
-        "name given (default cfm)",
-    )
-    parser.add_argument(
-        "--target-se",
-        type=float,
-        default=DEFAULT_TARGET_SE,
-        help=f"grow the sample until the relative std. error is at most this (default {DEFAULT_TARGET_SE})",
-    )
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=DEFAULT_MAX_SAMPLES,
-        help=f"... or this many draws are used (default {DEFAULT_MAX_SAMPLES})",
-    )
-    parser.add_argument(
-        "--n-batches", type=int, default=None, help="a fixed number of batches instead (no early stop)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"draws per batch (default {DEFAULT_BATCH_SIZE})",
-    )
-    parser.add_argument(
-        "--n-data",
-        type=int,
-        default=DEFAULT_N_DATA,
-        help=f"at most this many data points (default {DEFAULT_N_DATA})",
-    )
-    parser.add_argument(
-        "--t-eps",
-        type=float,
-        default=None,
-        help=f"t in [t_eps, 1 - t_eps], t_eps >= {MIN_T_EPS:g} (default {DEFAULT_T_EPS['cfm']:g} cfm, "
-        f"{DEFAULT_T_EPS['dsm']:g} dsm)",
-    )
-    parser.add_argument(
-        "--labels",
-        action="store_true",
-        help="check the class-conditional theorems: the network sees the data set's labels (digits, mnist, "
-        "a .npz with 'y', a toy's components)",
-    )
-    parser.add_argument(
-        "--plain",
-        action="store_true",
-        help="no variance reduction (independent noise, no control variate, uniform t)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="network, data subset and draws (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads during the run (default 1)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="write a two-panel figure (PNG)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+def check_arguments(args: Any) -> None:
+    """:func:`flowscore.cli.check_verify_arguments`: every argument checked before the run (one
+    ``ValueError`` naming the first bad one and its fix)."""
+    from .cli import check_verify_arguments
+
+    check_verify_arguments(args)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Every argument checked before the run: one ``ValueError`` naming the first bad one and its fix."""
-    objective_name(args.objective, VERIFY_OBJECTIVES)
-    get_path(args.path)
-    _validate.number(args.target_se, "--target-se", 0.0, math.inf, low_open=True)
-    batch = _validate.integer(args.batch_size, "--batch-size", minimum=2)
-    if not args.plain and batch % 2:
-        raise ValueError(f"--batch-size must be even with antithetic noise, got {batch}; pass an even number")
-    if args.n_batches is None:
-        _validate.integer(args.max_samples, "--max-samples", minimum=2 * batch)
-    else:
-        _validate.integer(args.n_batches, "--n-batches", minimum=2)
-    _validate.positive_int(args.n_data, "--n-data")
-    if args.t_eps is not None:
-        _check_t_eps(args.t_eps, "--t-eps")
-    _validate.positive_int(args.threads, "--threads")
-    outputs = [(flag, file) for flag, file in (("--json", args.json), ("--plot", args.plot)) if file]
-    data_file = os.path.abspath(args.data) if Path(args.data).suffix in (".npy", ".npz") else None
-    for flag, file in outputs:
-        _io.check_output_file(file, flag, ".png" if flag == "--plot" else None)
-        if data_file is not None and os.path.abspath(file) == data_file:
-            raise ValueError(f"{flag} {file!r} is the data file; choose another output path")
-    if len(outputs) == 2 and os.path.abspath(args.json) == os.path.abspath(args.plot):
-        raise ValueError(f"--json and --plot are the same file {args.json!r}; choose two paths")
-    if args.plot:
-        from .plots import _pyplot
+def main(args: Any, print_fn: Callable[[str], None] = print) -> int:
+    """``flowscore verify`` with parsed ``args``, through the CLI's error handling
+    (:func:`flowscore.cli.run_parsed`): 0 on any verdict, 2 on bad input (one line on stderr, nothing
+    written)."""
+    from .cli import cmd_verify, run_parsed
 
-        _pyplot()  # matplotlib present?
-
-
-def main(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> int:
-    """Run ``flowscore verify`` with parsed ``args``; 0 on any verdict, 2 on bad input (one line on stderr,
-    nothing written)."""
-    try:
-        check_arguments(args)
-        if args.labels:
-            points, labels = load_labels(args.data, args.n_data, args.seed)
-        else:
-            points, labels = load_points(args.data, args.n_data, args.seed), None
-        result = run_verify(
-            points,
-            args.path,
-            args.objective,
-            labels=labels,
-            n_data=args.n_data,
-            batch_size=args.batch_size,
-            target_se=args.target_se,
-            max_samples=args.max_samples,
-            n_batches=args.n_batches,
-            antithetic=not args.plain,
-            control_variate=not args.plain,
-            importance=not args.plain,
-            seed=args.seed,
-            t_eps=args.t_eps,
-            normalize=False,  # done above
-            num_threads=args.threads,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:
-        print(f"flowscore: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print_fn(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-    if args.plot:
-        write_plot(result, args.plot)
-    return 0
+    return run_parsed(lambda: cmd_verify(args, print_fn))
 
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_TARGET_SE",
     "DEFAULT_T_EPS",
+    "FLOW_MAP_OBJECTIVES",
     "JSON_KEYS",
     "MARGINAL_TWIN",
     "MODEL_OPTIONS",
@@ -939,6 +980,9 @@ __all__ = [
     "batch_terms",
     "check_arguments",
     "compare_gradients",
+    "draw_pair",
+    "flow_map_floor",
+    "flow_map_terms",
     "format_table",
     "load_labels",
     "load_points",

@@ -301,13 +301,23 @@ def sample_run(
     paths = []
     decode = run.normalizer.decode
     name = sampler or DEFAULT_ODE_SAMPLER
-    passes = _passes(name) * (2 if guidance else 1)
+    jumps = getattr(run.model, "two_time", False)  # a flow-map model: K jumps, one call each
+    passes = (1.0 if jumps else _passes(name)) * (2 if guidance else 1)
     count = _model_threads(run, threads, min(n, SAMPLE_BATCH), passes)
     label_generator = _generator(LABEL_SEED_OFFSET + seed)  # the noise draws do not depend on the labels
     pixel_range = image_range(run) if clamp and is_image(shape) else None
-    per_batch = None if name == "dopri5" else steps or default_steps(name)
+    if jumps:
+        from .flowmaps import DEFAULT_JUMPS
+
+        per_batch, what = (
+            steps or DEFAULT_JUMPS,
+            f"sampling {n} points: {steps or DEFAULT_JUMPS} flow-map jump(s)",
+        )
+    else:
+        per_batch = None if name == "dopri5" else steps or default_steps(name)
+        what = _sampling_what(name, n, steps)
     total = None if per_batch is None else per_batch * math.ceil(n / SAMPLE_BATCH)
-    bar = Progress(_sampling_what(name, n, steps), total, enabled=progress)
+    bar = Progress(what, total, enabled=progress)
 
     def step(_: dict[str, Any]) -> None:
         bar.update()
@@ -465,12 +475,18 @@ def evaluate_run(
     phase on stderr: sampling, likelihood, W2 and MMD, per class (:class:`Progress`). Image runs also get
     ``fid``, ``precision``, ``recall`` (``fid=False`` skips them) and ``nn_ratio`` on up to ``n`` ODE samples
     (:func:`flowscore.image_metrics.evaluate_images`); None for other runs. The result is an
-    :class:`EvalResult` (a dict; the keys of earlier versions ``mmd_ode``... still read).
+    :class:`EvalResult` (a dict; the keys of earlier versions ``mmd_ode``... still read). A flow-map run
+    (a two-time model) is evaluated at 1, 2 and 4 model calls instead
+    (:func:`flowscore.flowmap_runs.evaluate_flow_map_run`: the same keys, then ``calls`` and ``w2_Kcall``...).
     """
     from .image_metrics import evaluate_images
     from .likelihood import bits_per_dim
     from .metrics import MAX_W2_POINTS, mmd, w2
 
+    if getattr(run.model, "two_time", False) and samples is None:  # a flow-map run: quality per call count
+        from .flowmap_runs import evaluate_flow_map_run
+
+        return evaluate_flow_map_run(run, n=n, seed=seed, threads=threads, fid=fid, progress=progress)
     a, b = held_out_halves(run, min(n, MAX_W2_POINTS))
     m = a.shape[0]
     if samples is None:
@@ -585,6 +601,10 @@ def format_eval(result: dict[str, Any]) -> str:
     def ratio(value: float | None) -> str:
         return f"{value:>9.3f}" if value is not None else f"{'-':>9}"
 
+    if result.get("calls"):  # a flow-map run
+        from .flowmap_runs import format_flow_map_eval
+
+        return format_flow_map_eval(result)
     ode_name = f"ODE ({result['ode_sampler']}) samples"
     floor_ratio = 1.0 if result["w2_floor"] > 0 else None
     rows = [
@@ -694,7 +714,9 @@ def plot_run(
     Always ``loss.png`` (with the loss floor as a band) when the run has a log. 2D data: ``samples.png``
     (ODE and SDE samples vs held-out data), ``trajectories.png`` (ODE paths from the prior) and ``field.png``
     (the learned velocity at a few t). Images: ``samples_grid.png`` (64 ODE and 64 SDE samples side by side,
-    gray levels over the training data's pixel range). Other data shapes: ``loss.png`` only.
+    gray levels over the training data's pixel range). Other data shapes: ``loss.png`` only. A flow-map run:
+    :func:`flowscore.flowmap_runs.plot_flow_map_run` (samples at 1, 2, 4 calls; the map's error over the
+    ``(t, s)`` triangle).
 
     Every figure is drawn into a temporary folder inside ``out_dir`` and moved into place only when all of
     them succeeded: a failure leaves no partial set of figures. ``progress``: a bar (or a line) per phase
@@ -702,6 +724,10 @@ def plot_run(
     """
     from . import plots
 
+    if getattr(run.model, "two_time", False) and samples is None:  # a flow-map run: jumps and the map error
+        from .flowmap_runs import plot_flow_map_run
+
+        return plot_flow_map_run(run, out_dir, n=n, seed=seed, threads=threads, progress=progress)
     shape = tuple(run.data_shape)
     kind = plot_kind_or_none(shape)
     steps, losses = _loss_curve(run)

@@ -189,3 +189,84 @@ def test_conditional_theorems_with_labels_and_the_label_blind_negative_control(o
     )
     blind = compare_gradients(model, LabelBlindMarginal(marginal), objective, **kw).summary()
     assert blind["grad_relative_difference"] > 5 * blind["grad_relative_standard_error"]
+
+
+# -- flow maps: the target with the conditional velocity vs with the exact marginal velocity ----------------
+FLOW_MAPS = ["meanflow", "semigroup"]
+FM_BATCH = 512
+
+
+def fm_run(marginal, objective, n_batches, **kw):
+    return compare_gradients(
+        make_model((2,), seed=0, two_time=True), marginal, objective, n_batches=n_batches,
+        batch_size=FM_BATCH, seed=2, progress=False, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", FLOW_MAPS)
+def test_flow_map_gradients_agree_and_the_gap_is_the_target_shift(objective):
+    """docs/theory.md section 18: the flow-map target is affine in the velocity, so the expected gradient with
+    the conditional velocity equals the one with the exact marginal velocity; the losses differ by
+    E|T_cond - T_marg|^2 (flow_map_floor, estimated on independent draws by a JVP of its own)."""
+    marginal = EmpiricalMarginal(data_set("moons"), "linear")
+    s = fm_run(marginal, objective, 24).summary()
+    assert s["grad_relative_difference"] <= 3 * s["grad_relative_standard_error"]
+    assert s["grad_relative_standard_error"] < 0.05
+    model = make_model((2,), seed=0, two_time=True)
+    floor = verify.flow_map_floor(model, marginal, objective, 24 * FM_BATCH, 1e-3, seed=7)
+    se = math.hypot(s["loss_gap_standard_error"], floor.standard_error)
+    assert abs(s["loss_gap"] - floor.value) <= 3 * se and se < 0.1 * floor.value
+
+
+def test_semigroup_target_shift_is_the_equal_time_share_of_the_cfm_floor():
+    """Only the s = t pairs of the splitting target hold the velocity: E|T_cond - T_marg|^2 is the share of
+    those pairs times cfm's loss floor (floor.loss_floor, an independent estimator)."""
+    from flowscore.flowmaps import Semigroup
+
+    marginal = EmpiricalMarginal(data_set("moons"), "linear")
+    model = make_model((2,), seed=0, two_time=True)
+    n = 40_000
+    got = verify.flow_map_floor(model, marginal, "semigroup", n, 1e-3, seed=3)
+    cfm = loss_floor(marginal, objective="cfm", n_samples=n, t_eps=1e-3, seed=4, progress=False)
+    share = Semigroup("linear").share_equal
+    assert abs(got.value - share * cfm.value) <= 3 * math.hypot(
+        got.standard_error, share * cfm.standard_error
+    )
+
+
+class ShiftedVelocityMarginal:
+    """The exact marginal with its velocity shifted by a constant: a wrong target (negative control)."""
+
+    def __init__(self, marginal: EmpiricalMarginal, shift: float):
+        self.inner, self.path, self.data, self.shift = marginal, marginal.path, marginal.data, shift
+
+    def velocity(self, x, t):
+        return self.inner.velocity(x, t) + self.shift
+
+
+@pytest.mark.parametrize("objective", FLOW_MAPS)
+def test_flow_map_negative_control_a_shifted_marginal_velocity_is_significant(objective):
+    marginal = EmpiricalMarginal(data_set("moons"), "linear")
+    s = fm_run(ShiftedVelocityMarginal(marginal, 0.2), objective, 12).summary()
+    assert s["grad_relative_difference"] > 5 * s["grad_relative_standard_error"]
+
+
+def test_meanflow_control_variate_leaves_the_mean_difference_unchanged(monkeypatch):
+    """The JVP control variate <u(x', t, s), sg[A(x') c]> of meanflow has mean 0: under a negative control
+    (E d != 0) the estimate with it agrees with the plain one, and one built on a wrong data mean (so that
+    E[c] != 0) does not."""
+    wrong_target = ShiftedVelocityMarginal(EmpiricalMarginal(data_set("moons"), "vp"), 0.2)
+    plain_mean, plain_var = mean_and_variance(fm_run(wrong_target, "meanflow", 24, **PLAIN))
+    assert plain_mean.pow(2).sum() > 50 * plain_var
+    with_cv = {**PLAIN, "control_variate": True}
+    mean, var = mean_and_variance(fm_run(wrong_target, "meanflow", 24, **with_cv))
+    assert (mean - plain_mean).pow(2).sum() < 9 * (var + plain_var)
+    true_of = verify.PriorMean.of
+
+    def shifted(points: torch.Tensor) -> verify.PriorMean:
+        prior = true_of(points)
+        return dataclasses.replace(prior, mean=prior.mean + 1.0)
+
+    monkeypatch.setattr(verify.PriorMean, "of", shifted)
+    mean, var = mean_and_variance(fm_run(wrong_target, "meanflow", 24, **with_cv))
+    assert (mean - plain_mean).pow(2).sum() > 9 * (var + plain_var)

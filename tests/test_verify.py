@@ -266,3 +266,41 @@ def test_write_json_failure_leaves_no_half_written_file(tmp_path):
         write_json({"objective": "cfm"}, target)  # missing keys: fails before anything is written
     assert json.loads(target.read_text()) == {"old": True}
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+# -- flow maps and the CLI's error handling ------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["meanflow", "semigroup"])
+def test_flow_map_objectives_through_the_cli_give_the_same_verdict_and_json_fields(
+    tmp_path, capsys, objective
+):
+    """`flowscore verify --objective meanflow|semigroup`: the target with the conditional velocity vs the
+    exact marginal one (a two-time network); the JSON holds exactly JSON_KEYS, the loss gap agrees with
+    E|T_cond - T_marg|^2 and the gradients agree (the statistics: tests/test_theorems.py)."""
+    out = tmp_path / "v.json"
+    code, table, err = run_cli(capsys, "verify", "--objective", objective, "--json", str(out), *SMALL)
+    assert code == 0, err
+    result = strict_json(out.read_text())
+    assert tuple(result) == JSON_KEYS and result["objective"] == objective and result["n_samples"] == 4096
+    assert result["grad_relative_difference"] <= 3 * result["grad_relative_standard_error"]
+    gap, floor = result["loss_gap"], result["loss_floor"]
+    assert abs(gap - floor) < 4 * result["loss_floor_standard_error"] + 0.1 * floor
+    assert f"L_{objective.upper()} - L_{verify.MARGINAL_TWIN[objective].upper()}" in table
+    assert "verdict:" in table and "C at theta" in table
+
+
+def test_verify_main_reports_errors_as_the_flowscore_cli_does(capsys, monkeypatch):
+    """verify.main runs through the CLI's error handling (flowscore.cli.run_parsed): a failure inside the
+    run gives the same line and exit status as `flowscore verify`."""
+    from flowscore import cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("the experiment broke")
+
+    monkeypatch.setattr(verify, "run_verify", broken)
+    assert main(parse(SMALL)) == 2
+    direct = capsys.readouterr().err
+    assert cli.main(["verify", *SMALL]) == 2
+    assert capsys.readouterr().err == direct
+    assert direct.startswith("flowscore: error: the experiment broke; ") and len(direct.splitlines()) == 1
+    monkeypatch.setattr(verify, "run_verify", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    assert main(parse(SMALL)) == cli.EXIT_FAILED  # a failure while working, as the CLI reports it

@@ -34,6 +34,7 @@ from .data import TOYS
 from .grids import GRIDS
 from .paths import PATHS, get_path
 from .samplers import DEFAULT_GRID, DEFAULT_ODE_SAMPLER, DEFAULT_ODE_STEPS, DEFAULT_SDE_STEPS, SAMPLERS
+from .sbcfm import default_sampler
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -412,7 +413,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels_file = args.out[: -len(".npy")] + ".labels.npy"
     workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=steps)
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
-    sampler = args.sampler or DEFAULT_ODE_SAMPLER
+    sampler = args.sampler or default_sampler(run.model)
     if getattr(run.model, "two_time", False):  # a flow-map run: jumps (flowscore.flowmaps)
         sampler = f"{args.steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
     x, labels = workflows.sample_run(
@@ -544,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=1000, help="number of samples (default: 1000)")
     p.add_argument(
         "--sampler", choices=SAMPLERS, default=None,
-        help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER})",
+        help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER}); an SB-CFM run (--objective "
+        "sbcfm): euler (the default), midpoint, heun, rk4, dopri5 or sb-sde (its SDE)",
     )  # fmt: skip
     p.add_argument(
         "--sampler-steps", type=_positive, default=None, metavar="N",

@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _io, checkpoint, models
 from . import data as datasets
-from .config import FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
+from .config import BRIDGES, FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
 from .models import CUSTOM, check_description
@@ -605,7 +605,8 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
         _fit_weights(model, ema, run_dir)
     labels = run_file.labels or {}
     stored = run_file.objective or {}
-    if objective is None and stored.get("name", run_file.config.objective) in (*BUILTIN, *FLOW_MAPS):
+    builtin = (*BUILTIN, *FLOW_MAPS, *BRIDGES)
+    if objective is None and stored.get("name", run_file.config.objective) in builtin:
         objective = objective_from_config(run_file.config, run_file.path, model)
     wrapped = model if objective is None else objective.wrap(model)
     try:

@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=1000, help="number of samples (default: 1000)")
     p.add_argument(
         "--sampler", choices=SAMPLERS, default=None,
-        help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER}); an SB-CFM run (--objective "
-        "sbcfm): euler (the default), midpoint, heun, rk4, dopri5 or sb-sde (its SDE)",
+        help="ODE solver, or sde / dpm++2m-sde; an SB-CFM run (--objective sbcfm) takes euler (its default), "
+        f"midpoint, heun, rk4, dopri5 or its SDE sb-sde (default: {DEFAULT_ODE_SAMPLER})",
     )  # fmt: skip
     p.add_argument(
         "--sampler-steps", type=_positive, default=None, metavar="N",

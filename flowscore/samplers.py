@@ -904,6 +904,9 @@ def encode(
     :func:`flowscore.grids.time_grid` with a larger ``sigma_max`` (and more steps), or end at ``t_end > 0``.
     """
     _warn_flags(return_info, return_nfe, return_trajectory, "encode")
+    from .sbcfm import check_sampler
+
+    sampler = check_sampler(model, sampler)  # an SB-CFM model: euler by default, no log-SNR solver
     path = get_path(path)
     sampler, steps, grid = defaults(sampler, steps, grid)
     prediction = _model_and_prediction(model, prediction, sampler)

@@ -133,6 +133,13 @@ def test_sampler_choice_for_sb_models_and_others():
         fs.sample(lambda x, t: -x, "linear", 4, sampler="sb-sde")
     with pytest.raises(ValueError, match="no score head"):
         fs.sample(SBModel(lambda x, t: -x, 0.5, score=False), "linear", 4, sampler="sb-sde")
+    # encode: euler by default, back to the start (100 Euler steps of a smooth field); no log-SNR solver
+    x = fs.sample(model, "linear", 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    back = fs.encode(model, "linear", x, steps=400)
+    start = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.testing.assert_close(back, start, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="Brownian-bridge"):
+        fs.encode(model, "linear", x, sampler="unipc")
 
 
 def _gauss_file(tmp_path, n=3000):

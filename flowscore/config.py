@@ -309,6 +309,21 @@ class TrainConfig:
                 f"objective {self.objective!r} trains a velocity (and a score term): prediction "
                 "must be velocity"
             )
+        if self.objective in BRIDGES:
+            path = f"path={self.path!r}" + (f" with {self.path_options}" if self.path_options else "")
+            ignored = [path] if self.path != "linear" or self.path_options else []
+            ignored += [f"weighting={self.weighting!r}"] if self.weighting not in ("auto", None) else []
+            ignored += (
+                [f"time_sampler={self.time_sampler!r}"]
+                if self.time_sampler not in ("auto", "uniform")
+                else []
+            )
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)}: objective {self.objective!r} trains on its own Brownian bridge "
+                    "with uniform times and no weighting; leave path, weighting and time_sampler at their "
+                    "defaults"
+                )
         if self.objective not in BRIDGES and self.sb_sigma != 1.0:
             raise ValueError(
                 f"sb_sigma is the bridge diffusion of objective 'sbcfm', not of {self.objective!r}"

@@ -192,8 +192,8 @@ def test_sb_run_resumes_bit_identically(tmp_path):
 
 
 def test_config_refuses_what_sbcfm_does_not_take():
-    """sb_sigma > 0; sb_sigma on another objective, a prediction other than velocity, a coupling or
-    reference points with sbcfm: each a one-line ValueError."""
+    """sb_sigma > 0; sb_sigma on another objective, a prediction other than velocity, a coupling, another
+    path, a weighting or a time sampler with sbcfm: each a one-line ValueError."""
     for bad in (dict(sb_sigma=0.0), dict(sb_sigma=-1.0)):
         with pytest.raises(ValueError, match="sb_sigma"):
             fs.TrainConfig(objective="sbcfm", **bad)
@@ -203,6 +203,10 @@ def test_config_refuses_what_sbcfm_does_not_take():
         fs.TrainConfig(objective="sbcfm", prediction="noise")
     with pytest.raises(ValueError, match="cfm and dsm only"):
         fs.TrainConfig(objective="sbcfm", coupling="ot")
+    for ignored in (dict(path="vp"), dict(path_options={"sigma_min": 0.1}), dict(weighting="noise"),
+                    dict(time_sampler="logit-normal")):  # fmt: skip
+        with pytest.raises(ValueError, match="its own Brownian bridge"):
+            fs.TrainConfig(objective="sbcfm", **ignored)
     with pytest.raises(ValueError, match="sigma"):
         SBCFM(0.0)
 

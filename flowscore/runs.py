@@ -46,7 +46,7 @@ from .config import BRIDGES, FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConf
 from .conversions import KINDS
 from .floor import LossFloor
 from .models import CUSTOM, check_description
-from .objectives import BUILTIN, Objective, objective_from_config
+from .objectives import BUILTIN, Objective, objective_from_config, objective_from_dict
 from .paths import GaussianPath, get_path
 from .tblog import FOLDER as TENSORBOARD_FOLDER
 
@@ -606,7 +606,9 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
     labels = run_file.labels or {}
     stored = run_file.objective or {}
     builtin = (*BUILTIN, *FLOW_MAPS, *BRIDGES)
-    if objective is None and stored.get("name", run_file.config.objective) in builtin:
+    if objective is None and stored.get("name") in BRIDGES:  # its sigma: the objective's (given or config)
+        objective = objective_from_dict(stored)
+    elif objective is None and stored.get("name", run_file.config.objective) in builtin:
         objective = objective_from_config(run_file.config, run_file.path, model)
     wrapped = model if objective is None else objective.wrap(model)
     try:

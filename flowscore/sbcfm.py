@@ -137,6 +137,12 @@ class SBCFM(Objective):
             raise ValueError(f"score must be true or false, got {score!r}")
         self.score = score
 
+    @property
+    def heads(self) -> int:
+        """Outputs of the network this objective trains: 2 (velocity and score term), 1 with ``score=False``;
+        the trainer builds its built-in network with them."""
+        return 2 if self.score else 1
+
     def draw(
         self,
         x_data: torch.Tensor,

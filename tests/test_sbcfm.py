@@ -231,3 +231,21 @@ def test_cli_trains_an_sb_run_and_samples_it_with_sb_sde(tmp_path):
     assert x.shape == (50, 2) and np.isfinite(x).all()
     bad = subprocess.run([*sample, "--sampler", "unipc", "--no-progress"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Brownian-bridge" in bad.stderr
+
+
+@pytest.mark.parametrize("score", [True, False])
+def test_trainer_with_an_sbcfm_objective_builds_the_heads_it_needs(tmp_path, score):
+    """Trainer(objective=SBCFM(sigma, score=...)) with the built-in network: two heads with the score term,
+    one without; the run reloads (without passing the objective again) with the objective's sigma, samples
+    with euler, and sb-sde only with the score head."""
+    path, _, _ = _gauss_file(tmp_path, 400)
+    cfg = fs.TrainConfig(data=str(path), steps=5, width=16, depth=2, batch_size=32, warmup=1, device="cpu")
+    fs.Trainer(cfg, tmp_path / "run", objective=SBCFM(0.4, score=score), progress=False).train()
+    run = fs.load_run(tmp_path / "run")  # rebuilt from the stored objective, not the config's cfm
+    assert run.model.sb_sigma == 0.4 and run.model.network.heads == (2 if score else 1)
+    assert fs.sample(run.model, run.path, 8).shape == (8, 2)
+    if score:
+        assert fs.sample(run.model, run.path, 8, sampler="sb-sde").shape == (8, 2)
+    else:
+        with pytest.raises(ValueError, match="no score head"):
+            fs.sample(run.model, run.path, 8, sampler="sb-sde")

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors; at run time
     from .preconditioning import Preconditioned
     from .runs import Run, load_run
     from .samplers import SampleResult, encode, sample, sample_ode, sample_sde
+    from .sbcfm import SBCFM, SBModel
     from .training import Trainer
 
 _EXPORTS: dict[str, str] = {
@@ -61,7 +62,7 @@ _EXPORTS: dict[str, str] = {
     "encode": "samplers", "sample": "samplers", "sample_ode": "samplers", "sample_sde": "samplers",
     "Trainer": "training", "Objective": "objectives", "SampleResult": "samplers", "MeanFlow": "flowmaps",
     "PreconditionedFlowMap": "flowmaps", "Semigroup": "flowmaps", "exact_flow_map": "flowmaps",
-    "flow_map": "flowmaps",
+    "flow_map": "flowmaps", "SBCFM": "sbcfm", "SBModel": "sbcfm",
 }  # fmt: skip
 """The public names and the module each lives in (imported on first use)."""
 
@@ -89,6 +90,8 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "SBCFM",
+    "SBModel",
     "MeanFlow",
     "PreconditionedFlowMap",
     "Semigroup",

@@ -43,6 +43,7 @@ from .samplers import (
     SAMPLERS,
     SDE_SAMPLERS,
 )
+from .sbcfm import default_sampler
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -584,7 +585,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels_file = args.out[: -len(".npy")] + ".labels.npy"
     workflows.check_sample_memory(run, args.n, sampler=args.sampler, steps=steps)
     _check_free_space(args.out, args.n * (4 * math.prod(run.data_shape) + 8) + 8192, "--out")
-    sampler = args.sampler or DEFAULT_ODE_SAMPLER
+    sampler = args.sampler or default_sampler(run.model)
     if getattr(run.model, "two_time", False):  # a flow-map run: jumps (flowscore.flowmaps)
         sampler = f"{steps or flowmaps.DEFAULT_JUMPS} flow-map jump(s)"
     x, labels = workflows.sample_run(
@@ -739,7 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--sampler", choices=SAMPLERS, default=None,
-        help=f"ODE solver, or sde / dpm++2m-sde (default: {DEFAULT_ODE_SAMPLER})",
+        help="ODE solver, or sde / dpm++2m-sde; an SB-CFM run (--objective sbcfm) takes euler (its default), "
+        f"midpoint, heun, rk4, dopri5 or its SDE sb-sde (default: {DEFAULT_ODE_SAMPLER})",
     )  # fmt: skip
     p.add_argument(
         "--sampler-steps", type=_positive, default=None, metavar="N",

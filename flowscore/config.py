@@ -58,10 +58,12 @@ sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory
 
 FLOW_MAPS = ("meanflow", "semigroup")
 """The flow-map objectives (:mod:`flowscore.flowmaps`): a two-time model ``model(x, t, s[, y])``."""
+BRIDGES = ("sbcfm",)
+"""The Schrödinger-bridge objective (:mod:`flowscore.sbcfm`): a two-head model on the Brownian bridge."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "path": PATH_NAMES,
-    "objective": (*OBJECTIVES, *FLOW_MAPS),
+    "objective": (*OBJECTIVES, *FLOW_MAPS, *BRIDGES),
     "prediction": tuple(KINDS),
     "lr_schedule": LR_SCHEDULES,
     "model": tuple(MODELS),
@@ -86,7 +88,9 @@ FIELD_HELP: dict[str, str] = {
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_min\": 0.1}' for linear, "
     '\'{"sigma_max": 50}\' for ve, \'{"alpha": "t", "beta": "1 - t"}\' for custom',
     "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup (flow maps: a "
-    "two-time model sampled in a few jumps)",
+    "two-time model sampled in a few jumps); sbcfm (Schrödinger-bridge CFM: entropic OT pairs at epsilon = "
+    "2 sb_sigma^2, the Brownian bridge between them, a velocity and a score-term head; sampled with euler or "
+    "sb-sde)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
@@ -121,6 +125,8 @@ FIELD_HELP: dict[str, str] = {
     "coupling": "pairing of noise and data in each batch (cfm, dsm): independent, ot (exact minibatch "
     "optimal transport) or sinkhorn (entropic OT, --coupling-reg); on the global batch under torchrun",
     "coupling_reg": "Sinkhorn regularisation, relative to the batch's mean squared distance",
+    "sb_sigma": "sbcfm: the diffusion sigma of the Brownian bridge, in the units the model is trained in "
+    "(after the data_std scaling); the pairs are entropic OT at the absolute epsilon = 2 sigma^2",
     "reference_size": "reference-batch targets (cfm, dsm): the target is the posterior average over the own "
     "point and this many training points drawn each step; 0: plain targets",
     "n_holdout": "points kept out of training for eval; none: min(2000, N // 10)",
@@ -179,6 +185,7 @@ class TrainConfig:
     coupling: str = "independent"
     coupling_reg: float = DEFAULT_REG
     reference_size: int = 0
+    sb_sigma: float = 1.0
     n_holdout: int | None = None
     loss_floor: bool = True
     device: str = "auto"
@@ -302,6 +309,31 @@ class TrainConfig:
         if self.objective in FLOW_MAPS and self.prediction != "velocity":
             raise ValueError(
                 f"objective {self.objective!r} trains an average velocity: prediction must be velocity"
+            )
+        _validate.number(self.sb_sigma, "sb_sigma", low=0, low_open=True)
+        if self.objective in BRIDGES and self.prediction != "velocity":
+            raise ValueError(
+                f"objective {self.objective!r} trains a velocity (and a score term): prediction "
+                "must be velocity"
+            )
+        if self.objective in BRIDGES:
+            path = f"path={self.path!r}" + (f" with {self.path_options}" if self.path_options else "")
+            ignored = [path] if self.path != "linear" or self.path_options else []
+            ignored += [f"weighting={self.weighting!r}"] if self.weighting not in ("auto", None) else []
+            ignored += (
+                [f"time_sampler={self.time_sampler!r}"]
+                if self.time_sampler not in ("auto", "uniform")
+                else []
+            )
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)}: objective {self.objective!r} trains on its own Brownian bridge "
+                    "with uniform times and no weighting; leave path, weighting and time_sampler at their "
+                    "defaults"
+                )
+        if self.objective not in BRIDGES and self.sb_sigma != 1.0:
+            raise ValueError(
+                f"sb_sigma is the bridge diffusion of objective 'sbcfm', not of {self.objective!r}"
             )
         _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
         _validate.integer(self.reference_size, "reference_size", minimum=0)

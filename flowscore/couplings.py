@@ -44,6 +44,7 @@ rank.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _validate
@@ -97,17 +98,29 @@ def _exact_pairing(cost: torch.Tensor) -> torch.Tensor:
 def _sinkhorn_plan(cost: torch.Tensor, reg: float, absolute: bool = False) -> torch.Tensor | object:
     """The ``(B, B)`` float64 entropic plan of ``cost`` (divided by its mean unless ``absolute``) at ``reg``.
 
-    A numpy array from the plain iteration on the CPU (POT's torch backend costs more per iteration there),
-    else a tensor on the cost's device from the log-domain one (POT's numpy log-sum-exp is slower).
+    The plain iteration while ``exp(-cost / reg)`` stays well above float64's underflow, else (small reg,
+    e.g. SB-CFM's ``2 sigma^2`` with a small sigma) one that does not underflow: on the CPU POT's
+    ``sinkhorn_stabilized`` (the plain iteration with the large potentials absorbed into the kernel: matrix
+    products, an order of magnitude faster there than the log domain; the log domain where its kernel
+    underflows too), elsewhere the log domain on the cost's device. A numpy array on the CPU (POT's torch
+    backend costs more per iteration there), else a tensor on the cost's device (POT's numpy log-sum-exp is
+    slower).
     """
     ot = _import_ot()
     b = cost.shape[0]
     scaled = cost if absolute else cost / cost.mean().clamp_min(torch.finfo(torch.float64).tiny)
-    # the plain iteration (fast) while exp(-cost / reg) stays well above float64's underflow, else log domain
-    method = "sinkhorn" if float(scaled.max()) < _SINKHORN_PLAIN_MAX * reg else "sinkhorn_log"
+    plain = float(scaled.max()) < _SINKHORN_PLAIN_MAX * reg
+    on_cpu = cost.device.type == "cpu"
+    method = "sinkhorn" if plain else "sinkhorn_stabilized" if on_cpu else "sinkhorn_log"
     weights = torch.full((b,), 1.0 / b, dtype=torch.float64, device=cost.device)
-    on_cpu = cost.device.type == "cpu" and method == "sinkhorn"
-    weights, scaled = (weights.numpy(), scaled.numpy()) if on_cpu else (weights, scaled)
+    if on_cpu:
+        plan = ot.sinkhorn(
+            weights.numpy(), weights.numpy(), scaled.numpy(), reg, method=method,
+            numItermax=_SINKHORN_MAX_ITER, stopThr=1e-6,
+        )  # fmt: skip
+        if plain or bool(np.isfinite(plan).all() and (plan.sum(1) > 0).all()):
+            return plan
+        method = "sinkhorn_log"  # the stabilised kernel underflowed too (reg far below the costs)
     return ot.sinkhorn(
         weights, weights, scaled, reg, method=method, numItermax=_SINKHORN_MAX_ITER, stopThr=1e-6
     )

@@ -102,8 +102,15 @@ def _split_args(model: nn.Module, args: tuple) -> tuple[torch.Tensor | None, tor
 
 
 def _with_two_time(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """``config`` with ``two_time: True`` for a two-time model (absent for a velocity model, as before)."""
-    return {**config, "two_time": True} if model.two_time else config
+    """``config`` with ``two_time: True`` for a two-time model and ``heads: K`` for a K-head model (both
+    absent for a one-output velocity model, as before)."""
+    config = {**config, "two_time": True} if model.two_time else config
+    return {**config, "heads": model.heads} if model.heads > 1 else config
+
+
+def _check_heads(heads: int | None) -> int:
+    """``heads`` (None: 1) checked to be an integer in ``[1, LIMITS["heads"]]``."""
+    return 1 if heads is None else _validate.integer(heads, "heads", minimum=1, maximum=LIMITS["heads"])
 
 
 class MLP(nn.Module):
@@ -112,7 +119,9 @@ class MLP(nn.Module):
     ``depth`` hidden layers of ``width`` units; ``time_embedding`` sinusoidal features of t. With
     ``num_classes=K`` a learned class vector (:class:`ClassEmbedding`, same size as the time features) is
     added to the time features: through the first linear layer that is a learned class-dependent bias, the
-    same as appending a one-hot label to the input, at no extra cost in the linear layers.
+    same as appending a one-hot label to the input, at no extra cost in the linear layers. With ``heads=K >
+    1`` the last layer has ``K * dim`` outputs and the model returns ``(B, K, *dims)``: K fields of one
+    trunk (SB-CFM's velocity and score term, :mod:`flowscore.sbcfm`).
     """
 
     def __init__(
@@ -123,10 +132,12 @@ class MLP(nn.Module):
         time_embedding: int = 64,
         num_classes: int | None = None,
         two_time: bool | None = False,
+        heads: int | None = None,
     ):
         super().__init__()
         self.dim = _validate.positive_int(dim, "dim")
         self.two_time = bool(two_time)
+        self.heads = _check_heads(heads)
         self.width = _validate.positive_int(width, "width")
         self.depth = _validate.positive_int(depth, "depth")
         self.time_embedding = time_embedding
@@ -137,7 +148,7 @@ class MLP(nn.Module):
         for _ in range(depth):
             layers += [nn.Linear(fan_in, width), nn.SiLU()]
             fan_in = width
-        layers.append(nn.Linear(width, dim))
+        layers.append(nn.Linear(width, dim * self.heads))
         self.net = nn.Sequential(*layers)
         # made last, so the other weights start as in the unconditional model of the same seed
         self.classes = None if num_classes is None else ClassEmbedding(num_classes, time_embedding)
@@ -147,7 +158,8 @@ class MLP(nn.Module):
                 "time_embedding": self.time_embedding, "num_classes": self.num_classes}, self)  # fmt: skip
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        """``(B, *dims), (B,)[, (B,) labels] -> (B, *dims)``; a two-time MLP: ``(x, t, s[, y])``."""
+        """``(B, *dims), (B,)[, (B,) labels] -> (B, *dims)`` (``(B, heads, *dims)`` with ``heads > 1``); a
+        two-time MLP: ``(x, t, s[, y])``."""
         s, y = _split_args(self, args)
         t = _check_input(x, t)
         if x[0].numel() != self.dim:
@@ -163,7 +175,8 @@ class MLP(nn.Module):
         if self.two_time:
             parts.append(self.embed(_check_input(x, s) - t))
         h = torch.cat(parts, dim=1)
-        return self.net(h).reshape(x.shape)
+        out = self.net(h)
+        return out.reshape(x.shape) if self.heads == 1 else out.reshape(x.shape[0], self.heads, *x.shape[1:])
 
 
 def _groups(channels: int) -> int:
@@ -205,9 +218,11 @@ class UNet(nn.Module):
         time_embedding: int = 128,
         num_classes: int | None = None,
         two_time: bool | None = False,
+        heads: int | None = None,
     ):
         super().__init__()
         self.two_time = bool(two_time)
+        self.heads = _check_heads(heads)
         self.channels = _validate.positive_int(channels, "channels")
         self.base = _validate.positive_int(base, "base")
         self.levels = _validate.positive_int(levels, "levels")
@@ -233,7 +248,7 @@ class UNet(nn.Module):
         )
         self.up = nn.ModuleList(ResBlock(2 * widths[i], widths[i], t_dim) for i in range(levels))
         self.head = nn.Sequential(
-            nn.GroupNorm(_groups(base), base), nn.SiLU(), nn.Conv2d(base, channels, 3, padding=1)
+            nn.GroupNorm(_groups(base), base), nn.SiLU(), nn.Conv2d(base, channels * self.heads, 3, padding=1)
         )
         # made last, so the other weights start as in the unconditional model of the same seed
         self.classes = None if num_classes is None else ClassEmbedding(num_classes, t_dim, init_std=0.02)
@@ -252,7 +267,8 @@ class UNet(nn.Module):
                 "num_classes": self.num_classes}, self)  # fmt: skip
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        """``(B, C, H, W), (B,)[, (B,) labels] -> (B, C, H, W)``; a two-time UNet: ``(x, t, s[, y])``."""
+        """``(B, C, H, W), (B,)[, (B,) labels] -> (B, C, H, W)`` (``(B, heads, C, H, W)`` with ``heads >
+        1``); a two-time UNet: ``(x, t, s[, y])``."""
         s, y = _split_args(self, args)
         t = _check_input(x, t)
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -278,19 +294,22 @@ class UNet(nn.Module):
         for i in reversed(range(self.levels)):
             h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
             h = self.up[i](torch.cat([h, skips[i]], dim=1), emb)
-        return self.head(h)[..., :height, :width]
+        out = self.head(h)[..., :height, :width]
+        return out if self.heads == 1 else out.reshape(x.shape[0], self.heads, *x.shape[1:])
 
 
 MODELS = ("auto", "mlp", "unet")
 LIMITS: dict[str, int] = {
     "dim": 2**24, "width": 2**16, "depth": 256, "channels": 4096, "base": 2**14, "levels": 8,
-    "time_embedding": 2**14, "num_classes": 2**20,
+    "time_embedding": 2**14, "num_classes": 2**20, "heads": 16,
 }  # fmt: skip
 """Upper bounds of each size in a model config: sanity bounds checked before anything is built (a config read
 back from a file could otherwise ask for any amount of memory)."""
-_OPTIONS = {"mlp": ("dim", "width", "depth", "time_embedding", "num_classes", "two_time"),
-            "unet": ("channels", "base", "levels", "time_embedding", "num_classes", "two_time")}  # fmt: skip
-_OPTIONAL = ("num_classes", "two_time")
+_OPTIONS = {
+    "mlp": ("dim", "width", "depth", "time_embedding", "num_classes", "two_time", "heads"),
+    "unet": ("channels", "base", "levels", "time_embedding", "num_classes", "two_time", "heads"),
+}
+_OPTIONAL = ("num_classes", "two_time", "heads")
 """Options that may be None (and may be missing from a config stored before they existed)."""
 
 
@@ -306,7 +325,8 @@ def model_config(kind: str, data_shape: tuple[int, ...] | torch.Size, **opts: An
     ``"unet"`` (images; opts ``base``, ``levels`` (default 1 for H, W <= 8, else 2), ``time_embedding``),
     or ``"auto"`` (MLP for vectors, UNet for images). Both take ``num_classes`` (a class-conditional model,
     ``model(x, t, y)``) and ``two_time`` (a flow-map model ``model(x, t, s[, y])`` with a second time
-    embedding, of the gap ``s - t``, see :mod:`flowscore.flowmaps`). Options set to ``None`` take their
+    embedding, of the gap ``s - t``, see :mod:`flowscore.flowmaps`) and ``heads`` (K outputs shaped like x,
+    returned as ``(B, K, *dims)``, see :mod:`flowscore.sbcfm`). Options set to ``None`` take their
     defaults. The result is checked by :func:`check_config`.
     """
     _validate.choice(kind, MODELS, "model")
@@ -361,6 +381,8 @@ def check_config(config: object) -> dict[str, Any]:
         raise ValueError(f"model config: time_embedding must be even, got {config['time_embedding']}")
     if not config["two_time"]:  # a velocity model's config has no two_time entry (as before flow maps)
         del config["two_time"]
+    if config["heads"] in (None, 1):  # nor a heads entry (as before SB-CFM)
+        del config["heads"]
     return dict(config)
 
 
@@ -381,11 +403,12 @@ def parameter_count(config: dict[str, Any]) -> int:
         return n_in * n_out * k * k + n_out
 
     classes = 0 if c["num_classes"] is None else c["num_classes"] + 1  # rows of the class embedding
+    heads = c.get("heads", 1)
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
         hidden = (depth - 1) * linear(width, width)
         te_in = 2 * te if c.get("two_time") else te
-        return linear(dim + te_in, width) + hidden + linear(width, dim) + classes * te
+        return linear(dim + te_in, width) + hidden + linear(width, dim * heads) + classes * te
     channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]
     t_dim = 4 * base
     widths = [base * 2**i for i in range(levels + 1)]
@@ -399,7 +422,7 @@ def parameter_count(config: dict[str, Any]) -> int:
     total += sum(resblock(widths[i], widths[i]) + conv(widths[i], widths[i + 1]) for i in range(levels))
     total += 2 * resblock(widths[-1], widths[-1])
     total += sum(conv(widths[i + 1], widths[i]) + resblock(2 * widths[i], widths[i]) for i in range(levels))
-    return total + 2 * base + conv(base, channels)
+    return total + 2 * base + conv(base, channels * heads)
 
 
 def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[float, float]:
@@ -410,7 +433,7 @@ def forward_cost(config: dict[str, Any], data_shape: tuple[int, ...]) -> tuple[f
     if c["kind"] == "mlp":
         dim, width, depth, te = c["dim"], c["width"], c["depth"], c["time_embedding"]
         te = 2 * te if c.get("two_time") else te
-        macs = (dim + te) * width + (depth - 1) * width * width + width * dim
+        macs = (dim + te) * width + (depth - 1) * width * width + width * dim * c.get("heads", 1)
         floats = 2 * te + dim + te + 2 * depth * width + dim
         return 2.0 * macs, 4.0 * floats
     channels, base, levels, te = c["channels"], c["base"], c["levels"], c["time_embedding"]

@@ -529,6 +529,10 @@ def objective_from_config(
     if sigma_data is None:
         sigma_data = 1.0 if config.data_std is None else config.data_std
     precondition = config.precondition and (model is None or builtin_config(model) is not None)
+    if config.objective == "sbcfm":  # flowscore.sbcfm: the Brownian bridge, not a Gaussian path
+        from .sbcfm import SBCFM
+
+        return SBCFM(config.sb_sigma, t_eps=config.t_eps)
     if config.objective in _flow_maps():  # flowscore.flowmaps: their own time pairs and weighting
         return _flow_maps()[config.objective](path, sigma_data=sigma_data, precondition=precondition)
     options = dict(
@@ -554,6 +558,13 @@ def _flow_maps() -> dict[str, type[Objective]]:
 def objective_from_dict(values: dict[str, Any]) -> Objective:
     """A built-in objective from its :meth:`Objective.to_dict` (``ValueError`` for your own objective, whose
     code a run does not store, or for a callable weighting or time sampler)."""
+    if isinstance(values, dict) and values.get("name") == "sbcfm":
+        from .sbcfm import SBCFM
+
+        try:
+            return SBCFM(values["sigma"], t_eps=values["t_eps"], score=values["score"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"objective description {values} is malformed ({err})") from None
     if isinstance(values, dict) and values.get("name") in _flow_maps():
         options = {
             k: v for k, v in values.items() if k not in ("name", "class", "two_time", "prediction", "path")

@@ -18,7 +18,7 @@ from torch import nn
 from . import data as datasets
 from . import resources, source_data, sources
 from .conditioning import call_model
-from .config import FLOW_MAPS, GAUSSIAN_ONLY, TrainConfig, check_source_config
+from .config import BRIDGES, FLOW_MAPS, GAUSSIAN_ONLY, TrainConfig, check_source_config
 from .models import describe, model_config, model_from_config
 from .objectives import Objective, objective_from_config
 from .paths import GaussianPath, get_path
@@ -120,7 +120,16 @@ def _prepare(
         if kind == "unet":
             opts = {"base": config.width, "levels": config.depth}
         two_time = objective.two_time if objective is not None else config.objective in FLOW_MAPS
-        model_cfg = model_config(kind, shape, num_classes=num_classes, two_time=two_time or None, **opts)
+        heads = (
+            getattr(objective, "heads", 1)
+            if objective is not None
+            else 2
+            if config.objective in BRIDGES
+            else 1
+        )
+        model_cfg = model_config(
+            kind, shape, num_classes=num_classes, two_time=two_time or None, heads=heads, **opts
+        )
         needed = step_memory(model_cfg, shape, batch) + on_device
     else:
         model_cfg = describe(model)

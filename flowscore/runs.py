@@ -43,7 +43,7 @@ from torch import nn
 
 from . import _io, checkpoint, models
 from . import data as datasets
-from .config import FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
+from .config import BRIDGES, FLOW_MAPS, PATH_NAMES, RESUMABLE_CHANGES, TrainConfig
 from .conversions import KINDS
 from .floor import LossFloor
 from .models import CUSTOM, check_description
@@ -672,9 +672,9 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None, objective: Any
     labels = run_file.labels or {}
     stored = run_file.objective or {}
     name = stored.get("name", run_file.config.objective)
-    if objective is None and name in FLOW_MAPS and "share_equal" in stored:
-        # a flow-map objective stores all its options (guidance trained into the target included), and
-        # may have been given to the Trainer as objective= with the config's objective left at cfm
+    if objective is None and (name in BRIDGES or (name in FLOW_MAPS and "share_equal" in stored)):
+        # these objectives store all their options (an SB run its sigma, a flow map the guidance trained into
+        # its target), and may have been given to the Trainer as objective= with the config's left at cfm
         objective = objective_from_dict(stored)
     elif objective is None and name in (*BUILTIN, *FLOW_MAPS):
         sigma_data = (run_file.normalisation or {}).get("sigma_data")

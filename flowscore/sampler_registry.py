@@ -74,6 +74,9 @@ REGISTRY: dict[str, SamplerSpec] = {
         SamplerSpec("edm-heun", "log-snr", 2, 13, "karras", order=2),
         SamplerSpec("sde", "sde", 1, 1000, "uniform", stochastic=True, encodes=False, order=1),
         SamplerSpec("dpm++2m-sde", "sde", 1, 100, "logsnr", stochastic=True, encodes=False, order=1),
+        SamplerSpec(
+            "sb-sde", "sde", 1, 100, "uniform", stochastic=True, encodes=False, order=1, accepts=("velocity",)
+        ),
     )
 }
 """Every sampler by name (see :class:`SamplerSpec`)."""

@@ -545,9 +545,16 @@ def _run(
     atol: float,
     max_steps: int,
     generator: torch.Generator | None,
+    sb_sigma: float | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off), by its family."""
+    """Run ``sampler`` on the float64 ``times`` from ``x`` (no grad, value checks off), by its family
+    (``sb-sde``: ``model`` is the SB drift and ``sb_sigma`` its diffusion)."""
     family = spec(sampler).family
+    if sampler == "sb-sde":
+        from .sbcfm import sample_sb_sde
+
+        grid = times.to(dtype=x.dtype, device=x.device)
+        return sample_sb_sde(model, x, grid, sb_sigma, generator=generator, callback=callback)
     if family == "log-snr":
         return EXPONENTIAL[sampler](model, x, times, path=path, prediction=prediction, callback=callback)
     if sampler == "dpm++2m-sde":
@@ -783,6 +790,9 @@ def sample(
         from .flowmaps import sample_two_time
 
         return sample_two_time(model, path, n, locals())
+    from .sbcfm import check_sampler, sb_model_of
+
+    sampler = check_sampler(model, sampler)  # an SB-CFM model: euler by default, no Gaussian-path sampler
     path = get_path(path)
     sampler, steps, grid = defaults(sampler, steps, grid)
     prediction = _model_and_prediction(model, prediction, sampler)
@@ -800,7 +810,8 @@ def sample(
         shape = _sample_shape(model, shape)
     if y is not None:
         check_labels(y, n)
-    fn = guided_model(model, y, guidance)
+    sb = sb_model_of(model) if sampler == "sb-sde" else None
+    fn = guided_model(model if sb is None else sb.drift, y, guidance)
     if times is not None:
         times = _explicit_times(times, increasing=True)
     else:
@@ -808,7 +819,7 @@ def sample(
             _validate.number(t_start, "t_start", 0.0, 1.0, high_open=True) if t_start is not None else None
         )
         if first is None:
-            first = _start(path, prediction, sampler, 0.0, t_eps, diffusion, True)
+            first = 0.0 if sb is not None else _start(path, prediction, sampler, 0.0, t_eps, diffusion, True)
         final = _needs_final_step(path, prediction, sampler, 1.0)
         if final and steps < 2:
             raise ValueError(
@@ -847,6 +858,7 @@ def sample(
             atol=atol,
             max_steps=max_steps,
             generator=generator,
+            sb_sigma=None if sb is None else sb.sb_sigma,
         )
     return _finish(
         out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
@@ -931,6 +943,9 @@ def encode(
     :func:`flowscore.grids.time_grid` with a larger ``sigma_max`` (and more steps), or end at ``t_end > 0``.
     """
     _warn_flags(return_info, return_nfe, return_trajectory, "encode")
+    from .sbcfm import check_sampler
+
+    sampler = check_sampler(model, sampler)  # an SB-CFM model: euler by default, no log-SNR solver
     path = get_path(path)
     sampler, steps, grid = defaults(sampler, steps, grid)
     prediction = _model_and_prediction(model, prediction, sampler)

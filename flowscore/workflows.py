@@ -26,7 +26,8 @@ import torch
 
 from . import resources
 from .data import is_image
-from .samplers import ANY_SOURCE_SAMPLERS, CALLS_PER_STEP, DEFAULT_ODE_SAMPLER, SDE_SAMPLERS, default_steps
+from .samplers import ANY_SOURCE_SAMPLERS, CALLS_PER_STEP, SDE_SAMPLERS, default_steps
+from .sbcfm import default_sampler
 
 LABEL_SEED_OFFSET = 2**32
 """Labels drawn by :func:`sample_run` come from a generator seeded ``LABEL_SEED_OFFSET + seed``, apart from
@@ -183,7 +184,7 @@ def _passes(sampler: str) -> float:
 def check_sample_memory(run: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
                         trajectory: bool = False) -> None:  # fmt: skip
     """``ValueError`` when ``n`` samples (and their trajectory) of the run cannot fit in memory."""
-    sampler = DEFAULT_ODE_SAMPLER if sampler is None else sampler
+    sampler = default_sampler(run.model) if sampler is None else sampler
     per_point = 4.0 * math.prod(run.data_shape)
     needed = n * per_point * (1 + ((steps or default_steps(sampler)) + 2 if trajectory else 0))
     from .models import builtin_config, forward_cost
@@ -300,7 +301,7 @@ def sample_run(
     all_labels = np.empty(n, dtype=np.int64)
     paths = []
     decode = run.normalizer.decode
-    name = sampler or DEFAULT_ODE_SAMPLER
+    name = sampler or default_sampler(run.model)
     jumps = getattr(run.model, "two_time", False)  # a flow-map model: K jumps, one call each
     passes = (1.0 if jumps else _passes(name)) * (2 if guidance else 1)
     count = _model_threads(run, threads, min(n, SAMPLE_BATCH), passes)
@@ -432,16 +433,18 @@ def draw_samples(
 ) -> EvalSamples:
     """``n`` ODE samples (with their trajectory) and ``n`` SDE samples of the run, in data space.
 
-    ``ode_sampler`` None: :data:`flowscore.samplers.DEFAULT_ODE_SAMPLER`; steps: the samplers' defaults.
+    ``ode_sampler`` None: :data:`flowscore.samplers.DEFAULT_ODE_SAMPLER` (for an SB-CFM run ``euler``, and
+    ``sb-sde`` instead of ``sde``, :func:`flowscore.sbcfm.default_sampler`); steps: the samplers' defaults.
     ``progress``: a bar (or a line) per sampler on stderr (:class:`Progress`).
     """
-    ode_sampler = DEFAULT_ODE_SAMPLER if ode_sampler is None else ode_sampler
+    ode_sampler = default_sampler(run.model) if ode_sampler is None else ode_sampler
     ode, trajectory = sample_run(
         run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads, progress=progress
     )
+    stochastic = default_sampler(run.model, stochastic=True)  # sb-sde for an SB-CFM run
     sde = None
-    if getattr(run, "source", None) is None:
-        sde = sample_run(run, n, sampler="sde", seed=seed + 1, threads=threads, progress=progress)
+    if getattr(run, "source", None) is None or stochastic in ANY_SOURCE_SAMPLERS:
+        sde = sample_run(run, n, sampler=stochastic, seed=seed + 1, threads=threads, progress=progress)
     return EvalSamples(ode, sde, trajectory, ode_sampler)
 
 

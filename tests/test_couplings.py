@@ -113,6 +113,25 @@ def test_entropic_plan_relative_and_absolute_regularisation_against_an_independe
     assert float((entropic_plan(2 * x_data, 2 * noise, 0.8, reg_absolute=True) - absolute).abs().sum()) > 0.1
 
 
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+def test_entropic_plan_below_the_plain_iterations_range_equals_an_independent_sinkhorn():
+    """A small absolute epsilon (max cost / epsilon far above the plain iteration's range: SB-CFM's 2 sigma^2
+    with a small sigma), where the CPU takes POT's stabilised iteration: the plan equals the log-domain
+    Sinkhorn written here, and its marginals are uniform."""
+    g = torch.Generator().manual_seed(4)
+    x_data = 3 * torch.randn(64, 2, generator=g, dtype=DT)
+    noise = torch.randn(64, 2, generator=g, dtype=DT)
+    cost = ((x_data[:, None] - noise[None]) ** 2).sum(-1)
+    eps = 0.1
+    assert float(cost.max()) / eps > 300  # outside the plain iteration
+    plan = entropic_plan(x_data, noise, eps, reg_absolute=True)
+    # POT stops after 2000 iterations, where at this epsilon the marginals are still off by ~1e-5 of 1/64
+    torch.testing.assert_close(plan, log_domain_sinkhorn(cost, eps, 20000), rtol=0, atol=3e-5)
+    for axis in (0, 1):
+        torch.testing.assert_close(plan.sum(axis), torch.full((64,), 1 / 64, dtype=DT), rtol=0, atol=3e-5)
+    assert float((plan - log_domain_sinkhorn(cost, 2 * eps, 2000)).abs().max()) > 1e-3  # eps matters
+
+
 def test_sinkhorn_pairs_are_reproducible_with_the_generator():
     """Every rank draws the same pairs from the same generator state (torchrun agreement)."""
     x_data, noise = batch(3, 32)

@@ -148,8 +148,8 @@ def test_parameter_count_and_forward_cost_from_the_config_alone(kind, shape, opt
 @pytest.mark.parametrize(
     ("change", "match"),
     [({"width": 10**7}, "width"), ({"depth": 10**7}, "depth"), ({"depth": 0}, "depth"),
-     ({"width": True}, "width"), ({"time_embedding": 7}, "even"), ({"heads": 4}, "keys"),
-     ({"kind": "rnn"}, "kind")],
+     ({"width": True}, "width"), ({"time_embedding": 7}, "even"), ({"layers": 4}, "keys"),
+     ({"heads": 0}, "heads"), ({"heads": 17}, "heads"), ({"kind": "rnn"}, "kind")],
 )  # fmt: skip
 def test_model_configs_are_checked_before_anything_is_built(change, match):
     import time
@@ -163,3 +163,22 @@ def test_model_configs_are_checked_before_anything_is_built(change, match):
     with pytest.raises(ValueError, match=match):
         model_from_config(config)
     assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize(("kind", "shape"), [("mlp", (3,)), ("unet", (1, 6, 6))])
+def test_a_two_head_model_stacks_two_fields_and_counts_its_weights(kind, shape):
+    """``heads=2``: the output is ``(B, 2, *dims)``; its stored config rebuilds it (same weights, same
+    output) and parameter_count equals the weights built; without heads the config has no heads entry."""
+    from flowscore.models import build_model, model_from_config, parameter_count
+
+    model = build_model(kind, shape, heads=2, **({"base": 8} if kind == "unet" else {"width": 16}))
+    x, t = torch.randn(4, *shape), torch.rand(4)
+    out = model(x, t)
+    assert out.shape == (4, 2, *shape)
+    assert model.config()["heads"] == 2
+    assert parameter_count(model.config()) == sum(v.numel() for v in model.state_dict().values())
+    again = model_from_config(model.config())
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again(x, t), out)
+    one = build_model(kind, shape, **({"base": 8} if kind == "unet" else {"width": 16}))
+    assert "heads" not in one.config() and one(x, t).shape == x.shape

@@ -643,7 +643,7 @@ def test_declared_calls_per_step_equal_the_counted_model_calls(name, prediction)
     gauss = GaussianData(name, torch.tensor([0.5, 0.0]), 0.8)
     path = make_path(name)
     for sampler, declared in REGISTRY.items():
-        if declared.adaptive:
+        if declared.adaptive or sampler == "sb-sde":  # an SB-CFM model's sampler: tests/test_sbcfm.py
             continue
         for grid in GRIDS:
             calls, seen = [], []

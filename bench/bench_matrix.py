@@ -49,8 +49,10 @@ PATHS = ("linear", "vp", "vp-linear", "ve")
 PREDICTIONS = ("velocity", "score", "noise", "data")
 GOAL = 1.3
 PARITY_GOAL = 1.1
-VARIANTS = ("before", "after", "linear-velocity", "network")
-"""``--defaults``: before issue 16, the config's defaults, or that weighting with the auto time sampler."""
+VARIANTS = ("before", "network", "linear-velocity", "after")
+"""``--defaults``: before issue 16; that weighting with the auto time sampler and the path's own network
+(``network_path="own"``, the defaults before the option); or the config's defaults (every path through
+linear's network at the matched time)."""
 
 
 FINDINGS = """What the matrix taught (docs/theory.md, section 16):
@@ -117,10 +119,12 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = [{**c, **before_defaults(c["path"], c["objective"])} for c in out]
     elif args.defaults != "after":  # a weighting named explicitly, with the default (auto) time sampler
         out = [{**c, "weighting": args.defaults} for c in out]
+    network_path = "linear" if args.defaults == "after" else "own"
+    out = [{**c, "network_path": network_path} for c in out]
     if args.baseline:
         for objective, prediction in itertools.product(("cfm", "dsm"), PREDICTIONS):
             out.append(dict(toy=args.toys[0], path="linear", objective=objective, prediction=prediction,
-                            precondition=False, data_std=1.0, seed=0))  # fmt: skip
+                            precondition=False, data_std=1.0, seed=0, network_path="own"))  # fmt: skip
     return out
 
 
@@ -171,6 +175,8 @@ def measure(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
 
 CELL_FIELDS = ("toy", "path", "objective", "prediction", "precondition")
 OPTIONAL_FIELDS = ("data_n", "data_std", "weighting", "time_sampler")
+"""Besides these, ``network_path``: rows written before it existed were trained with the path's own
+network."""
 
 
 def load_cache(file: str) -> dict[str, dict[str, Any]]:
@@ -183,6 +189,7 @@ def load_cache(file: str) -> dict[str, dict[str, Any]]:
                     cell = {k: r[k] for k in CELL_FIELDS}
                     cell["seed"] = r.get("seed", 0)  # rows written before --seeds: the default seed 0
                     cell.update({k: r[k] for k in OPTIONAL_FIELDS if k in r})
+                    cell["network_path"] = r.get("network_path", "own")
                     done[key(cell, r["steps"])] = r
     return done
 
@@ -261,9 +268,10 @@ def report(variants: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
     titles = {
         "before": "Before: the defaults of before issue 16 (weighting noise for dsm and for cfm on ve, none "
         "otherwise; uniform times)",
-        "after": "After: the current defaults (weighting and time sampler auto: `parity_defaults`)",
-        "network": "After: weighting network, matched log-SNR times (`--defaults network`: what the auto "
-        "defaults resolve to)",
+        "after": "After: the current defaults (`--defaults after`: every path through linear's network at "
+        "the matched time, network_path linear; weighting linear-velocity, matched log-SNR times)",
+        "network": "Weighting network, matched log-SNR times, the path's own network (`--defaults network`: "
+        "the defaults before network_path existed)",
         "linear-velocity": "Weighting linear-velocity, matched log-SNR times (`--defaults linear-velocity`; "
         "its linear rows are the before rows: weight exactly 1, the same uniform times)",
     }

@@ -132,7 +132,12 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``(B,)`` per-sample losses of ``model`` on the batch ``x_data`` ``(B, *dims)`` with labels ``y``
-        ``(B,)`` (``-1``: no label; None without labels), drawing its randomness from ``generator``."""
+        ``(B,)`` (``-1``: no label; None without labels), drawing its randomness from ``generator``.
+
+        Your objective implements this. An objective that overrides :meth:`draw` and :meth:`per_sample`
+        instead (the built-in ones) gets ``per_sample(model, draw(x_data, y, generator))``."""
+        if self.draws_globally and type(self).per_sample is not Objective.per_sample:
+            return self.per_sample(model, self.draw(x_data, y, generator))
         raise NotImplementedError(f"{type(self).__name__} must implement loss(model, x_data, y, generator)")
 
     def draw(
@@ -317,15 +322,6 @@ class GaussianObjective(Objective):
             model, batch.x, batch.t, batch.y, self.path, self.prediction, self.space, target, weight, "none",
             self.dim_reduction,
         )  # fmt: skip
-
-    def loss(
-        self,
-        model: Model,
-        x_data: torch.Tensor,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        return self.per_sample(model, self.draw(x_data, y, generator))
 
     # -- data, network, floor --------------------------------------------------------------------------------
     def bind(self, x_data: torch.Tensor, labels: torch.Tensor | None = None) -> None:

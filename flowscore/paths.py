@@ -160,6 +160,13 @@ class GaussianPath:
         _validate.same_kind(a, b, name_a, name_b)
         return b
 
+    def _point_and_data(
+        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, x_data, t)`` checked: a batch ``x``, a time for it, ``x_data`` of the same shape and kind."""
+        x, t = self._batch_and_time(x, t)
+        return x, self._pair(x, x_data, "x", "x_data"), t
+
     def sample(self, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """``x = alpha_t * x_data + beta_t * noise``, shaped ``(B, *dims)``."""
         x_data, t = self._batch_and_time(x_data, t, "x_data")
@@ -208,8 +215,7 @@ class GaussianPath:
         """
         if noise is not None:
             return self.target(x_data, t, noise, "velocity")
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         return self.convert(x_data, x, t, "data", "velocity")
 
     def conditional_score(
@@ -219,8 +225,7 @@ class GaussianPath:
 
         Singular where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): ``ValueError`` there.
         """
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         return self.convert(x_data, x, t, "data", "score")
 
     def conditional_log_prob(
@@ -231,8 +236,7 @@ class GaussianPath:
         Needs beta_t > 0: where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``) the density is a Dirac
         and this raises ``ValueError`` instead of returning NaN.
         """
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         beta_t = self._beta(t)
         if _validate.value_checks_enabled() and bool((beta_t <= 0).any()):
             t_bad = t[beta_t <= 0].flatten()[0].item()

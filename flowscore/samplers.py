@@ -445,6 +445,33 @@ def _start(path, prediction, sampler, t_first: float, t_eps: float, diffusion, t
     return t_eps if t_first == 0.0 else 1.0 - t_eps
 
 
+def _grid_to(
+    path: GaussianPath,
+    sampler: str,
+    prediction: str,
+    steps: int,
+    grid: str,
+    first: float,
+    end: float,
+    t_eps: float,
+    shift: float | None,
+    final: bool,
+) -> torch.Tensor:
+    """The 1D float64 grid of ``steps`` steps from ``first`` to ``end`` (:func:`time_grid`); with ``final``
+    its last step is the final step from ``end -/+ t_eps`` (towards data / noise) to ``end``, which needs
+    ``steps >= 2`` (``ValueError``)."""
+    if not final:
+        return time_grid(path, steps, grid, t_start=first, t_end=end, shift=shift)
+    if steps < 2:
+        raise ValueError(
+            f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path (the last "
+            f"step is the deterministic final step to t = {end:g})"
+        )
+    inner_end = end - t_eps if end > first else end + t_eps
+    inner = time_grid(path, steps - 1, grid, t_start=first, t_end=inner_end, shift=shift)
+    return torch.cat([inner, torch.full((1,), end, dtype=torch.float64)])
+
+
 def _needs_final_step(path, prediction, sampler, t_last: float) -> bool:
     """The velocity integrators (and ``sde``) close the last interval with :func:`final_step` when the
     velocity (or the score) is singular at the last time; ``sde`` always does."""
@@ -806,16 +833,7 @@ def sample(
         if first is None:
             first = _start(path, prediction, sampler, 0.0, t_eps, diffusion, True)
         final = _needs_final_step(path, prediction, sampler, 1.0)
-        if final and steps < 2:
-            raise ValueError(
-                f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path "
-                "(the last step is the deterministic final step from 1 - t_eps)"
-            )
-        if final:
-            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=1 - t_eps, shift=shift)
-            times = torch.cat([inner, torch.ones(1, dtype=torch.float64)])
-        else:
-            times = time_grid(path, steps, grid, t_start=first, t_end=1.0, shift=shift)
+        times = _grid_to(path, sampler, prediction, steps, grid, first, 1.0, t_eps, shift, final)
     final = _needs_final_step(path, prediction, sampler, float(times[-1]))
     dtype = dtype or torch.get_default_dtype()
     check_sample_memory(n, shape, dtype, device, len(times) if return_trajectory else 0)
@@ -917,13 +935,7 @@ def encode(
                 f"t_start ({first}) must be later than t_end ({t_end}): encode runs data -> noise"
             )
         final = sampler in METHODS and not conversions_finite_at(path, prediction, ("velocity",), t_end)
-        if final and steps < 2:
-            raise ValueError(f"steps must be >= 2 for {sampler!r} with a {prediction} model (final step)")
-        if final:
-            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=t_end + t_eps, shift=shift)
-            times = torch.cat([inner, torch.full((1,), t_end, dtype=torch.float64)])
-        else:
-            times = time_grid(path, steps, grid, t_start=first, t_end=t_end, shift=shift)
+        times = _grid_to(path, sampler, prediction, steps, grid, first, t_end, t_eps, shift, final)
     final = sampler in METHODS and not conversions_finite_at(
         path, prediction, ("velocity",), float(times[-1])
     )

@@ -38,7 +38,6 @@ EXCEPTIONS = {
     ("samplers.sample_ode", "tuple"): "the same function as fs.sample_ode",
     ("sample_sde", "tuple"): "as sample_ode",
     ("samplers.sample_sde", "tuple"): "the same function as fs.sample_sde",
-    ("log_likelihood", "method"): "the ODE integrator of the likelihood (rk4/euler), named before issue 16",
     (
         "flowmaps.sample_jumps",
         "tuple",

@@ -357,9 +357,7 @@ def parity_defaults(
     if not precondition:
         return {"weighting": "noise" if space == "score" else None, "time_sampler": "uniform"}
     path = get_path(path_name, **(path_options or {}))
-    sampler = (
-        "uniform" if path.config() == get_path("linear").config() else snr_matched(path, "linear", t_eps)
-    )
+    sampler = "uniform" if path == get_path("linear") else snr_matched(path, "linear", t_eps)
     weighting = "linear-velocity" if network_path == "linear" else "network"
     return {"weighting": weighting, "time_sampler": sampler}
 

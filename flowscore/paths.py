@@ -62,6 +62,20 @@ class GaussianPath:
         """JSON-serialisable description (stored in checkpoints)."""
         return {"name": self.name, **self.options()}
 
+    def spec(self) -> tuple[Any, ...]:
+        """What defines the path, hashable: its class and its options (a custom path's definitions, whose
+        callables count by identity). Paths compare equal (``==``) when their specs do: two objects built
+        from the same name and options are the same path."""
+        return (type(self), *sorted(self.options().items()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GaussianPath):
+            return NotImplemented
+        return self.spec() == other.spec()
+
+    def __hash__(self) -> int:
+        return hash(self.spec())
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
@@ -488,6 +502,10 @@ class CustomPath(GaussianPath):
         """The constructor's definitions (callables or strings); ``CustomPath(**path.callables())``
         rebuilds the path."""
         return dict(self._given)
+
+    def spec(self) -> tuple[Any, ...]:
+        """The class and every definition (expression strings by value, callables by identity)."""
+        return (type(self), *((k, v) for k, v in self._given.items() if v is not None))
 
     def options(self):
         return {k: v for k, v in self._given.items() if v is not None} if self.storable else {}

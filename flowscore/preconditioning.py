@@ -136,7 +136,7 @@ class Preconditioned(nn.Module):
         self.sigma_data = _validate.number(sigma_data, "sigma_data", low=0.0, low_open=True)
         self.network_path = _validate.choice(network_path, NETWORK_PATHS, "network_path")
         self._linear = get_path("linear")
-        self._through_linear = network_path == "linear" and self.path.config() != self._linear.config()
+        self._through_linear = network_path == "linear" and self.path != self._linear
 
     @property
     def wrapped_network(self) -> nn.Module:

@@ -708,6 +708,39 @@ def _warn_flags(return_info: bool, return_nfe: bool, return_trajectory: bool, wh
         )
 
 
+def _run_and_finish(
+    counter: _Counted,
+    fn: Field,
+    path: GaussianPath,
+    prediction: str,
+    sampler: str,
+    x: torch.Tensor,
+    times: torch.Tensor,
+    final: bool,
+    *,
+    callback: Callback,
+    diffusion: Diffusion,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    generator: torch.Generator | None,
+    return_info: bool,
+    return_trajectory: bool,
+    return_nfe: bool,
+    what: str,
+) -> torch.Tensor | tuple | SampleResult:
+    """:func:`_run` of ``fn`` (the model behind ``counter``, which counts its calls) from ``x`` over
+    ``times`` without gradients, watched by a :class:`_Monitor`, then :func:`_finish`: what :func:`sample`
+    and :func:`encode` return."""
+    monitor = _Monitor(counter, callback, return_trajectory)
+    with torch.no_grad(), validation(False):
+        out = _run(
+            fn, path, prediction, sampler, x, times, final, monitor, diffusion=diffusion, rtol=rtol,
+            atol=atol, max_steps=max_steps, generator=generator,
+        )  # fmt: skip
+    return _finish(out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, what)
+
+
 def _finish(x, monitor, counter, times, return_info, return_trajectory, return_nfe, x_start, what):
     monitor.check(x, what)
     trajectory = torch.stack([x_start, *monitor.states]) if return_trajectory else None
@@ -845,26 +878,11 @@ def sample(
     else:
         x = x_init
     counter = _Counted(fn)
-    monitor = _Monitor(counter, callback, return_trajectory)
-    with torch.no_grad(), validation(False):
-        out = _run(
-            counter,
-            path,
-            prediction,
-            sampler,
-            x,
-            times,
-            final,
-            monitor,
-            diffusion=diffusion,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            generator=generator,
-        )
-    return _finish(
-        out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
-    )
+    return _run_and_finish(
+        counter, counter, path, prediction, sampler, x, times, final, callback=callback, diffusion=diffusion,
+        rtol=rtol, atol=atol, max_steps=max_steps, generator=generator, return_info=return_info,
+        return_trajectory=return_trajectory, return_nfe=return_nfe, what=f"sampler {sampler!r}",
+    )  # fmt: skip
 
 
 def encode(
@@ -939,31 +957,8 @@ def encode(
     final = sampler in METHODS and not conversions_finite_at(
         path, prediction, ("velocity",), float(times[-1])
     )
-    monitor = _Monitor(counter, callback, return_trajectory)
-    with torch.no_grad(), validation(False):
-        out = _run(
-            fn,
-            path,
-            prediction,
-            sampler,
-            x,
-            times,
-            final,
-            monitor,
-            diffusion=None,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            generator=None,
-        )
-    return _finish(
-        out,
-        monitor,
-        counter,
-        times,
-        return_info,
-        return_trajectory,
-        return_nfe,
-        x,
-        f"encode with {sampler!r}",
-    )
+    return _run_and_finish(
+        counter, fn, path, prediction, sampler, x, times, final, callback=callback, diffusion=None, rtol=rtol,
+        atol=atol, max_steps=max_steps, generator=None, return_info=return_info,
+        return_trajectory=return_trajectory, return_nfe=return_nfe, what=f"encode with {sampler!r}",
+    )  # fmt: skip

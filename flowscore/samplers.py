@@ -27,6 +27,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -711,33 +712,22 @@ def _warn_flags(return_info: bool, return_nfe: bool, return_trajectory: bool, wh
 def _run_and_finish(
     counter: _Counted,
     fn: Field,
-    path: GaussianPath,
-    prediction: str,
-    sampler: str,
-    x: torch.Tensor,
-    times: torch.Tensor,
-    final: bool,
-    *,
+    *run: Any,
     callback: Callback,
-    diffusion: Diffusion,
-    rtol: float,
-    atol: float,
-    max_steps: int,
-    generator: torch.Generator | None,
     return_info: bool,
     return_trajectory: bool,
     return_nfe: bool,
     what: str,
+    **options: Any,
 ) -> torch.Tensor | tuple | SampleResult:
-    """:func:`_run` of ``fn`` (the model behind ``counter``, which counts its calls) from ``x`` over
-    ``times`` without gradients, watched by a :class:`_Monitor`, then :func:`_finish`: what :func:`sample`
-    and :func:`encode` return."""
+    """``_run(fn, *run, monitor, **options)`` without gradients (``run``: path, prediction, sampler, x,
+    times, final as :func:`_run` takes them; ``options``: its keywords), watched by a :class:`_Monitor` of
+    ``counter`` (which counts ``fn``'s model calls), then :func:`_finish`: what :func:`sample` and
+    :func:`encode` return."""
+    x, times = run[3], run[4]
     monitor = _Monitor(counter, callback, return_trajectory)
     with torch.no_grad(), validation(False):
-        out = _run(
-            fn, path, prediction, sampler, x, times, final, monitor, diffusion=diffusion, rtol=rtol,
-            atol=atol, max_steps=max_steps, generator=generator,
-        )  # fmt: skip
+        out = _run(fn, *run, monitor, **options)
     return _finish(out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, what)
 
 

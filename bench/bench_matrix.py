@@ -18,10 +18,12 @@ model; ``--predictions velocity score noise data`` brings the axis back), each c
 training seeds (its ratio is the mean over seeds), and each row also reports its ratio to the linear cfm
 cell of the same toy, budget and defaults (``vs lin-cfm``). ``--defaults before`` trains every cell with
 the defaults of before issue 16 written out (weighting "noise" for dsm and for cfm on ve, none otherwise;
-uniform times); ``--defaults after`` (default) leaves weighting and time sampler at the config's
-defaults. ``--small`` adds the fm/sm cells. Goal of issue 16: every ``vs lin-cfm`` ratio <= 1.1.
-``results/matrix.jsonl`` holds the rows of the earlier all-predictions matrix (``matrix.md``), trained
-with the defaults of before issue 16.
+uniform times), with the path's own network (``network_path="own"``); ``--defaults network`` or
+``linear-velocity`` names that weighting, with matched log-SNR times and the own network; ``--defaults
+after`` (default) leaves weighting, time sampler and ``network_path`` at the config's defaults (every path
+through linear's network at the matched time). ``--small`` adds the fm/sm cells. Goal of issue 16: every
+``vs lin-cfm`` ratio <= 1.1. ``results/matrix.jsonl`` holds the rows of the earlier all-predictions matrix
+(``matrix.md``), trained with the defaults of before issue 16.
 
 Cells run in ``--workers`` processes of one thread each; finished cells are kept in ``--cache`` (JSON lines),
 so an interrupted run resumes and ``--report`` rewrites the table alone. Writes ``bench/results/matrix.md``.

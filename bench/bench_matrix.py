@@ -81,26 +81,27 @@ def before_defaults(path: str, objective: str) -> dict[str, Any]:
 
 
 PARITY_FINDINGS = """What the parity bench taught (docs/theory.md, section 16, "Parity of objectives"):
-* The before rows at seed 0 are the rows of the earlier matrix (results/matrix.jsonl, the same code); the
-  machine was shared by several agents, so the before table has one seed (two for moons linear cfm), the
-  after table two. The after table trains cfm alone: with the "network" weighting cfm and dsm are one
-  loss per sample for the same draws (tests/test_parity.py), so a dsm cell trains the same loss on the same
-  draws. The after cells ran with the network weighting before its constant k = 1 + sigma_data^2 was added
-  (every weight x 0.8 on every path; with Adam a constant factor only changes where the gradient clip
-  engages).
-* Matched log-SNR times fix vp-linear, whose uniform times put three quarters of the draws on the noisy side
-  of log-SNR 0: moons 1.24 / 1.29 before (seed 0), 1.07 / 1.02 after (two seeds). vp and vp-linear train the
-  same network problem at matched times (docs/theory.md section 16) and their after rows agree; on
-  checkerboard both stay at 1.12 / 1.13-1.14.
-* ve stays apart on the SDE: its velocity has no data term, the network's target is -noise, and the
-  weighting uniform in the network's error is the DDPM noise loss, which weights the noise end 1.25 / (1 +
-  sigma)^2 times what linear cfm gives it (2e-4 at sigma = 80). Its ODE samples match linear cfm; its SDE
-  samples on 8gaussians do not (1.32 over two seeds; 1.17 before, one seed). Weighting ve back to linear
-  cfm's loss exactly ("linear-velocity") is far worse (moons 2.34 / 2.41, seed 0): in the network's units
-  that weight is thousands of times larger at the noise end, where the data part of the target is of size 1
-  / sigma. What would close the gap is the parameterisation, not the weight (docs/theory.md section 16).
-* Seed noise: linear cfm itself moves by up to 17 % between two training seeds (8gaussians 0.79 / 0.76 at
-  seed 0, 0.66 / 0.68 at seed 1), so two seeds resolve a 1.1x goal only roughly.
+* After (the defaults): every path runs through linear's network at the time of equal log-SNR, with
+  matched times and the linear-velocity weighting, so every (path, objective) trains linear cfm's problem
+  exactly (tests/test_parity.py; cfm = dsm per sample, so cfm alone is trained). The ODE ratios to linear
+  cfm are 0.99-1.01 on every path and toy (two seeds), and the SDE's 0.93-1.01 except on ve. The linear
+  rows are bit for bit the before table's (the same model, weight 1 and uniform times).
+* The cell still missed: 8gaussians, ve, SDE, 1.33 (1.29 at seed 0, 1.36 at seed 1; moons ve SDE 1.07).
+  Its ODE is 1.00, so the trained network is as good as linear cfm's; the gap is the SDE sampler's
+  default on ve. results/parity_sde.md samples ONE linear cfm network, the same weights, on every path:
+  ve's ODE 0.77 (linear 0.79), its default SDE 0.99 (linear 0.77), 0.74 with linear's diffusion carried
+  to ve at equal log-SNR and linear's grid. The default diffusion g^2 = beta det_v is alpha / 2 times the
+  score-SDE's: at equal log-SNR that is linear's tau / 2 on linear but 1 / 2 on ve (1 / tau times the
+  relative diffusion at high noise), and uniform times on ve are uniform in log sigma. Changing the SDE
+  sampler's defaults (every vp / ve SDE) is left to a follow-up.
+* Before that, with the path's own network (table "network"): vp-linear moved from 1.24 / 1.29 (before,
+  seed 0) to 1.07 / 1.02, checkerboard vp / vp-linear stayed at 1.12-1.14 and ve's SDE on 8gaussians at
+  1.32; the exact linear cfm weight on the own network ("linear-velocity") made ve far worse (moons 2.34 /
+  2.41): on ve the data part of the own network's target is of size 1 / sigma. With linear's network that
+  weight is uniform in the network's error, and ve's ODE matches linear cfm.
+* Seed noise: linear cfm itself moves by up to 17 % between two training seeds (8gaussians 0.79 / 0.77 at
+  seed 0, 0.66 / 0.67 at seed 1), so two seeds resolve a 1.1x goal only roughly; the 8gaussians ve SDE
+  cell misses at both seeds.
 """
 
 

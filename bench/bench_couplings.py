@@ -115,15 +115,17 @@ def evaluate(
         for steps in EULER_STEPS:
             x = sample(model, "linear", args.n, sampler="euler", steps=steps, generator=gen)
             out[f"euler{steps}"] = w2_ratio(x, fresh, floor)
-        x, trajectory = sample(
+        result = sample(
             model,
             "linear",
             args.n,
             sampler="rk4",
             steps=args.fine_steps,
             generator=gen,
+            return_info=True,
             return_trajectory=True,
         )
+        x, trajectory = result.x, result.trajectory
     out["rk4"] = w2_ratio(x, fresh, floor)
     times = torch.linspace(0, 1, trajectory.shape[0]).reshape(-1, 1, 1)
     line = (1 - times) * trajectory[0] + times * trajectory[-1]

@@ -128,7 +128,7 @@ def run_flowscore(model, x0, t0, ref) -> list[dict]:
                 steps = flowscore_steps(sampler, budget)
                 if sampler == "rk4" and budget < 4:
                     continue
-                out, nfe = fs.sample(
+                result = fs.sample(
                     model,
                     PATH,
                     x_init=x0,
@@ -136,8 +136,9 @@ def run_flowscore(model, x0, t0, ref) -> list[dict]:
                     sampler=sampler,
                     steps=steps,
                     grid=grid,
-                    return_nfe=True,
+                    return_info=True,
                 )
+                out, nfe = result.x, result.nfe
                 rows.append(
                     dict(
                         lib="flowscore",
@@ -148,7 +149,8 @@ def run_flowscore(model, x0, t0, ref) -> list[dict]:
                     )
                 )
     for budget in BUDGETS:
-        out, nfe = fs.sample(model, PATH, x_init=x0, t_start=t0, steps=budget, return_nfe=True)
+        result = fs.sample(model, PATH, x_init=x0, t_start=t0, steps=budget, return_info=True)
+        out, nfe = result.x, result.nfe
         sampler, _, grid = defaults(None, budget, None)
         rows.append(
             dict(
@@ -356,15 +358,17 @@ def trained_rows(toy: str, train_steps: int, n: int = 2000, pairs: int = 3) -> l
     with torch.no_grad():
         for budget in (5, 10, 20):
             gen = torch.Generator().manual_seed(3)
-            x, nfe = fs.sample(run.model, run.path, n, prediction=run.prediction, steps=budget, generator=gen,
-                               return_nfe=True)  # fmt: skip
+            result = fs.sample(run.model, run.path, n, prediction=run.prediction, steps=budget, generator=gen,
+                               return_info=True)  # fmt: skip
+            x, nfe = result.x, result.nfe
             sampler, _, grid = defaults(None, budget, None)
             rows.append(dict(method=f"default ({sampler} / {grid})", budget=budget, nfe=nfe, ratio=ratio(x)))
             for sampler, grid in TRAINED_SAMPLERS:
                 steps = flowscore_steps(sampler, budget)
                 gen = torch.Generator().manual_seed(3)
-                x, nfe = fs.sample(run.model, run.path, n, prediction=run.prediction, sampler=sampler,
-                                   steps=steps, grid=grid, generator=gen, return_nfe=True)  # fmt: skip
+                result = fs.sample(run.model, run.path, n, prediction=run.prediction, sampler=sampler,
+                                   steps=steps, grid=grid, generator=gen, return_info=True)  # fmt: skip
+                x, nfe = result.x, result.nfe
                 rows.append(dict(method=f"{sampler} / {grid}", budget=budget, nfe=nfe, ratio=ratio(x)))
     return rows
 

@@ -112,7 +112,7 @@ def best_solver(run, calls: int, sampler: str):
     else:
         return None
     gen = torch.Generator().manual_seed(3)
-    x, nfe = fs.sample(
+    result = fs.sample(
         run.model,
         run.path,
         N,
@@ -120,9 +120,9 @@ def best_solver(run, calls: int, sampler: str):
         sampler=sampler,
         steps=steps,
         generator=gen,
-        return_nfe=True,
+        return_info=True,
     )
-    return x if nfe == calls else None
+    return result.x if result.nfe == calls else None
 
 
 def map_error(model, toy: str, x_data: torch.Tensor, grid: int = 6) -> np.ndarray:

@@ -18,10 +18,12 @@ model; ``--predictions velocity score noise data`` brings the axis back), each c
 training seeds (its ratio is the mean over seeds), and each row also reports its ratio to the linear cfm
 cell of the same toy, budget and defaults (``vs lin-cfm``). ``--defaults before`` trains every cell with
 the defaults of before issue 16 written out (weighting "noise" for dsm and for cfm on ve, none otherwise;
-uniform times); ``--defaults after`` (default) leaves weighting and time sampler at the config's
-defaults. ``--small`` adds the fm/sm cells. Goal of issue 16: every ``vs lin-cfm`` ratio <= 1.1.
-``results/matrix.jsonl`` holds the rows of the earlier all-predictions matrix (``matrix.md``), trained
-with the defaults of before issue 16.
+uniform times), with the path's own network (``network_path="own"``); ``--defaults network`` or
+``linear-velocity`` names that weighting, with matched log-SNR times and the own network; ``--defaults
+after`` (default) leaves weighting, time sampler and ``network_path`` at the config's defaults (every path
+through linear's network at the matched time). ``--small`` adds the fm/sm cells. Goal of issue 16: every
+``vs lin-cfm`` ratio <= 1.1. ``results/matrix.jsonl`` holds the rows of the earlier all-predictions matrix
+(``matrix.md``), trained with the defaults of before issue 16.
 
 Cells run in ``--workers`` processes of one thread each; finished cells are kept in ``--cache`` (JSON lines),
 so an interrupted run resumes and ``--report`` rewrites the table alone. Writes ``bench/results/matrix.md``.
@@ -49,8 +51,10 @@ PATHS = ("linear", "vp", "vp-linear", "ve")
 PREDICTIONS = ("velocity", "score", "noise", "data")
 GOAL = 1.3
 PARITY_GOAL = 1.1
-VARIANTS = ("before", "after", "linear-velocity", "network")
-"""``--defaults``: before issue 16, the config's defaults, or that weighting with the auto time sampler."""
+VARIANTS = ("before", "network", "linear-velocity", "after")
+"""``--defaults``: before issue 16; that weighting with the auto time sampler and the path's own network
+(``network_path="own"``, the defaults before the option); or the config's defaults (every path through
+linear's network at the matched time)."""
 
 
 FINDINGS = """What the matrix taught (docs/theory.md, section 16):
@@ -77,26 +81,27 @@ def before_defaults(path: str, objective: str) -> dict[str, Any]:
 
 
 PARITY_FINDINGS = """What the parity bench taught (docs/theory.md, section 16, "Parity of objectives"):
-* The before rows at seed 0 are the rows of the earlier matrix (results/matrix.jsonl, the same code); the
-  machine was shared by several agents, so the before table has one seed (two for moons linear cfm), the
-  after table two. The after table trains cfm alone: with the "network" weighting cfm and dsm are one
-  loss per sample for the same draws (tests/test_parity.py), so a dsm cell trains the same loss on the same
-  draws. The after cells ran with the network weighting before its constant k = 1 + sigma_data^2 was added
-  (every weight x 0.8 on every path; with Adam a constant factor only changes where the gradient clip
-  engages).
-* Matched log-SNR times fix vp-linear, whose uniform times put three quarters of the draws on the noisy side
-  of log-SNR 0: moons 1.24 / 1.29 before (seed 0), 1.07 / 1.02 after (two seeds). vp and vp-linear train the
-  same network problem at matched times (docs/theory.md section 16) and their after rows agree; on
-  checkerboard both stay at 1.12 / 1.13-1.14.
-* ve stays apart on the SDE: its velocity has no data term, the network's target is -noise, and the
-  weighting uniform in the network's error is the DDPM noise loss, which weights the noise end 1.25 / (1 +
-  sigma)^2 times what linear cfm gives it (2e-4 at sigma = 80). Its ODE samples match linear cfm; its SDE
-  samples on 8gaussians do not (1.32 over two seeds; 1.17 before, one seed). Weighting ve back to linear
-  cfm's loss exactly ("linear-velocity") is far worse (moons 2.34 / 2.41, seed 0): in the network's units
-  that weight is thousands of times larger at the noise end, where the data part of the target is of size 1
-  / sigma. What would close the gap is the parameterisation, not the weight (docs/theory.md section 16).
-* Seed noise: linear cfm itself moves by up to 17 % between two training seeds (8gaussians 0.79 / 0.76 at
-  seed 0, 0.66 / 0.68 at seed 1), so two seeds resolve a 1.1x goal only roughly.
+* After (the defaults): every path runs through linear's network at the time of equal log-SNR, with
+  matched times and the linear-velocity weighting, so every (path, objective) trains linear cfm's problem
+  exactly (tests/test_parity.py; cfm = dsm per sample, so cfm alone is trained). The ODE ratios to linear
+  cfm are 0.99-1.01 on every path and toy (two seeds), and the SDE's 0.93-1.01 except on ve. The linear
+  rows are bit for bit the before table's (the same model, weight 1 and uniform times).
+* The cell still missed: 8gaussians, ve, SDE, 1.33 (1.29 at seed 0, 1.36 at seed 1; moons ve SDE 1.07).
+  Its ODE is 1.00, so the trained network is as good as linear cfm's; the gap is the SDE sampler's
+  default on ve. results/parity_sde.md samples ONE linear cfm network, the same weights, on every path:
+  ve's ODE 0.77 (linear 0.79), its default SDE 0.99 (linear 0.77), 0.74 with linear's diffusion carried
+  to ve at equal log-SNR and linear's grid. The default diffusion g^2 = beta det_v is alpha / 2 times the
+  score-SDE's: at equal log-SNR that is linear's tau / 2 on linear but 1 / 2 on ve (1 / tau times the
+  relative diffusion at high noise), and uniform times on ve are uniform in log sigma. Changing the SDE
+  sampler's defaults (every vp / ve SDE) is left to a follow-up.
+* Before that, with the path's own network (table "network"): vp-linear moved from 1.24 / 1.29 (before,
+  seed 0) to 1.07 / 1.02, checkerboard vp / vp-linear stayed at 1.12-1.14 and ve's SDE on 8gaussians at
+  1.32; the exact linear cfm weight on the own network ("linear-velocity") made ve far worse (moons 2.34 /
+  2.41): on ve the data part of the own network's target is of size 1 / sigma. With linear's network that
+  weight is uniform in the network's error, and ve's ODE matches linear cfm.
+* Seed noise: linear cfm itself moves by up to 17 % between two training seeds (8gaussians 0.79 / 0.77 at
+  seed 0, 0.66 / 0.67 at seed 1), so two seeds resolve a 1.1x goal only roughly; the 8gaussians ve SDE
+  cell misses at both seeds.
 """
 
 
@@ -117,10 +122,12 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = [{**c, **before_defaults(c["path"], c["objective"])} for c in out]
     elif args.defaults != "after":  # a weighting named explicitly, with the default (auto) time sampler
         out = [{**c, "weighting": args.defaults} for c in out]
+    network_path = "linear" if args.defaults == "after" else "own"
+    out = [{**c, "network_path": network_path} for c in out]
     if args.baseline:
         for objective, prediction in itertools.product(("cfm", "dsm"), PREDICTIONS):
             out.append(dict(toy=args.toys[0], path="linear", objective=objective, prediction=prediction,
-                            precondition=False, data_std=1.0, seed=0))  # fmt: skip
+                            precondition=False, data_std=1.0, seed=0, network_path="own"))  # fmt: skip
     return out
 
 
@@ -171,6 +178,8 @@ def measure(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
 
 CELL_FIELDS = ("toy", "path", "objective", "prediction", "precondition")
 OPTIONAL_FIELDS = ("data_n", "data_std", "weighting", "time_sampler")
+"""Besides these, ``network_path``: rows written before it existed were trained with the path's own
+network."""
 
 
 def load_cache(file: str) -> dict[str, dict[str, Any]]:
@@ -183,6 +192,7 @@ def load_cache(file: str) -> dict[str, dict[str, Any]]:
                     cell = {k: r[k] for k in CELL_FIELDS}
                     cell["seed"] = r.get("seed", 0)  # rows written before --seeds: the default seed 0
                     cell.update({k: r[k] for k in OPTIONAL_FIELDS if k in r})
+                    cell["network_path"] = r.get("network_path", "own")
                     done[key(cell, r["steps"])] = r
     return done
 
@@ -261,9 +271,10 @@ def report(variants: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
     titles = {
         "before": "Before: the defaults of before issue 16 (weighting noise for dsm and for cfm on ve, none "
         "otherwise; uniform times)",
-        "after": "After: the current defaults (weighting and time sampler auto: `parity_defaults`)",
-        "network": "After: weighting network, matched log-SNR times (`--defaults network`: what the auto "
-        "defaults resolve to)",
+        "after": "After: the current defaults (`--defaults after`: every path through linear's network at "
+        "the matched time, network_path linear; weighting linear-velocity, matched log-SNR times)",
+        "network": "Weighting network, matched log-SNR times, the path's own network (`--defaults network`: "
+        "the defaults before network_path existed)",
         "linear-velocity": "Weighting linear-velocity, matched log-SNR times (`--defaults linear-velocity`; "
         "its linear rows are the before rows: weight exactly 1, the same uniform times)",
     }

@@ -31,6 +31,7 @@ from .losses import (
 )
 from .models import MODELS
 from .paths import get_path
+from .preconditioning import NETWORK_PATHS
 
 VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
 """Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data)."""
@@ -66,6 +67,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective": (*OBJECTIVES, *FLOW_MAPS, *BRIDGES),
     "prediction": tuple(KINDS),
     "lr_schedule": LR_SCHEDULES,
+    "network_path": NETWORK_PATHS,
     "model": tuple(MODELS),
     "weighting": ("auto", *WEIGHTINGS),
     "time_sampler": ("auto", *TIME_SAMPLERS),
@@ -95,6 +97,10 @@ FIELD_HELP: dict[str, str] = {
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "
     "pass yourself is used as given",
+    "network_path": "with precondition, the network every path runs through (cfm, dsm, fm, sm): linear (the "
+    "linear path's network at the time of equal log-SNR, x rescaled: with the auto weighting and times every "
+    "path trains linear cfm's problem), or own (the path's own scalings at its own t, as runs stored before "
+    "this option)",
     "data_std": "standard deviation each feature of vector data is scaled to (EDM's sigma_data; images are "
     "mapped to [-1, 1]); also the sigma_data of the preconditioning; none: train in data units, no rescale "
     "(vector data; sigma_data is then the data's measured standard deviation)",
@@ -115,10 +121,10 @@ FIELD_HELP: dict[str, str] = {
     "model": "network: auto (MLP for vectors, UNet for images), mlp or unet",
     "width": "MLP hidden units or UNet base channels; none: the model's default",
     "depth": "MLP hidden layers or UNet levels; none: the model's default",
-    "weighting": "loss weighting lambda(t): auto (with time-sampler auto and preconditioning: network, "
-    "uniform in the preconditioned network's error; with another time sampler: noise for dsm/sm, for "
-    "cfm/fm none, but noise on a preconditioned ve path), noise, likelihood, network, linear-velocity or "
-    "none",
+    "weighting": "loss weighting lambda(t): auto (with time-sampler auto and preconditioning: "
+    "linear-velocity with network-path linear, network with network-path own, each uniform in the "
+    "preconditioned network's error; with another time sampler: noise for dsm/sm, for cfm/fm none, but "
+    "noise on a preconditioned ve path), noise, likelihood, network, linear-velocity or none",
     "time_sampler": "distribution of the training times t: auto (with preconditioning: the times whose "
     "log-SNR has the law of uniform times on the linear path; uniform without), uniform or logit-normal",
     "t_eps": "training times lie in [t_eps, 1 - t_eps]",
@@ -163,6 +169,7 @@ class TrainConfig:
     objective: str = "cfm"
     prediction: str = "velocity"
     precondition: bool = True
+    network_path: str = "linear"
     data_std: float | None = DATA_STD
     source: str = ""
     steps: int | None = None
@@ -243,16 +250,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_weighting(self) -> str | None:
-        """``weighting`` with "auto" resolved. With ``time_sampler="auto"``: :func:`parity_defaults`
-        ("network" when preconditioned). With a time sampler named explicitly (as every run stored before
-        the auto time sampler existed has), the rule of those runs, so that they resume as trained:
-        "noise" for dsm/sm; for cfm/fm none, except on the ``ve`` path with preconditioning ("noise")."""
+        """``weighting`` with "auto" resolved. With ``time_sampler="auto"``: :func:`parity_defaults` (when
+        preconditioned, "linear-velocity" with ``network_path="linear"``, "network" with "own"). With a
+        time sampler named explicitly (as every run stored before the auto time sampler existed has), the
+        rule of those runs, so that they resume as trained: "noise" for dsm/sm; for cfm/fm none, except on
+        the ``ve`` path with preconditioning ("noise")."""
         if self.weighting != "auto":
             return self.weighting
         if self.time_sampler == "auto":
             return parity_defaults(
-                self.path, self.objective, self.precondition, path_options=self.path_options, t_eps=self.t_eps
-            )["weighting"]
+                self.path, self.objective, self.precondition, path_options=self.path_options,
+                t_eps=self.t_eps, network_path=self.network_path,
+            )["weighting"]  # fmt: skip
         return _explicit_times_weighting(self.path, self.objective, self.precondition)
 
     def resolved_time_sampler(self) -> str | TimeSampler:
@@ -401,14 +410,19 @@ def parity_defaults(
     *,
     path_options: dict[str, Any] | None = None,
     t_eps: float = 1e-3,
+    network_path: str = "linear",
 ) -> dict[str, Any]:
     """The default ``{"weighting": ..., "time_sampler": ...}`` of ``objective`` on the path ``path_name``
     (with ``path_options``), chosen so that every (path, objective) trains like linear cfm at the same
     steps (issue 16; docs/theory.md section 16, "Parity of objectives").
 
-    Preconditioned: weighting "network" (uniform in the network's own error, which makes cfm and dsm one
-    loss, and fm and sm) and times :func:`flowscore.losses.snr_matched` to ``linear`` (the noise levels of
-    uniform times on linear; on ``linear`` itself exactly the "uniform" times). Without preconditioning:
+    Preconditioned: times :func:`flowscore.losses.snr_matched` to ``linear`` (the noise levels of uniform
+    times on linear; on ``linear`` itself exactly the "uniform" times) and, with ``network_path="linear"``
+    (every path through linear's network at the matched time), the weighting "linear-velocity": the loss
+    per sample is then linear cfm's, ``(1 + sigma_data^2) ||F - F*||^2`` at the matched time, for every path
+    and objective. With ``network_path="own"`` (the path's own scalings, runs stored before) the weighting
+    "network", uniform in that network's error. Both make cfm and dsm one loss, and fm and sm. Without
+    preconditioning:
     "noise" for dsm/sm, none for cfm/fm, uniform times (the raw network's error depends on its
     prediction, so no weighting is uniform in it for every prediction).
     """
@@ -420,10 +434,9 @@ def parity_defaults(
     if not precondition:
         return {"weighting": "noise" if space == "score" else None, "time_sampler": "uniform"}
     path = get_path(path_name, **(path_options or {}))
-    sampler = (
-        "uniform" if path.config() == get_path("linear").config() else snr_matched(path, "linear", t_eps)
-    )
-    return {"weighting": "network", "time_sampler": sampler}
+    sampler = "uniform" if path == get_path("linear") else snr_matched(path, "linear", t_eps)
+    weighting = "linear-velocity" if network_path == "linear" else "network"
+    return {"weighting": weighting, "time_sampler": sampler}
 
 
 def _explicit_times_weighting(path_name: str, objective: str, precondition: bool) -> str | None:

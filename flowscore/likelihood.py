@@ -21,7 +21,7 @@ import torch
 from . import _validate
 from ._validate import validation
 from .paths import GaussianPath, get_path
-from .samplers import Field, as_field, conversions_finite_at, integrate
+from .samplers import Field, _sampler_or_method, as_field, conversions_finite_at, integrate
 
 EXACT_DIVERGENCE_MAX_DIM = 8
 
@@ -53,11 +53,11 @@ def _divergence(
     return u.detach(), div.detach()
 
 
-def _check_options(steps: int, method: str, hutchinson: bool | None, n_probes: int, t_eps: float) -> None:
+def _check_options(steps: int, sampler: str, hutchinson: bool | None, n_probes: int, t_eps: float) -> None:
     for name, value in (("steps", steps), ("n_probes", n_probes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    _validate.choice(method, ("euler", "midpoint", "heun", "rk4", "dopri5"), "method")
+    _validate.choice(sampler, ("euler", "midpoint", "heun", "rk4", "dopri5"), "sampler")
     if hutchinson is not None and not isinstance(hutchinson, bool):
         raise ValueError(f"hutchinson must be None (auto), True or False, got {hutchinson!r}")
     if not 0 < t_eps < 0.5:
@@ -71,13 +71,14 @@ def log_likelihood(
     *,
     prediction: str = "velocity",
     steps: int = 100,
-    method: str = "rk4",
+    sampler: str | None = None,
     hutchinson: bool | None = None,
     n_probes: int = 1,
     t_eps: float = 1e-3,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     generator: torch.Generator | None = None,
+    method: str | None = None,
 ) -> torch.Tensor:
     r"""``(B,)`` log-density of the model's probability-flow ODE at the data points ``x`` (nats).
 
@@ -89,9 +90,10 @@ def log_likelihood(
             in ``x``.
         path: the Gaussian path (instance or name); its prior ``N(0, prior_std^2 I)`` gives ``log p_prior``.
         x: ``(B, *dims)`` data points.
-        steps: intervals of the fixed grid (fixed-step methods); for ``"dopri5"`` (adaptive, ``rtol``,
+        steps: intervals of the fixed grid (fixed-step integrators); for ``"dopri5"`` (adaptive, ``rtol``,
             ``atol``) it is ignored.
-        method: ``"rk4"`` (default), ``"dopri5"``, or ``"euler"``, ``"midpoint"``, ``"heun"``.
+        sampler: the ODE integrator: ``"rk4"`` (None: the default), ``"dopri5"``, or ``"euler"``,
+            ``"midpoint"``, ``"heun"``. ``method=`` is its older spelling (DeprecationWarning).
         hutchinson: ``None`` (auto): exact divergence when D = prod(dims) <= 8, Hutchinson above; ``True`` /
             ``False`` forces it. ``n_probes`` Rademacher probes per evaluation (from ``generator``).
         t_eps: the ends of the time interval: :math:`t_1 = 1` if the velocity is finite there, else
@@ -109,11 +111,12 @@ def log_likelihood(
         )
     x = _validate.batch(x, "x")
     _validate.finite(x, "x")
-    _check_options(steps, method, hutchinson, n_probes, t_eps)
+    sampler = _sampler_or_method(sampler, method, "rk4", "log_likelihood")
+    _check_options(steps, sampler, hutchinson, n_probes, t_eps)
     velocity = as_field(model, path, prediction, "velocity")
     t_hi = 1.0 if conversions_finite_at(path, prediction, ("velocity",), 1.0) else 1 - t_eps
     t_lo = 0.0 if conversions_finite_at(path, prediction, ("velocity",), 0.0) else t_eps
-    times = torch.linspace(t_hi, t_lo, 2 if method == "dopri5" else steps + 1, dtype=torch.float64)
+    times = torch.linspace(t_hi, t_lo, 2 if sampler == "dopri5" else steps + 1, dtype=torch.float64)
     times = times.to(dtype=x.dtype, device=x.device)
     dim = x[0].numel()
     use_hutchinson = dim > EXACT_DIVERGENCE_MAX_DIM if hutchinson is None else hutchinson
@@ -128,7 +131,7 @@ def log_likelihood(
 
     state = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], 1)], 1)
     with torch.no_grad(), validation(False):
-        state = integrate(augmented, state, times, method, rtol=rtol, atol=atol)
+        state = integrate(augmented, state, times, sampler, rtol=rtol, atol=atol)
     x_prior = state[:, :dim].reshape(x.shape)
     return path.prior_log_prob(x_prior) - state[:, dim]
 

@@ -133,7 +133,7 @@ def snr_matched(
     def uniform_density(v: torch.Tensor) -> torch.Tensor:
         return ((v >= 0) & (v <= 1)).to(v.dtype)
 
-    if path.config() == reference.config():
+    if path == reference:
         uniform.density = uniform_density  # type: ignore[attr-defined]
         uniform.time_density = lambda t: uniform_density((t - t_eps) / (1 - 2 * t_eps)) / (1 - 2 * t_eps)  # type: ignore[attr-defined]
         return uniform

@@ -68,7 +68,7 @@ from .losses import (
 )
 from .models import builtin_config
 from .paths import GaussianPath, get_path
-from .preconditioning import Preconditioned
+from .preconditioning import NETWORK_PATHS, Preconditioned
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -137,7 +137,12 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``(B,)`` per-sample losses of ``model`` on the batch ``x_data`` ``(B, *dims)`` with labels ``y``
-        ``(B,)`` (``-1``: no label; None without labels), drawing its randomness from ``generator``."""
+        ``(B,)`` (``-1``: no label; None without labels), drawing its randomness from ``generator``.
+
+        Your objective implements this. An objective that overrides :meth:`draw` and :meth:`per_sample`
+        instead (the built-in ones) gets ``per_sample(model, draw(x_data, y, generator))``."""
+        if self.draws_globally and type(self).per_sample is not Objective.per_sample:
+            return self.per_sample(model, self.draw(x_data, y, generator))
         raise NotImplementedError(f"{type(self).__name__} must implement loss(model, x_data, y, generator)")
 
     def draw(
@@ -224,7 +229,9 @@ class GaussianObjective(Objective):
             (cfm/dsm only, with the independent coupling).
         dim_reduction: "sum" (squared norm) or "mean" over the dims of a sample.
         precondition: :meth:`wrap` wraps the network in :class:`flowscore.Preconditioned` for the path and
-            prediction, with ``sigma_data`` the data's per-coordinate standard deviation.
+            prediction, with ``sigma_data`` the data's per-coordinate standard deviation and
+            ``network_path`` ("own": the path's own scalings; "linear": the linear path's network at the
+            time of equal log-SNR, :mod:`flowscore.preconditioning`).
     """
 
     space: str = "velocity"
@@ -243,6 +250,7 @@ class GaussianObjective(Objective):
         dim_reduction: str = "sum",
         precondition: bool = False,
         sigma_data: float = 1.0,
+        network_path: str = "own",
     ):
         if not isinstance(path, (GaussianPath, str)):
             raise ValueError(f"path must be a GaussianPath or a path name, got {type(path).__name__}")
@@ -260,6 +268,7 @@ class GaussianObjective(Objective):
         self.dim_reduction = _validate.choice(dim_reduction, DIM_REDUCTIONS, "dim_reduction")
         self.precondition = bool(precondition)
         self.sigma_data = _validate.number(sigma_data, "sigma_data", low=0.0, low_open=True)
+        self.network_path = _validate.choice(network_path, NETWORK_PATHS, "network_path")
         self.needs_data = self.reference_size > 0
         self._pool: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -335,15 +344,6 @@ class GaussianObjective(Objective):
             self.dim_reduction,
         )  # fmt: skip
 
-    def loss(
-        self,
-        model: Model,
-        x_data: torch.Tensor,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        return self.per_sample(model, self.draw(x_data, y, generator))
-
     # -- data, network, floor --------------------------------------------------------------------------------
     def bind(self, x_data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Keeps the training set as the pool of reference points (``reference_size > 0``)."""
@@ -356,10 +356,13 @@ class GaussianObjective(Objective):
             self._pool = (x_data, labels)
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """``Preconditioned(net, path, prediction, sigma_data)`` when :attr:`precondition`, else ``net``."""
+        """``Preconditioned(net, path, prediction, sigma_data, network_path)`` when :attr:`precondition`, else
+        ``net``."""
         if not self.precondition:
             return net
-        return Preconditioned(net, self.path, self.prediction, sigma_data=self.sigma_data)
+        return Preconditioned(
+            net, self.path, self.prediction, sigma_data=self.sigma_data, network_path=self.network_path
+        )
 
     @property
     def floor_absent(self) -> str | None:  # type: ignore[override]
@@ -425,7 +428,7 @@ class GaussianObjective(Objective):
             "time_sampler": named(self.time_sampler), "t_eps": self.t_eps, "coupling": self.coupling,
             "coupling_reg": self.coupling_reg, "reference_size": self.reference_size,
             "dim_reduction": self.dim_reduction, "precondition": self.precondition,
-            "sigma_data": self.sigma_data,
+            "sigma_data": self.sigma_data, "network_path": self.network_path,
         }  # fmt: skip
 
 
@@ -538,7 +541,7 @@ def objective_from_config(
     options = dict(
         prediction=config.prediction, weighting=config.resolved_weighting(),
         time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=sigma_data,
-        precondition=config.precondition and (model is None or builtin_config(model) is not None),
+        precondition=precondition, network_path=config.network_path,
     )  # fmt: skip
     if config.objective in ("cfm", "dsm"):
         options.update(

@@ -62,6 +62,20 @@ class GaussianPath:
         """JSON-serialisable description (stored in checkpoints)."""
         return {"name": self.name, **self.options()}
 
+    def spec(self) -> tuple[Any, ...]:
+        """What defines the path, hashable: its class and its options (a custom path's definitions, whose
+        callables count by identity). Paths compare equal (``==``) when their specs do: two objects built
+        from the same name and options are the same path."""
+        return (type(self), *sorted(self.options().items()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GaussianPath):
+            return NotImplemented
+        return self.spec() == other.spec()
+
+    def __hash__(self) -> int:
+        return hash(self.spec())
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
@@ -160,6 +174,13 @@ class GaussianPath:
         _validate.same_kind(a, b, name_a, name_b)
         return b
 
+    def _point_and_data(
+        self, x: torch.Tensor, x_data: torch.Tensor, t: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, x_data, t)`` checked: a batch ``x``, a time for it, ``x_data`` of the same shape and kind."""
+        x, t = self._batch_and_time(x, t)
+        return x, self._pair(x, x_data, "x", "x_data"), t
+
     def sample(self, x_data: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """``x = alpha_t * x_data + beta_t * noise``, shaped ``(B, *dims)``."""
         x_data, t = self._batch_and_time(x_data, t, "x_data")
@@ -208,8 +229,7 @@ class GaussianPath:
         """
         if noise is not None:
             return self.target(x_data, t, noise, "velocity")
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         return self.convert(x_data, x, t, "data", "velocity")
 
     def conditional_score(
@@ -219,8 +239,7 @@ class GaussianPath:
 
         Singular where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``): ``ValueError`` there.
         """
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         return self.convert(x_data, x, t, "data", "score")
 
     def conditional_log_prob(
@@ -231,8 +250,7 @@ class GaussianPath:
         Needs beta_t > 0: where beta = 0 (t = 1 on ``linear``, ``vp``, ``vp-linear``) the density is a Dirac
         and this raises ``ValueError`` instead of returning NaN.
         """
-        x, t = self._batch_and_time(x, t)
-        x_data = self._pair(x, x_data, "x", "x_data")
+        x, x_data, t = self._point_and_data(x, x_data, t)
         beta_t = self._beta(t)
         if _validate.value_checks_enabled() and bool((beta_t <= 0).any()):
             t_bad = t[beta_t <= 0].flatten()[0].item()
@@ -484,6 +502,10 @@ class CustomPath(GaussianPath):
         """The constructor's definitions (callables or strings); ``CustomPath(**path.callables())``
         rebuilds the path."""
         return dict(self._given)
+
+    def spec(self) -> tuple[Any, ...]:
+        """The class and every definition (expression strings by value, callables by identity)."""
+        return (type(self), *((k, v) for k, v in self._given.items() if v is not None))
 
     def options(self):
         return {k: v for k, v in self._given.items() if v is not None} if self.storable else {}

@@ -545,11 +545,13 @@ def _check_labels(
 
 
 def _stored_config(values: object) -> TrainConfig:
-    """The ``TrainConfig`` of a stored dict. A run stored before class labels, preconditioning or
-    ``data_std`` existed has no such key and was trained without them (unit-variance data): it keeps
-    ``labels=False``, ``precondition=False``, ``data_std=1``, so that it loads and resumes as it was."""
+    """The ``TrainConfig`` of a stored dict. A run stored before class labels, preconditioning,
+    ``data_std`` or ``network_path`` existed has no such key and was trained without them (unit-variance
+    data, the path's own scalings): it keeps ``labels=False``, ``precondition=False``, ``data_std=1``,
+    ``network_path="own"``, so that it loads and resumes as it was."""
     if isinstance(values, dict):
-        values = {**{"labels": False, "precondition": False, "data_std": 1.0}, **values}
+        old = {"labels": False, "precondition": False, "data_std": 1.0, "network_path": "own"}
+        values = {**old, **values}
     return TrainConfig.from_dict(values)
 
 

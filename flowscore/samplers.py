@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -446,6 +447,33 @@ def _start(path, prediction, sampler, t_first: float, t_eps: float, diffusion, t
     return t_eps if t_first == 0.0 else 1.0 - t_eps
 
 
+def _grid_to(
+    path: GaussianPath,
+    sampler: str,
+    prediction: str,
+    steps: int,
+    grid: str,
+    first: float,
+    end: float,
+    t_eps: float,
+    shift: float | None,
+    final: bool,
+) -> torch.Tensor:
+    """The 1D float64 grid of ``steps`` steps from ``first`` to ``end`` (:func:`time_grid`); with ``final``
+    its last step is the final step from ``end -/+ t_eps`` (towards data / noise) to ``end``, which needs
+    ``steps >= 2`` (``ValueError``)."""
+    if not final:
+        return time_grid(path, steps, grid, t_start=first, t_end=end, shift=shift)
+    if steps < 2:
+        raise ValueError(
+            f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path (the last "
+            f"step is the deterministic final step to t = {end:g})"
+        )
+    inner_end = end - t_eps if end > first else end + t_eps
+    inner = time_grid(path, steps - 1, grid, t_start=first, t_end=inner_end, shift=shift)
+    return torch.cat([inner, torch.full((1,), end, dtype=torch.float64)])
+
+
 def _needs_final_step(path, prediction, sampler, t_last: float) -> bool:
     """The velocity integrators (and ``sde``) close the last interval with :func:`final_step` when the
     velocity (or the score) is singular at the last time; ``sde`` always does."""
@@ -689,6 +717,28 @@ def _warn_flags(return_info: bool, return_nfe: bool, return_trajectory: bool, wh
         )
 
 
+def _run_and_finish(
+    counter: _Counted,
+    fn: Field,
+    *run: Any,
+    callback: Callback,
+    return_info: bool,
+    return_trajectory: bool,
+    return_nfe: bool,
+    what: str,
+    **options: Any,
+) -> torch.Tensor | tuple | SampleResult:
+    """``_run(fn, *run, monitor, **options)`` without gradients (``run``: path, prediction, sampler, x,
+    times, final as :func:`_run` takes them; ``options``: its keywords), watched by a :class:`_Monitor` of
+    ``counter`` (which counts ``fn``'s model calls), then :func:`_finish`: what :func:`sample` and
+    :func:`encode` return."""
+    x, times = run[3], run[4]
+    monitor = _Monitor(counter, callback, return_trajectory)
+    with torch.no_grad(), validation(False):
+        out = _run(fn, *run, monitor, **options)
+    return _finish(out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, what)
+
+
 def _finish(x, monitor, counter, times, return_info, return_trajectory, return_nfe, x_start, what):
     monitor.check(x, what)
     trajectory = torch.stack([x_start, *monitor.states]) if return_trajectory else None
@@ -821,16 +871,7 @@ def sample(
         if first is None:
             first = 0.0 if sb is not None else _start(path, prediction, sampler, 0.0, t_eps, diffusion, True)
         final = _needs_final_step(path, prediction, sampler, 1.0)
-        if final and steps < 2:
-            raise ValueError(
-                f"steps must be >= 2 for sampler {sampler!r} with a {prediction} model on this path "
-                "(the last step is the deterministic final step from 1 - t_eps)"
-            )
-        if final:
-            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=1 - t_eps, shift=shift)
-            times = torch.cat([inner, torch.ones(1, dtype=torch.float64)])
-        else:
-            times = time_grid(path, steps, grid, t_start=first, t_end=1.0, shift=shift)
+        times = _grid_to(path, sampler, prediction, steps, grid, first, 1.0, t_eps, shift, final)
     final = _needs_final_step(path, prediction, sampler, float(times[-1]))
     dtype = dtype or torch.get_default_dtype()
     check_sample_memory(n, shape, dtype, device, len(times) if return_trajectory else 0)
@@ -842,27 +883,12 @@ def sample(
     else:
         x = x_init
     counter = _Counted(fn)
-    monitor = _Monitor(counter, callback, return_trajectory)
-    with torch.no_grad(), validation(False):
-        out = _run(
-            counter,
-            path,
-            prediction,
-            sampler,
-            x,
-            times,
-            final,
-            monitor,
-            diffusion=diffusion,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            generator=generator,
-            sb_sigma=None if sb is None else sb.sb_sigma,
-        )
-    return _finish(
-        out, monitor, counter, times, return_info, return_trajectory, return_nfe, x, f"sampler {sampler!r}"
-    )
+    return _run_and_finish(
+        counter, counter, path, prediction, sampler, x, times, final, callback=callback, diffusion=diffusion,
+        rtol=rtol, atol=atol, max_steps=max_steps, generator=generator,
+        sb_sigma=None if sb is None else sb.sb_sigma, return_info=return_info,
+        return_trajectory=return_trajectory, return_nfe=return_nfe, what=f"sampler {sampler!r}",
+    )  # fmt: skip
 
 
 ANY_SOURCE_SAMPLERS = ("sb-sde",)
@@ -971,41 +997,12 @@ def encode(
                 f"t_start ({first}) must be later than t_end ({t_end}): encode runs data -> noise"
             )
         final = sampler in METHODS and not conversions_finite_at(path, prediction, ("velocity",), t_end)
-        if final and steps < 2:
-            raise ValueError(f"steps must be >= 2 for {sampler!r} with a {prediction} model (final step)")
-        if final:
-            inner = time_grid(path, steps - 1, grid, t_start=first, t_end=t_end + t_eps, shift=shift)
-            times = torch.cat([inner, torch.full((1,), t_end, dtype=torch.float64)])
-        else:
-            times = time_grid(path, steps, grid, t_start=first, t_end=t_end, shift=shift)
+        times = _grid_to(path, sampler, prediction, steps, grid, first, t_end, t_eps, shift, final)
     final = sampler in METHODS and not conversions_finite_at(
         path, prediction, ("velocity",), float(times[-1])
     )
-    monitor = _Monitor(counter, callback, return_trajectory)
-    with torch.no_grad(), validation(False):
-        out = _run(
-            fn,
-            path,
-            prediction,
-            sampler,
-            x,
-            times,
-            final,
-            monitor,
-            diffusion=None,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            generator=None,
-        )
-    return _finish(
-        out,
-        monitor,
-        counter,
-        times,
-        return_info,
-        return_trajectory,
-        return_nfe,
-        x,
-        f"encode with {sampler!r}",
-    )
+    return _run_and_finish(
+        counter, fn, path, prediction, sampler, x, times, final, callback=callback, diffusion=None, rtol=rtol,
+        atol=atol, max_steps=max_steps, generator=None, return_info=return_info,
+        return_trajectory=return_trajectory, return_nfe=return_nfe, what=f"encode with {sampler!r}",
+    )  # fmt: skip

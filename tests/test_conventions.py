@@ -31,14 +31,9 @@ EXCEPTIONS = {
     ("losses.cfm", "order"): "cfm(model, x_data, path): the losses' signature, a contract of earlier issues",
     ("losses.dsm", "order"): "dsm(model, x_data, path), as cfm",
     ("sample", "tuple"): "return_nfe / return_trajectory predate SampleResult; return_info=True gives it",
-    ("samplers.sample", "tuple"): "the same function as fs.sample",
     ("encode", "tuple"): "as sample",
-    ("samplers.encode", "tuple"): "the same function as fs.encode",
     ("sample_ode", "tuple"): "return_trajectory predates SampleResult (a low-level integrator)",
-    ("samplers.sample_ode", "tuple"): "the same function as fs.sample_ode",
     ("sample_sde", "tuple"): "as sample_ode",
-    ("samplers.sample_sde", "tuple"): "the same function as fs.sample_sde",
-    ("log_likelihood", "method"): "the ODE integrator of the likelihood (rk4/euler), named before issue 16",
     (
         "flowmaps.sample_jumps",
         "tuple",
@@ -51,13 +46,16 @@ EXCEPTIONS = {
 
 def _public() -> Iterator[tuple[str, Callable]]:
     """(name, callable) for each callable of ``fs.__all__`` and each public function/class defined in a
-    module listed there."""
+    module listed there, once: a module's member that ``fs`` exports itself (``samplers.sample`` is
+    ``fs.sample``) is walked under its top-level name only."""
+    top = {id(getattr(fs, name)) for name in fs.__all__}
     for name in fs.__all__:
         obj = getattr(fs, name)
         if isinstance(obj, types.ModuleType):
             for sub in getattr(obj, "__all__", [n for n in vars(obj) if not n.startswith("_")]):
                 member = getattr(obj, sub)
-                if callable(member) and getattr(member, "__module__", None) == obj.__name__:
+                own = callable(member) and getattr(member, "__module__", None) == obj.__name__
+                if own and id(member) not in top:
                     yield f"{name}.{sub}", member
         elif callable(obj):
             yield name, obj

@@ -145,6 +145,35 @@ def test_path_must_match_the_marginal():
         loss_floor(marginal, "vp", progress=False)
 
 
+def test_an_equal_path_built_again_is_the_marginals_path():
+    """Equality by value (the path's spec): a custom path from the same expressions, or a built-in one with
+    the same options, is the marginal's path; other expressions, options or callables are not."""
+    data = torch.randn(30, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    spec = {"alpha": "sin(pi / 2 * t)", "beta": "cos(pi / 2 * t)"}
+    marginal = EmpiricalMarginal(data, get_path("custom", **spec))
+    again = loss_floor(marginal, get_path("custom", **spec), n_samples=500, seed=1, progress=False)
+    same = loss_floor(marginal, n_samples=500, seed=1, progress=False)
+    assert again.value == same.value
+    # the custom vp path is vp: its floor is vp's (the same alpha and beta), written independently
+    vp = loss_floor(data, "vp", n_samples=500, seed=1, progress=False)
+    assert again.value == pytest.approx(vp.value, rel=1e-9)
+    with pytest.raises(ValueError, match="differs from the marginal's path"):
+        loss_floor(
+            marginal, get_path("custom", alpha=spec["alpha"], beta="cos(pi / 2 * t) ** 2"), progress=False
+        )
+    ve = EmpiricalMarginal(data, get_path("ve", sigma_max=50.0))
+    assert loss_floor(ve, get_path("ve", sigma_max=50.0), n_samples=200, progress=False).value > 0
+    with pytest.raises(ValueError, match="differs"):
+        loss_floor(ve, get_path("ve", sigma_max=40.0), progress=False)
+    alpha, beta = (lambda t: t), (lambda t: 1 - t)
+    own = EmpiricalMarginal(data, get_path("custom", alpha=alpha, beta=beta))
+    assert (
+        loss_floor(own, get_path("custom", alpha=alpha, beta=beta), n_samples=200, progress=False).value > 0
+    )
+    with pytest.raises(ValueError, match="differs"):
+        loss_floor(own, get_path("custom", alpha=lambda t: t, beta=beta), progress=False)
+
+
 @pytest.mark.parametrize("name", ["linear", "vp"])
 def test_floor_of_a_gaussian_matches_its_closed_form(name):
     # data N(m, s^2 I_D): Var(x_data | x) = s^2 beta^2 / (alpha^2 s^2 + beta^2) per dim, and

@@ -117,11 +117,25 @@ def test_bad_options_raise():
     mixture = _mixture()
     x = _points(mixture, 4)
     velocity = mixture.marginal("linear").velocity
-    with pytest.raises(ValueError, match="method"):
-        log_likelihood(velocity, "linear", x, method="rk45")
+    with pytest.raises(ValueError, match="sampler"):
+        log_likelihood(velocity, "linear", x, sampler="rk45")
     with pytest.raises(ValueError, match="hutchinson"):
         log_likelihood(velocity, "linear", x, hutchinson="yes")
     with pytest.raises(ValueError, match="n_probes"):
         log_likelihood(velocity, "linear", x, n_probes=0)
     with pytest.raises(ValueError, match="x"):
         log_likelihood(velocity, "linear", x[0])
+
+
+def test_the_integrator_is_named_sampler_and_method_still_works_with_a_deprecation_warning():
+    mixture = _mixture()
+    x = _points(mixture, 4)
+    velocity = mixture.marginal("linear").velocity
+    euler = log_likelihood(velocity, "linear", x, steps=8, sampler="euler")
+    with pytest.warns(DeprecationWarning, match="sampler="):
+        old = log_likelihood(velocity, "linear", x, steps=8, method="euler")
+    torch.testing.assert_close(old, euler, rtol=0, atol=0)
+    rk4 = log_likelihood(velocity, "linear", x, steps=8)  # the default integrator: another result
+    assert float((rk4 - euler).abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="sampler= only"):
+        log_likelihood(velocity, "linear", x, sampler="rk4", method="euler")

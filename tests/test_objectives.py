@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,18 @@ BASE = dict(batch_size=64, lr=3e-3, warmup=5, lr_schedule="constant", checkpoint
             loss_floor=False, device="cpu")  # fmt: skip
 
 
-class MyCFM(fs.Objective):
-    """A hand-written CFM on the linear path (the example of flowscore.objectives' docstring)."""
+def _docstring_example() -> type:
+    """``MyCFM``, the hand-written CFM on the linear path of flowscore.objectives' docstring, executed as it
+    is written there (so the example a reader copies is the one tested)."""
+    doc = fs.objectives.__doc__
+    start = doc.index("    class MyCFM(fs.Objective):")
+    code = textwrap.dedent(doc[start : doc.index("    fs.Trainer(", start)])
+    namespace = {"fs": fs, "torch": torch, "__name__": __name__}
+    exec(code, namespace)  # noqa: S102 (flowscore's own docstring)
+    return namespace["MyCFM"]
 
-    def loss(self, model, x_data, y=None, generator=None):
-        t = torch.rand(x_data.shape[0], generator=generator, device=x_data.device)
-        noise = torch.randn(x_data.shape, generator=generator, device=x_data.device)
-        tt = t.view(-1, *[1] * (x_data.dim() - 1))
-        x = tt * x_data + (1 - tt) * noise
-        out = model(x, t) if y is None else model(x, t, y)
-        return (out - (x_data - noise)).flatten(1).pow(2).sum(1)
+
+MyCFM = _docstring_example()
 
 
 class Net(nn.Module):

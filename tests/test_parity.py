@@ -1,4 +1,5 @@
-"""Parity of objectives (issue 16): the "network" weighting, matched log-SNR times, and their defaults.
+"""Parity of objectives (issue 16): the parity weightings, matched log-SNR times, every path through the
+linear network, and their defaults.
 
 Ground truth is written out here: the schedules in closed form, the preconditioning's c_in and c_out from
 their formulas, the network F known exactly, and the law of the log-SNR in closed form.
@@ -15,6 +16,7 @@ from torch import nn
 from flowscore import losses
 from flowscore.config import DATA_STD, TrainConfig, parity_defaults
 from flowscore.marginals import EmpiricalMarginal
+from flowscore.objectives import objective_from_config
 from flowscore.paths import get_path
 from flowscore.preconditioning import Preconditioned
 from flowscore.runs import _stored_config
@@ -211,10 +213,11 @@ def test_matched_times_need_t_eps_above_zero_off_the_reference():
 
 @pytest.mark.parametrize("name", PATHS)
 @pytest.mark.parametrize("objective", ["cfm", "fm", "dsm", "sm"])
-def test_the_defaults_are_the_network_weighting_and_matched_times(name, objective):
-    config = TrainConfig(path=name, objective=objective)
+@pytest.mark.parametrize("network_path", ["linear", "own"])
+def test_the_defaults_are_the_parity_weighting_and_matched_times(name, objective, network_path):
+    config = TrainConfig(path=name, objective=objective, network_path=network_path)
     assert (config.weighting, config.time_sampler) == ("auto", "auto")
-    assert config.resolved_weighting() == "network"
+    assert config.resolved_weighting() == {"linear": "linear-velocity", "own": "network"}[network_path]
     sampler = config.resolved_time_sampler()
     if name == "linear":
         assert sampler == "uniform"
@@ -276,3 +279,137 @@ def test_linear_velocity_weighting_is_the_linear_paths_velocity_error_at_the_sam
 def test_the_parity_weightings_are_exactly_one_for_cfm_on_linear_so_linear_cfm_is_unchanged(weighting):
     t = losses.sample_time(100_000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(losses.loss_weight(get_path("linear"), t, "velocity", weighting), torch.ones_like(t))
+
+
+# -- every path through the linear path's network at the matched time (network_path="linear") ----------------
+def matched(name: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(k, tau, k', tau') in closed form: x_path(t) = k x_linear(tau) at equal log-SNR, k = alpha + beta,
+    tau = alpha / k."""
+    alpha, beta, d_alpha, d_beta = schedule(name, t)
+    k = alpha + beta
+    return k, alpha / k, d_alpha + d_beta, (d_alpha * beta - alpha * d_beta) / k**2
+
+
+def time_of_linear(name: str, tau: torch.Tensor) -> torch.Tensor:
+    """The time of ``name`` whose log-SNR is linear's at ``tau`` (closed forms: sigma = (1 - tau) / tau)."""
+    sigma = (1 - tau) / tau
+    if name == "vp":
+        return torch.atan(1 / sigma) * 2 / math.pi
+    if name == "ve":
+        return torch.log(sigma / 80.0) / math.log(0.002 / 80.0)
+    b0, b1 = 0.1, 20.0  # vp-linear: e^{-T} = 1 / (1 + sigma^2), T(s) = b0 s + (b1 - b0) s^2 / 2, s = 1 - t
+    big_t = torch.log1p(sigma**2)
+    s = (-b0 + torch.sqrt(b0**2 + 2 * (b1 - b0) * big_t)) / (b1 - b0)
+    return 1 - s
+
+
+def linear_model(net: nn.Module, x_lin: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """linear's preconditioned velocity c_out F(c_in x, tau), the scalings written out."""
+    c_in = 1 / torch.sqrt(tau**2 * DATA_STD**2 + (1 - tau) ** 2)
+    return math.sqrt(1 + DATA_STD**2) * net(c_in[:, None] * x_lin, tau)
+
+
+@pytest.mark.parametrize("name", ["vp", "vp-linear", "ve"])
+@pytest.mark.parametrize("prediction", ["velocity", "score", "noise", "data"])
+def test_a_paths_model_through_the_linear_network_is_the_linear_model_at_the_matched_time(name, prediction):
+    """v_path(x, t) = (k'/k) x + k tau' v_linear(x / k, tau) with the same weights, then the closed-form
+    conversions out of the velocity (docs/theory.md sections 5 and 16)."""
+    x_data, t, noise = draws(seed=4)
+    net = KnownNet()
+    model = Preconditioned(net, name, prediction, sigma_data=DATA_STD, network_path="linear")
+    alpha, beta, d_alpha, d_beta = (c[:, None] for c in schedule(name, t))
+    x = alpha * x_data + beta * noise
+    k, tau, d_k, d_tau = matched(name, t)
+    v = (d_k / k)[:, None] * x + (k * d_tau)[:, None] * linear_model(net, x / k[:, None], tau)
+    det = d_alpha * beta - alpha * d_beta
+    expected = {
+        "velocity": v,
+        "data": (beta * v - d_beta * x) / det,
+        "noise": (d_alpha * x - alpha * v) / det,
+        "score": (alpha * v - d_alpha * x) / (beta * det),
+    }[prediction]
+    torch.testing.assert_close(model(x, t), expected, rtol=1e-8, atol=1e-9)
+    own = Preconditioned(net, name, prediction, sigma_data=DATA_STD)  # the old model differs: not vacuous
+    assert float((own(x, t) - expected).abs().max()) > 1e-2
+    # finite on the closed interval, every prediction
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    assert bool(torch.isfinite(model(torch.randn(2, 2, dtype=F64), ends)).all())
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "score", "noise", "data"])
+def test_on_linear_the_linear_network_is_the_own_model_bit_for_bit(prediction):
+    x_data, t, noise = draws(seed=5)
+    net = KnownNet()
+    x = t[:, None] * x_data + (1 - t[:, None]) * noise
+    a = Preconditioned(net, "linear", prediction, DATA_STD, network_path="linear")(x, t)
+    assert torch.equal(a, Preconditioned(net, "linear", prediction, DATA_STD)(x, t))
+
+
+@pytest.mark.parametrize("name", ["vp", "vp-linear", "ve"])
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+@pytest.mark.parametrize("prediction", ["velocity", "noise"])
+def test_with_the_defaults_each_sample_costs_linear_cfms_loss_at_the_matched_time(
+    name, objective, prediction
+):
+    """The default objective (network_path linear, weighting linear-velocity) at the path's time matched to
+    linear's tau: the per-sample loss is linear cfm's ||v_lin(x_lin, tau) - (x_data - noise)||^2, for the same
+    draws."""
+    g = torch.Generator().manual_seed(6)
+    x_data, noise = (
+        0.5 * torch.randn(50, 2, generator=g, dtype=F64),
+        torch.randn(50, 2, generator=g, dtype=F64),
+    )
+    lo, hi = half_log_snr_law(name)
+    tau = lo + (hi - lo) * torch.rand(50, generator=g, dtype=F64)
+    config = TrainConfig(path=name, objective=objective, prediction=prediction)
+    objective_ = objective_from_config(config)
+    net = KnownNet()
+    got = objective_.per_sample(
+        objective_.wrap(net), objective_.draw(x_data, t=time_of_linear(name, tau), noise=noise)
+    )
+    x_lin = tau[:, None] * x_data + (1 - tau[:, None]) * noise
+    expected = (linear_model(net, x_lin, tau) - (x_data - noise)).pow(2).sum(1)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["vp", "vp-linear", "ve"])
+@pytest.mark.parametrize("objective", ["cfm", "dsm"])
+def test_with_the_defaults_the_expected_loss_is_linear_cfms_by_monte_carlo(name, objective):
+    """E[loss] of the default objective, drawing its own times, against linear cfm's loss with the same
+    network over uniform times on the common range of noise levels (closed form), float64 Monte Carlo."""
+    n = 200_000
+    config = TrainConfig(path=name, objective=objective)
+    objective_ = objective_from_config(config)
+    net = KnownNet()
+    x_data = 0.5 * torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
+    got = objective_.loss(objective_.wrap(net), x_data, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(9)
+    lo, hi = half_log_snr_law(name)
+    tau = lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64)
+    data, noise = 0.5 * torch.randn(n, 2, generator=g, dtype=F64), torch.randn(n, 2, generator=g, dtype=F64)
+    x_lin = tau[:, None] * data + (1 - tau[:, None]) * noise
+    expected = (linear_model(net, x_lin, tau) - (data - noise)).pow(2).sum(1)
+    se = math.sqrt((got.var() + expected.var()) / n)
+    assert abs(float(got.mean() - expected.mean())) < 4 * se
+    # the own network with the same weighting and times trains another loss (the test can fail)
+    own = objective_from_config(
+        TrainConfig(path=name, objective=objective, network_path="own", weighting="linear-velocity")
+    )
+    other = own.loss(own.wrap(net), x_data, generator=torch.Generator().manual_seed(8))
+    assert abs(float(other.mean() - expected.mean())) > 10 * se
+
+
+def test_stored_runs_keep_the_own_network_and_the_old_defaults_remain_reachable():
+    stored = TrainConfig(path="vp").to_dict()
+    del stored["network_path"]  # a run stored before the option
+    config = _stored_config(stored)
+    assert config.network_path == "own" and config.resolved_weighting() == "network"
+    net = KnownNet()
+    x_data, t, noise = draws(seed=8)
+    x = x_data * torch.sin(math.pi / 2 * t)[:, None] + noise * torch.cos(math.pi / 2 * t)[:, None]
+    model = objective_from_config(config).wrap(net)
+    torch.testing.assert_close(
+        model(x, t), Preconditioned(net, "vp", "velocity", DATA_STD)(x, t), rtol=0, atol=0
+    )
+    fresh = objective_from_config(TrainConfig(path="vp")).wrap(net)
+    assert fresh.network_path == "linear" and not torch.allclose(fresh(x, t), model(x, t))

@@ -664,3 +664,21 @@ def test_linear_sigma_min_and_a_custom_path_round_trip_through_a_run_and_resume_
     assert all(torch.equal(full[k], part[k]) and torch.equal(full[k], custom_w[k]) for k in full)
     assert not any(torch.equal(full[k], plain[k]) for k in full)
     assert torch.isfinite(sample(run.model, run.path, 64, steps=8)).all()
+
+
+def test_paths_are_equal_by_value():
+    """Two paths built from the same name and options (a custom path: the same expressions, or the same
+    callables) are equal and hash alike; other options, expressions, callables or a string are not equal."""
+    assert get_path("vp") == get_path("vp") and hash(get_path("vp")) == hash(get_path("vp"))
+    assert get_path("linear", sigma_min=0.0) == get_path("linear")
+    assert get_path("linear", sigma_min=0.1) != get_path("linear")
+    assert get_path("ve", sigma_max=50.0) != get_path("ve") and get_path("vp") != get_path("vp-linear")
+    spec = {"alpha": "t", "beta": "1 - t"}
+    assert get_path("custom", **spec) == get_path("custom", **spec)
+    assert len({get_path("custom", **spec), get_path("custom", **spec)}) == 1
+    assert get_path("custom", **spec) != get_path("custom", alpha="t", beta="1 - t**2")
+    assert get_path("custom", **spec) != get_path("linear")  # the same schedule, another definition
+    alpha, beta = (lambda t: t), (lambda t: 1 - t)
+    assert get_path("custom", alpha=alpha, beta=beta) == get_path("custom", alpha=alpha, beta=beta)
+    assert get_path("custom", alpha=alpha, beta=beta) != get_path("custom", alpha=lambda t: t, beta=beta)
+    assert get_path("vp") != "vp"

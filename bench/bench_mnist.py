@@ -169,57 +169,73 @@ def stage_guided(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    """The markdown and the grid from the three parts."""
+    """The markdown and the grid from the parts of ``--run`` (and of the ``--earlier`` checkpoints' runs)."""
     from flowscore import plots
 
-    real, model, guided = _load(args, "real"), _load(args, "model"), _load(args, "guided")
+    real = _load(args, "real")
+    rows = []  # (step, model part, guided part) per run, the last one --run
+    for run_dir in [*args.earlier, args.run]:
+        part = argparse.Namespace(**{**vars(args), "run": run_dir})
+        rows.append((fs.load_run(run_dir).step, _load(part, "model"), _load(part, "guided")))
     run = fs.load_run(args.run)
     cfg = run.config
-    value_range = workflows.image_range(run)
+    _, model, guided = rows[-1]
     grids = {"guidance 0 (sorted by class)": model["x"]}
     grids.update({f"guidance {w:g}": guided[f"grid_{w:g}"] for w in args.guidance})
-    plots.plot_image_grid(grids, args.grid, value_range=value_range)
-    fid_model, fid_real = float(model["fid"]), float(real["fid"])
+    plots.plot_image_grid(grids, args.grid, value_range=workflows.image_range(run))
+    fid_real = float(real["fid"])
     seconds = {k: float(v["seconds"]) for k, v in (("real", real), ("model", model), ("guided", guided))}
     lines = [
         "# MNIST at the CPU preset: FID, class agreement, memorisation",
         "",
         f"Run: `flowscore train --data mnist` with the CPU preset `fast` (UNet width {cfg.width}, batch "
-        f"{cfg.batch_size}, {run.step} steps, lr {cfg.lr:g}, warm-up {cfg.warmup}); "
+        f"{cfg.batch_size}, {cfg.steps} steps, lr {cfg.lr:g}, warm-up {cfg.warmup}); "
         f"{sum(p.numel() for p in run.model.parameters()):,} parameters. {args.note}",
         "",
         f"`python bench/bench_mnist.py --run RUN --stage real|model|guided|report --n {args.n} --per-class "
         f"{args.per_class} --threads {args.threads}` (stages run side by side on the shared machine: real "
         f"{seconds['real']:.0f} s, model {seconds['model']:.0f} s of which "
-        f"{float(model['sample_seconds']):.0f} s sampling, guided {seconds['guided']:.0f} s; not speed "
-        "figures). Samples: the default ODE sampler, clamped to the pixel range.",
+        f"{float(model['sample_seconds']):.0f} s sampling {args.n} samples, guided "
+        f"{seconds['guided']:.0f} s; not speed figures). Samples: the default ODE sampler, clamped to the "
+        "pixel range.",
         "",
-        f"| set ({args.n} images vs {args.n} training digits) | FID | precision | recall | nn_ratio |",
-        "|---|---|---|---|---|",
-        f"| trained model (guidance 0, classes from the training mix) | {fid_model:.2f} | "
-        f"{float(model['precision']):.3f} | {float(model['recall']):.3f} | {float(model['nn_model']):.3f} |",
-        f"| real digits (held-out, then other training digits) | {fid_real:.2f} | - | - | - |",
-        f"| exact marginal (the perfect memoriser) | - | - | - | {float(model['nn_marginal']):.3f} |",
-        "",
-        f"FID ratio model / real-vs-real: **{fid_model / fid_real:.2f}** (goal: at most 2).",
-        "",
-        f"Class agreement (logistic regression on the {int(model['n_train'])} training digits; its accuracy "
-        f"on the {int(model['n_held'])} held-out digits, the ceiling: **{float(model['ceiling']):.3f}**):",
-        "",
-        "| guidance | samples | share labelled as the class asked for |",
-        "|---|---|---|",
-        f"| 0 (classes from the training mix) | {args.n} | {float(model['agree']):.3f} |",
+        f"| set ({args.n} images vs {args.n} training digits) | FID | FID / real-vs-real | precision "
+        "| recall | nn_ratio |",
+        "|---|---|---|---|---|---|",
     ]
+    for step, m, _ in rows:
+        fid_model = float(m["fid"])
+        lines.append(
+            f"| trained model at step {step} (guidance 0, classes from the training mix) | {fid_model:.2f} | "
+            f"**{fid_model / fid_real:.2f}** | {float(m['precision']):.3f} | {float(m['recall']):.3f} | "
+            f"{float(m['nn_model']):.3f} |"
+        )
     lines += [
-        f"| {w:g} | {10 * args.per_class} | {float(guided[f'agree_{w:g}']):.3f} |" for w in args.guidance
+        f"| real digits (held-out, then other training digits) | {fid_real:.2f} | 1 | - | - | - |",
+        f"| exact marginal (the perfect memoriser) | - | - | - | - | {float(model['nn_marginal']):.3f} |",
+        "",
+        "FID goal: at most 2 x real-vs-real at the same sizes.",
+        "",
+        f"Class agreement: the share of samples that a logistic-regression classifier (trained on the "
+        f"{int(model['n_train'])} training digits) labels as the class asked for; its accuracy on the "
+        f"{int(model['n_held'])} held-out digits, the ceiling: **{float(model['ceiling']):.3f}**. Guidance "
+        f"0: the {args.n} samples above (classes from the training mix); guidance "
+        f"{', '.join(f'{w:g}' for w in args.guidance)}: {args.per_class} samples per class.",
+        "",
+        "| model | " + " | ".join(f"guidance {w:g}" for w in [0.0, *args.guidance]) + " |",
+        "|---|" + "---|" * (1 + len(args.guidance)),
     ]
+    for step, m, g in rows:
+        values = [float(m["agree"])] + [float(g[f"agree_{w:g}"]) for w in args.guidance]
+        lines.append(f"| step {step} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines += [
         "",
         f"nn_ratio: mean pixel distance of a sample to its nearest training digit over that of "
         f"{int(model['n_reference'])} held-out digits (1: as far as fresh digits, 0: copies).",
         "",
-        f"Grid: [{os.path.basename(args.grid)}]({os.path.basename(args.grid)}) (guidance 0: 80 of the "
-        "samples, sorted by class; other guidance: 8 samples per class, class 0 first).",
+        f"Grid (step {rows[-1][0]}): [{os.path.basename(args.grid)}]({os.path.basename(args.grid)}) "
+        "(guidance 0: 80 of the samples, sorted by class; other guidance: 8 samples per class, class 0 "
+        "first).",
     ]
     with open(args.out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -244,6 +260,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "mnist.md"))
     parser.add_argument("--grid", default=os.path.join(HERE, "results", "mnist.png"))
     parser.add_argument("--note", default="", help="conditions of the training run, for the report")
+    parser.add_argument("--earlier", nargs="*", default=[], help="report: runs of earlier checkpoints too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name, stage in STAGES.items():

@@ -338,13 +338,15 @@ def cmd_verify(args: argparse.Namespace, print_fn: Callable[[str], None] = print
 # -- train -------------------------------------------------------------------------------------------------
 def _default_text(name: str) -> str:
     """The ``(default: ...)`` of a TrainConfig field, read from the dataclass and the per-data defaults."""
-    if name in config.PER_DATA_FIELDS:
-        parts = [f"{config.VECTOR_DEFAULTS[name]:g} (vectors)"]
-        parts += [f"{values[name]:g} ({data})" for data, values in config.IMAGE_DEFAULTS.items()]
-        return f"(default: per data set: {', '.join(parts)})"
     value = config.field_default(name)
     if name == "source":
         return "(default: empty, the standard normal N(0, I))"
+    if name in config.PER_DATA_FIELDS or name == "width":
+        parts = [f"{config.VECTOR_DEFAULTS[name]:g} (vectors)" if name != "width" else "none (vectors)"]
+        for data, shape in config.IMAGE_SHAPES.items():
+            presets = config.IMAGE_PRESETS[config.image_size_class(shape)]
+            parts.append(f"{data}: " + "/".join(f"{presets[p][name]:g}" for p in config.PRESETS[1:]))
+        return f"(default: {'; '.join(parts)}; images by --preset {'/'.join(config.PRESETS[1:])})"
     if value == "":
         return "(required)"
     if value is None:

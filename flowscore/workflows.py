@@ -541,7 +541,10 @@ def evaluate_run(
     result["per_class"] = None
     if getattr(run, "labelled", False) and getattr(run, "held_out_labels", None) is not None:
         result["per_class"] = evaluate_classes(run, n=n, seed=seed, threads=threads, progress=progress)
-    result.update(evaluate_images(run, samples.ode, n=n, seed=seed, fid_features=fid, threads=threads))
+    images = evaluate_images(
+        run, samples.ode, n=n, seed=seed, fid_features=fid, threads=threads, progress=progress
+    )
+    result.update(images)
     return EvalResult((key, result[key]) for key in EVAL_KEYS)
 
 

@@ -360,8 +360,9 @@ def _as_shown(value) -> str:
 
 def test_train_has_one_flag_per_config_field_showing_its_default(capsys, monkeypatch) -> None:
     shown = _shown_defaults(_help(capsys, monkeypatch, "train"))
-    per_data = {"vectors": fs.TrainConfig(data="moons"), "digits": fs.TrainConfig(data="digits"),
-                "mnist": fs.TrainConfig(data="mnist")}  # fmt: skip
+    presets = ("fast", "default", "large")
+    per_data = {data: [fs.TrainConfig(data=data, preset=p) for p in presets] for data in ("digits", "mnist")}
+    vectors = fs.TrainConfig(data="moons")
     for field in dataclasses.fields(fs.TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         assert flag in shown, f"{flag} is missing or shows no default"
@@ -372,9 +373,12 @@ def test_train_has_one_flag_per_config_field_showing_its_default(capsys, monkeyp
             assert shown[flag] == "required"
         elif field.name == "source":  # the empty string, shown as what it means
             assert default == "" and shown[flag].startswith("empty")
-        elif default is None and field.name in ("steps", "batch_size", "lr", "warmup"):
-            for kind, config in per_data.items():
-                assert f"{getattr(config, field.name):g} ({kind})" in shown[flag], (flag, shown[flag])
+        elif default is None and field.name in ("steps", "batch_size", "lr", "warmup", "width"):
+            value = getattr(vectors, field.name)
+            assert shown[flag].startswith(f"{_as_shown(value) if value is None else f'{value:g}'} (vectors)")
+            for data, configs in per_data.items():  # the value of each preset, in order
+                values = "/".join(f"{getattr(c, field.name):g}" for c in configs)
+                assert f"{data}: {values}" in shown[flag], (flag, shown[flag])
         else:
             assert shown[flag] == _as_shown(default), (flag, shown[flag], default)
 

@@ -130,6 +130,26 @@ def test_the_weights_unpickler_refuses_any_global_but_tensors_and_modules(tmp_pa
         inception._WeightsUnpickler(archive, "m").load()
 
 
+def test_a_fused_convolution_is_conv_then_batch_norm_then_relu_in_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    conv = inception._Conv((5, 3, 3, 1), stride=2)  # a 3 x 1 kernel: padding (1, 0)
+    for name, low in (("weight", -1.0), ("beta", -1.0), ("mean", -1.0), ("var", 0.0)):
+        getattr(conv, name).copy_(torch.rand(getattr(conv, name).shape, generator=gen) * 2 + low)
+    x = torch.randn(2, 3, 9, 7, generator=gen)
+    w, beta, mean, var = (getattr(conv, n).double() for n in ("weight", "beta", "mean", "var"))
+    h = torch.nn.functional.conv2d(x.double(), w, stride=2, padding=(1, 0))
+    expected = torch.relu(
+        (h - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-3) + beta[:, None, None]
+    )
+    unfused = conv(x)
+    conv.fuse()
+    fused = conv(x)
+    assert fused.shape == expected.shape == (2, 5, 5, 4)
+    assert torch.allclose(unfused.double(), expected, atol=1e-5)
+    assert torch.allclose(fused.double(), expected, atol=1e-5)
+    assert float(expected.max()) > 1.0 and float((expected == 0).float().mean()) > 0.1  # both relu sides
+
+
 def test_the_resize_is_tensorflows_legacy_bilinear() -> None:
     # output pixel j samples the input at j * in / out (no half-pixel offset), linear between pixels
     x = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)

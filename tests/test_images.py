@@ -174,6 +174,15 @@ def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
     assert result["nn_ratio"] == pytest.approx(nearest(samples).mean() / nearest(held[:50]).mean(), rel=1e-6)
 
 
+def test_eval_without_progress_prints_nothing_on_stderr(run_dir: str, capsys) -> None:
+    run = load_run(run_dir)
+    capsys.readouterr()
+    # n = 120 > the 89 held-out pairs: the image metrics draw more samples than the W2 part
+    result = workflows.evaluate_run(run, n=120, likelihood=False, fid=False, progress=False)
+    assert result["nn_ratio"] is not None
+    assert capsys.readouterr().err == ""
+
+
 def test_image_grid_places_each_image_in_its_cell() -> None:
     n, ncols, h, w = 7, 3, 2, 4
     images = np.arange(n * h * w, dtype=np.float64).reshape(n, 1, h, w) - 5.0

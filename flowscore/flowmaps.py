@@ -276,8 +276,10 @@ def draw_pairs(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(t, s)``, each ``(b,)``, with ``t <= s``: two independent draws of ``law`` sorted, then ``s = t`` on
-    each row with probability ``share_equal`` (those rows are plain flow matching).
+    r"""``(t, s)``, each ``(b,)``, with ``t <= s``: two independent draws of ``law`` sorted, except on each
+    row with probability ``share_equal``, where ``s = t`` is the first draw alone (those rows are plain flow
+    matching, with ``t`` distributed by ``law`` itself: the minimum of two draws would favour the noise end,
+    where the velocity is simplest).
 
     ``law``: ``"logit-normal"`` (:math:`\mathrm{sigmoid}(N(\mathrm{mean}, \mathrm{std}^2))`) or
     ``"uniform"`` on [0, 1]. Four draws per row from ``generator``, in a fixed order.
@@ -289,8 +291,8 @@ def draw_pairs(
     else:
         a = torch.sigmoid(mean + std * torch.randn((2, b), generator=generator, device=device))
     equal = torch.rand(b, generator=generator, device=device) < share
-    t, s = a.min(0).values, a.max(0).values
-    s = torch.where(equal, t, s)
+    t = torch.where(equal, a[0], a.min(0).values)
+    s = torch.where(equal, a[0], a.max(0).values)
     return t.to(dtype), s.to(dtype)
 
 

@@ -239,6 +239,27 @@ def test_draw_pairs_law():
     assert abs(float(t[other].mean()) - 1 / 3) < 0.01 and abs(float(s[other].mean()) - 2 / 3) < 0.01
 
 
+@pytest.mark.parametrize("law", ["uniform", "logit-normal"])
+def test_draw_pairs_equal_rows_follow_the_law(law):
+    """The s = t rows (flow matching) take t from the law itself, not the minimum of two draws (which would
+    put twice the weight at the noise end): Kolmogorov-Smirnov against U(0, 1), resp. logit(t) against
+    N(0.4, 0.8^2) (scipy's distributions)."""
+    from scipy import stats
+
+    t, s = draw_pairs(8000, share_equal=0.5, law=law, mean=0.4, std=0.8, dtype=F64,
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+    equal = t[s == t].numpy()
+    assert equal.size > 3500
+    if law == "uniform":
+        result = stats.kstest(equal, stats.uniform.cdf)
+    else:
+        result = stats.kstest(np.log(equal / (1 - equal)), stats.norm(0.4, 0.8).cdf)
+    assert result.pvalue > 1e-3, result
+    # the minimum of two uniforms is rejected by the same check (it can fail)
+    low = torch.rand(2, 4000, generator=torch.Generator().manual_seed(2), dtype=F64).min(0).values.numpy()
+    assert stats.kstest(low, stats.uniform.cdf).pvalue < 1e-6
+
+
 @pytest.mark.parametrize("objective", [MeanFlow, Semigroup])
 def test_training_learns_the_closed_form_map(objective):
     """A short training run on N(M, SIGMA^2) learns the one-jump map: its error falls well below the start's

@@ -101,32 +101,16 @@ def ratios(sample, toy: str, norm) -> dict[int, float]:
     return out
 
 
-def cfm_model(toy: str, steps: int, work: str):
-    config = fs.TrainConfig(data=toy, steps=steps, labels=False)
-    fs.Trainer(config, os.path.join(work, toy), progress=False).train()
-    return fs.load_run(os.path.join(work, toy))
-
-
 def best_solver(run, calls: int, sampler: str):
     """Samples of the cfm run with ``sampler`` at ``calls`` model calls (None where it cannot)."""
-    if sampler == "euler":
-        steps = calls
-    elif sampler in ("dpm++2m", "unipc"):
-        steps = calls
-    else:
+    if sampler not in ("euler", "dpm++2m", "unipc"):
         return None
     gen = torch.Generator().manual_seed(3)
-    x, nfe = fs.sample(
-        run.model,
-        run.path,
-        N,
-        prediction=run.prediction,
-        sampler=sampler,
-        steps=steps,
-        generator=gen,
-        return_nfe=True,
-    )
-    return x if nfe == calls else None
+    result = fs.sample(
+        run.model, run.path, N, prediction=run.prediction, sampler=sampler, steps=calls, generator=gen,
+        return_info=True,
+    )  # fmt: skip
+    return result.x if result.nfe == calls else None
 
 
 def map_error(model, toy: str, x_data: torch.Tensor, grid: int = 6) -> np.ndarray:
@@ -255,6 +239,8 @@ def write(rows_file: Path, out: Path) -> None:
         "| toy | model | steps | 1 call | 2 calls | 4 calls | 50 calls | train s | load |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    order = {toy: i for i, toy in enumerate(data.TOYS)}
+    rows = dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][0], kv[0][2], kv[0][1])))
     for (toy, name, steps), row in rows.items():
         r = {int(k): v for k, v in row["ratios"].items()}
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in (*CALLS, 50)]

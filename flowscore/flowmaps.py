@@ -4,7 +4,7 @@ The flow map :math:`X(x, t, s)` is the probability-flow ODE's solution at time `
 time ``t`` (t = 0 noise, t = 1 data; either direction), and the **average velocity** is
 :math:`u(x, t, s) = (X(x, t, s) - x) / (s - t)`, with :math:`u(x, t, t) = v(x, t)` the instantaneous
 velocity. A model of ``u`` samples in K calls by K jumps :math:`x \leftarrow x + (s - t)\,u(x, t, s)`.
-docs/theory.md, section 17, derives the identities used here.
+docs/theory.md, section 18, derives the identities used here.
 
 * :func:`exact_flow_map`: an adaptive float64 Dormand--Prince 5(4) solve of any velocity field, batched,
   per-row ``t`` and ``s`` in either direction; :meth:`flowscore.marginals.Marginal.flow_map`
@@ -411,7 +411,7 @@ class MeanFlow(_FlowMapObjective):
     .. math::  \mathrm{sg}\big[v + (s - t)\,(v \cdot \nabla_x + \partial_t)\,u_\theta(x_t, t, s)\big],
 
     with ``v`` the conditional velocity ``alpha'_t x_data + beta'_t noise`` (the expected gradient equals the
-    marginal velocity's: the target is affine in ``v``, docs/theory.md section 17), the total derivative
+    marginal velocity's: the target is affine in ``v``, docs/theory.md section 18), the total derivative
     from one ``torch.func.jvp`` with tangent ``(v, 1, 0)``. Options (shared with :class:`Semigroup`):
 
     * ``path``; ``law``, ``mean``, ``std``: the law of the two times, sorted into ``t <= s``

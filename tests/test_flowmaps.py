@@ -1,5 +1,5 @@
 """Flow maps against independent ground truth: a Gaussian-to-Gaussian flow in closed form, scipy's DOP853,
-the gradient theorem of docs/theory.md section 17 on common draws, and exact one-call sampling."""
+the gradient theorem of docs/theory.md section 18 on common draws, and exact one-call sampling."""
 
 from __future__ import annotations
 

@@ -2,25 +2,26 @@
 same-budget cfm velocity model sampled by the best few-step solver at the same calls and at 50 calls, and
 the trained map's error against the exact flow map over the (t, s) triangle.
 
-Training: a short loop of the trainer's recipe (AdamW, linear warm-up + cosine, grad clip 1, EMA 0.999 with
-the trainer's ramp; data scaled to per-feature std 0.5; batch 512; the built-in MLP, two-time for the flow
-maps; preconditioned), ``--steps`` updates for every model (the cfm model through ``fs.Trainer`` with the
-same steps). W2 / floor as bench_quality.py: mean over 3 pairs of fresh draws of W2(samples, A_k) over the
-mean of W2(B_k, A_k), 2000 points.
+Training: ``fs.Trainer`` with the defaults of ``flowscore train --data TOY --objective M`` (``--steps``
+overrides the trainer's default budget), for the flow maps and the cfm model alike. W2 / floor as
+bench_quality.py: mean over 3 pairs of fresh draws of W2(samples, A_k) over the mean of W2(B_k, A_k), 2000
+points. A flow map's 50-call column is its instantaneous velocity ``u(x, t, t)`` sampled by unipc (is the
+velocity itself good?). ``--step-ratio``: ms per training step of cfm, meanflow and semigroup in one process,
+interleaved.
 
 Map error: on moons, start points x_t drawn from the path's marginal at t, for (t, s) on a grid of the
 triangle t < s, the RMS of X_model(x, t, s) - X_exact(x, t, s) (EmpiricalMarginal.flow_map of the training
 set, float64) relative to the RMS of the exact displacement; written as a table and a plot.
 
-Run: ``OMP_NUM_THREADS=1 python bench/bench_flowmap.py [--steps 4000] [--toys moons ...]``. Writes
-bench/results/flowmap.md (and flowmap_triangle.png).
+Run: ``OMP_NUM_THREADS=1 python bench/bench_flowmap.py [--steps N] [--toys moons ...]``. Appends its rows to
+bench/results/flowmap.jsonl (toys may run as separate processes) and writes bench/results/flowmap.md from all
+rows there (and flowmap_triangle.png).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
+import json
 import os
 import tempfile
 import time
@@ -33,7 +34,6 @@ import flowscore as fs
 from flowscore import data
 from flowscore.metrics import w2
 from flowscore.models import build_model
-from flowscore.training import ema_decay_at, ema_update
 
 RESULTS = Path(__file__).parent / "results"
 TOYS = ("moons", "8gaussians", "checkerboard")
@@ -42,38 +42,42 @@ N = 2000
 PAIRS = 3
 
 
-def train_flow_map(
-    objective: fs.flowmaps._FlowMapObjective,
-    x_data: torch.Tensor,
-    steps: int,
-    batch: int = 512,
-    lr: float = 2e-3,
-    warmup: int = 500,
-    seed: int = 0,
-) -> torch.nn.Module:
-    """The EMA model after ``steps`` updates of ``objective`` on ``x_data`` (already scaled)."""
-    torch.manual_seed(seed)
-    net = build_model("mlp", x_data.shape[1:], two_time=True)
-    model = objective.wrap(net)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        rate = (
-            lr * (step + 1) / warmup
-            if step < warmup
-            else (lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1))))
-        )
-        for group in opt.param_groups:
-            group["lr"] = rate
-        idx = torch.randint(0, x_data.shape[0], (batch,), generator=gen)
-        loss = objective.loss(model, x_data[idx], generator=gen).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, ema_decay_at(0.999, step))
-    return ema
+def train_run(toy: str, objective: str, steps: int | None, work: str):
+    """A run of ``flowscore train --data toy --objective objective`` with every default (``steps`` None: the
+    default budget), loaded back; and its wall seconds."""
+    config = fs.TrainConfig(data=toy, objective=objective, steps=steps, labels=False)
+    start = time.perf_counter()
+    fs.Trainer(config, os.path.join(work, f"{toy}-{objective}"), progress=False).train()
+    return fs.load_run(os.path.join(work, f"{toy}-{objective}")), time.perf_counter() - start
+
+
+def step_ratio(rounds: int = 5, steps: int = 20) -> dict[str, float]:
+    """ms per training step (median over interleaved rounds, one process, one thread) of cfm, meanflow and
+    semigroup with the trainer's defaults on moons: the built-in MLP, batch 512; forward, loss, backward and
+    the AdamW update."""
+    from flowscore.objectives import objective_from_config
+
+    x_data, _ = scaled("moons")
+    setups = {}
+    for name in ("cfm", "meanflow", "semigroup"):
+        config = fs.TrainConfig(data="moons", objective=name)
+        objective = objective_from_config(config, fs.get_path("linear"))
+        torch.manual_seed(0)
+        net = build_model("mlp", (2,), two_time=objective.two_time or None)
+        setups[name] = (objective, objective.wrap(net), torch.optim.AdamW(net.parameters(), lr=1e-4))
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(rounds):
+        for name, (objective, model, opt) in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                idx = torch.randint(0, x_data.shape[0], (512,), generator=gen)
+                loss = objective.loss(model, x_data[idx], generator=gen).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            times[name].append(1000 * (time.perf_counter() - start) / steps)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def scaled(toy: str, n: int = data.DEFAULT_TOY_N, seed: int = 0) -> tuple[torch.Tensor, data.Normalizer]:
@@ -97,31 +101,15 @@ def ratios(sample, toy: str, norm) -> dict[int, float]:
     return out
 
 
-def cfm_model(toy: str, steps: int, work: str):
-    config = fs.TrainConfig(data=toy, steps=steps, labels=False)
-    fs.Trainer(config, os.path.join(work, toy), progress=False).train()
-    return fs.load_run(os.path.join(work, toy))
-
-
 def best_solver(run, calls: int, sampler: str):
     """Samples of the cfm run with ``sampler`` at ``calls`` model calls (None where it cannot)."""
-    if sampler == "euler":
-        steps = calls
-    elif sampler in ("dpm++2m", "unipc"):
-        steps = calls
-    else:
+    if sampler not in ("euler", "dpm++2m", "unipc"):
         return None
     gen = torch.Generator().manual_seed(3)
     result = fs.sample(
-        run.model,
-        run.path,
-        N,
-        prediction=run.prediction,
-        sampler=sampler,
-        steps=steps,
-        generator=gen,
+        run.model, run.path, N, prediction=run.prediction, sampler=sampler, steps=calls, generator=gen,
         return_info=True,
-    )
+    )  # fmt: skip
     return result.x if result.nfe == calls else None
 
 
@@ -151,40 +139,46 @@ def map_error(model, toy: str, x_data: torch.Tensor, grid: int = 6) -> np.ndarra
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the trainer's)")
     parser.add_argument("--toys", nargs="+", default=list(TOYS))
     parser.add_argument("--objectives", nargs="*", default=["meanflow", "semigroup"])
     parser.add_argument("--no-cfm", action="store_true")
     parser.add_argument("--triangle", action="store_true")
+    parser.add_argument("--step-ratio", action="store_true", help="only time a step of each objective")
+    parser.add_argument("--rows", default="flowmap.jsonl", help="rows file under bench/results (appended)")
     parser.add_argument("--out", default="flowmap.md", help="file name under bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows, triangle = [], {}
+    rows_file = RESULTS / args.rows
+    if args.step_ratio:
+        ms = step_ratio()
+        print({k: round(v, 2) for k, v in ms.items()}, {k: round(v / ms["cfm"], 2) for k, v in ms.items()})
+        _append(rows_file, {"kind": "step", "ms": ms, "load": os.getloadavg()[0]})
     with tempfile.TemporaryDirectory() as work:
-        for toy in args.toys:
-            x_data, norm = scaled(toy)
+        for toy in args.toys if not args.step_ratio else ():
             for name in args.objectives:
-                objective = fs.flowmaps.FLOW_MAP_OBJECTIVES[name]("linear")
-                start = time.perf_counter()
-                model = train_flow_map(objective, x_data, args.steps)
-                train_s = time.perf_counter() - start
+                run, train_s = train_run(toy, name, args.steps, work)
 
-                def sample(calls: int, model=model):
-                    if calls == 50:
-                        return None
+                def sample(calls: int, model=run.model):
+                    if calls == 50:  # its instantaneous velocity u(x, t, t), 50 unipc steps
+                        return fs.sample(
+                            _Instantaneous(model), "linear", N, sampler="unipc", steps=50,
+                            generator=torch.Generator().manual_seed(3),
+                        )  # fmt: skip
                     return fs.sample(
                         model, "linear", N, steps=calls, generator=torch.Generator().manual_seed(3)
                     )
 
-                r = ratios(sample, toy, norm)
-                rows.append((toy, name, r, train_s))
+                r = ratios(sample, toy, run.normalizer)
+                row = {"kind": "w2", "toy": toy, "model": name, "ratios": r, "steps": run.config.steps,
+                       "train_s": train_s, "load": os.getloadavg()[0]}  # fmt: skip
+                if args.triangle and toy == "moons":
+                    x_data = run.normalizer.encode(data.toy(toy, data.DEFAULT_TOY_N, 0))
+                    row["triangle"] = map_error(run.model, toy, x_data).tolist()
+                _append(rows_file, row)
                 print(toy, name, {k: round(v, 3) for k, v in r.items()}, f"{train_s:.0f}s", flush=True)
-                if args.triangle and toy == "moons" and name == args.objectives[0]:
-                    triangle[name] = map_error(model, toy, x_data)
             if not args.no_cfm:
-                start = time.perf_counter()
-                run = cfm_model(toy, args.steps, work)
-                train_s = time.perf_counter() - start
+                run, train_s = train_run(toy, "cfm", args.steps, work)
                 for sampler in ("dpm++2m", "unipc", "euler"):
                     r = ratios(
                         lambda calls, s=sampler, run=run: (
@@ -193,33 +187,79 @@ def main() -> None:
                         toy,
                         run.normalizer,
                     )
-                    rows.append((toy, f"cfm + {sampler}", r, train_s))
+                    row = {"kind": "w2", "toy": toy, "model": f"cfm + {sampler}", "ratios": r,
+                           "steps": run.config.steps, "train_s": train_s,
+                           "load": os.getloadavg()[0]}  # fmt: skip
+                    _append(rows_file, row)
                     print(toy, "cfm", sampler, {k: round(v, 3) for k, v in r.items()}, flush=True)
-    write(rows, triangle, args)
+    write(rows_file, RESULTS / args.out)
 
 
-def write(rows, triangle, args) -> None:
+class _Instantaneous(torch.nn.Module):
+    """``v(x, t) = u(x, t, t)``: the instantaneous velocity of a two-time model (its s = t pairs)."""
+
+    prediction = "velocity"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, t)
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write(rows_file: Path, out: Path) -> None:
+    """``out`` (markdown) from every row of ``rows_file``; of rows with the same toy, model and steps the
+    last one counts."""
+    rows: dict[tuple, dict] = {}
+    steps_rows = []
+    for line in rows_file.read_text().splitlines() if rows_file.exists() else []:
+        row = json.loads(line)
+        if row["kind"] == "step":
+            steps_rows.append(row)
+        else:
+            rows[(row["toy"], row["model"], row["steps"])] = row
     lines = [
         "# Flow-map objectives on 2D toys (`bench/bench_flowmap.py`)",
         "",
-        f"{args.steps} training steps for every model (batch 512, lr 2e-3, EMA 0.999; built-in MLP, "
-        "preconditioned; linear path; flow maps with their default options). W2(2000 samples, fresh data) / "
-        f"W2 floor (mean over {PAIRS} pairs of fresh draws). Flow maps: K jumps on the uniform grid; "
-        "cfm: the "
-        "same-steps velocity model by fs.Trainer sampled with the solver named, at K model calls "
-        "(50 calls: unipc). Training seconds on a shared 2-core machine: not a speed measurement.",
+        "Every model trained by `fs.Trainer` with the defaults of `flowscore train --data TOY --objective M` "
+        "(the trainer's steps, batch, lr, EMA; built-in MLP, preconditioned; linear path; the flow maps with "
+        f"their default options). W2({N} samples, fresh data) / W2 floor (mean over {PAIRS} pairs of fresh "
+        "draws). Flow maps: K jumps on the uniform grid (K model calls); their 50-call column is the "
+        "instantaneous velocity u(x, t, t) sampled by unipc. cfm: the same-steps velocity model sampled with "
+        "the solver named at K model calls (50 calls: unipc). Training seconds and load: on a shared 2-core "
+        "machine (load average at the end of the run), not a speed measurement.",
         "",
-        "| toy | model | 1 call | 2 calls | 4 calls | 50 calls | train s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| toy | model | steps | 1 call | 2 calls | 4 calls | 50 calls | train s | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for toy, name, r, train_s in rows:
+    order = {toy: i for i, toy in enumerate(data.TOYS)}
+    rows = dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][0], kv[0][2], kv[0][1])))
+    for (toy, name, steps), row in rows.items():
+        r = {int(k): v for k, v in row["ratios"].items()}
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in (*CALLS, 50)]
-        lines.append(f"| {toy} | {name} | " + " | ".join(cells) + f" | {train_s:.0f} |")
-    for name, err in triangle.items():
+        lines.append(f"| {toy} | {name} | {steps} | " + " | ".join(cells)
+                     + f" | {row['train_s']:.0f} | {row['load']:.1f} |")  # fmt: skip
+    for row in steps_rows:
+        ms = row["ms"]
+        lines += ["", "One training step (moons, MLP 4x256, batch 512, one thread, interleaved rounds, "
+                  "median): "
+                  + ", ".join(f"{k} {v:.1f} ms ({v / ms['cfm']:.2f}x cfm)" for k, v in ms.items())
+                  + f"; load average {row['load']:.1f}."]  # fmt: skip
+    for (toy, name, steps), row in rows.items():
+        if "triangle" not in row:
+            continue
+        err = np.array(row["triangle"], dtype=float)
         lines += [
             "",
-            f"Map error of {name} on moons: RMS(X_model - X_exact) / RMS(X_exact - x) over (t, s), "
-            "t rows, s columns (grid 1/6):",
+            f"Map error of {name} on {toy} ({steps} steps): RMS(X_model - X_exact) / RMS(X_exact - x) over "
+            "(t, s), t rows, s columns (grid 1/6):",
             "",
             "| t \\ s | " + " | ".join(f"{(j + 1) / 6:.2f}" for j in range(err.shape[1])) + " |",
             "|---|" + "---:|" * err.shape[1],
@@ -229,8 +269,7 @@ def write(rows, triangle, args) -> None:
                 f"| {i / 6:.2f} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in err[i]) + " |"
             )
         _plot(name, err)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
 
 
 def _plot(name: str, err: np.ndarray) -> None:

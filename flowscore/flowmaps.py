@@ -4,7 +4,7 @@ The flow map :math:`X(x, t, s)` is the probability-flow ODE's solution at time `
 time ``t`` (t = 0 noise, t = 1 data; either direction), and the **average velocity** is
 :math:`u(x, t, s) = (X(x, t, s) - x) / (s - t)`, with :math:`u(x, t, t) = v(x, t)` the instantaneous
 velocity. A model of ``u`` samples in K calls by K jumps :math:`x \leftarrow x + (s - t)\,u(x, t, s)`.
-docs/theory.md, section 17, derives the identities used here.
+docs/theory.md, section 18, derives the identities used here.
 
 * :func:`exact_flow_map`: an adaptive float64 Dormand--Prince 5(4) solve of any velocity field, batched,
   per-row ``t`` and ``s`` in either direction; :meth:`flowscore.marginals.Marginal.flow_map`
@@ -276,8 +276,10 @@ def draw_pairs(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(t, s)``, each ``(b,)``, with ``t <= s``: two independent draws of ``law`` sorted, then ``s = t`` on
-    each row with probability ``share_equal`` (those rows are plain flow matching).
+    r"""``(t, s)``, each ``(b,)``, with ``t <= s``: two independent draws of ``law`` sorted, except on each
+    row with probability ``share_equal``, where ``s = t`` is the first draw alone (those rows are plain flow
+    matching, with ``t`` distributed by ``law`` itself: the minimum of two draws would favour the noise end,
+    where the velocity is simplest).
 
     ``law``: ``"logit-normal"`` (:math:`\mathrm{sigmoid}(N(\mathrm{mean}, \mathrm{std}^2))`) or
     ``"uniform"`` on [0, 1]. Four draws per row from ``generator``, in a fixed order.
@@ -289,8 +291,8 @@ def draw_pairs(
     else:
         a = torch.sigmoid(mean + std * torch.randn((2, b), generator=generator, device=device))
     equal = torch.rand(b, generator=generator, device=device) < share
-    t, s = a.min(0).values, a.max(0).values
-    s = torch.where(equal, t, s)
+    t = torch.where(equal, a[0], a.min(0).values)
+    s = torch.where(equal, a[0], a.max(0).values)
     return t.to(dtype), s.to(dtype)
 
 
@@ -409,7 +411,7 @@ class MeanFlow(_FlowMapObjective):
     .. math::  \mathrm{sg}\big[v + (s - t)\,(v \cdot \nabla_x + \partial_t)\,u_\theta(x_t, t, s)\big],
 
     with ``v`` the conditional velocity ``alpha'_t x_data + beta'_t noise`` (the expected gradient equals the
-    marginal velocity's: the target is affine in ``v``, docs/theory.md section 17), the total derivative
+    marginal velocity's: the target is affine in ``v``, docs/theory.md section 18), the total derivative
     from one ``torch.func.jvp`` with tangent ``(v, 1, 0)``. Options (shared with :class:`Semigroup`):
 
     * ``path``; ``law``, ``mean``, ``std``: the law of the two times, sorted into ``t <= s``

@@ -23,7 +23,7 @@ from .conditioning import check_labels
 TWO_TIME_SCALE = 30.0
 """Time scale of the sinusoidal embeddings of a two-time (flow-map) model, in place of 1000: the MeanFlow
 target contains the network's time derivative, which the highest frequencies of the velocity networks'
-embedding make very large at initialisation (docs/theory.md section 17)."""
+embedding make very large at initialisation (docs/theory.md section 18)."""
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -1,5 +1,5 @@
 """Flow maps against independent ground truth: a Gaussian-to-Gaussian flow in closed form, scipy's DOP853,
-the gradient theorem of docs/theory.md section 17 on common draws, and exact one-call sampling."""
+the gradient theorem of docs/theory.md section 18 on common draws, and exact one-call sampling."""
 
 from __future__ import annotations
 
@@ -237,6 +237,27 @@ def test_draw_pairs_law():
     # min and max of two uniforms: E[t] = 1/3, E[s] = 2/3 on the unequal rows
     other = s != t
     assert abs(float(t[other].mean()) - 1 / 3) < 0.01 and abs(float(s[other].mean()) - 2 / 3) < 0.01
+
+
+@pytest.mark.parametrize("law", ["uniform", "logit-normal"])
+def test_draw_pairs_equal_rows_follow_the_law(law):
+    """The s = t rows (flow matching) take t from the law itself, not the minimum of two draws (which would
+    put twice the weight at the noise end): Kolmogorov-Smirnov against U(0, 1), resp. logit(t) against
+    N(0.4, 0.8^2) (scipy's distributions)."""
+    from scipy import stats
+
+    t, s = draw_pairs(8000, share_equal=0.5, law=law, mean=0.4, std=0.8, dtype=F64,
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+    equal = t[s == t].numpy()
+    assert equal.size > 3500
+    if law == "uniform":
+        result = stats.kstest(equal, stats.uniform.cdf)
+    else:
+        result = stats.kstest(np.log(equal / (1 - equal)), stats.norm(0.4, 0.8).cdf)
+    assert result.pvalue > 1e-3, result
+    # the minimum of two uniforms is rejected by the same check (it can fail)
+    low = torch.rand(2, 4000, generator=torch.Generator().manual_seed(2), dtype=F64).min(0).values.numpy()
+    assert stats.kstest(low, stats.uniform.cdf).pvalue < 1e-6
 
 
 @pytest.mark.parametrize("objective", [MeanFlow, Semigroup])

@@ -644,8 +644,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load_run_or_fail(args.run)
     result = workflows.evaluate_run(
         run, n=args.n, seed=args.seed, likelihood=not args.no_likelihood, threads=args.threads,
-        fid=not args.no_fid,
-        progress=not args.no_progress,
+        fid=not args.no_fid, sde=args.sde, progress=not args.no_progress,
     )  # fmt: skip
     print(workflows.format_eval(result))
     if args.json:
@@ -795,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-fid", action="store_true",
         help="image runs: skip FID, precision and recall (Inception-v3 features; nn_ratio is still given)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sde", action=argparse.BooleanOptionalAction, default=None,
+        help="also draw and measure SDE samples (default: yes for vectors, no for images, where the SDE "
+        "sampler's many steps would dominate eval's time)",
     )  # fmt: skip
     p.add_argument("--seed", type=_integer_min0, default=0, help="seed of the draws (default: 0)")
     _add_threads(p)

@@ -430,8 +430,11 @@ def draw_samples(
     ode_sampler: str | None = None,
     threads: int | None = None,
     progress: bool = False,
+    sde: bool = True,
 ) -> EvalSamples:
     """``n`` ODE samples (with their trajectory) and ``n`` SDE samples of the run, in data space.
+
+    ``sde=False`` draws no SDE samples (``sde`` None), as for a run trained from a data source.
 
     ``ode_sampler`` None: :data:`flowscore.samplers.DEFAULT_ODE_SAMPLER` (for an SB-CFM run ``euler``, and
     ``sb-sde`` instead of ``sde``, :func:`flowscore.sbcfm.default_sampler`); steps: the samplers' defaults.
@@ -442,10 +445,12 @@ def draw_samples(
         run, n, sampler=ode_sampler, seed=seed, trajectory=True, threads=threads, progress=progress
     )
     stochastic = default_sampler(run.model, stochastic=True)  # sb-sde for an SB-CFM run
-    sde = None
-    if getattr(run, "source", None) is None or stochastic in ANY_SOURCE_SAMPLERS:
-        sde = sample_run(run, n, sampler=stochastic, seed=seed + 1, threads=threads, progress=progress)
-    return EvalSamples(ode, sde, trajectory, ode_sampler)
+    stochastic_samples = None
+    if sde and (getattr(run, "source", None) is None or stochastic in ANY_SOURCE_SAMPLERS):
+        stochastic_samples = sample_run(
+            run, n, sampler=stochastic, seed=seed + 1, threads=threads, progress=progress
+        )
+    return EvalSamples(ode, stochastic_samples, trajectory, ode_sampler)
 
 
 def evaluate_run(
@@ -458,6 +463,7 @@ def evaluate_run(
     threads: int | None = None,
     fid: bool = True,
     progress: bool = False,
+    sde: bool | None = None,
 ) -> EvalResult:
     """W2 and MMD of ODE and SDE samples to held-out data, their floors, and the held-out likelihood.
 
@@ -481,6 +487,8 @@ def evaluate_run(
     :class:`EvalResult` (a dict; the keys of earlier versions ``mmd_ode``... still read). A flow-map run
     (a two-time model) is evaluated at 1, 2 and 4 model calls instead
     (:func:`flowscore.flowmap_runs.evaluate_flow_map_run`: the same keys, then ``calls`` and ``w2_Kcall``...).
+    ``sde``: draw and measure SDE samples; None (default): yes for vectors, no for images, where the SDE
+    sampler's many steps dominate eval's time and FID is taken on ODE samples (the ``*_sde`` keys are None).
     """
     from .image_metrics import evaluate_images
     from .likelihood import bits_per_dim
@@ -493,7 +501,9 @@ def evaluate_run(
     a, b = held_out_halves(run, min(n, MAX_W2_POINTS))
     m = a.shape[0]
     if samples is None:
-        samples = draw_samples(run, m, seed=seed, threads=threads, progress=progress)
+        if sde is None:
+            sde = not is_image(tuple(run.data_shape))
+        samples = draw_samples(run, m, seed=seed, threads=threads, progress=progress, sde=sde)
     sde_n = m if samples.sde is None else samples.sde.shape[0]
     if samples.ode.shape[0] < m or sde_n < m:
         raise ValueError(

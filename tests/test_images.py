@@ -140,7 +140,10 @@ def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
         result = json.load(fh)
     assert tuple(result) == workflows.EVAL_KEYS and result["n"] == 50
     assert result["fid"] is None and result["precision"] is None and result["recall"] is None  # --no-fid
-    words = ("ode_sampler", "w2_units", "dequantized", "per_class", "fid", "precision", "recall")
+    # images skip the SDE samples by default (their many steps would dominate eval's time)
+    sde_keys = ("w2_sde", "w2_ratio_sde", "mmd2_unbiased_sde")
+    assert all(result[k] is None for k in sde_keys)
+    words = ("ode_sampler", "w2_units", "dequantized", "per_class", "fid", "precision", "recall", *sde_keys)
     numbers = {k: v for k, v in result.items() if k not in words}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert [c["label"] for c in result["per_class"]] == list(range(10))  # digits are labelled
@@ -172,6 +175,25 @@ def test_eval_json_for_images(run_dir: str, workdir: str, capsys) -> None:
         return np.sqrt(((points[:, None] - train[None]) ** 2).sum(-1)).min(1)
 
     assert result["nn_ratio"] == pytest.approx(nearest(samples).mean() / nearest(held[:50]).mean(), rel=1e-6)
+
+
+def test_eval_sde_on_images_when_asked(run_dir: str, workdir: str, capsys) -> None:
+    out = os.path.join(workdir, "eval_sde.json")
+    args = ("eval", "--run", run_dir, "--n", "64", "--json", out, "--no-fid", "--no-likelihood", "--sde")
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "SDE samples" in stdout
+    with open(out) as fh:
+        result = json.load(fh)
+    # the SDE row: exact W2 (POT, float64) between the run's SDE samples and the first 64 held-out digits,
+    # both in eval's units (pixels [0, 16] -> [-1, 1], then per pixel: / 8 / sqrt(64))
+    run = load_run(run_dir)
+    sde = workflows.draw_samples(run, 64, seed=0).sde.reshape(64, 64).astype(np.float64)
+    held = run.held_out.double().numpy().reshape(-1, 64)[:64]
+    cost = ((sde[:, None] - held[None]) ** 2).sum(-1)
+    expected = math.sqrt(ot.emd2(np.full(64, 1 / 64), np.full(64, 1 / 64), cost)) / 8 / 8
+    assert result["w2_sde"] == pytest.approx(expected, rel=1e-4)
+    assert result["w2_ratio_sde"] == pytest.approx(result["w2_sde"] / result["w2_floor"])
 
 
 def test_eval_without_progress_prints_nothing_on_stderr(run_dir: str, capsys) -> None:

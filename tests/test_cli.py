@@ -388,7 +388,7 @@ def test_every_shown_default_of_the_other_commands_is_the_code_default(capsys, m
     commands = parser._subparsers._group_actions[0].choices
     for name in ("sample", "eval", "plot", "demo", "paths"):
         shown = _shown_defaults(_help(capsys, monkeypatch, name))
-        actions = {a.option_strings[-1]: a for a in commands[name]._actions if a.option_strings}
+        actions = {flag: a for a in commands[name]._actions for flag in a.option_strings}
         for flag, text in shown.items():
             action = actions[flag]
             if action.default is not None:

@@ -343,6 +343,9 @@ def _default_text(name: str) -> str:
         return "(default: empty, the standard normal N(0, I))"
     if name in config.PER_DATA_FIELDS or name == "width":
         parts = [f"{config.VECTOR_DEFAULTS[name]:g} (vectors)" if name != "width" else "none (vectors)"]
+        for objective, values in config.OBJECTIVE_VECTOR_DEFAULTS.items():
+            if name in values:
+                parts.append(f"{values[name]:g} ({objective} on vectors)")
         for data, shape in config.IMAGE_SHAPES.items():
             presets = config.IMAGE_PRESETS[config.image_size_class(shape)]
             parts.append(f"{data}: " + "/".join(f"{presets[p][name]:g}" for p in config.PRESETS[1:]))

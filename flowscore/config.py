@@ -35,6 +35,11 @@ from .preconditioning import NETWORK_PATHS
 
 VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
 """Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data; every preset)."""
+OBJECTIVE_VECTOR_DEFAULTS: dict[str, dict[str, Any]] = {"semigroup": {"lr": 4e-3, "reference_size": 256}}
+"""Per objective, on vector data named by ``TrainConfig.data`` (a toy or a file; not data handed to the
+Trainer, which may be a DataLoader), its values of the fields left None in place of :data:`VECTOR_DEFAULTS`'
+(and of ``reference_size``'s 0): semigroup trains with a higher learning rate and with its velocity
+averaged over 256 reference points (at most the training set), bench/results/flowmap_tuning.md."""
 PRESETS = ("auto", "fast", "default", "large")
 """The values of ``TrainConfig.preset``: "auto" is "fast" on a CPU and "default" on a CUDA device."""
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}
@@ -158,8 +163,11 @@ FIELD_HELP: dict[str, str] = {
     "coupling_reg": "Sinkhorn regularisation, relative to the batch's mean squared distance",
     "sb_sigma": "sbcfm: the diffusion sigma of the Brownian bridge, in the units the model is trained in "
     "(after the data_std scaling); the pairs are entropic OT at the absolute epsilon = 2 sigma^2",
-    "reference_size": "reference-batch targets (cfm, dsm): the target is the posterior average over the own "
-    "point and this many training points drawn each step; 0: plain targets",
+    "reference_size": "reference-batch targets (cfm, dsm; meanflow, semigroup: their velocity): the target "
+    "is the posterior average over the own point and this many training points drawn each step; 0: plain "
+    "targets; none: "
+    + "; ".join(f"{k} on vectors {v['reference_size']}" for k, v in OBJECTIVE_VECTOR_DEFAULTS.items())
+    + " (at most the training set), 0 otherwise",
     "n_holdout": "points kept out of training for eval; none: min(2000, N // 10)",
     "loss_floor": "compute the loss floor of the training data and log it next to the loss (cfm, dsm; with "
     "labels: the floor of label dropout, p_uncond x unconditional + (1 - p_uncond) x class-conditional; "
@@ -218,7 +226,7 @@ class TrainConfig:
     t_eps: float = 1e-3
     coupling: str = "independent"
     coupling_reg: float = DEFAULT_REG
-    reference_size: int = 0
+    reference_size: int | None = None
     sb_sigma: float = 1.0
     n_holdout: int | None = None
     loss_floor: bool = True
@@ -234,10 +242,14 @@ class TrainConfig:
 
     def fill_defaults(self) -> None:
         """Sets ``steps``, ``batch_size``, ``lr`` and ``warmup`` left None (and ``width`` of the named image
-        sets): :func:`per_data_defaults` of ``data``, ``preset`` and ``device`` (a stored config therefore
-        always holds numbers)."""
+        sets): :func:`per_data_defaults` of ``data``, ``preset`` and ``device``, with the objective's
+        :data:`OBJECTIVE_VECTOR_DEFAULTS` on vector data; and ``reference_size`` (0 unless the objective
+        sets it). A stored config therefore always holds numbers."""
         preset = self.preset if self.preset in PRESETS else "default"  # validate() names a bad one
-        for name, value in per_data_defaults(self.data, preset, self.device).items():
+        defaults = {**per_data_defaults(self.data, preset, self.device), "reference_size": 0}
+        if isinstance(self.data, str) and self.data and self.data not in IMAGE_SHAPES and not self.source:
+            defaults.update(OBJECTIVE_VECTOR_DEFAULTS.get(self.objective, {}))
+        for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
@@ -377,10 +389,15 @@ class TrainConfig:
         _validate.integer(self.reference_size, "reference_size", minimum=0)
         changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
         changed += [f"reference_size={self.reference_size}"] if self.reference_size else []
-        if changed and self.objective not in ("cfm", "dsm"):
+        if self.coupling != "independent" and self.objective not in ("cfm", "dsm"):
             raise ValueError(
-                f"{' and '.join(changed)}: for the conditional objectives cfm and dsm only; objective "
+                f"coupling={self.coupling!r}: for the conditional objectives cfm and dsm only; objective "
                 f"{self.objective!r} regresses on the exact marginal of the independent coupling"
+            )
+        if self.reference_size and self.objective not in ("cfm", "dsm", *FLOW_MAPS):
+            raise ValueError(
+                f"reference_size={self.reference_size}: for cfm, dsm and the flow maps "
+                f"({', '.join(FLOW_MAPS)}) only; objective {self.objective!r} regresses on the exact marginal"
             )
         if len(changed) == 2:
             raise ValueError(

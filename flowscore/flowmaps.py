@@ -27,7 +27,8 @@ from torch import nn
 
 from . import _validate
 from .conditioning import Model, check_labels, guided_model
-from .objectives import Objective
+from .couplings import reference_target
+from .objectives import Objective, ReferencePool
 from .paths import GaussianPath, get_path
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -320,6 +321,7 @@ class _FlowMapObjective(Objective):
         guidance: float = 0.0,
         sigma_data: float = 0.5,
         precondition: bool = True,
+        reference_size: int = 0,
     ):
         self.path = get_path(path)
         self.share_equal = _validate.number(share_equal, "share_equal", 0.0, 1.0)
@@ -331,6 +333,9 @@ class _FlowMapObjective(Objective):
         self.guidance = _validate.number(guidance, "guidance")
         self.sigma_data = _validate.number(sigma_data, "sigma_data", low=0.0, low_open=True)
         self.precondition = bool(precondition)
+        self.reference_size = _validate.integer(reference_size, "reference_size", minimum=0)
+        self._references = ReferencePool(self.reference_size, at_most=True)
+        self.needs_data = self.reference_size > 0
 
     def options(self) -> dict[str, Any]:
         """The constructor options (JSON); ``type(self)(**options)`` rebuilds the objective."""
@@ -345,6 +350,7 @@ class _FlowMapObjective(Objective):
             "guidance": self.guidance,
             "sigma_data": self.sigma_data,
             "precondition": self.precondition,
+            "reference_size": self.reference_size,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -362,9 +368,15 @@ class _FlowMapObjective(Objective):
             raise ValueError(f"{self.name} trains a two-time network: build the model with two_time=True")
         return PreconditionedFlowMap(net, self.path, self.sigma_data)
 
-    def _draw(self, x_data: torch.Tensor, generator: torch.Generator | None):
+    def bind(self, x_data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Keeps the training set as the pool of reference points (``reference_size > 0``)."""
+        self._references.bind(x_data, labels)
+
+    def _draw(self, x_data: torch.Tensor, generator: torch.Generator | None, y: torch.Tensor | None = None):
         """``(t, s, x, v)``: time pairs ``(B,)``, ``x = alpha_t x_data + beta_t noise`` and the conditional
-        velocity ``alpha'_t x_data + beta'_t noise`` ``(B, *dims)``."""
+        velocity ``alpha'_t x_data + beta'_t noise`` ``(B, *dims)``; with ``reference_size`` R > 0, ``v`` is
+        its posterior average over the batch's own point and R reference points of the training set (of the
+        row's class where ``y`` >= 0; :func:`flowscore.couplings.reference_target`)."""
         b = x_data.shape[0]
         t, s = draw_pairs(
             b,
@@ -378,7 +390,15 @@ class _FlowMapObjective(Objective):
         )
         noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=x_data.dtype)
         x = self.path.sample(x_data, t, noise)
-        return t, s, x, self.path.target(x_data, t, noise, "velocity")
+        reference, reference_y = self._references.draw(generator)
+        if reference is None:
+            return t, s, x, self.path.target(x_data, t, noise, "velocity")
+        labelled = y is not None and reference_y is not None  # per class, where the run has labels
+        v = reference_target(
+            self.path, x_data, t, noise, reference, "velocity", y=y if labelled else None,
+            reference_y=reference_y if labelled else None,
+        )  # fmt: skip
+        return t, s, x, v
 
     def _guided_velocity(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None
@@ -420,7 +440,12 @@ class MeanFlow(_FlowMapObjective):
       (stop-gradient; p = 0 is the plain squared error);
     * ``guidance`` w: classifier-free guidance trained into the target (labelled rows use
       ``(1 + w) v - w u_theta(x, t, t, -1)`` for ``v``), so that one call samples the guided model;
-    * ``sigma_data``, ``precondition``: :meth:`wrap` preconditions a built-in two-time network.
+    * ``sigma_data``, ``precondition``: :meth:`wrap` preconditions a built-in two-time network;
+    * ``reference_size`` R: with R > 0 the velocity ``v`` (tangent and target) is its posterior average over
+      the row's own point and R points of the training set bound by :meth:`bind` (at most all of them; per
+      class on labelled rows): an estimate of the marginal velocity with far less variance than the
+      conditional one (the stable-target-field idea; biased for R below the training set's size, exact
+      at it). ``TrainConfig`` sets it per objective (:data:`flowscore.config.OBJECTIVE_VECTOR_DEFAULTS`).
 
     ``loss(model, x_data, y, generator)`` returns the per-sample loss ``(B,)``; the model is called as
     ``model(x, t, s[, y])``.
@@ -435,7 +460,7 @@ class MeanFlow(_FlowMapObjective):
         y: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        t, s, x, v = self._draw(x_data, generator)
+        t, s, x, v = self._draw(x_data, generator, y)
         return self.regress(model, x, t, s, self._guided_velocity(model, x, t, v, y), y)
 
     def regress(
@@ -497,7 +522,7 @@ class Semigroup(_FlowMapObjective):
         y: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        t, s, x, v = self._draw(x_data, generator)
+        t, s, x, v = self._draw(x_data, generator, y)
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
         r = t + lam * (s - t)
         return self.regress(model, x, t, s, r, self._guided_velocity(model, x, t, v, y), y)

@@ -210,6 +210,39 @@ class QualityWarning(UserWarning):
     """A training choice that the quality matrix (``bench/bench_matrix.py``) shows to sample badly."""
 
 
+class ReferencePool:
+    """The training set an objective keeps (:meth:`Objective.bind`) for reference-batch targets, and the
+    ``size`` reference points it draws for each batch (without replacement). ``at_most``: a training set
+    smaller than ``size`` gives all its points (else :meth:`bind` refuses it)."""
+
+    def __init__(self, size: int, at_most: bool = False):
+        self.size = _validate.integer(size, "reference_size", minimum=0)
+        self.at_most = bool(at_most)
+        self.points: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def bind(self, x_data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Keeps ``x_data`` ``(N, *dims)`` and its labels when ``size > 0``."""
+        if not self.size:
+            return
+        if self.size > x_data.shape[0] and not self.at_most:
+            raise ValueError(
+                f"reference_size {self.size} is larger than the {x_data.shape[0]} training points it is "
+                "drawn from (without replacement); pass a smaller --reference-size"
+            )
+        self.points = (x_data, labels)
+
+    def draw(
+        self, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(reference, reference_y)``: ``(size, *dims)`` points and their labels (None without labels),
+        drawn from ``generator``; ``(None, None)`` when ``size`` is 0 or nothing is bound."""
+        if not self.size or self.points is None:
+            return None, None
+        pool, pool_y = self.points
+        pick = torch.randperm(pool.shape[0], generator=generator, device=pool.device)[: self.size]
+        return pool[pick], None if pool_y is None else pool_y[pick]
+
+
 class GaussianObjective(Objective):
     r"""A regression :math:`\lambda(t)\lVert \mathrm{convert}(f_\theta(x, t)) - T\rVert^2` in the objective's
     ``space`` (velocity or score) at ``x = path.sample(x_data, t, noise)``, with ``t`` drawn by
@@ -265,12 +298,12 @@ class GaussianObjective(Objective):
         self.coupling = _validate.choice(coupling, couplings.COUPLINGS, "coupling")
         self.coupling_reg = coupling_reg
         self.reference_size = _validate.integer(reference_size, "reference_size", minimum=0)
+        self._references = ReferencePool(self.reference_size)
         self.dim_reduction = _validate.choice(dim_reduction, DIM_REDUCTIONS, "dim_reduction")
         self.precondition = bool(precondition)
         self.sigma_data = _validate.number(sigma_data, "sigma_data", low=0.0, low_open=True)
         self.network_path = _validate.choice(network_path, NETWORK_PATHS, "network_path")
         self.needs_data = self.reference_size > 0
-        self._pool: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # -- one batch: draw, target, weight, per-sample loss --------------------------------------------------
     def draw(
@@ -309,12 +342,8 @@ class GaussianObjective(Objective):
         noise = couplings.couple(
             x_data, noise, self.coupling, reg=self.coupling_reg, y=y, generator=generator
         )
-        if reference is None and self.reference_size and self._pool is not None:
-            pool, pool_y = self._pool
-            pick = torch.randperm(pool.shape[0], generator=generator, device=pool.device)[
-                : self.reference_size
-            ]
-            reference, reference_y = pool[pick], None if pool_y is None else pool_y[pick]
+        if reference is None and self._references.points is not None:
+            reference, reference_y = self._references.draw(generator)
         return Batch(x_data, y, t, noise, self.path.sample(x_data, t, noise), reference, reference_y)
 
     def target(self, batch: Batch) -> torch.Tensor:
@@ -347,13 +376,7 @@ class GaussianObjective(Objective):
     # -- data, network, floor --------------------------------------------------------------------------------
     def bind(self, x_data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Keeps the training set as the pool of reference points (``reference_size > 0``)."""
-        if self.reference_size:
-            if self.reference_size > x_data.shape[0]:
-                raise ValueError(
-                    f"reference_size {self.reference_size} is larger than the {x_data.shape[0]} training "
-                    "points it is drawn from (without replacement); pass a smaller --reference-size"
-                )
-            self._pool = (x_data, labels)
+        self._references.bind(x_data, labels)
 
     def wrap(self, net: nn.Module) -> nn.Module:
         """``Preconditioned(net, path, prediction, sigma_data, network_path)`` when :attr:`precondition`, else
@@ -537,7 +560,9 @@ def objective_from_config(
 
         return SBCFM(config.sb_sigma, t_eps=config.t_eps)
     if config.objective in _flow_maps():  # flowscore.flowmaps: their own time pairs and weighting
-        return _flow_maps()[config.objective](path, sigma_data=sigma_data, precondition=precondition)
+        return _flow_maps()[config.objective](
+            path, sigma_data=sigma_data, precondition=precondition, reference_size=config.reference_size
+        )
     options = dict(
         prediction=config.prediction, weighting=config.resolved_weighting(),
         time_sampler=config.resolved_time_sampler(), t_eps=config.t_eps, sigma_data=sigma_data,

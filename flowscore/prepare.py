@@ -178,9 +178,8 @@ def _check_objective(
             f"objective must be a flowscore.Objective (a subclass implementing loss(model, x_data, y, "
             f"generator)), got {type(objective).__name__}"
         )
-    from .config import field_default
-
-    changed = [name for name in OBJECTIVE_FIELDS if getattr(config, name) != field_default(name)]
+    defaults = TrainConfig()  # the default of each field, filled (reference_size: 0 for cfm)
+    changed = [name for name in OBJECTIVE_FIELDS if getattr(config, name) != getattr(defaults, name)]
     if changed:
         raise ValueError(
             f"objective= is given, so config.{', '.join(changed)} have no say: leave them at their defaults"

@@ -146,6 +146,33 @@ def test_meanflow_resume_is_bit_identical(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_semigroup_defaults_on_vectors_and_resume_with_references(tmp_path):
+    """Semigroup on named vector data defaults to lr 4e-3 and 256 reference points (stored as numbers);
+    meanflow, cfm and data handed to the Trainer keep the plain defaults; explicit values win. A run on
+    fewer training points than 256 uses them all, and resumes bit-identically (the reference draws are part
+    of the generator's stream)."""
+    config = fs.TrainConfig(data="moons", objective="semigroup")
+    assert (config.lr, config.reference_size) == (4e-3, 256)
+    assert config.to_dict()["reference_size"] == 256
+    others = (dict(objective="meanflow"), dict(objective="cfm"), dict(data="digits", objective="semigroup"))
+    for other in others:
+        assert fs.TrainConfig(**{"data": "moons", **other}).reference_size == 0
+    assert fs.TrainConfig(data="moons", objective="meanflow").lr == 2e-3
+    assert fs.TrainConfig(objective="semigroup").reference_size == 0  # data given to the Trainer
+    assert fs.TrainConfig(data="moons", objective="semigroup", lr=1e-3, reference_size=0).lr == 1e-3
+    small = dict(TINY, objective="semigroup", data_n=300, n_holdout=100, lr_schedule="constant")  # 200 < 256
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    fs.Trainer(fs.TrainConfig(steps=30, **small), whole, progress=False).train()
+    fs.Trainer(fs.TrainConfig(steps=15, **small), part, progress=False).train()
+    fs.Trainer.resume(part, steps=30, progress=False).train(resume=True)
+    run = fs.load_run(whole)
+    assert run.config.reference_size == 256 and run.objective["reference_size"] == 256
+    a, _ = checkpoint.load_checkpoint(whole / CHECKPOINT_FILE)
+    b, _ = checkpoint.load_checkpoint(part / CHECKPOINT_FILE)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_a_flow_map(tmp_path):
     """torchrun with 2 CPU processes and --objective meanflow: the JVP inside DDP's forward is not supported,

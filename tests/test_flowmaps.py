@@ -230,6 +230,38 @@ def test_guidance_enters_the_target_with_the_model_unconditional_velocity():
     assert torch.allclose(out, expected)
 
 
+@pytest.mark.parametrize("objective", [MeanFlow, Semigroup])
+def test_reference_velocity_is_the_posterior_average_over_the_own_point_and_the_references(objective):
+    # linear path, x = t a + (1 - t) e: given the data point a the velocity is (a - x) / (1 - t), and the
+    # posterior over a finite set {a_j} weighs a_j by exp(-|x - t a_j|^2 / (2 (1 - t)^2)); written in
+    # numpy here, over the row's own point and every pool point (of its class where the row has a label)
+    g = torch.Generator().manual_seed(11)
+    pool, labels = torch.randn(40, 2, generator=g, dtype=F64), torch.arange(40) % 3
+    batch, y = torch.randn(16, 2, generator=g, dtype=F64), torch.tensor([0, 1, 2, -1] * 4)
+    for with_labels in (False, True):
+        obj = objective("linear", reference_size=40)
+        assert obj.needs_data and obj.options()["reference_size"] == 40
+        obj.bind(pool, labels if with_labels else None)
+        rows = y if with_labels else None
+        t, s, x, v = obj._draw(batch, torch.Generator().manual_seed(3), rows)
+        assert torch.equal(v, obj._draw(batch, torch.Generator().manual_seed(3), rows)[3])  # reproducible
+        for i in range(16):
+            ti, xi = float(t[i]), x[i].numpy()
+            keep = pool.numpy() if not with_labels or y[i] < 0 else pool[labels == y[i]].numpy()
+            points = np.concatenate([batch[i : i + 1].numpy(), keep])
+            logw = -((xi - ti * points) ** 2).sum(1) / (2 * (1 - ti) ** 2)
+            w = np.exp(logw - logw.max())
+            expected = (w[:, None] * (points - xi)).sum(0) / w.sum() / (1 - ti)
+            assert np.allclose(v[i].numpy(), expected, rtol=1e-9, atol=1e-9), (with_labels, i)
+        if not with_labels:
+            v_unlabelled = v
+    plain = objective("linear")._draw(batch, torch.Generator().manual_seed(3))[3]
+    assert not plain.allclose(v)  # the references change the target
+    many = objective("linear", reference_size=1000)  # at most the training set: all 40 points
+    many.bind(pool)
+    assert torch.allclose(many._draw(batch, torch.Generator().manual_seed(3))[3], v_unlabelled, atol=1e-12)
+
+
 def test_draw_pairs_law():
     t, s = draw_pairs(20000, share_equal=0.25, law="uniform", generator=torch.Generator().manual_seed(0))
     assert bool((t <= s).all())

@@ -219,7 +219,7 @@ def test_trainer_refuses_more_references_than_training_points_before_writing(tmp
 
 @pytest.mark.parametrize("objective, prediction", [("fm", "velocity"), ("sm", "score")])
 def test_train_config_refuses_references_for_the_marginal_objectives(objective, prediction):
-    with pytest.raises(ValueError, match="cfm and dsm only"):
+    with pytest.raises(ValueError, match="for cfm, dsm and the flow maps"):
         TrainConfig(**TINY, objective=objective, prediction=prediction, reference_size=10)
     with pytest.raises(ValueError, match="reference_size"):
         TrainConfig(**TINY, reference_size=-1)

@@ -59,10 +59,10 @@ SMALLER: dict[str, str] = {
     ),
     "flowscore train  --data labelled.npz --out runs/cond": "--steps 100 --no-loss-floor",
     "flowscore eval   --run runs/cond": "--n 40",
-    "flowscore train  --data moons --objective meanflow --out runs/mf": (
+    "flowscore train  --data moons --objective semigroup --out runs/sg": (
         "--steps 100 --data-n 1000 --no-loss-floor"
     ),
-    "flowscore sample --run runs/mf --sampler-steps 1 --n 2000 --out x.npy": "--n 200",
+    "flowscore sample --run runs/sg --sampler-steps 1 --n 2000 --out x.npy": "--n 200",
     "flowscore train  --data 8gaussians --source moons --coupling ot --out runs/m2g": (
         "--steps 50 --data-n 1000 --batch-size 128"
     ),

@@ -193,10 +193,12 @@ def report(args: argparse.Namespace) -> None:
         f"{sum(p.numel() for p in run.model.parameters()):,} parameters. {args.note}",
         "",
         f"`python bench/bench_mnist.py --run RUN --stage real|model|guided|report --n {args.n} --per-class "
-        f"{args.per_class} --threads {args.threads}` (stages run side by side on the shared machine: real "
+        f"{args.per_class} --threads {args.threads}` (stage wall times, machine conditions as the note says: "
+        f"real "
         f"{seconds['real']:.0f} s, model {seconds['model']:.0f} s of which "
         f"{float(model['sample_seconds']):.0f} s sampling {args.n} samples, guided "
-        f"{seconds['guided']:.0f} s; not speed figures). Samples: the default ODE sampler, clamped to the "
+        f"{seconds['guided']:.0f} s, the real stage with its features cached). Samples: the default ODE "
+        "sampler, clamped to the "
         "pixel range.",
         "",
         f"| set ({args.n} images vs {args.n} training digits) | FID | FID / real-vs-real | precision "

@@ -21,12 +21,14 @@ torchcfm side: a hand loop as their runner does (``ConditionalFlowMatcher(0.1)``
 ot_method="sinkhorn")``), Euler sampling of the trained net. flowscore side: ``fs.Trainer`` with the same
 network (``model=``), constant learning rate, no EMA, no preconditioning, uniform times, no weighting, the
 ``linear`` path with ``sigma_min 0.1`` (Lipman's: flowscore's sigma, docs/theory.md section 17; torchcfm's
-sigma is another path with the same minimiser) and ``coupling="ot"`` for OT-CFM, ``SBCFM(sigma,
-score=False)`` (the velocity alone, what the table's SB-CFM samples) for SB-CFM; trained in data units
-(``data_std=None``) where this flowscore has it, else in its default normalised units (then the SB sigma is
-converted to them, and the Gaussian source is N(0, I) in normalised units: another problem, said in the
-table). The moons source row needs a data source (``Trainer(source=...)``): where this flowscore refuses it
-the row says "pending --source".
+sigma is another conditional path, a constant sigma around the straight line, x = t x_data + (1 - t) x_source
++ sigma eps with target x_data - x_source: at t = 1 the same data blurred by sigma, at t = 0 N(0, (1 +
+sigma^2) I) instead of N(0, I), and another path and field in between) and ``coupling="ot"`` for OT-CFM,
+``SBCFM(sigma, score=False)`` (the velocity alone, what the table's SB-CFM samples) for SB-CFM; trained in
+data units (``data_std=None``) where this flowscore has it, else in its default normalised units (then the
+SB sigma is converted to them, and the Gaussian source is N(0, I) in normalised units: another problem, said
+in the table). The moons source row needs a data source (``Trainer(source=...)``): where this flowscore
+refuses it the row says "pending --source".
 
 The full budget (``--seeds 5 --steps 19000``, the runner's 1000 epochs of 19 batches, for 18 trainings per
 seed) takes hours on a CPU; ``bench/results/paper_otcfm.md`` says which fraction was run. ``--quick``: a

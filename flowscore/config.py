@@ -387,8 +387,6 @@ class TrainConfig:
             )
         _validate.number(self.coupling_reg, "coupling_reg", low=0, low_open=True)
         _validate.integer(self.reference_size, "reference_size", minimum=0)
-        changed = [f"coupling={self.coupling!r}"] if self.coupling != "independent" else []
-        changed += [f"reference_size={self.reference_size}"] if self.reference_size else []
         if self.coupling != "independent" and self.objective not in ("cfm", "dsm"):
             raise ValueError(
                 f"coupling={self.coupling!r}: for the conditional objectives cfm and dsm only; objective "
@@ -399,7 +397,7 @@ class TrainConfig:
                 f"reference_size={self.reference_size}: for cfm, dsm and the flow maps "
                 f"({', '.join(FLOW_MAPS)}) only; objective {self.objective!r} regresses on the exact marginal"
             )
-        if len(changed) == 2:
+        if self.reference_size and self.coupling != "independent":
             raise ValueError(
                 "reference_size needs coupling='independent' (reference weights p_t(x | x_ref) are those of "
                 "the independent coupling); use one or the other"

@@ -5,11 +5,12 @@ any path is linear cfm's (docs/theory.md section 16): a path's ODE is then linea
 coordinates, and what is left to differ is the sampler. This bench trains ONE linear cfm network (or reads
 ``--run``), wraps the same weights for each path and samples it with
 
-* the default ODE sampler and the default SDE (Euler-Maruyama, ``diffusion="bounded"``, uniform times),
-* the SDE with linear's bounded diffusion carried to the path at equal log-SNR, ``g^2 = beta det_v / (alpha +
-  beta)`` (``(tau / 2) diffusion_sq`` with linear's time ``tau = alpha / (alpha + beta)``; linear's own is
-  ``(t / 2) diffusion_sq``), on uniform times, and on linear's grid (uniform in ``tau``, mapped to the path),
-* the default diffusion on linear's grid.
+* the default ODE sampler and the default SDE (Euler-Maruyama with linear's bounded diffusion carried to the
+  path at equal log-SNR, ``g^2 = beta det_v / (alpha + beta)``, ``diffusion="linear"``, on linear's grid,
+  uniform in linear's time ``tau = alpha / (alpha + beta)`` mapped to the path, ``grid="linear"``),
+* the SDE's defaults of before: the path's own bounded diffusion ``g^2 = beta det_v``
+  (``diffusion="bounded"``) on uniform times,
+* either change alone: the carried diffusion on uniform times, the path's own on linear's grid.
 
 Ratio = mean_k W2(samples, A_k) / mean_k W2(B_k, A_k) over ``--pairs`` pairs of fresh draws (as
 ``bench_matrix.py``). Writes ``bench/results/parity_sde.md``.
@@ -36,13 +37,12 @@ from flowscore.training import TrainConfig, Trainer, load_run
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ("linear", "vp", "vp-linear", "ve")
 FINDINGS = """What it shows: with the same weights the ODE ratios agree across the paths (one ODE in other
-coordinates, other grids), and so would the SDE if the sampler were carried over with the network. It is
-not: the default diffusion g^2 = beta det_v is alpha / 2 times the score-SDE's g^2, and at equal log-SNR
-alpha is linear's tau on linear but 1 on ve, so at high noise ve injects 1 / tau times linear's relative
-diffusion; and uniform times on ve are uniform in log sigma, which leaves few steps where the modes form.
-Carrying both over (linear's g at equal log-SNR, linear's grid) brings ve's SDE to linear's; either alone
-does part of it. The defaults of the SDE sampler are left as they are (they are a sampler's, measured for
-every path; bench_matrix's parity table measures them)."""
+coordinates, other grids), and so does the SDE now that its defaults are carried over with the network.
+The SDE's defaults of before were not: the bounded diffusion g^2 = beta det_v is alpha / 2 times the
+score-SDE's g^2, and at equal log-SNR alpha is linear's tau on linear but 1 on ve, so at high noise ve
+injected 1 / tau times linear's relative diffusion; and uniform times on ve are uniform in log sigma, which
+leaves few steps where the modes form. Carrying both over (linear's g at equal log-SNR, linear's grid: the
+defaults now, docs/theory.md section 8) brings ve's SDE to linear's; either alone does part of it."""
 
 
 def carried_diffusion(path: fs.GaussianPath):
@@ -102,11 +102,12 @@ def main() -> None:
             "SDE": ratio(workflows.sample_run(on_path, args.n, sampler="sde", seed=2, threads=1)),
         }
         for label, diffusion, times in (
+            ("bounded g, uniform t (before)", "bounded", None),
             ("carried g, uniform t", carried_diffusion(path), None),
-            ("default g, linear's grid", None, linear_grid(path, args.sde_steps)),
+            ("bounded g, linear's grid", "bounded", linear_grid(path, args.sde_steps)),
             ("carried g, linear's grid", carried_diffusion(path), linear_grid(path, args.sde_steps)),
         ):
-            grid = {"steps": args.sde_steps} if times is None else {"times": times}
+            grid = {"steps": args.sde_steps, "grid": "uniform"} if times is None else {"times": times}
             x = fs.sample(model, path, args.n, sampler="sde", diffusion=diffusion,
                           generator=torch.Generator().manual_seed(2), **grid)  # fmt: skip
             cells[label] = ratio(run.normalizer.decode(x.float()))
@@ -120,9 +121,11 @@ def main() -> None:
         f"--n {args.n} --pairs {args.pairs}` on {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}. One linear cfm network (seed {run.config.seed}, {run.config.steps} steps, "
         "defaults), the same weights on every path; W2 / floor over fresh draws (bench_matrix's ratio; the "
-        f"linear row is linear cfm's cell). SDE: Euler-Maruyama, {args.sde_steps} steps; default g^2 = beta "
-        "det_v (bounded), carried g^2 = beta det_v / (alpha + beta) (linear's bounded g at equal log-SNR); "
-        "linear's grid: uniform in linear's time at equal log-SNR.",
+        f"linear row is linear cfm's cell). SDE: Euler-Maruyama, {args.sde_steps} steps; column SDE: the "
+        "default (carried g on linear's grid, through flowscore.sample's defaults); bounded g^2 = beta "
+        "det_v (the path's own, the default before), carried g^2 = beta det_v / (alpha + beta) (linear's "
+        "bounded g at equal log-SNR, written out here); linear's grid: uniform in linear's time at equal "
+        "log-SNR (written out here).",
         "",
         "| path | " + " | ".join(heads) + " |",
         "|---" * (len(heads) + 1) + "|",

@@ -77,15 +77,16 @@ def row(path, method, setting, nfe, out, reference) -> dict:
 
 
 def sde_rows(mixture: GaussianMixture) -> list[dict]:
-    """Within-mode variance ratio (1 = exact) of SDE samples for three choices of g."""
+    """Within-mode variance ratio (1 = exact) of SDE samples for four choices of g (and grid)."""
     true_var = float(mixture.stds[0]) ** 2
     rows = []
     for path in PATHS:
         velocity = mixture.marginal(path).velocity
-        for label, diffusion in (
-            ("default (bounded)", None),
-            ("2 x default", 2.0),
-            ("score-sde", "score-sde"),
+        for label, diffusion, grid in (
+            ("default (linear's g and grid)", None, None),
+            ("bounded, uniform t (the default before)", "bounded", "uniform"),
+            ("2 x default", 2.0, None),
+            ("score-sde, uniform t", "score-sde", "uniform"),
         ):
             ratios = []
             for steps in (25, 100):
@@ -95,6 +96,7 @@ def sde_rows(mixture: GaussianMixture) -> list[dict]:
                     N_SDE,
                     sampler="sde",
                     steps=steps,
+                    grid=grid,
                     diffusion=diffusion,
                     dtype=F64,
                     generator=torch.Generator().manual_seed(1),

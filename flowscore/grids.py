@@ -11,8 +11,9 @@ The noise level of a Gaussian path is :math:`\sigma_t = \beta_t/\alpha_t` (k-dif
   and ``ve`` (a logarithm); on any other path it is a bisection of log sigma in float64, which needs sigma
   to be non-increasing in t (checked).
 * :func:`time_grid`: ``steps`` intervals from ``t_start`` to ``t_end`` (both hit exactly), spaced by
-  ``"uniform"`` (in t), ``"karras"`` (EDM's rho-spacing in sigma), ``"logsnr"`` (uniform in lambda) or
-  ``"shift"`` (SD3's time shift). The sigma grids are bounded by ``sigma_max`` and ``sigma_min``: where the
+  ``"uniform"`` (in t), ``"karras"`` (EDM's rho-spacing in sigma), ``"logsnr"`` (uniform in lambda),
+  ``"shift"`` (SD3's time shift) or ``"linear"`` (uniform in the linear path's time at equal log-SNR).
+  The sigma grids are bounded by ``sigma_max`` and ``sigma_min``: where the
   path's sigma at ``t_start`` is larger (infinite on ``linear`` at t = 0) the grid starts with one step from
   ``t_start`` to ``t(sigma_max)``, and likewise it ends with one step from ``t(sigma_min)`` to ``t_end``.
 """
@@ -26,7 +27,7 @@ import torch
 from . import _validate
 from .paths import CosinePath, GaussianPath, LinearPath, VEPath, VPLinearPath, get_path
 
-GRIDS = ("uniform", "karras", "logsnr", "shift")
+GRIDS = ("uniform", "karras", "logsnr", "shift", "linear")
 SIGMA_MIN, SIGMA_MAX, RHO, SHIFT = 0.002, 80.0, 7.0, 3.0
 LOGSNR_SIGMA_MIN = 0.5
 """The ``"logsnr"`` grid ends at ``sigma_min = LOGSNR_SIGMA_MIN / steps`` before its last step to beta = 0
@@ -205,6 +206,21 @@ def _sigma_grid(
     return times
 
 
+def _linear_time_grid(path: GaussianPath, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    """The ``"linear"`` grid: ``steps + 1`` times evenly spaced in ``tau = 1 / (1 + sigma_t)``."""
+    ends = sigma_of_t(path, torch.tensor([t_start, t_end], dtype=F64))
+    tau_start, tau_end = (1 / (1 + float(s)) for s in ends)  # sigma = inf: tau = 0
+    tau = torch.linspace(tau_start, tau_end, steps + 1, dtype=F64)[1:-1]
+    inner = t_of_sigma(path, ((1 - tau) / tau).clamp(float(ends[1]), float(ends[0])))
+    times = torch.cat([torch.tensor([t_start], dtype=F64), inner, torch.tensor([t_end], dtype=F64)])
+    if not bool((times[1:] > times[:-1]).all()):
+        raise ValueError(
+            f"the linear grid of {steps} steps on path {path!r} is not strictly increasing in t (the path's "
+            "sigma is flat somewhere); use grid='uniform' or explicit times="
+        )
+    return times
+
+
 def time_grid(
     path: GaussianPath | str,
     steps: int,
@@ -236,6 +252,10 @@ def time_grid(
     * ``"shift"``: SD3's shift of the noise level :math:`u = 1 - r` of an even ramp r in [0, 1],
       :math:`u' = \mathrm{shift}\,u / (1 + (\mathrm{shift} - 1) u)`, spread over ``[t_start, t_end]``
       (``shift > 1`` puts more steps at the noisy end).
+    * ``"linear"``: evenly spaced in the linear path's time of the same log-SNR, :math:`\tau = \alpha_t /
+      (\alpha_t + \beta_t) = 1 / (1 + \sigma_t)`, mapped to t by :func:`t_of_sigma`: the grid that
+      ``"uniform"`` is on ``linear``, carried to any path (exactly ``"uniform"`` on ``linear`` with
+      ``sigma_min = 0``). The SDE's default (:func:`flowscore.samplers.diffusion_schedule`, ``"linear"``).
     """
     path = get_path(path)
     steps = _validate.positive_int(steps, "steps")
@@ -256,8 +276,10 @@ def time_grid(
             rho=rho,
             shift=shift,
         ).flip(0)
-    if grid == "uniform":
+    if grid == "uniform" or (grid == "linear" and isinstance(path, LinearPath) and path.sigma_min == 0):
         return torch.linspace(t_start, t_end, steps + 1, dtype=F64)
+    if grid == "linear":
+        return _linear_time_grid(path, steps, t_start, t_end)
     if grid == "shift":
         shift = _validate.number(shift, "shift", 0.0, low_open=True)
         u = 1 - torch.linspace(0, 1, steps + 1, dtype=F64)

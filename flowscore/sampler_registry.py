@@ -72,7 +72,7 @@ REGISTRY: dict[str, SamplerSpec] = {
         SamplerSpec("dpm++3m", "log-snr", 1, 25, "logsnr", order=3),
         SamplerSpec("unipc", "log-snr", 1, 50, "logsnr", order=3),
         SamplerSpec("edm-heun", "log-snr", 2, 13, "karras", order=2),
-        SamplerSpec("sde", "sde", 1, 1000, "uniform", stochastic=True, encodes=False, order=1),
+        SamplerSpec("sde", "sde", 1, 1000, "linear", stochastic=True, encodes=False, order=1),
         SamplerSpec("dpm++2m-sde", "sde", 1, 100, "logsnr", stochastic=True, encodes=False, order=1),
         SamplerSpec(
             "sb-sde", "sde", 1, 100, "uniform", stochastic=True, encodes=False, order=1, accepts=("velocity",)

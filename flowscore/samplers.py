@@ -37,7 +37,7 @@ from ._validate import validation
 from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
 from .grids import GRIDS, SHIFT, check_times, time_grid
-from .paths import GaussianPath, get_path
+from .paths import GaussianPath, LinearPath, get_path
 from .resources import check_sample_memory
 from .sampler_registry import REGISTRY, names, spec
 from .solvers import EXPONENTIAL, LastCall, sample_dpmpp_2m_sde
@@ -55,7 +55,8 @@ ODE_SAMPLERS = names(stochastic=False)
 SDE_SAMPLERS = names(stochastic=True)
 """Stochastic samplers: Euler--Maruyama (:func:`sample_sde`) and the stochastic DPM-Solver++(2M)."""
 SAMPLERS = tuple(REGISTRY)
-DIFFUSIONS = ("bounded", "score-sde")
+DIFFUSIONS = ("linear", "bounded", "score-sde")
+"""The named diffusions of :func:`sample_sde` (:func:`diffusion_schedule`); the first is the default."""
 CALLS_PER_STEP = {name: s.calls_per_step for name, s in REGISTRY.items()}
 """Model calls per step of every sampler (dopri5: per adaptive step); exact counts:
 :func:`flowscore.sampler_registry.planned_calls`."""
@@ -271,16 +272,21 @@ def diffusion_schedule(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""The squared diffusion :math:`g_t^2` of :func:`sample_sde`, a function of a ``(B,)`` tensor ``t``.
 
-    * ``None`` or ``"bounded"`` (the default): :math:`g_t^2 = \tfrac12\alpha_t\,\mathrm{diffusion\_sq}(t)
-      = \beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)`, computed from ``path.schedule`` in this division-free
-      form. It is finite on all of [0, 1] (``1 - t`` on ``linear``), vanishes like beta at t = 1, and the
-      drift :math:`u + \tfrac12 g^2 s = (1 + \alpha_t/2)\,u - (\alpha'_t/2)\,x` is bounded (``u - E/2`` on
-      ``linear``, E the noise prediction): no t_eps is needed at t = 0 for a velocity model. Chosen by
-      measurement on the exact field of 8 Gaussians (radius 2, std 0.15), 20000 samples, within-mode variance
-      over the true one (1 is exact, standard error 0.007), velocity model, 25 / 100 steps:
-      ``linear`` 1.014 / 1.005, ``vp`` 1.034 / 1.000 for this g; twice this g: 1.063 / 1.011 and
-      1.135 / 1.025; ``"score-sde"``: 1.072 / 1.022 and 1.142 / 1.024 (a larger g inflates the modes at
-      coarse steps; a smaller one corrects less of the model's error).
+    * ``None`` or ``"linear"`` (the default): the linear path's ``"bounded"`` diffusion carried to ``path``
+      at equal log-SNR, :math:`g_t^2 = \beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)/(\alpha_t + \beta_t)`.
+      Every path is the linear one in other coordinates (:math:`x/(\alpha_t + \beta_t)` at linear's time
+      :math:`\tau = \alpha_t/(\alpha_t + \beta_t)`), and this is the :math:`g` whose SDE in those
+      coordinates is linear's: with the ``"linear"`` grid (:func:`flowscore.grids.time_grid`) the SDE
+      samples alike on every path, as the probability-flow ODE does. On ``linear`` (``sigma_min = 0``) it is
+      ``"bounded"`` exactly, ``1 - t``.
+    * ``"bounded"``: :math:`g_t^2 = \tfrac12\alpha_t\,\mathrm{diffusion\_sq}(t) = \beta_t(\alpha'_t\beta_t -
+      \alpha_t\beta'_t)`, computed from ``path.schedule`` in this division-free form. It is finite on all of
+      [0, 1] (``1 - t`` on ``linear``), vanishes like beta at t = 1, and the drift :math:`u + \tfrac12 g^2 s
+      = (1 + \alpha_t/2)\,u - (\alpha'_t/2)\,x` is bounded (``u - E/2`` on ``linear``, E the noise
+      prediction): no t_eps is needed at t = 0 for a velocity model. Its size was chosen on the exact field
+      of a mixture (``bench/bench_samplers.py``): a larger g inflates the modes at coarse steps, a smaller
+      one corrects less of the model's error. On ``ve`` it injects far more relative noise at the noisy
+      end than on ``linear`` (``bench/results/parity_sde.md``).
     * ``"score-sde"``: :math:`g_t^2 = ` ``path.diffusion_sq(t)``, the reverse of the score-SDE forward
       process. Infinite where alpha = 0 (t = 0 on ``linear``, ``vp``): start at ``t_eps``.
     * a float ``c >= 0``: ``c`` times the default (``c = 0`` is the ODE with Euler steps).
@@ -290,12 +296,14 @@ def diffusion_schedule(
     if callable(diffusion) and not isinstance(diffusion, str):
         return diffusion
     if diffusion is None or isinstance(diffusion, str):
-        name = _validate.choice(diffusion or "bounded", DIFFUSIONS, "diffusion")
+        name = _validate.choice(diffusion or DIFFUSIONS[0], DIFFUSIONS, "diffusion")
         if name == "score-sde":
             return path.diffusion_sq
+        own = name == "bounded" or (isinstance(path, LinearPath) and path.sigma_min == 0)
 
         def bounded(t: torch.Tensor) -> torch.Tensor:
-            return path.schedule(t).beta_det_v  # beta (alpha' beta - alpha beta'), closed-form product
+            s = path.schedule(t)
+            return s.beta_det_v if own else s.beta_det_v / (s.alpha + s.beta)  # closed-form products
 
         return bounded
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float)) or diffusion < 0:
@@ -339,7 +347,8 @@ def sample_sde(
 
     For any :math:`g` the Fokker--Planck equation of this SDE reduces to the continuity equation of the
     probability-flow ODE, so it keeps the path's marginals; ``diffusion`` chooses :math:`g_t^2`
-    (:func:`diffusion_schedule`; default ``"bounded"``, :math:`\beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)`).
+    (:func:`diffusion_schedule`; default ``"linear"``, linear's diffusion at equal log-SNR,
+    :math:`\beta_t(\alpha'_t\beta_t - \alpha_t\beta'_t)/(\alpha_t + \beta_t)`).
 
     Every interval of ``times`` but the last is one Euler--Maruyama step
     :math:`x \leftarrow x + h(u + \tfrac12 g^2 s) + \sqrt{g^2 h}\,z`, :math:`z \sim N(0, I)` drawn from

@@ -96,6 +96,20 @@ def test_shift_grid_formula():
     assert torch.allclose(time_grid("linear", 10, "shift", shift=1.0), torch.linspace(0, 1, 11, dtype=F64))
 
 
+@pytest.mark.parametrize("name", ["vp", "vp-linear", "ve"])
+def test_linear_grid_is_uniform_in_linears_time(name):
+    """``"linear"``: tau = alpha / (alpha + beta), from the reference schedule written in conftest, is evenly
+    spaced over the grid; on ``linear`` (sigma_min = 0) the grid is the uniform one exactly."""
+    times = time_grid(name, 12, "linear")
+    alpha, beta = reference_schedule(name, times)[:2]
+    tau = alpha / (alpha + beta)
+    assert torch.allclose(tau[1:] - tau[:-1], (tau[-1] - tau[0]) / 12 * torch.ones(12, dtype=F64), atol=1e-9)
+    assert float(times[0]) == 0.0 and float(times[-1]) == 1.0
+    backwards = time_grid(name, 12, "linear", t_start=1.0, t_end=0.0)
+    assert torch.equal(backwards, times.flip(0))
+    assert torch.equal(time_grid("linear", 12, "linear"), time_grid("linear", 12, "uniform"))
+
+
 def test_bad_grid_arguments():
     with pytest.raises(ValueError, match="grid"):
         time_grid("linear", 10, "cosine")

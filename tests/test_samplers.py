@@ -17,6 +17,7 @@ import torch
 from conftest import bcast, make_path, reference_schedule
 
 from flowscore.mixtures import GaussianMixture
+from flowscore.paths import get_path as fs_path
 from flowscore.samplers import (
     EVALS_PER_STEP,
     as_field,
@@ -226,8 +227,13 @@ def test_final_step_to_one_is_the_posterior_mean(name):
 def test_default_diffusion_formula():
     t = torch.linspace(0, 1, 11, dtype=F64)
     assert torch.allclose(diffusion_schedule("linear")(t), 1 - t)  # beta (alpha' beta - alpha beta') = 1 - t
-    cos = torch.cos(math.pi * t / 2)
-    assert torch.allclose(diffusion_schedule("vp")(t), math.pi / 2 * cos)
+    cos, sin = torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)
+    assert torch.allclose(diffusion_schedule("vp", "bounded")(t), math.pi / 2 * cos)
+    # the default: linear's 1 - tau at tau = alpha / (alpha + beta), times d tau / dt and (alpha + beta)^2
+    tau = sin / (sin + cos)
+    d_tau = (math.pi / 2) / (sin + cos) ** 2  # d/dt of sin / (sin + cos) at frequency pi / 2
+    assert torch.allclose(diffusion_schedule("vp")(t), (sin + cos) ** 2 * (1 - tau) * d_tau)
+    assert torch.equal(diffusion_schedule("linear")(t), diffusion_schedule("linear", "bounded")(t))
     assert torch.allclose(diffusion_schedule("linear", 3.0)(t), 3 * (1 - t))
     inner = t[1:]  # score-sde: 2 beta (alpha' beta - alpha beta') / alpha = 2 (1 - t) / t on linear
     assert torch.allclose(diffusion_schedule("linear", "score-sde")(inner), 2 * (1 - inner) / inner)
@@ -235,6 +241,28 @@ def test_default_diffusion_formula():
         diffusion_schedule("linear", -1.0)
     with pytest.raises(ValueError, match="diffusion"):
         diffusion_schedule("linear", "nope")
+
+
+def test_the_default_sde_samples_alike_on_every_path():
+    """Every path is linear in other coordinates (x / (alpha + beta) at linear's time alpha / (alpha + beta)):
+    with the default diffusion and grid (both linear's, carried at equal log-SNR) the SDE on vp and ve
+    makes, from the same prior draws and Brownian increments, nearly linear's samples; with the path's own
+    bounded diffusion on uniform times it does not. The model is the exact field of a mixture."""
+    mixture, n, steps = _mixture(), 2000, 400
+    out = {}
+    for name in ("linear", "vp", "ve"):
+        for label, diffusion, grid in (("default", None, None), ("own", "bounded", "uniform")):
+            marginal = mixture.marginal(name)
+            out[name, label] = sample(
+                marginal.velocity, name, n, sampler="sde", steps=steps, grid=grid, diffusion=diffusion,
+                dtype=F64, generator=torch.Generator().manual_seed(3),
+                x_init=torch.randn(n, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+                * float(fs_path(name).beta(torch.zeros(1, dtype=F64))),
+            )  # fmt: skip
+    for name in ("vp", "ve"):
+        alike = (out[name, "default"] - out["linear", "default"]).norm(dim=1).mean()
+        apart = (out[name, "own"] - out["linear", "own"]).norm(dim=1).mean()
+        assert alike < 0.1 and apart > 8 * alike, (name, float(alike), float(apart))
 
 
 def test_sde_without_noise_is_euler_on_the_ode():

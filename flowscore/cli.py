@@ -419,6 +419,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )  # fmt: skip
 
 
+PATH_OPTION_FLAGS = ("sigma_min", "sigma_max")
+"""Path options with a flag of their own (``--sigma-min 0.1`` for ``--path-options '{"sigma_min": 0.1}'``):
+the linear path's minimum noise (Lipman et al.'s sigma_min) and the ve path's noise range."""
+
+
+def add_path_option_flags(parser: argparse.ArgumentParser) -> None:
+    """``--sigma-min X`` and ``--sigma-max X``: one key of ``path_options`` each (merged into
+    ``--path-options``; the path checks that it takes the option)."""
+    for name in PATH_OPTION_FLAGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=_number, default=argparse.SUPPRESS, metavar="X",
+            help=f"the path option {name} (linear: sigma_min in [0, 1); ve: sigma_min < sigma_max), short "
+            f"for --path-options '{{\"{name}\": X}}'",
+        )  # fmt: skip
+
+
 def _toml_values(file: str) -> dict[str, Any]:
     """The TrainConfig fields in a ``--config`` TOML file, not yet validated."""
     try:
@@ -433,10 +449,19 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
+def _with_flags(values: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``values`` (defaults, ``--config``, a stored run's) updated by the explicit flags; ``--sigma-min`` and
+    ``--sigma-max`` are merged into the ``path_options`` so far."""
+    values = {**values, **_flag_values(args)}
+    options = {name: getattr(args, name) for name in PATH_OPTION_FLAGS if hasattr(args, name)}
+    if options:
+        values["path_options"] = {**(values.get("path_options") or {}), **options}
+    return values
+
+
 def train_config(args: argparse.Namespace) -> config.TrainConfig:
     """The new run's ``TrainConfig``: defaults < ``--config`` TOML < explicit flags."""
-    values = _toml_values(args.config) if args.config else {}
-    values.update(_flag_values(args))
+    values = _with_flags(_toml_values(args.config) if args.config else {}, args)
     if not values.get("data"):
         raise CLIError("no data set given", "pass --data NAME (e.g. moons) or --data FILE.npy")
     return config.TrainConfig.from_dict(values)
@@ -460,8 +485,7 @@ def resume_config(args: argparse.Namespace) -> config.TrainConfig:
             "start a new run with another --out",
         ) from None
     stored.update(_toml_values(args.config) if args.config else {})
-    stored.update(_flag_values(args))
-    return config.TrainConfig.from_dict(stored)
+    return config.TrainConfig.from_dict(_with_flags(stored, args))
 
 
 def _check_train_out(run_dir: str, resume: bool) -> None:
@@ -720,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config, which overrides the defaults.",
     )
     add_config_flags(p)
+    add_path_option_flags(p)
     p.add_argument("--config", metavar="FILE.toml", help="TrainConfig fields; explicit flags override it")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
     p.add_argument(

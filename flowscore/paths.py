@@ -15,6 +15,7 @@ broadcasts over the trailing dims. ``alpha(t)`` and friends return tensors shape
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -559,6 +560,11 @@ def get_path(name: str | GaussianPath, **options: Any) -> GaussianPath:
     else:
         _validate.choice(name, tuple(PATHS), "path")
         cls = PATHS[name]
+    takes = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        allowed = f"takes {', '.join(takes)}" if takes else "takes no options"
+        raise ValueError(f"bad options for path {name!r}: it {allowed}, got {', '.join(unknown)}")
     try:
         return cls(**options)
     except TypeError as err:

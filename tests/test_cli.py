@@ -421,6 +421,33 @@ def test_version(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"flowscore {importlib.metadata.version('flowscore')}"
 
 
+def test_sigma_flags_are_path_options(workdir: str, capsys) -> None:
+    """--sigma-min / --sigma-max are keys of path_options, merged with --path-options, stored, and kept on
+    resume; a path that takes no such option is a one-line error."""
+    out = os.path.join(workdir, "sigma")
+    args = ("--data", "moons", "--data-n", "300", "--threads", "1", "--no-loss-floor", "--width", "16")
+    code, _, err = run_cli(
+        capsys, "train", *args, "--path", "ve", "--path-options", '{"sigma_max": 50}', "--sigma-min", "0.01",
+        "--steps", "4", "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert load_run(out).config.path_options == {"sigma_max": 50, "sigma_min": 0.01}
+    assert load_run(out).path.config() == {"name": "ve", "sigma_min": 0.01, "sigma_max": 50}
+    code, _, err = run_cli(capsys, "train", "--steps", "6", "--sigma-min", "0.01", "--out", out, "--resume")
+    assert code == 0, err
+    assert load_run(out).config.path_options == {"sigma_max": 50, "sigma_min": 0.01}
+    lin = os.path.join(workdir, "lin")
+    code, _, err = run_cli(capsys, "train", *args, "--steps", "2", "--sigma-min", "0.1", "--out", lin)
+    assert code == 0, err
+    path = load_run(lin).path
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(path.beta(t), 1 - 0.9 * t) and torch.allclose(path.alpha(t), t)  # Lipman et al.
+    code, _, err = run_cli(
+        capsys, "train", *args, "--path", "vp", "--sigma-min", "0.1", "--out", os.path.join(workdir, "bad")
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "sigma_min" in err
+
+
 def test_generated_flags_reach_the_config(workdir: str, capsys) -> None:
     out = os.path.join(workdir, "flags")
     code, _, err = run_cli(

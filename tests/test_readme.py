@@ -67,6 +67,9 @@ SMALLER: dict[str, str] = {
         "--steps 50 --data-n 1000 --batch-size 128"
     ),
     "flowscore sample --run runs/m2g --n 1000 --out m2g.npy --plot m2g.png": "--n 200",
+    "flowscore train  --data 8gaussians --data-std none --sigma-min 0.1 --coupling ot --out runs/ot": (
+        "--steps 50 --data-n 1000 --batch-size 128 --no-loss-floor"
+    ),
     "flowscore train  --data mnist --out runs/mnist": "--steps 12 --data-n 600 --no-loss-floor",
     "flowscore sample --run runs/mnist --class 7 --guidance 1 --n 64 --out sevens.npy --plot sevens.png": (
         "--n 8 --sampler-steps 4"

@@ -474,10 +474,23 @@ class MeanFlow(_FlowMapObjective):
     ) -> torch.Tensor:
         r"""``(B,)`` weighted :math:`\lVert u_\theta - \mathrm{sg}[v + (s - t)\,du_\theta/dt]\rVert^2` at
         given ``x`` ``(B, *dims)``, times ``t``, ``s`` ``(B,)`` and velocity ``v`` ``(B, *dims)`` (the
-        conditional, marginal or guided velocity: the JVP tangent and the target's first term)."""
-        u, dudt = total_derivative(model, x, t, s, v, y)
-        target = (v + (s - t).reshape((-1,) + (1,) * (x.dim() - 1)) * dudt).detach()
-        return self._weighted(u - target)
+        conditional, marginal or guided velocity: the JVP tangent and the target's first term).
+
+        Rows with ``s = t`` have the target ``v`` (the JVP's term vanishes): they take a plain forward call,
+        and the JVP runs on the other rows only (the model is applied row by row, so the loss is the same)."""
+        equal = s == t
+        if bool(equal.all()):
+            return self._weighted(call_flow_map(model, x, t, s, y) - v.detach())
+        jumps = ~equal if bool(equal.any()) else slice(None)
+        part = None if y is None else y[jumps]
+        u, dudt = total_derivative(model, x[jumps], t[jumps], s[jumps], v[jumps], part)
+        gap = (s - t)[jumps].reshape((-1,) + (1,) * (x.dim() - 1))
+        error = u - (v[jumps] + gap * dudt).detach()
+        if isinstance(jumps, slice):
+            return self._weighted(error)
+        flat = call_flow_map(model, x[equal], t[equal], s[equal], None if y is None else y[equal])
+        whole = torch.empty_like(x).index_put((equal.nonzero()[:, 0],), flat - v[equal].detach())
+        return self._weighted(whole.index_put((jumps.nonzero()[:, 0],), error))
 
 
 def total_derivative(

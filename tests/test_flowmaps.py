@@ -83,6 +83,23 @@ def test_meanflow_identity_on_the_closed_form():
     assert float(MeanFlow("linear").regress(model, x, t, s, torch.zeros_like(v) + M).max()) > 1e-3
 
 
+def test_meanflow_loss_with_equal_rows_is_the_whole_batch_jvp_formula():
+    """Rows with s = t skip the JVP: the loss and its parameter gradients equal the formula written out
+    here on the whole batch (one jvp, target v + (s - t) du/dt), for every mix of equal and jump rows."""
+    torch.manual_seed(0)
+    net = build_model("mlp", (2,), width=32, depth=2, two_time=True).double()
+    x, t, s = _times(12, 5)
+    v = torch.randn(12, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    for equal in (torch.arange(12) < 5, torch.zeros(12, dtype=torch.bool), torch.ones(12, dtype=torch.bool)):
+        s_mix = torch.where(equal, t, s)
+        u, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c), (x, t, s_mix), (v, torch.ones_like(t), 0 * t))
+        want = (u - (v + _col(s_mix - t) * dudt).detach()).pow(2).sum(1)
+        got = MeanFlow("linear").regress(net, x, t, s_mix, v)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+        grads = [torch.autograd.grad(loss.sum(), list(net.parameters())) for loss in (got, want)]
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads, strict=True))
+
+
 def test_semigroup_target_on_the_closed_form():
     x, t, s = _times(32, 2)
     r = t + 0.3 * (s - t)

@@ -51,7 +51,7 @@ IMAGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "large": {"steps": 12_000, "batch_size": 256, "lr": 2e-3, "warmup": 500, "width": 64},
     },
     "large": {  # larger images (a UNet of two levels): mnist
-        "fast": {"steps": 5000, "batch_size": 64, "lr": 1e-3, "warmup": 500, "width": 16},
+        "fast": {"steps": 6000, "batch_size": 64, "lr": 1e-3, "warmup": 500, "width": 16},
         "default": {"steps": 20_000, "batch_size": 128, "lr": 1e-3, "warmup": 500, "width": 32},
         "large": {"steps": 20_000, "batch_size": 256, "lr": 1e-3, "warmup": 1000, "width": 64},
     },

@@ -382,6 +382,7 @@ def data_log_likelihood(
     *,
     dequantize: bool = False,
     steps: int | None = None,
+    grid: str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     r"""``(B,)`` log-density of the run's model at data-space ``x`` (nats, float64).
@@ -391,7 +392,9 @@ def data_log_likelihood(
     over every data dim. ``dequantize``: ``x`` holds integers, each the centre of a unit bin; the density is
     taken at ``x + u``, ``u ~ U[-1/2, 1/2)^D`` drawn from ``generator`` (uniform dequantisation: its mean is a
     lower bound on ``log P(x)`` of the discrete model, see :func:`flowscore.likelihood.bits_per_dim`).
-    ``steps``: of the likelihood ODE (default: that of :func:`flowscore.likelihood.log_likelihood`).
+    ``steps``: of the likelihood ODE (default: that of :func:`flowscore.likelihood.log_likelihood`);
+    ``grid``: its spacing, None: ``"karras"`` for dequantised data (the density is sharp at the scale of a
+    bin, which karras' smallest noise level resolves), else ``"uniform"``.
     """
     from .likelihood import log_likelihood
 
@@ -401,7 +404,7 @@ def data_log_likelihood(
     z = run.normalizer.encode(x)
     log_p = log_likelihood(
         run.model, run.path, z, prediction=run.prediction, generator=generator,
-        **({} if steps is None else {"steps": steps}),
+        grid=grid or ("karras" if dequantize else "uniform"), **({} if steps is None else {"steps": steps}),
     )  # fmt: skip
     scale = run.normalizer.scale.to(torch.float64)
     log_det = -torch.log(scale).expand(tuple(x.shape[1:])).sum()

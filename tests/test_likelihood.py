@@ -50,6 +50,24 @@ def test_exact_divergence_matches_the_mixture_density(name):
     assert (ll - _log_density(x, mixture)).abs().max() < tolerance
 
 
+def test_karras_grid_converges_on_sharp_data_where_the_uniform_grid_does_not():
+    """Modes of std 0.01-0.02: at 100 rk4 steps the even grid misses the closed-form density by more than
+    the karras grid (its steps dense where sigma is small) by two orders; on broad modes both are exact."""
+    mixture = _mixture()
+    sharp = GaussianMixture(mixture.means, torch.tensor([0.01, 0.02, 0.015], dtype=F64), mixture.weights)
+    x = _points(sharp)
+    velocity = sharp.marginal("linear").velocity
+    error = {
+        grid: float((log_likelihood(velocity, "linear", x, grid=grid) - _log_density(x, sharp)).abs().max())
+        for grid in ("uniform", "karras")
+    }
+    assert error["karras"] < 5e-4 < 2e-3 < error["uniform"], error
+    broad = log_likelihood(mixture.marginal("linear").velocity, "linear", _points(mixture), grid="karras")
+    assert (broad - _log_density(_points(mixture), mixture)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="grid"):
+        log_likelihood(velocity, "linear", x, grid="nope")
+
+
 def test_dopri5_matches_the_mixture_density():
     pytest.importorskip("torchdiffeq")
     mixture = _mixture()

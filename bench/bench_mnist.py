@@ -168,6 +168,25 @@ def stage_guided(args: argparse.Namespace) -> None:
     _save(args, "guided", seconds=time.time() - t0, **out)
 
 
+CALLS = (10, 20)
+"""Model calls of the few-step rows (``--stage calls``): the default sampler (unipc) at these steps; 50 is
+the model stage's."""
+
+
+def stage_calls(args: argparse.Namespace) -> None:
+    """FID of ``n`` samples at guidance 0 drawn with the default sampler at :data:`CALLS` model calls."""
+    t0 = time.time()
+    real, _, value_range, _ = reference_feats(args)
+    run = fs.load_run(args.run)
+    out: dict[str, object] = {}
+    for calls in CALLS:
+        x = workflows.sample_run(run, args.n, steps=calls, seed=args.seed, progress=True)
+        fake = inception.inception_features(x, value_range, progress=True, desc=f"{calls} calls")
+        out[f"fid_{calls}"] = im.fid(real, fake)
+        print(f"FID at {calls} calls: {float(out[f'fid_{calls}']):.2f}", flush=True)
+    _save(args, "calls", seconds=time.time() - t0, **out)
+
+
 def report(args: argparse.Namespace) -> None:
     """The markdown and the grid from the parts of ``--run`` (and of the ``--earlier`` checkpoints' runs)."""
     from flowscore import plots
@@ -192,9 +211,9 @@ def report(args: argparse.Namespace) -> None:
         f"{cfg.batch_size}, {cfg.steps} steps, lr {cfg.lr:g}, warm-up {cfg.warmup}); "
         f"{sum(p.numel() for p in run.model.parameters()):,} parameters. {args.note}",
         "",
-        f"`python bench/bench_mnist.py --run RUN --stage real|model|guided|report --n {args.n} --per-class "
-        f"{args.per_class} --threads {args.threads}` (stage wall times, machine conditions as the note says: "
-        f"real "
+        "`python bench/bench_mnist.py --run RUN --stage real|model|guided|calls|report --n "
+        f"{args.n} --per-class {args.per_class} --threads {args.threads}` (stage wall times, machine "
+        "conditions as the note says: real "
         f"{seconds['real']:.0f} s, model {seconds['model']:.0f} s of which "
         f"{float(model['sample_seconds']):.0f} s sampling {args.n} samples, guided "
         f"{seconds['guided']:.0f} s, the real stage with its features cached). Samples: the default ODE "
@@ -230,6 +249,20 @@ def report(args: argparse.Namespace) -> None:
     for step, m, g in rows:
         values = [float(m["agree"])] + [float(g[f"agree_{w:g}"]) for w in args.guidance]
         lines.append(f"| step {step} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    if os.path.exists(_part(args, "calls")):
+        calls = _load(args, "calls")
+        fids = {c: float(calls[f"fid_{c}"]) for c in CALLS} | {50: float(model["fid"])}
+        lines += [
+            "",
+            f"FID against model calls (step {rows[-1][0]}, the default sampler unipc at that many steps, the "
+            f"same {args.n} samples' seed; stage `calls`: {float(calls['seconds']):.0f} s):",
+            "",
+            "| calls | " + " | ".join(str(c) for c in fids) + " |",
+            "|---|" + "---|" * len(fids),
+            "| FID (ratio to real-vs-real) | "
+            + " | ".join(f"{f:.2f} ({f / fid_real:.2f})" for f in fids.values())
+            + " |",
+        ]
     lines += [
         "",
         f"nn_ratio: mean pixel distance of a sample to its nearest training digit over that of "
@@ -244,7 +277,13 @@ def report(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} and {args.grid}")
 
 
-STAGES = {"real": stage_real, "model": stage_model, "guided": stage_guided, "report": report}
+STAGES = {
+    "real": stage_real,
+    "model": stage_model,
+    "guided": stage_guided,
+    "calls": stage_calls,
+    "report": report,
+}
 
 
 def main() -> None:

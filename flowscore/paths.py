@@ -560,9 +560,10 @@ def get_path(name: str | GaussianPath, **options: Any) -> GaussianPath:
     else:
         _validate.choice(name, tuple(PATHS), "path")
         cls = PATHS[name]
-    takes = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    params = inspect.signature(cls.__init__).parameters
+    takes = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
     unknown = sorted(set(options) - set(takes))
-    if unknown:
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         allowed = f"takes {', '.join(takes)}" if takes else "takes no options"
         raise ValueError(f"bad options for path {name!r}: it {allowed}, got {', '.join(unknown)}")
     try:

@@ -560,7 +560,7 @@ def get_path(name: str | GaussianPath, **options: Any) -> GaussianPath:
     else:
         _validate.choice(name, tuple(PATHS), "path")
         cls = PATHS[name]
-    params = inspect.signature(cls.__init__).parameters
+    params = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
     takes = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
     unknown = sorted(set(options) - set(takes))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):

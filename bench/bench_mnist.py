@@ -174,15 +174,20 @@ the model stage's."""
 
 
 def stage_calls(args: argparse.Namespace) -> None:
-    """FID of ``n`` samples at guidance 0 drawn with the default sampler at :data:`CALLS` model calls."""
+    """FID and class agreement of ``n`` samples at guidance 0 drawn with the default sampler at
+    :data:`CALLS` model calls."""
     t0 = time.time()
     real, _, value_range, _ = reference_feats(args)
     run = fs.load_run(args.run)
+    train, train_labels, _, _ = labelled(run)
+    clf = classifier(train, train_labels)
     out: dict[str, object] = {}
     for calls in CALLS:
-        x = workflows.sample_run(run, args.n, steps=calls, seed=args.seed, progress=True)
+        x, y = workflows.sample_run(
+            run, args.n, steps=calls, seed=args.seed, return_labels=True, progress=True
+        )
         fake = inception.inception_features(x, value_range, progress=True, desc=f"{calls} calls")
-        out[f"fid_{calls}"] = im.fid(real, fake)
+        out[f"fid_{calls}"], out[f"agree_{calls}"] = im.fid(real, fake), agreement(clf, x, y)
         print(f"FID at {calls} calls: {float(out[f'fid_{calls}']):.2f}", flush=True)
     _save(args, "calls", seconds=time.time() - t0, **out)
 
@@ -252,16 +257,19 @@ def report(args: argparse.Namespace) -> None:
     if os.path.exists(_part(args, "calls")):
         calls = _load(args, "calls")
         fids = {c: float(calls[f"fid_{c}"]) for c in CALLS} | {50: float(model["fid"])}
+        agree = {c: float(calls[f"agree_{c}"]) for c in CALLS} | {50: float(model["agree"])}
         lines += [
             "",
-            f"FID against model calls (step {rows[-1][0]}, the default sampler unipc at that many steps, the "
-            f"same {args.n} samples' seed; stage `calls`: {float(calls['seconds']):.0f} s):",
+            f"FID and class agreement against model calls (step {rows[-1][0]}, the default sampler unipc at "
+            f"that many steps, the same {args.n} samples' seed; stage `calls`: "
+            f"{float(calls['seconds']):.0f} s):",
             "",
             "| calls | " + " | ".join(str(c) for c in fids) + " |",
             "|---|" + "---|" * len(fids),
             "| FID (ratio to real-vs-real) | "
             + " | ".join(f"{f:.2f} ({f / fid_real:.2f})" for f in fids.values())
             + " |",
+            "| class agreement, guidance 0 | " + " | ".join(f"{a:.3f}" for a in agree.values()) + " |",
         ]
     lines += [
         "",

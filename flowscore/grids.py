@@ -276,7 +276,7 @@ def time_grid(
             rho=rho,
             shift=shift,
         ).flip(0)
-    if grid == "uniform" or (grid == "linear" and isinstance(path, LinearPath) and path.sigma_min == 0):
+    if grid == "uniform" or (grid == "linear" and path == get_path("linear")):  # linear's own: even in t
         return torch.linspace(t_start, t_end, steps + 1, dtype=F64)
     if grid == "linear":
         return _linear_time_grid(path, steps, t_start, t_end)

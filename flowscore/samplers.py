@@ -37,7 +37,7 @@ from ._validate import validation
 from .conditioning import call_model, check_labels, guided_model
 from .conversions import KINDS, conversion_coefficients
 from .grids import GRIDS, SHIFT, check_times, time_grid
-from .paths import GaussianPath, LinearPath, get_path
+from .paths import GaussianPath, get_path
 from .resources import check_sample_memory
 from .sampler_registry import REGISTRY, names, spec
 from .solvers import EXPONENTIAL, LastCall, sample_dpmpp_2m_sde
@@ -299,7 +299,7 @@ def diffusion_schedule(
         name = _validate.choice(diffusion or DIFFUSIONS[0], DIFFUSIONS, "diffusion")
         if name == "score-sde":
             return path.diffusion_sq
-        own = name == "bounded" or (isinstance(path, LinearPath) and path.sigma_min == 0)
+        own = name == "bounded" or path == get_path("linear")  # on linear itself: its own g, exactly
 
         def bounded(t: torch.Tensor) -> torch.Tensor:
             s = path.schedule(t)

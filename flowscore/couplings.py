@@ -254,27 +254,46 @@ def rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (sorted_keys[pos] == keys) & (table[candidate] == rows).all(1)
 
 
+_DIRECT_ENTRIES = 1 << 22
+"""Above this many ``B x R`` pairs of batch rows and references, :func:`_posterior_shift` streams the
+references through ``EmpiricalMarginal``'s kernel; at most this many, it computes every distance at once."""
+
+
 def _posterior_shift(
     path: GaussianPath, x: torch.Tensor, own: torch.Tensor, t: torch.Tensor, reference: torch.Tensor
 ) -> torch.Tensor:
-    """``(B, D)`` float64 ``sum_{c in S} w_c c - own`` over ``S = {own} + reference`` at the flat ``x``.
+    r"""``(B, D)`` float64 ``sum_{c in S} w_c c - own`` over ``S = {own} + reference`` at the flat ``x``.
 
-    The posterior over the references comes from the streamed kernel of ``EmpiricalMarginal`` relative to
-    its anchor ``a`` (the most likely reference); the own point joins with log-weight ``l_own - l_a``, both
-    exact float64 distances. Where beta = 0 the posterior is the own point: shift 0.
+    Small problems (``B R`` at most :data:`_DIRECT_ENTRIES`, e.g. a batch against a few hundred references)
+    take every float64 squared distance at once, :math:`|x|^2 - 2\alpha\, x \cdot c + \alpha^2 |c|^2`, and one
+    softmax. Larger ones take the posterior over the references from the streamed kernel of
+    ``EmpiricalMarginal`` relative to its anchor ``a`` (the most likely reference); the own point joins with
+    log-weight ``l_own - l_a``, both exact float64 distances. An own point that is also a reference counts
+    once. Where beta = 0 the posterior is the own
+    point: shift 0.
     """
     b = x.shape[0]
-    posterior = EmpiricalMarginal(reference, path)._posterior(x, t)
-    anchor, offset, log_sum = posterior.anchor, posterior.offset, posterior.log_sum
     alpha, beta = (per_row(v, b).double() for v in path.schedule(t)[:2])
     singular = beta == 0
     beta = torch.where(singular, torch.ones_like(beta), beta)
     x64, own64 = x.double(), own.double()
 
     def log_weight(point: torch.Tensor) -> torch.Tensor:
-        return -0.5 * ((x64 - alpha * point) / beta).pow(2).sum(1)
+        return -0.5 * ((x64 - alpha * point) / beta).pow(2).sum(-1)
 
-    own_log = (log_weight(own64) - log_weight(anchor)).masked_fill(rows_in(own, reference), -torch.inf)
+    repeated = rows_in(own, reference)
+    if b * reference.shape[0] <= _DIRECT_ENTRIES:
+        ref64 = reference.double()
+        cross = x64 @ ref64.T
+        square = x64.pow(2).sum(1, keepdim=True) - 2 * alpha * cross + alpha**2 * ref64.pow(2).sum(1)
+        logs = -0.5 * square.clamp_min(0.0) / beta**2
+        own_log = log_weight(own64).masked_fill(repeated, -torch.inf)
+        w_ref = torch.softmax(torch.cat([own_log[:, None], logs], 1), 1)[:, 1:]
+        shift = w_ref @ ref64 - w_ref.sum(1, keepdim=True) * own64
+        return shift.masked_fill(singular, 0.0)
+    posterior = EmpiricalMarginal(reference, path)._posterior(x, t)
+    anchor, offset, log_sum = posterior.anchor, posterior.offset, posterior.log_sum
+    own_log = (log_weight(own64) - log_weight(anchor)).masked_fill(repeated, -torch.inf)
     top = torch.maximum(own_log, log_sum)
     w_ref = torch.exp(log_sum - top) / (torch.exp(own_log - top) + torch.exp(log_sum - top))
     return (w_ref.unsqueeze(1) * (anchor + offset - own64)).masked_fill(singular, 0.0)

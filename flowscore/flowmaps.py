@@ -523,7 +523,8 @@ class Semigroup(_FlowMapObjective):
 
     the semigroup identity :math:`(s - t)u(x, t, s) = (r - t)u(x, t, r) + (s - r)u(X(x, t, r), r, s)`
     divided by ``s - t``; rows with ``s = t`` regress on the (guided) conditional velocity, which anchors the
-    map to the flow. Options as :class:`MeanFlow`; three model calls per row (two without gradient).
+    map to the flow. Options as :class:`MeanFlow`; three model calls per row with ``s != t`` (two without
+    gradient), one per row with ``s = t``.
     """
 
     name = "semigroup"
@@ -554,13 +555,16 @@ class Semigroup(_FlowMapObjective):
         (``(B,)``, between ``t`` and ``s``) where ``s != t``, and against ``v`` ``(B, *dims)`` where
         ``s = t``."""
         shape = (-1,) + (1,) * (x.dim() - 1)
-        gap = (s - t).reshape(shape)
-        lam = torch.where(gap != 0, (r - t).reshape(shape) / torch.where(gap != 0, gap, 1), 0)
-        with torch.no_grad():
-            first = call_flow_map(model, x, t, r, y)
-            second = call_flow_map(model, x + (r - t).reshape(shape) * first, r, s, y)
-            split = lam * first + (1 - lam) * second
-        target = torch.where(gap == 0, v, split)
+        jumps = s != t
+        target = v.detach().clone()
+        if bool(jumps.any()):
+            xj, tj, sj, rj = x[jumps], t[jumps], s[jumps], r[jumps]
+            yj = None if y is None else y[jumps]
+            lam = ((rj - tj) / (sj - tj)).reshape(shape)
+            with torch.no_grad():
+                first = call_flow_map(model, xj, tj, rj, yj)
+                second = call_flow_map(model, xj + (rj - tj).reshape(shape) * first, rj, sj, yj)
+                target[jumps] = lam * first + (1 - lam) * second
         return self._weighted(call_flow_map(model, x, t, s, y) - target)
 
 

@@ -100,6 +100,29 @@ def test_meanflow_loss_with_equal_rows_is_the_whole_batch_jvp_formula():
         assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads, strict=True))
 
 
+def test_semigroup_loss_with_equal_rows_is_the_whole_batch_formula():
+    """Rows with s = t skip the two target calls: the loss and its parameter gradients equal the splitting
+    formula written out here on the whole batch (target v where s = t), for every mix of equal and jump
+    rows."""
+    torch.manual_seed(0)
+    net = build_model("mlp", (2,), width=32, depth=2, two_time=True).double()
+    x, t, s = _times(12, 7)
+    v = torch.randn(12, 2, dtype=F64, generator=torch.Generator().manual_seed(8))
+    lam = torch.rand(12, dtype=F64, generator=torch.Generator().manual_seed(9))
+    for equal in (torch.arange(12) < 5, torch.zeros(12, dtype=torch.bool), torch.ones(12, dtype=torch.bool)):
+        s_mix = torch.where(equal, t, s)
+        r = t + lam * (s_mix - t)
+        with torch.no_grad():
+            first = net(x, t, r)
+            second = net(x + _col(r - t) * first, r, s_mix)
+        split = _col(lam) * first + (1 - _col(lam)) * second
+        want = (net(x, t, s_mix) - torch.where(_col(equal), v, split)).pow(2).sum(1)
+        got = Semigroup("linear").regress(net, x, t, s_mix, r, v)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+        grads = [torch.autograd.grad(loss.sum(), list(net.parameters())) for loss in (got, want)]
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads, strict=True))
+
+
 def test_semigroup_target_on_the_closed_form():
     x, t, s = _times(32, 2)
     r = t + 0.3 * (s - t)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import PATH_NAMES, make_path, reference_schedule
 
+from flowscore import couplings
 from flowscore.couplings import reference_target, rows_in
 from flowscore.losses import cfm, dsm, fm, sm
 from flowscore.marginals import EmpiricalMarginal
@@ -42,10 +43,19 @@ def draws(seed: int, n_data: int, b: int, shape=(2,), dtype=DT, t_range=(0.02, 0
     return data, idx, t, noise
 
 
+@pytest.fixture(params=["direct", "streamed"])
+def posterior_route(request, monkeypatch):
+    """Both routes of the reference posterior: every distance at once (small problems), or streamed through
+    EmpiricalMarginal's kernel (forced by a zero size limit)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(couplings, "_DIRECT_ENTRIES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", PATH_NAMES)
-def test_reference_all_data_is_the_exact_marginal_target(name):
+def test_reference_all_data_is_the_exact_marginal_target(name, posterior_route):
     """reference = the whole data set: the target is the FM/SM (and noise, data) field of the data, to float64
-    precision, against the brute-force posterior over all data points."""
+    precision, against the brute-force posterior over all data points (both routes)."""
     data, idx, t, noise = draws(0, 40, 24, t_range=(0.001, 0.999))
     path = make_path(name)
     x = path.sample(data[idx], t, noise)
@@ -57,7 +67,7 @@ def test_reference_all_data_is_the_exact_marginal_target(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "vp-linear", "ve"])
-def test_reference_all_data_in_float32_is_close_to_the_float64_truth(name):
+def test_reference_all_data_in_float32_is_close_to_the_float64_truth(name, posterior_route):
     data, idx, t, noise = draws(1, 200, 64, (3,), torch.float32, t_range=(0.05, 0.95))
     path = make_path(name)
     x = path.sample(data[idx], t, noise)
@@ -69,7 +79,7 @@ def test_reference_all_data_in_float32_is_close_to_the_float64_truth(name):
 
 
 @pytest.mark.parametrize("name", PATH_NAMES)
-def test_reference_target_is_the_posterior_over_own_point_and_references(name):
+def test_reference_target_is_the_posterior_over_own_point_and_references(name, posterior_route):
     data, idx, t, noise = draws(2, 30, 16, (1, 2, 2))
     refs = data[:10]  # the own points data[idx] are mostly not among them
     path = make_path(name)

@@ -42,24 +42,25 @@ N = 2000
 PAIRS = 3
 
 
-def train_run(toy: str, objective: str, steps: int | None, work: str):
-    """A run of ``flowscore train --data toy --objective objective`` with every default (``steps`` None: the
-    default budget), loaded back; and its wall seconds."""
-    config = fs.TrainConfig(data=toy, objective=objective, steps=steps, labels=False)
+def train_run(toy: str, objective: str, steps: int | None, work: str, seed: int = 0):
+    """A run of ``flowscore train --data toy --objective objective --seed seed`` with every other default
+    (``steps`` None: the default budget), loaded back; and its wall seconds."""
+    config = fs.TrainConfig(data=toy, objective=objective, steps=steps, labels=False, seed=seed)
     start = time.perf_counter()
-    fs.Trainer(config, os.path.join(work, f"{toy}-{objective}"), progress=False).train()
-    return fs.load_run(os.path.join(work, f"{toy}-{objective}")), time.perf_counter() - start
+    folder = os.path.join(work, f"{toy}-{objective}-{seed}")
+    fs.Trainer(config, folder, progress=False).train()
+    return fs.load_run(folder), time.perf_counter() - start
 
 
 def step_ratio(rounds: int = 5, steps: int = 20) -> dict[str, float]:
-    """ms per training step (median over interleaved rounds, one process, one thread) of cfm, meanflow and
-    semigroup with the trainer's defaults on moons (semigroup's reference points included): the built-in MLP,
+    """ms per training step (median over interleaved rounds, one process, one thread) of cfm and the flow-map
+    objectives with the trainer's defaults on moons (their reference points included): the built-in MLP,
     batch 512; forward, loss, backward and the AdamW update."""
     from flowscore.objectives import objective_from_config
 
     x_data, _ = scaled("moons")
     setups = {}
-    for name in ("cfm", "meanflow", "semigroup"):
+    for name in ("cfm", "meanflow", "semigroup", "lagrangian"):
         config = fs.TrainConfig(data="moons", objective=name)
         objective = objective_from_config(config, fs.get_path("linear"))
         objective.bind(x_data)  # the pool of reference points, where the defaults use one (semigroup)
@@ -142,7 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the trainer's)")
     parser.add_argument("--toys", nargs="+", default=list(TOYS))
-    parser.add_argument("--objectives", nargs="*", default=["meanflow", "semigroup"])
+    parser.add_argument("--objectives", nargs="*", default=["meanflow", "semigroup", "lagrangian"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (default 0)")
     parser.add_argument("--no-cfm", action="store_true")
     parser.add_argument("--triangle", action="store_true")
     parser.add_argument("--step-ratio", action="store_true", help="only time a step of each objective")
@@ -156,9 +158,9 @@ def main() -> None:
         print({k: round(v, 2) for k, v in ms.items()}, {k: round(v / ms["cfm"], 2) for k, v in ms.items()})
         _append(rows_file, {"kind": "step", "ms": ms, "load": os.getloadavg()[0]})
     with tempfile.TemporaryDirectory() as work:
-        for toy in args.toys if not args.step_ratio else ():
+        for toy, seed in [(t, k) for t in args.toys for k in args.seeds] if not args.step_ratio else ():
             for name in args.objectives:
-                run, train_s = train_run(toy, name, args.steps, work)
+                run, train_s = train_run(toy, name, args.steps, work, seed)
 
                 def sample(calls: int, model=run.model):
                     if calls == 50:  # its instantaneous velocity u(x, t, t), 50 unipc steps
@@ -172,14 +174,14 @@ def main() -> None:
 
                 r = ratios(sample, toy, run.normalizer)
                 row = {"kind": "w2", "toy": toy, "model": name, "ratios": r, "steps": run.config.steps,
-                       "train_s": train_s, "load": os.getloadavg()[0]}  # fmt: skip
+                       "seed": seed, "train_s": train_s, "load": os.getloadavg()[0]}  # fmt: skip
                 if args.triangle and toy == "moons":
                     x_data = run.normalizer.encode(data.toy(toy, data.DEFAULT_TOY_N, 0))
                     row["triangle"] = map_error(run.model, toy, x_data).tolist()
                 _append(rows_file, row)
-                print(toy, name, {k: round(v, 3) for k, v in r.items()}, f"{train_s:.0f}s", flush=True)
+                print(toy, name, seed, {k: round(v, 3) for k, v in r.items()}, f"{train_s:.0f}s", flush=True)
             if not args.no_cfm:
-                run, train_s = train_run(toy, "cfm", args.steps, work)
+                run, train_s = train_run(toy, "cfm", args.steps, work, seed)
                 for sampler in ("dpm++2m", "unipc", "euler"):
                     r = ratios(
                         lambda calls, s=sampler, run=run: (
@@ -189,10 +191,10 @@ def main() -> None:
                         run.normalizer,
                     )
                     row = {"kind": "w2", "toy": toy, "model": f"cfm + {sampler}", "ratios": r,
-                           "steps": run.config.steps, "train_s": train_s,
+                           "steps": run.config.steps, "seed": seed, "train_s": train_s,
                            "load": os.getloadavg()[0]}  # fmt: skip
                     _append(rows_file, row)
-                    print(toy, "cfm", sampler, {k: round(v, 3) for k, v in r.items()}, flush=True)
+                    print(toy, "cfm", sampler, seed, {k: round(v, 3) for k, v in r.items()}, flush=True)
     write(rows_file, RESULTS / args.out)
 
 
@@ -216,16 +218,21 @@ def _append(path: Path, row: dict) -> None:
 
 
 def write(rows_file: Path, out: Path) -> None:
-    """``out`` (markdown) from every row of ``rows_file``; of rows with the same toy, model and steps the
-    last one counts."""
+    """``out`` (markdown) from every row of ``rows_file``; of rows with the same toy, model, steps and seed
+    the last one counts. The main table shows seed 0; where more seeds ran, a second table gives their mean
+    and range."""
     rows: dict[tuple, dict] = {}
+    seeded: dict[tuple, dict[int, dict]] = {}
     steps_rows = []
     for line in rows_file.read_text().splitlines() if rows_file.exists() else []:
         row = json.loads(line)
         if row["kind"] == "step":
             steps_rows.append(row)
-        else:
-            rows[(row["toy"], row["model"], row["steps"])] = row
+            continue
+        key = (row["toy"], row["model"], row["steps"])
+        seeded.setdefault(key, {})[row.get("seed", 0)] = row
+        if row.get("seed", 0) == 0:
+            rows[key] = row
     lines = [
         "# Flow-map objectives on 2D toys (`bench/bench_flowmap.py`)",
         "",
@@ -247,6 +254,20 @@ def write(rows_file: Path, out: Path) -> None:
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in (*CALLS, 50)]
         lines.append(f"| {toy} | {name} | {steps} | " + " | ".join(cells)
                      + f" | {row['train_s']:.0f} | {row['load']:.1f} |")  # fmt: skip
+    several = {key: runs for key, runs in seeded.items() if len(runs) > 1}
+    if several:
+        lines += ["", "Several training seeds (the same recipe): mean (min-max) over the seeds listed.", "",
+                  "| toy | model | steps | seeds | 1 call | 2 calls | 4 calls | 50 calls |",
+                  "|---|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+        for (toy, name, steps), runs in sorted(
+            several.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])
+        ):
+            cells = []
+            for k in (*CALLS, 50):
+                got = [float(run["ratios"][str(k)]) for run in runs.values() if str(k) in run["ratios"]]
+                cells.append(f"{np.mean(got):.2f} ({min(got):.2f}-{max(got):.2f})" if got else "-")
+            lines.append(f"| {toy} | {name} | {steps} | {', '.join(map(str, sorted(runs)))} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
     for row in steps_rows:
         ms = row["ms"]
         lines += ["", "One training step (moons, MLP 4x256, batch 512, one thread, interleaved rounds, "

@@ -229,9 +229,9 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )  # fmt: skip
     parser.add_argument(
         "--objective", default="cfm", choices=(*v.VERIFY_OBJECTIVES, *v.VERIFY_ALIASES),
-        help=f"cfm (checked against fm), dsm (against sm), or the flow maps meanflow, semigroup (their "
-        f"target with the conditional velocity against the exact marginal one); aliases {aliases}; the JSON "
-        "file echoes the name given (default cfm)",
+        help=f"cfm (checked against fm), dsm (against sm), or the flow maps meanflow, semigroup, lagrangian "
+        f"(their target with the conditional velocity against the exact marginal one); aliases {aliases}; "
+        "the JSON file echoes the name given (default cfm)",
     )  # fmt: skip
     parser.add_argument(
         "--target-se", type=float, default=v.DEFAULT_TARGET_SE,
@@ -255,8 +255,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     eps = v.DEFAULT_T_EPS
     parser.add_argument(
         "--t-eps", type=float, default=None,
-        help=f"t in [t_eps, 1 - t_eps], t_eps >= {v.MIN_T_EPS:g} (default {eps['cfm']:g} cfm, meanflow, "
-        f"semigroup; {eps['dsm']:g} dsm)",
+        help=f"t in [t_eps, 1 - t_eps], t_eps >= {v.MIN_T_EPS:g} (default {eps['cfm']:g} cfm and the flow "
+        f"maps; {eps['dsm']:g} dsm)",
     )  # fmt: skip
     parser.add_argument(
         "--labels", action="store_true",

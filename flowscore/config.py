@@ -35,11 +35,14 @@ from .preconditioning import NETWORK_PATHS
 
 VECTOR_DEFAULTS: dict[str, Any] = {"steps": 10_000, "batch_size": 512, "lr": 2e-3, "warmup": 500}
 """Values of the fields left None in a :class:`TrainConfig` (2D toys and other vector data; every preset)."""
-OBJECTIVE_VECTOR_DEFAULTS: dict[str, dict[str, Any]] = {"semigroup": {"lr": 4e-3, "reference_size": 256}}
+OBJECTIVE_VECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "semigroup": {"lr": 4e-3, "reference_size": 256},
+    "lagrangian": {"lr": 4e-3, "reference_size": 256},
+}
 """Per objective, on vector data named by ``TrainConfig.data`` (a toy or a file; not data handed to the
 Trainer, which may be a DataLoader), its values of the fields left None in place of :data:`VECTOR_DEFAULTS`'
-(and of ``reference_size``'s 0): semigroup trains with a higher learning rate and with its velocity
-averaged over 256 reference points (at most the training set), bench/results/flowmap_tuning.md."""
+(and of ``reference_size``'s 0): semigroup and lagrangian train with a higher learning rate and with their
+velocity averaged over 256 reference points (at most the training set), bench/results/flowmap_tuning.md."""
 PRESETS = ("auto", "fast", "default", "large")
 """The values of ``TrainConfig.preset``: "auto" is "fast" on a CPU and "default" on a CUDA device."""
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}
@@ -83,7 +86,7 @@ DATA_STD = 0.5
 """The default ``data_std``: vector data are scaled to this per-feature standard deviation (EDM's
 sigma_data; at 1 the vp path makes the velocity uncorrelated with x, docs/theory.md section 16)."""
 
-FLOW_MAPS = ("meanflow", "semigroup")
+FLOW_MAPS = ("meanflow", "semigroup", "lagrangian")
 """The flow-map objectives (:mod:`flowscore.flowmaps`): a two-time model ``model(x, t, s[, y])``."""
 BRIDGES = ("sbcfm",)
 """The Schrödinger-bridge objective (:mod:`flowscore.sbcfm`): a two-head model on the Brownian bridge."""
@@ -116,10 +119,10 @@ FIELD_HELP: dict[str, str] = {
     "in t in path_options)",
     "path_options": "the path's schedule constants as JSON, e.g. '{\"sigma_min\": 0.1}' for linear, "
     '\'{"sigma_max": 50}\' for ve, \'{"alpha": "t", "beta": "1 - t"}\' for custom',
-    "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup (flow maps: a "
-    "two-time model sampled in a few jumps); sbcfm (Schrödinger-bridge CFM: entropic OT pairs at epsilon = "
-    "2 sb_sigma^2, the Brownian bridge between them, a velocity and a score-term head; sampled with euler or "
-    "sb-sde)",
+    "objective": "training objective: cfm, fm (velocity), dsm, sm (score); meanflow, semigroup, lagrangian "
+    "(flow maps: a two-time model sampled in a few jumps); sbcfm (Schrödinger-bridge CFM: entropic OT pairs "
+    "at epsilon = 2 sb_sigma^2, the Brownian bridge between them, a velocity and a score-term head; sampled "
+    "with euler or sb-sde)",
     "prediction": "what the network predicts (converted to the objective's space by the path)",
     "precondition": "EDM-style input/output scalings of the built-in models for the path and prediction "
     "(flowscore.Preconditioned), so that the network's target has unit variance at every t; a model you "

@@ -1,4 +1,5 @@
-r"""``flowscore eval`` and ``flowscore plot`` on a flow-map run (``--objective meanflow`` or ``semigroup``).
+r"""``flowscore eval`` and ``flowscore plot`` on a flow-map run (``--objective meanflow``, ``semigroup`` or
+``lagrangian``).
 
 A flow-map model samples by K jumps (K model calls, :func:`flowscore.flowmaps.sample_jumps`), so its quality
 is reported at each of :data:`CALLS` instead of by ODE and SDE samplers, and its map is compared with the

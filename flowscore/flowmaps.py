@@ -11,8 +11,9 @@ docs/theory.md, section 18, derives the identities used here.
   (``EmpiricalMarginal``, ``GaussianMixture``) calls it with the exact marginal velocity.
 * :func:`flow_map`: the map of any model (a velocity/score/noise/data model by an ODE solve of its
   velocity; a two-time model by one jump).
-* :class:`MeanFlow` and :class:`Semigroup`: the objectives (:class:`flowscore.objectives.Objective`, with
-  ``two_time = True``), and :class:`PreconditionedFlowMap`, the wrapper of a two-time network.
+* :class:`MeanFlow`, :class:`Semigroup` and :class:`Lagrangian`: the objectives
+  (:class:`flowscore.objectives.Objective`, with ``two_time = True``), and :class:`PreconditionedFlowMap`,
+  the wrapper of a two-time network.
 * :func:`sample_jumps`: K jumps on a grid, what :func:`flowscore.sample` does with a two-time model.
 """
 
@@ -478,19 +479,41 @@ class MeanFlow(_FlowMapObjective):
 
         Rows with ``s = t`` have the target ``v`` (the JVP's term vanishes): they take a plain forward call,
         and the JVP runs on the other rows only (the model is applied row by row, so the loss is the same)."""
-        equal = s == t
-        if bool(equal.all()):
-            return self._weighted(call_flow_map(model, x, t, s, y) - v.detach())
-        jumps = ~equal if bool(equal.any()) else slice(None)
-        part = None if y is None else y[jumps]
-        u, dudt = total_derivative(model, x[jumps], t[jumps], s[jumps], v[jumps], part)
-        gap = (s - t)[jumps].reshape((-1,) + (1,) * (x.dim() - 1))
-        error = u - (v[jumps] + gap * dudt).detach()
-        if isinstance(jumps, slice):
-            return self._weighted(error)
-        flat = call_flow_map(model, x[equal], t[equal], s[equal], None if y is None else y[equal])
-        whole = torch.empty_like(x).index_put((equal.nonzero()[:, 0],), flat - v[equal].detach())
-        return self._weighted(whole.index_put((jumps.nonzero()[:, 0],), error))
+
+        def jumps(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None):
+            u, dudt = total_derivative(model, x, t, s, v, y)
+            return u - (v + _column(s - t, x) * dudt).detach()
+
+        return self._weighted(_equal_rows_apart(model, x, t, s, v, y, jumps))
+
+
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ``values`` shaped ``(B, 1, ...)`` to broadcast over ``like`` ``(B, *dims)``."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _equal_rows_apart(
+    model: Model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None,
+    jumps: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """``(B, *dims)`` regression error: ``u_theta(x, t, t) - v`` on the rows with ``s = t`` (one plain call;
+    flow matching), ``jumps(x, t, s, v, y)`` on the rows of the others (their objective's error, with graph).
+    """
+    equal = s == t
+    if bool(equal.all()):
+        return call_flow_map(model, x, t, s, y) - v.detach()
+    rows = ~equal if bool(equal.any()) else slice(None)
+    error = jumps(x[rows], t[rows], s[rows], v[rows], None if y is None else y[rows])
+    if isinstance(rows, slice):
+        return error
+    flat = call_flow_map(model, x[equal], t[equal], s[equal], None if y is None else y[equal])
+    whole = torch.empty_like(x).index_put((equal.nonzero()[:, 0],), flat - v[equal].detach())
+    return whole.index_put((rows.nonzero()[:, 0],), error)
 
 
 def total_derivative(
@@ -568,7 +591,78 @@ class Semigroup(_FlowMapObjective):
         return self._weighted(call_flow_map(model, x, t, s, y) - target)
 
 
-FLOW_MAP_OBJECTIVES: dict[str, type[_FlowMapObjective]] = {"meanflow": MeanFlow, "semigroup": Semigroup}
+class Lagrangian(_FlowMapObjective):
+    r"""Lagrangian self-distillation (Boffi, Albergo and Vanden-Eijnden 2025): the map's end point moves with
+    the velocity found there, :math:`\partial_s X(x, t, s) = v(X(x, t, s), s)`. For ``t != s`` regress
+
+    .. math::  \partial_s X_\theta = u_\theta(x_t, t, s) + (s - t)\,\partial_s u_\theta(x_t, t, s)
+               \quad\text{on}\quad \mathrm{sg}\big[u_\theta(X_\theta, s, s)\big],
+               \qquad X_\theta = x_t + (s - t)\,u_\theta(x_t, t, s),
+
+    the teacher the model's own instantaneous velocity at the map's end point, :math:`\partial_s u_\theta`
+    one ``torch.func.jvp`` with tangent ``(0, 0, 1)`` (:func:`end_derivative`), the gradient through both
+    terms of :math:`\partial_s X_\theta`; rows with ``s = t`` regress on the (guided) velocity ``v`` (flow
+    matching, the only place the data enter). The other rows' target holds no data, so it carries no noise
+    of the conditional velocity, and the conditional-target theorem is flow matching's on the ``s = t`` rows
+    (docs/theory.md section 18). Options as :class:`MeanFlow`; per row with ``s != t`` one JVP (backward
+    through it) and one call without gradient.
+    """
+
+    name = "lagrangian"
+
+    def loss(
+        self,
+        model: Model,
+        x_data: torch.Tensor,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        t, s, x, v = self._draw(x_data, generator, y)
+        return self.regress(model, x, t, s, self._guided_velocity(model, x, t, v, y), y)
+
+    def regress(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        v: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""``(B,)`` weighted :math:`\lVert u_\theta + (s - t)\,\partial_s u_\theta -
+        \mathrm{sg}[u_\theta(X_\theta, s, s)]\rVert^2` at given ``x`` ``(B, *dims)``, times ``t``, ``s``
+        ``(B,)``, and :math:`\lVert u_\theta - v\rVert^2` on the rows with ``s = t`` (``v`` ``(B, *dims)``:
+        the conditional, marginal or guided velocity)."""
+
+        def jumps(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None):
+            u, duds = end_derivative(model, x, t, s, y)
+            gap = _column(s - t, x)
+            with torch.no_grad():
+                teacher = call_flow_map(model, x + gap * u, s, s, y)
+            return u + gap * duds - teacher
+
+        return self._weighted(_equal_rows_apart(model, x, t, s, v, y, jumps))
+
+
+def end_derivative(
+    model: Model, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(u, du/ds)``: ``u = model(x, t, s[, y])`` and its partial derivative in the end time ``s``, from one
+    ``torch.func.jvp`` with tangent ``(0, 0, 1)``. ``x`` ``(B, *dims)``; ``t``, ``s`` ``(B,)``. ``u`` keeps
+    its graph."""
+    from torch.func import jvp
+
+    def fn(s_: torch.Tensor) -> torch.Tensor:
+        return call_flow_map(model, x, t, s_, y)
+
+    return jvp(fn, (s,), (torch.ones_like(s),))
+
+
+FLOW_MAP_OBJECTIVES: dict[str, type[_FlowMapObjective]] = {
+    "meanflow": MeanFlow,
+    "semigroup": Semigroup,
+    "lagrangian": Lagrangian,
+}
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -686,12 +780,14 @@ sampler first."""
 __all__ = [
     "DEFAULT_JUMPS",
     "FLOW_MAP_OBJECTIVES",
+    "Lagrangian",
     "MeanFlow",
     "PreconditionedFlowMap",
     "Semigroup",
     "TIME_LAWS",
     "call_flow_map",
     "draw_pairs",
+    "end_derivative",
     "exact_flow_map",
     "flow_map",
     "is_two_time",

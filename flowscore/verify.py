@@ -3,9 +3,9 @@ r"""``flowscore verify``: measure the two theorems on a data set with a fixed ra
 Theorems: :math:`\nabla_\theta L_{FM} = \nabla_\theta L_{CFM}` (``objective="cfm"``, alias ``"flow"``) and
 :math:`\nabla_\theta L_{SM} = \nabla_\theta L_{DSM}` (``"dsm"``, alias ``"score"``); and
 :math:`L_{cond} - L_{marg} = C`, the loss floor (:mod:`flowscore.floor`). The flow-map objectives
-(``"meanflow"``, ``"semigroup"``, docs/theory.md section 18) are checked the same way: the objective's
-stop-gradient target built from the conditional velocity vs from the exact marginal velocity, with a two-time
-network ``model(x, t, s)``, pairs ``(t, s)`` with ``s = t`` at the objective's ``share_equal`` and
+(``"meanflow"``, ``"semigroup"``, ``"lagrangian"``, docs/theory.md section 18) are checked the same way: the
+objective's stop-gradient target built from the conditional velocity vs from the exact marginal velocity, with
+a two-time network ``model(x, t, s)``, pairs ``(t, s)`` with ``s = t`` at the objective's ``share_equal`` and
 ``s ~ U(t, 1)`` otherwise (:func:`flow_map_terms`); their ``C`` is :math:`E\lVert T_{cond} - T_{marg}
 \rVert^2` at the network's weights (:func:`flow_map_floor`). The command line (flags, checks, output,
 errors) lives in :mod:`flowscore.cli` (``add_verify_arguments``, ``cmd_verify``). The experiment:
@@ -88,16 +88,22 @@ from .objectives import BUILTIN, GaussianObjective
 from .paths import get_path
 from .resources import using_threads
 
-FLOW_MAP_OBJECTIVES = ("meanflow", "semigroup")
+FLOW_MAP_OBJECTIVES = ("meanflow", "semigroup", "lagrangian")
 """The flow-map objectives verify checks: their target with the conditional velocity vs with the exact
 marginal velocity (docs/theory.md section 18)."""
 VERIFY_OBJECTIVES = ("cfm", "dsm", *FLOW_MAP_OBJECTIVES)
 """The conditional objectives verify checks (``"flow"``, ``"score"`` are accepted as aliases)."""
 VERIFY_ALIASES = {alias: name for alias, name in OBJECTIVE_ALIASES.items() if name in VERIFY_OBJECTIVES}
-MARGINAL_TWIN = {"cfm": "fm", "dsm": "sm", "meanflow": "meanflow-marg", "semigroup": "semigroup-marg"}
+MARGINAL_TWIN = {
+    "cfm": "fm",
+    "dsm": "sm",
+    "meanflow": "meanflow-marg",
+    "semigroup": "semigroup-marg",
+    "lagrangian": "lagrangian-marg",
+}
 """Each conditional objective and the marginal objective with the same gradient (for a flow map: the same
 objective with the exact marginal velocity in its target)."""
-DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05, "meanflow": 1e-3, "semigroup": 1e-3}
+DEFAULT_T_EPS = {"cfm": 1e-3, "dsm": 0.05, "meanflow": 1e-3, "semigroup": 1e-3, "lagrangian": 1e-3}
 MIN_T_EPS = 1e-6
 """Smallest ``t_eps``: times are float32, and ``1 - t_eps`` must stay below 1 (where beta_t = 0 and the
 marginal fields are singular)."""
@@ -265,8 +271,8 @@ def batch_terms(
     One forward pass of the network serves both losses (common random numbers): ``objective`` is ``cfm`` or
     ``dsm``, its marginal twin (``fm``/``sm``) takes its exact target from ``marginal``. With class labels
     ``y`` (``(B,)``) the network is ``model(x, t, y)`` and the marginal target is the class's exact field.
-    A flow-map ``objective`` (``meanflow``, ``semigroup``) needs ``pair = (s, r)`` (``(B,)`` each, see
-    :func:`flow_map_terms`).
+    A flow-map ``objective`` (``meanflow``, ``semigroup``, ``lagrangian``) needs ``pair = (s, r)`` (``(B,)``
+    each, see :func:`flow_map_terms`).
     """
     if objective in FLOW_MAP_OBJECTIVES:
         if pair is None:
@@ -312,8 +318,8 @@ def _target_shift(
     r"""``(u, M delta)``: ``u = model(x, t, s[, y])`` (with graph) and how the flow-map target moves when its
     velocity moves by ``delta`` ``(B, *dims)``: MeanFlow's target is affine in the velocity,
     :math:`T = A\hat v + b` with :math:`A = I + (s - t) J_x u`, so ``M delta = delta + (s - t) J_x u delta``
-    (one JVP in ``x``); the splitting target holds the velocity only where ``s = t``: ``M delta = delta``
-    there, 0 elsewhere. ``M delta`` is detached."""
+    (one JVP in ``x``); the splitting and Lagrangian targets hold the velocity only where ``s = t``:
+    ``M delta = delta`` there, 0 elsewhere. ``M delta`` is detached."""
     from torch.func import jvp
 
     from .flowmaps import call_flow_map
@@ -354,7 +360,7 @@ def flow_map_terms(
     x = path.sample(x_data, t, noise)
     v_cond = path.target(x_data, t, noise, "velocity")
     v_marg = marginal_target(marginal, "velocity", x, t, y).to(x.dtype)
-    extra = () if objective == "meanflow" else (r,)
+    extra = (r,) if objective == "semigroup" else ()
     per_cond = fm.regress(model, x, t, s, *extra, v_cond, y)
     per_marg = fm.regress(model, x, t, s, *extra, v_marg, y)
     if prior is None:

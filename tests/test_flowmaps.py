@@ -11,7 +11,15 @@ import torch
 from scipy.integrate import solve_ivp
 
 import flowscore as fs
-from flowscore.flowmaps import MeanFlow, Semigroup, draw_pairs, sample_jumps, total_derivative
+from flowscore.flowmaps import (
+    Lagrangian,
+    MeanFlow,
+    Semigroup,
+    draw_pairs,
+    end_derivative,
+    sample_jumps,
+    total_derivative,
+)
 from flowscore.models import build_model
 
 F64 = torch.float64
@@ -129,6 +137,49 @@ def test_semigroup_target_on_the_closed_form():
     s[:4] = t[:4]  # s = t rows regress on the velocity
     loss = Semigroup("linear").regress(ExactAverage(), x, t, s, r, exact_velocity(x, t))
     assert float(loss.max()) < 1e-20
+
+
+def test_lagrangian_identity_on_the_closed_form():
+    """u = v(X(x, t, s), s) - (s - t) du/ds, with du/ds from one JVP in s checked against finite differences
+    of the closed form, in both directions of time; the Lagrangian loss vanishes at the exact average
+    velocity and not at a wrong one."""
+    x, t, s = _times(32, 3)
+    model = ExactAverage()
+    u, duds = end_derivative(model, x, t, s)
+    h = 1e-6
+    fd = (model(x, t, s + h) - model(x, t, s - h)) / (2 * h)
+    assert torch.allclose(duds, fd, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(u, exact_velocity(exact_map(x, t, s), s) - _col(s - t) * duds, atol=1e-10)
+    s[:4] = t[:4]  # s = t rows regress on the velocity
+    v = exact_velocity(x, t)
+    assert float(Lagrangian("linear").regress(model, x, t, s, v).max()) < 1e-18
+
+    class Scaled(ExactAverage):
+        def forward(self, x, t, s, y=None):
+            return 1.1 * super().forward(x, t, s)
+
+    assert float(Lagrangian("linear").regress(Scaled(), x, t, s, v)[4:].min()) > 1e-6
+
+
+def test_lagrangian_loss_with_equal_rows_is_the_whole_batch_formula():
+    """The loss and its parameter gradients equal the formula written out here on the whole batch (one jvp
+    in s, the teacher at the end point without gradient, target v where s = t), for every mix of equal and
+    jump rows: the gradient flows through u and through du/ds."""
+    torch.manual_seed(0)
+    net = build_model("mlp", (2,), width=32, depth=2, two_time=True).double()
+    x, t, s = _times(12, 10)
+    v = torch.randn(12, 2, dtype=F64, generator=torch.Generator().manual_seed(11))
+    for equal in (torch.arange(12) < 5, torch.zeros(12, dtype=torch.bool), torch.ones(12, dtype=torch.bool)):
+        s_mix = torch.where(equal, t, s)
+        u, duds = torch.func.jvp(lambda c: net(x, t, c), (s_mix,), (torch.ones_like(t),))
+        with torch.no_grad():
+            teacher = net(x + _col(s_mix - t) * u, s_mix, s_mix)
+        jump = u + _col(s_mix - t) * duds - teacher
+        want = torch.where(_col(equal), u - v, jump).pow(2).sum(1)
+        got = Lagrangian("linear").regress(net, x, t, s_mix, v)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+        grads = [torch.autograd.grad(loss.sum(), list(net.parameters())) for loss in (got, want)]
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads, strict=True))
 
 
 def test_mixture_flow_map_matches_closed_form_and_dop853():
@@ -270,7 +321,7 @@ def test_guidance_enters_the_target_with_the_model_unconditional_velocity():
     assert torch.allclose(out, expected)
 
 
-@pytest.mark.parametrize("objective", [MeanFlow, Semigroup])
+@pytest.mark.parametrize("objective", [MeanFlow, Semigroup, Lagrangian])
 def test_reference_velocity_is_the_posterior_average_over_the_own_point_and_the_references(objective):
     # linear path, x = t a + (1 - t) e: given the data point a the velocity is (a - x) / (1 - t), and the
     # posterior over a finite set {a_j} weighs a_j by exp(-|x - t a_j|^2 / (2 (1 - t)^2)); written in
@@ -332,7 +383,7 @@ def test_draw_pairs_equal_rows_follow_the_law(law):
     assert stats.kstest(low, stats.uniform.cdf).pvalue < 1e-6
 
 
-@pytest.mark.parametrize("objective", [MeanFlow, Semigroup])
+@pytest.mark.parametrize("objective", [MeanFlow, Semigroup, Lagrangian])
 def test_training_learns_the_closed_form_map(objective):
     """A short training run on N(M, SIGMA^2) learns the one-jump map: its error falls well below the start's
     (conditional targets are noisy: a few hundred steps do not reach the exact map)."""

@@ -192,7 +192,7 @@ def test_conditional_theorems_with_labels_and_the_label_blind_negative_control(o
 
 
 # -- flow maps: the target with the conditional velocity vs with the exact marginal velocity ----------------
-FLOW_MAPS = ["meanflow", "semigroup"]
+FLOW_MAPS = ["meanflow", "semigroup", "lagrangian"]
 FM_BATCH = 512
 
 

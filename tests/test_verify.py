@@ -269,12 +269,12 @@ def test_write_json_failure_leaves_no_half_written_file(tmp_path):
 
 
 # -- flow maps and the CLI's error handling ------------------------------------------------------------------
-@pytest.mark.parametrize("objective", ["meanflow", "semigroup"])
+@pytest.mark.parametrize("objective", ["meanflow", "semigroup", "lagrangian"])
 def test_flow_map_objectives_through_the_cli_give_the_same_verdict_and_json_fields(
     tmp_path, capsys, objective
 ):
-    """`flowscore verify --objective meanflow|semigroup`: the target with the conditional velocity vs the
-    exact marginal one (a two-time network); the JSON holds exactly JSON_KEYS, the loss gap agrees with
+    """`flowscore verify --objective meanflow|semigroup|lagrangian`: the target with the conditional velocity
+    vs the exact marginal one (a two-time network); the JSON holds exactly JSON_KEYS, the loss gap agrees with
     E|T_cond - T_marg|^2 and the gradients agree (the statistics: tests/test_theorems.py)."""
     out = tmp_path / "v.json"
     code, table, err = run_cli(capsys, "verify", "--objective", objective, "--json", str(out), *SMALL)

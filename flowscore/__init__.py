@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors; at run time
     from .config import TrainConfig
     from .conversions import KINDS, Schedule, conversion_coefficients, convert
     from .floor import LossFloor, loss_floor
-    from .flowmaps import MeanFlow, PreconditionedFlowMap, Semigroup, exact_flow_map, flow_map
+    from .flowmaps import Lagrangian, MeanFlow, PreconditionedFlowMap, Semigroup, exact_flow_map, flow_map
     from .grids import time_grid
     from .likelihood import log_likelihood
     from .marginals import EmpiricalMarginal
@@ -62,7 +62,7 @@ _EXPORTS: dict[str, str] = {
     "encode": "samplers", "sample": "samplers", "sample_ode": "samplers", "sample_sde": "samplers",
     "Trainer": "training", "Objective": "objectives", "SampleResult": "samplers", "MeanFlow": "flowmaps",
     "PreconditionedFlowMap": "flowmaps", "Semigroup": "flowmaps", "exact_flow_map": "flowmaps",
-    "flow_map": "flowmaps", "SBCFM": "sbcfm", "SBModel": "sbcfm",
+    "flow_map": "flowmaps", "Lagrangian": "flowmaps", "SBCFM": "sbcfm", "SBModel": "sbcfm",
 }  # fmt: skip
 """The public names and the module each lives in (imported on first use)."""
 
@@ -92,6 +92,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SBCFM",
     "SBModel",
+    "Lagrangian",
     "MeanFlow",
     "PreconditionedFlowMap",
     "Semigroup",

@@ -740,14 +740,19 @@ def sample_two_time(model: Model, path: GaussianPath | str, n: int | None, optio
     what :func:`flowscore.sample` returns (a :class:`~flowscore.samplers.SampleResult` with ``return_info``);
     the options that only concern integrators of a velocity must keep their defaults (``ValueError``
     otherwise). The sample shape is inferred from the model as :func:`flowscore.sample` does."""
-    from .samplers import SampleResult, data_shape_of
+    from .samplers import SampleResult, _sample_shape
 
     if options.get("sampler") not in (None, "jumps"):
         raise ValueError(f"a flow-map model samples by jumps; sampler {options['sampler']!r} does not apply")
     if options.get("prediction") not in (None, "velocity") or options.get("t_start") is not None:
         raise ValueError("a flow-map model samples by jumps from t = 0; prediction and t_start do not apply")
     keys = ("steps", "times", "x_init", "y", "guidance", "generator", "device", "dtype")
-    shape = options.get("shape") or data_shape_of(model) or (2,)
+    x_init = options.get("x_init")
+    shape = (
+        tuple(x_init.shape[1:])
+        if isinstance(x_init, torch.Tensor)
+        else _sample_shape(model, options.get("shape"))
+    )
     trajectory = bool(options.get("return_trajectory"))
     x, *rest = sample_jumps(
         model, path, n, shape=tuple(shape), return_nfe=True, return_trajectory=trajectory,

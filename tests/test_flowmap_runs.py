@@ -147,12 +147,14 @@ def test_meanflow_resume_is_bit_identical(tmp_path):
 
 
 def test_semigroup_defaults_on_vectors_and_resume_with_references(tmp_path):
-    """Semigroup on named vector data defaults to lr 4e-3 and 256 reference points (stored as numbers);
-    meanflow, cfm and data handed to the Trainer keep the plain defaults; explicit values win. A run on
-    fewer training points than 256 uses them all, and resumes bit-identically (the reference draws are part
-    of the generator's stream)."""
+    """Semigroup (and lagrangian) on named vector data default to lr 4e-3 and 256 reference points (stored as
+    numbers); meanflow, cfm and data handed to the Trainer keep the plain defaults; explicit values win. A run
+    on fewer training points than 256 uses them all, and resumes bit-identically (the reference draws are
+    part of the generator's stream)."""
     config = fs.TrainConfig(data="moons", objective="semigroup")
     assert (config.lr, config.reference_size) == (4e-3, 256)
+    lagrangian = fs.TrainConfig(data="moons", objective="lagrangian")
+    assert (lagrangian.lr, lagrangian.reference_size) == (4e-3, 256)
     assert config.to_dict()["reference_size"] == 256
     others = (dict(objective="meanflow"), dict(objective="cfm"), dict(data="digits", objective="semigroup"))
     for other in others:

@@ -421,6 +421,11 @@ def test_two_time_models_and_errors():
     unet = build_model("unet", (1, 8, 8), two_time=True, num_classes=3)
     out = MeanFlow().wrap(unet)(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.ones(2), torch.tensor([0, -1]))
     assert out.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="does not know its image size"):  # as fs.sample of a velocity UNet
+        fs.sample(MeanFlow().wrap(unet), "linear", 2, y=torch.tensor([0, 1]))
+    assert fs.sample(MeanFlow().wrap(unet), "linear", 2, y=torch.tensor([0, 1]), shape=(1, 8, 8)).shape == (
+        2, 1, 8, 8,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="s must lie in"):
         fs.GaussianMixture(M[None], torch.tensor([SIGMA], dtype=F64)).flow_map(
             torch.zeros(1, 2, dtype=F64), 0.0, 1.5, path="linear"

@@ -373,6 +373,18 @@ class _FlowMapObjective(Objective):
         """Keeps the training set as the pool of reference points (``reference_size > 0``)."""
         self._references.bind(x_data, labels)
 
+    def loss(
+        self,
+        model: Model,
+        x_data: torch.Tensor,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``(B,)`` per-sample loss: time pairs, path points and velocity drawn (:meth:`_draw`), the velocity
+        guided where the objective trains guidance, then the objective's ``regress(model, x, t, s, v, y)``."""
+        t, s, x, v = self._draw(x_data, generator, y)
+        return self.regress(model, x, t, s, self._guided_velocity(model, x, t, v, y), y)
+
     def _draw(self, x_data: torch.Tensor, generator: torch.Generator | None, y: torch.Tensor | None = None):
         """``(t, s, x, v)``: time pairs ``(B,)``, ``x = alpha_t x_data + beta_t noise`` and the conditional
         velocity ``alpha'_t x_data + beta'_t noise`` ``(B, *dims)``; with ``reference_size`` R > 0, ``v`` is
@@ -453,16 +465,6 @@ class MeanFlow(_FlowMapObjective):
     """
 
     name = "meanflow"
-
-    def loss(
-        self,
-        model: Model,
-        x_data: torch.Tensor,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        t, s, x, v = self._draw(x_data, generator, y)
-        return self.regress(model, x, t, s, self._guided_velocity(model, x, t, v, y), y)
 
     def regress(
         self,
@@ -609,16 +611,6 @@ class Lagrangian(_FlowMapObjective):
     """
 
     name = "lagrangian"
-
-    def loss(
-        self,
-        model: Model,
-        x_data: torch.Tensor,
-        y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        t, s, x, v = self._draw(x_data, generator, y)
-        return self.regress(model, x, t, s, self._guided_velocity(model, x, t, v, y), y)
 
     def regress(
         self,
